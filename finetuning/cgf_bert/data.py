@@ -1,0 +1,165 @@
+"""MRPC as a ``datasets.DatasetDict`` with the glue/mrpc schema, tokenized and batched."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from torch.utils.data import DataLoader, Sampler
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from . import CgfBertError
+
+log = logging.getLogger(__name__)
+
+DATA_ENV = "CGF_BERT_DATA_DIR"  # environment variable naming a folder of MRPC TSVs
+SPLIT_FILES = {"train": "train.tsv", "validation": "dev.tsv", "test": "test.tsv"}
+FEATURES = Features(
+    {
+        "sentence1": Value("string"),
+        "sentence2": Value("string"),
+        "label": ClassLabel(names=["not_equivalent", "equivalent"]),
+        "idx": Value("int32"),
+    }
+)
+# Where the repository sits beside the shared data (as on the developers' machines and CI).
+_SHARED_MRPC = Path(__file__).resolve().parents[3] / "shared" / "data" / "mrpc"
+
+
+def read_mrpc_tsv(path: str | Path, labeled: bool = True) -> dict[str, list]:
+    """Read one GLUE MRPC TSV into columns; a malformed row is an error naming file and line.
+
+    The files start with a byte-order mark and contain unbalanced quotes, hence
+    ``utf-8-sig`` and no quote handling. Unlabeled (test) rows get label -1 and keep
+    GLUE's ``index`` as ``idx``.
+    """
+    path = Path(path)
+    cols: dict[str, list] = {"sentence1": [], "sentence2": [], "label": [], "idx": []}
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            header = next(rows, None)
+            if header is None or len(header) != 5:
+                raise CgfBertError(f"{path}:1: expected a 5-column GLUE MRPC header, got {header!r}")
+            for line, row in enumerate(rows, start=2):
+                if len(row) != 5:
+                    raise CgfBertError(f"{path}:{line}: expected 5 tab-separated fields, got {len(row)}")
+                first = row[0].strip()
+                if labeled and first not in ("0", "1"):
+                    raise CgfBertError(f"{path}:{line}: label must be 0 or 1, got {first!r}")
+                if not labeled and not first.isdigit():
+                    raise CgfBertError(f"{path}:{line}: index must be an integer, got {first!r}")
+                cols["sentence1"].append(row[3])
+                cols["sentence2"].append(row[4])
+                cols["label"].append(int(first) if labeled else -1)
+                cols["idx"].append(len(cols["idx"]) if labeled else int(first))
+    except UnicodeDecodeError as e:
+        raise CgfBertError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not cols["idx"]:
+        raise CgfBertError(f"{path}: no data rows")
+    return cols
+
+
+def default_data_dir() -> Path | None:
+    """$CGF_BERT_DATA_DIR, else the shared MRPC folder beside the repository, else None (hub)."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV])
+    return _SHARED_MRPC if _SHARED_MRPC.is_dir() else None
+
+
+def load_mrpc(data_dir: str | Path | None = None) -> DatasetDict:
+    """MRPC train/validation/test from a folder of GLUE TSVs, or from the hub if no folder."""
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    if data_dir is None:
+        return _load_from_hub()
+    if not data_dir.is_dir():
+        raise CgfBertError(f"MRPC data folder not found: {data_dir}")
+    missing = [n for n in ("train.tsv", "dev.tsv") if not (data_dir / n).is_file()]
+    if missing:
+        raise CgfBertError(f"MRPC data folder {data_dir} lacks {', '.join(missing)}")
+    splits = {}
+    for split, name in SPLIT_FILES.items():
+        if (data_dir / name).is_file():
+            splits[split] = Dataset.from_dict(read_mrpc_tsv(data_dir / name, labeled=split != "test"), features=FEATURES)
+    return DatasetDict(splits)
+
+
+def _load_from_hub() -> DatasetDict:
+    from datasets import load_dataset
+
+    try:
+        return load_dataset("glue", "mrpc")
+    except Exception as e:
+        raise CgfBertError(
+            f"no MRPC folder given and the hub is unreachable ({type(e).__name__}); "
+            f"pass --data-dir or set ${DATA_ENV}"
+        ) from None
+
+
+def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise CgfBertError(f"cannot load a tokenizer from {model_path!r}: {str(e).splitlines()[0]}") from None
+
+
+def tokenize(ds: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: int = 128) -> DatasetDict:
+    """Tokenize sentence pairs once (unpadded; batches are padded to their longest)."""
+
+    def encode(batch):
+        enc = tokenizer(batch["sentence1"], batch["sentence2"], truncation=True, max_length=max_length)
+        enc["labels"] = batch["label"]
+        return enc
+
+    return ds.map(encode, batched=True, remove_columns=["sentence1", "sentence2", "label"], desc="tokenize")
+
+
+class LengthGroupedSampler(Sampler[list[int]]):
+    """Batches of similar length: shuffle, sort within chunks of 50 batches, shuffle batches.
+
+    Every example appears once per epoch and the order depends only on the seed and epoch.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, chunk_batches: int = 50):
+        self.lengths, self.batch_size, self.seed, self.chunk = lengths, batch_size, seed, chunk_batches * batch_size
+        self.epoch = 0
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        batches = []
+        for start in range(0, len(order), self.chunk):
+            chunk = sorted(order[start : start + self.chunk], key=lambda i: self.lengths[i], reverse=True)
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=g).tolist():
+            yield batches[b]
+
+    def __len__(self):
+        return sum(-(-min(self.chunk, len(self.lengths) - s) // self.batch_size) for s in range(0, len(self.lengths), self.chunk))
+
+
+def make_loader(
+    ds: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    group_by_length: bool = False,
+) -> DataLoader:
+    """A DataLoader that pads each batch only to its longest sequence."""
+    ds = ds.with_format(columns=[c for c in ("input_ids", "token_type_ids", "attention_mask", "labels") if c in ds.column_names])
+
+    def collate(rows):
+        return tokenizer.pad(rows, return_tensors="pt")
+
+    pin = torch.cuda.is_available()
+    if shuffle and group_by_length:
+        sampler = LengthGroupedSampler([len(x) for x in ds["input_ids"]], batch_size, seed)
+        return DataLoader(ds, batch_sampler=sampler, collate_fn=collate, pin_memory=pin)
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=collate, pin_memory=pin)

@@ -1,0 +1,139 @@
+"""Recipes: set up model, data and optimizer, call ``fit``, and leave a run record.
+
+Step scripts are thin wrappers over these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import DatasetDict
+
+from .checkpoint import load_model, read_checkpoint
+from .config import TrainConfig
+from .data import load_mrpc, load_tokenizer, make_loader, tokenize
+from .engine import (
+    TrainStep,
+    build_optimizer,
+    ce_step,
+    evaluate,
+    fit,
+    freeze_embeddings,
+    predict,
+    resolve_device,
+    set_seed,
+)
+from .model import BertMRPC, build_model, resolve_model
+from .records import RESULTS_DIR, REPO_ROOT, code_version, command_line, machine, run_name, write_json
+
+log = logging.getLogger(__name__)
+CHECKPOINT_DIR = REPO_ROOT / "checkpoints"  # git-ignored
+
+
+def prepare_data(model: str, data_dir: str | None, max_length: int, limit: int | None = None):
+    """Tokenizer and tokenized MRPC splits for base model ``model``."""
+    tokenizer = load_tokenizer(resolve_model(model))
+    raw = load_mrpc(data_dir)
+    if limit:
+        raw = DatasetDict({k: v.select(range(min(limit, len(v)))) for k, v in raw.items()})
+    return tokenizer, tokenize(raw, tokenizer, max_length)
+
+
+def test_predictions(model: BertMRPC, data: DatasetDict, tokenizer, device, batch_size: int) -> dict[str, int]:
+    """Predicted labels on the unlabeled GLUE test split, keyed by its ``index``."""
+    if "test" not in data:
+        return {}
+    loader = make_loader(data["test"], tokenizer, batch_size)
+    logits, _ = predict(model, loader, device)
+    return {str(i): int(p) for i, p in zip(data["test"]["idx"], logits.argmax(-1))}
+
+
+def train(
+    cfg: TrainConfig,
+    model: BertMRPC,
+    train_step: TrainStep,
+    *,
+    script: str,
+    out: str | Path | None = None,
+    results_dir: str | Path = RESULTS_DIR,
+    data=None,
+    extra: dict[str, Any] | None = None,
+    name_suffix: str = "",
+) -> dict[str, Any]:
+    """Run ``fit`` with ``train_step`` under the recipe in ``cfg``; return the run record.
+
+    ``data`` is ``(tokenizer, tokenized splits)`` when the caller already has it.
+    ``extra`` (e.g. distillation settings) goes into the checkpoint and the record.
+    """
+    device = resolve_device(cfg.device)
+    tokenizer, data = data or prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)
+    if cfg.freeze_embeddings:
+        freeze_embeddings(model)
+    train_loader = make_loader(data["train"], tokenizer, cfg.batch_size, shuffle=True, seed=cfg.seed, group_by_length=cfg.group_by_length)
+    eval_loader = make_loader(data["validation"], tokenizer, cfg.eval_batch_size)
+    optimizer, scheduler = build_optimizer(model, cfg.lr, cfg.epochs * len(train_loader), cfg.weight_decay)
+
+    name = run_name(script, cfg.softmax, cfg.coeff, cfg.seed, name_suffix)
+    out = Path(out) if out else CHECKPOINT_DIR / f"{name}.pt"
+    results_dir = Path(results_dir)
+    version = code_version()
+    meta = {"model": cfg.model, "seed": cfg.seed, "code_version": version, "script": script, **(extra or {})}
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    result = fit(
+        model, train_step, train_loader, eval_loader, optimizer, scheduler,
+        epochs=cfg.epochs, device=device, checkpoint=out, meta=meta,
+        metrics_path=results_dir / f"{name}.metrics.jsonl", max_grad_norm=cfg.max_grad_norm,
+    )
+    best, _ = load_model(out)  # score the test split with the kept (best-epoch) weights
+    best.to(device)
+    record = {
+        "name": name,
+        "script": script,
+        "command": command_line(),
+        "config": dataclasses.asdict(cfg),
+        **({"distill": extra} if extra else {}),
+        "seed": cfg.seed,
+        "epochs": result.history,
+        "best_epoch": result.best_epoch,
+        "best": result.best,
+        "wall_seconds": round(result.seconds, 1),
+        "started": started,
+        "device": machine(device),
+        "code_version": version,
+        "checkpoint": str(out),
+        "test_predictions": test_predictions(best, data, tokenizer, device, cfg.eval_batch_size),
+    }
+    write_json(results_dir / f"{name}.json", record)
+    return record
+
+
+def finetune(cfg: TrainConfig, out: str | Path | None = None, results_dir: str | Path = RESULTS_DIR) -> dict[str, Any]:
+    """CE fine-tuning of a pretrained BERT with the softmax in ``cfg`` (teacher or CGF baseline)."""
+    set_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.softmax, cfg.coeff)
+    return train(cfg, model, ce_step, script="finetune", out=out, results_dir=results_dir)
+
+
+def score(
+    checkpoint: str | Path,
+    softmax: str | None = None,
+    coeff: float | None = None,
+    data_dir: str | None = None,
+    device: str | None = None,
+    batch_size: int = 128,
+    max_length: int = 128,
+    data=None,
+) -> dict[str, Any]:
+    """Dev accuracy and F1 of a checkpoint, with its own softmax unless overridden."""
+    dev = resolve_device(device)
+    model, meta = load_model(checkpoint, softmax, coeff)
+    model.to(dev)
+    tokenizer, data = data or prepare_data(meta["model"], data_dir, max_length)
+    metrics = evaluate(model, make_loader(data["validation"], tokenizer, batch_size), dev)
+    kind, c = model.softmax
+    return {"checkpoint": str(checkpoint), "softmax": kind, "coeff": c, "dev": metrics, "trained": meta}
