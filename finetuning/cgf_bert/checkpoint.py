@@ -32,6 +32,7 @@ def save_checkpoint(path: str | Path, model: BertMRPC, meta: dict[str, Any]) -> 
         "meta": json.dumps(meta),
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)

@@ -152,6 +152,8 @@ def fit(
     model.to(device)
     result = FitResult(best_epoch=0, best={"accuracy": -1.0})
     start = time.perf_counter()
+    if metrics_path:
+        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
     metrics_file = open(metrics_path, "a") if metrics_path else None
     try:
         for epoch in range(1, epochs + 1):
