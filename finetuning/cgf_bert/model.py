@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import BertConfig, BertModel
+from transformers.utils import logging as hf_logging
 
 from . import CgfBertError
 from .softmax import ATTN_IMPLEMENTATION, VARIANCE_COEFF, get_softmax
@@ -80,6 +81,7 @@ class BertMRPC(nn.Module):
 def build_model(name: str, softmax: str = "exact", coeff: float = VARIANCE_COEFF) -> BertMRPC:
     """Pretrained BERT ``name`` with a fresh classifier and the given attention softmax."""
     path = resolve_model(name)
+    hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise next to our epoch bars
     try:
         bert = BertModel.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION, add_pooling_layer=True)
     except (OSError, ValueError) as e:

@@ -114,9 +114,10 @@ def train(
 
 def finetune(cfg: TrainConfig, out: str | Path | None = None, results_dir: str | Path = RESULTS_DIR) -> dict[str, Any]:
     """CE fine-tuning of a pretrained BERT with the softmax in ``cfg`` (teacher or CGF baseline)."""
+    data = prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)  # bad data fails before any work
     set_seed(cfg.seed)
     model = build_model(cfg.model, cfg.softmax, cfg.coeff)
-    return train(cfg, model, ce_step, script="finetune", out=out, results_dir=results_dir)
+    return train(cfg, model, ce_step, script="finetune", out=out, results_dir=results_dir, data=data)
 
 
 def score(

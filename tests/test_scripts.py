@@ -1,0 +1,102 @@
+"""Each step script end to end on a tiny random BERT and a tiny MRPC folder (seconds), and
+bad input: one line on stderr, non-zero exit, no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import write_mrpc
+
+FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
+
+
+def run(script, *args, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    p = subprocess.run([sys.executable, script, *map(str, args)], cwd=FINETUNING, capture_output=True, text=True, env=env, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bert, tiny_mrpc, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    ckpt = out / "tiny.pt"
+    p = run("finetune.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 2, "--batch-size", 8,
+            "--softmax", "cgf", "--coeff", 0.65, "--seed", 5, "-o", ckpt, "--results-dir", out / "results")
+    return ckpt, out / "results", p.stdout
+
+
+def test_finetune_writes_checkpoint_and_record(trained, tiny_mrpc):
+    ckpt, results, stdout = trained
+    assert ckpt.is_file() and "best epoch" in stdout
+    (record_path,) = results.glob("*.json")
+    rec = json.loads(record_path.read_text())
+    assert rec["config"]["softmax"] == "cgf" and rec["config"]["coeff"] == 0.65 and rec["seed"] == 5
+    assert [e["epoch"] for e in rec["epochs"]] == [1, 2]
+    assert rec["best"] == max((e["dev"] for e in rec["epochs"]), key=lambda d: d["accuracy"])
+    assert sorted(map(int, rec["test_predictions"])) == list(range(10))
+    assert set(rec["test_predictions"].values()) <= {0, 1}
+    assert rec["command"].startswith("finetune.py") and rec["wall_seconds"] > 0 and rec["code_version"]
+    assert len((results / f"{rec['name']}.metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_validate_reproduces_training_accuracy_exactly(trained, tiny_mrpc):
+    ckpt, results, _ = trained
+    rec = json.loads(next(results.glob("*.json")).read_text())
+    r = json.loads(run("validate.py", ckpt, "--data-dir", tiny_mrpc, "--json").stdout)
+    assert r["softmax"] == "cgf" and r["coeff"] == 0.65
+    assert r["dev"]["accuracy"] == rec["best"]["accuracy"]
+    assert r["dev"]["f1"] == rec["best"]["f1"]
+
+
+def test_validate_softmax_override(trained, tiny_mrpc):
+    ckpt, _, _ = trained
+    r = json.loads(run("validate.py", ckpt, "--data-dir", tiny_mrpc, "--softmax", "exact", "--json").stdout)
+    assert r["softmax"] == "exact" and r["trained"]["softmax"] == "cgf"
+
+
+def assert_clean_error(p, *needles):
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert "Traceback" not in p.stderr, p.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_missing_checkpoint(tmp_path, tiny_mrpc):
+    assert_clean_error(run("validate.py", tmp_path / "none.pt", "--data-dir", tiny_mrpc, check=False), "not found")
+
+
+def test_random_bytes_checkpoint(tmp_path, tiny_mrpc):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(10_000))
+    assert_clean_error(run("validate.py", junk, "--data-dir", tiny_mrpc, check=False), "not a readable")
+
+
+def test_malformed_tsv(tmp_path, tiny_bert):
+    folder = write_mrpc(tmp_path / "mrpc")
+    lines = (folder / "dev.tsv").read_text(encoding="utf-8").splitlines()
+    lines[4] = lines[4].replace("\t", " ", 1)
+    (folder / "dev.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    p = run("finetune.py", "--model", tiny_bert, "--data-dir", folder, "--epochs", 1, "-o", tmp_path / "x.pt",
+            "--results-dir", tmp_path / "r", check=False)
+    assert_clean_error(p, "dev.tsv:5:")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_empty_data_folder(tmp_path, tiny_bert):
+    (tmp_path / "empty").mkdir()
+    p = run("finetune.py", "--model", tiny_bert, "--data-dir", tmp_path / "empty", "-o", tmp_path / "x.pt",
+            "--results-dir", tmp_path / "r", check=False)
+    assert_clean_error(p, "lacks train.tsv")
+
+
+def test_unknown_model(tmp_path, tiny_mrpc):
+    p = run("finetune.py", "--model", tmp_path / "no-bert", "--data-dir", tiny_mrpc, "--results-dir", tmp_path / "r", check=False)
+    assert_clean_error(p, "cannot load")

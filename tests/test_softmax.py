@@ -1,0 +1,108 @@
+"""CGF and exact softmax against plain reference implementations written here."""
+
+import math
+
+import pytest
+import torch
+
+from cgf_bert import CgfBertError
+from cgf_bert.softmax import SOFTMAXES, VARIANCE_COEFF, cgf_softmax, exact_softmax, get_softmax
+
+
+def reference_cgf(scores, valid, c):
+    """Row by row, from the formula: p_j = exp(s_j - mu - c*var) / n over valid keys, else 0."""
+    out = torch.zeros_like(scores, dtype=torch.float64)
+    flat_s = scores.double().reshape(-1, scores.shape[-1])
+    flat_v = valid.expand_as(scores).reshape(-1, scores.shape[-1])
+    flat_o = out.view(-1, scores.shape[-1])
+    for r in range(flat_s.shape[0]):
+        keys = [j for j in range(flat_s.shape[1]) if flat_v[r, j]]
+        vals = [flat_s[r, j].item() for j in keys]
+        n = len(vals)
+        mu = sum(vals) / n
+        var = sum((v - mu) ** 2 for v in vals) / n
+        for j, v in zip(keys, vals):
+            flat_o[r, j] = math.exp(v - mu - c * var) / n
+    return out
+
+
+def random_case(seed=0, B=3, H=2, Q=5, K=7):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(B, H, Q, K, generator=g) * 2
+    lengths = torch.tensor([K, 4, 1])[:B]
+    valid = (torch.arange(K)[None, :] < lengths[:, None])[:, None, None, :].expand(B, 1, Q, K)  # (B, 1, Q, K)
+    return scores, valid
+
+
+@pytest.mark.parametrize("c", [0.5, 0.65, 0.0])
+def test_cgf_matches_reference(c):
+    scores, valid = random_case()
+    got = cgf_softmax(scores, valid, c)
+    torch.testing.assert_close(got.double(), reference_cgf(scores, valid, c), rtol=1e-5, atol=1e-7)
+
+
+def test_cgf_without_mask_equals_all_valid_mask():
+    scores, _ = random_case()
+    all_valid = torch.ones(scores.shape[0], 1, 1, scores.shape[-1], dtype=torch.bool)
+    torch.testing.assert_close(cgf_softmax(scores, None), cgf_softmax(scores, all_valid))
+    torch.testing.assert_close(cgf_softmax(scores, None).double(), reference_cgf(scores, all_valid, VARIANCE_COEFF), rtol=1e-5, atol=1e-7)
+
+
+def test_masked_keys_are_exactly_zero_even_for_huge_scores():
+    scores, valid = random_case()
+    scores = scores.masked_fill(~valid, 1e4)
+    p = cgf_softmax(scores, valid, 0.5)
+    assert (p[~valid.expand_as(p)] == 0).all()
+    assert torch.isfinite(p).all()
+
+
+def test_gradients_finite_with_huge_masked_scores():
+    scores, valid = random_case()
+    scores = scores.masked_fill(~valid, 1e4).requires_grad_()
+    cgf_softmax(scores, valid, 0.5).sum().backward()
+    assert torch.isfinite(scores.grad).all()
+
+
+def test_invariant_to_adding_a_constant_to_a_row():
+    scores, valid = random_case()
+    shift = torch.randn(*scores.shape[:-1], 1) * 10
+    torch.testing.assert_close(cgf_softmax(scores + shift, valid), cgf_softmax(scores, valid), rtol=1e-4, atol=1e-6)
+
+
+def test_padding_with_masked_keys_leaves_valid_outputs_unchanged():
+    scores, valid = random_case()
+    pad = torch.randn(*scores.shape[:-1], 3) * 50
+    padded_scores = torch.cat([scores, pad], dim=-1)
+    padded_valid = torch.cat([valid, torch.zeros(*valid.shape[:-1], 3, dtype=torch.bool)], dim=-1)
+    p = cgf_softmax(padded_scores, padded_valid)
+    torch.testing.assert_close(p[..., : scores.shape[-1]], cgf_softmax(scores, valid))
+    assert (p[..., scores.shape[-1] :] == 0).all()
+
+
+def test_rows_sum_to_one_when_scores_are_constant():
+    scores = torch.full((2, 3, 4, 6), 3.7)
+    _, valid = random_case(B=2, H=3, Q=4, K=6)
+    p = cgf_softmax(scores, valid, 0.65)
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 3, 4))
+
+
+def test_cgf_runs_in_float32_under_bf16_autocast():
+    scores, valid = random_case()
+    bf = scores.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cgf_softmax(bf, valid)
+    assert got.dtype == torch.bfloat16
+    # Same as computing from the bf16 inputs in float32, then rounding once at the end.
+    torch.testing.assert_close(got, cgf_softmax(bf.float(), valid).bfloat16(), rtol=0, atol=0)
+
+
+def test_exact_matches_torch_softmax_over_valid_keys():
+    scores, valid = random_case()
+    ref = torch.softmax(scores.masked_fill(~valid, float("-inf")), -1)
+    torch.testing.assert_close(exact_softmax(scores, valid), ref)
+
+
+def test_registry_lists_valid_names_on_unknown():
+    assert set(SOFTMAXES) >= {"exact", "cgf"}
+    with pytest.raises(CgfBertError, match="exact.*cgf|cgf.*exact"):
+        get_softmax("taylor")
