@@ -100,3 +100,38 @@ def test_empty_data_folder(tmp_path, tiny_bert):
 def test_unknown_model(tmp_path, tiny_mrpc):
     p = run("finetune.py", "--model", tmp_path / "no-bert", "--data-dir", tiny_mrpc, "--results-dir", tmp_path / "r", check=False)
     assert_clean_error(p, "cannot load")
+
+
+def test_distill_trains_teacher_once_then_students_per_seed(tiny_bert, tiny_mrpc, tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    common = ["--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--batch-size", 8,
+              "--teacher", teacher, "--results-dir", tmp_path / "r"]
+    p = run("distill.py", *common, "--seeds", 1, 2, "--beta", 10)
+    assert teacher.is_file()  # trained and cached on first use
+    assert "seed 1:" in p.stdout and "seed 2:" in p.stdout and "over 2 seed(s)" in p.stdout
+    recs = [json.loads(x.read_text()) for x in (tmp_path / "r").glob("*.json")]
+    students = [r for r in recs if r["script"] == "distill"]
+    assert len(recs) == 3 and sorted(r["seed"] for r in students) == [1, 2]
+    for r in students:
+        assert r["config"]["softmax"] == "cgf" and r["distill"]["beta"] == 10
+        assert set(r["epochs"][0]["train"]) == {"loss", "ce", "kd", "hidden_mse"}
+    mtime = teacher.stat().st_mtime
+    p = run("distill.py", *common, "--seeds", 3, "--beta", 0, "--init", "pretrained")
+    assert teacher.stat().st_mtime == mtime  # reused, not retrained
+    rec = max((json.loads(x.read_text()) for x in (tmp_path / "r").glob("*distill*.json")), key=lambda r: r["name"])
+    assert set(rec["epochs"][0]["train"]) == {"loss", "ce", "kd"}
+
+
+def test_distill_rejects_a_cgf_teacher(trained, tiny_bert, tiny_mrpc, tmp_path):
+    ckpt, _, _ = trained  # a CGF checkpoint
+    p = run("distill.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--teacher", ckpt, "--results-dir", tmp_path, check=False)
+    assert_clean_error(p, "a teacher must be exact")
+
+
+def test_distill_rejects_a_teacher_of_another_model(tiny_bert, tiny_mrpc, tmp_path):
+    from cgf_bert.checkpoint import save_checkpoint
+    from cgf_bert.model import build_model
+
+    t = save_checkpoint(tmp_path / "t.pt", build_model(str(tiny_bert)), {"model": "bert-base-uncased"})
+    p = run("distill.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--teacher", t, "--results-dir", tmp_path, check=False)
+    assert_clean_error(p, "fine-tuned from 'bert-base-uncased'")

@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+import datasets
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from torch.utils.data import DataLoader, Sampler
@@ -115,7 +116,14 @@ def tokenize(ds: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: in
         enc["labels"] = batch["label"]
         return enc
 
-    return ds.map(encode, batched=True, remove_columns=["sentence1", "sentence2", "label"], desc="tokenize")
+    # About a second for all of MRPC, so no progress bar (it would only clutter error output).
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        return ds.map(encode, batched=True, remove_columns=["sentence1", "sentence2", "label"])
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
 
 
 class LengthGroupedSampler(Sampler[list[int]]):

@@ -5,17 +5,19 @@ Step scripts are thin wrappers over these functions.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from datasets import DatasetDict
 
+from . import CgfBertError
 from .checkpoint import load_model, read_checkpoint
-from .config import TrainConfig
+from .config import DistillConfig, TrainConfig
 from .data import load_mrpc, load_tokenizer, make_loader, tokenize
 from .engine import (
     TrainStep,
@@ -28,6 +30,7 @@ from .engine import (
     resolve_device,
     set_seed,
 )
+from .losses import kd_terms, make_kd_step
 from .model import BertMRPC, build_model, resolve_model
 from .records import RESULTS_DIR, REPO_ROOT, code_version, command_line, machine, run_name, write_json
 
@@ -138,3 +141,65 @@ def score(
     metrics = evaluate(model, make_loader(data["validation"], tokenizer, batch_size), dev)
     kind, c = model.softmax
     return {"checkpoint": str(checkpoint), "softmax": kind, "coeff": c, "dev": metrics, "trained": meta}
+
+
+def read_teacher_meta(path: str | Path, model: str) -> dict:
+    """The metadata of an exact-softmax teacher of base ``model``; anything else is a clear error."""
+    _, meta = read_checkpoint(path)
+    if meta["softmax"] != "exact":
+        raise CgfBertError(f"teacher {path} uses the {meta['softmax']} softmax (c={meta['coeff']:g}); a teacher must be exact")
+    if meta["model"] != model:
+        raise CgfBertError(f"teacher {path} was fine-tuned from {meta['model']!r}, but the student base model is {model!r}")
+    return meta
+
+
+def load_teacher(path: str | Path, model: str) -> tuple[BertMRPC, dict]:
+    """An exact-softmax teacher of base ``model`` from ``path``; anything else is a clear error."""
+    read_teacher_meta(path, model)
+    return load_model(path)
+
+
+def ensure_teacher(path: str | Path, cfg: TrainConfig, results_dir: str | Path = RESULTS_DIR, data=None) -> tuple[BertMRPC, dict]:
+    """Load the teacher at ``path``, training it once with the finetune recipe when absent."""
+    path = Path(path)
+    if not path.exists():
+        log.warning("no teacher at %s: fine-tuning one (exact softmax, seed %d)", path, cfg.seed)
+        tcfg = dataclasses.replace(cfg, softmax="exact")
+        set_seed(tcfg.seed)
+        train(tcfg, build_model(tcfg.model, "exact"), ce_step, script="finetune", out=path, results_dir=results_dir, data=data)
+    return load_teacher(path, cfg.model)
+
+
+def distill(
+    cfg: TrainConfig,
+    dcfg: DistillConfig,
+    teacher_path: str | Path,
+    out: str | Path | None = None,
+    results_dir: str | Path = RESULTS_DIR,
+    data=None,
+) -> dict[str, Any]:
+    """KD from the exact teacher at ``teacher_path`` into a CGF student (softmax/coeff in ``cfg``)."""
+    data = data or prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)
+    teacher, tmeta = ensure_teacher(teacher_path, cfg, results_dir, data)
+    device = resolve_device(cfg.device)
+    set_seed(cfg.seed)
+    if dcfg.init == "teacher":
+        student = copy.deepcopy(teacher)
+    else:
+        student = build_model(cfg.model)
+    student.set_softmax(cfg.softmax, cfg.coeff)
+    teacher.to(device).requires_grad_(False)
+    terms = kd_terms(dcfg.alpha, dcfg.beta)
+    step = make_kd_step(teacher, terms, dcfg.temperature)
+    extra = {**dataclasses.asdict(dcfg), "terms": terms, "teacher": str(teacher_path), "teacher_dev": tmeta.get("dev"), "teacher_seed": tmeta.get("seed")}
+    return train(cfg, student, step, script="distill", out=out, results_dir=results_dir, data=data, extra=extra, name_suffix=f"-b{dcfg.beta:g}-{dcfg.init}")
+
+
+def distill_seeds(cfg: TrainConfig, dcfg: DistillConfig, seeds: list[int], teacher_path: str | Path,
+                  out: str | Path | None = None, results_dir: str | Path = RESULTS_DIR) -> Iterator[dict[str, Any]]:
+    """One student per seed, sharing the tokenized data and the teacher; yields records as they finish."""
+    if Path(teacher_path).exists():
+        read_teacher_meta(teacher_path, cfg.model)  # a wrong teacher fails before any data work
+    data = prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)
+    for seed in seeds:
+        yield distill(dataclasses.replace(cfg, seed=seed), dcfg, teacher_path, out, results_dir, data)
