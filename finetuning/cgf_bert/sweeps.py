@@ -1,0 +1,95 @@
+"""Experiments over softmaxes, coefficients and seeds, reusing run records where they exist.
+
+A run whose record (same recipe, variant and seed) is already in the results folder is not
+repeated: its record is read back. Pass ``reuse=False`` to train anew.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import read_checkpoint
+from .config import DistillConfig, TrainConfig
+from .records import RESULTS_DIR, load_records, write_json
+from .runs import distill, finetune, prepare_data, score
+from .stats import mean_std
+
+log = logging.getLogger(__name__)
+
+
+def _same_run(rec: dict, cfg: TrainConfig, dcfg: DistillConfig | None) -> bool:
+    want = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "data_dir")}
+    got = {k: rec["config"].get(k) for k in want}
+    if cfg.softmax == "exact":
+        got["coeff"] = want["coeff"]  # the coefficient means nothing for the exact softmax
+    if got != want or rec["script"] != ("distill" if dcfg else "finetune"):
+        return False
+    return dcfg is None or all(rec["distill"].get(k) == v for k, v in dataclasses.asdict(dcfg).items())
+
+
+def run_or_reuse(cfg: TrainConfig, dcfg: DistillConfig | None = None, teacher: str | None = None,
+                 results_dir: str | Path = RESULTS_DIR, reuse: bool = True) -> dict[str, Any]:
+    """The record of a fine-tune (or distillation with ``dcfg``), training only if none exists."""
+    if reuse:
+        found = [r for r in load_records(results_dir) if "config" in r and _same_run(r, cfg, dcfg)]
+        if found:
+            log.warning("reusing %s", Path(found[-1]["_path"]).name)
+            return found[-1]
+    if dcfg:
+        return distill(cfg, dcfg, teacher, results_dir=results_dir)
+    return finetune(cfg, results_dir=results_dir)
+
+
+def swap_at_eval(checkpoint: str | Path, coeffs: list[float], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Score one checkpoint with the exact softmax and with CGF at each coefficient, no training."""
+    _, meta = read_checkpoint(checkpoint)
+    data = prepare_data(meta["model"], cfg.data_dir, cfg.max_length)
+    rows = []
+    for kind, c in [("exact", None)] + [("cgf", c) for c in coeffs]:
+        r = score(checkpoint, kind, c, cfg.data_dir, cfg.device, cfg.eval_batch_size, cfg.max_length, data=data)
+        rows.append({"softmax": kind, "coeff": c, **r["dev"]})
+    return rows
+
+
+def paired(a: list[dict], b: list[dict]) -> dict[str, Any]:
+    """Per-seed accuracy differences b - a over the seeds both have."""
+    acc_a = {r["seed"]: r["best"]["accuracy"] for r in a}
+    acc_b = {r["seed"]: r["best"]["accuracy"] for r in b}
+    seeds = sorted(set(acc_a) & set(acc_b))
+    diffs = [acc_b[s] - acc_a[s] for s in seeds]
+    m, sd = mean_std(diffs)
+    return {"seeds": seeds, "diffs": diffs, "mean": m, "std": sd}
+
+
+def save_experiment(name: str, payload: dict, results_dir: str | Path = RESULTS_DIR) -> Path:
+    """Experiment summaries go to results/experiments/ (kept apart from the run records)."""
+    return write_json(Path(results_dir) / "experiments" / f"{name}.json", payload)
+
+
+def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, title: str, hline: float | None = None) -> Path:
+    """PNG of mean dev accuracy vs coefficient with std error bars (one point per coefficient)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cs = sorted(points)
+    stats = [mean_std(points[c]) for c in cs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(cs, [m * 100 for m, _ in stats], yerr=[s * 100 for _, s in stats], marker="o", capsize=4, label="CGF")
+    if hline is not None:
+        ax.axhline(hline * 100, color="gray", ls="--", label="exact softmax")
+    ax.set_xlabel("CGF variance coefficient c")
+    ax.set_ylabel("MRPC dev accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

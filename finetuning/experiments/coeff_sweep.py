@@ -1,0 +1,53 @@
+"""Dev accuracy vs the CGF coefficient c: CE fine-tunes (or --distill) per coefficient and seed,
+a table and a PNG plot with error bars. Runs with an existing record are reused.
+
+    cd finetuning
+    python -m experiments.coeff_sweep --coeffs 0.4 0.5 0.6 0.65 0.7 0.75 0.85 --seeds 42 7 123
+    python -m experiments.coeff_sweep --distill --beta 10 --coeffs 0.5 0.65
+"""
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from cgf_bert.cli import add_config_args, config_from_args, run_main
+from cgf_bert.config import TEACHER_PATH, DistillConfig, TrainConfig
+from cgf_bert.records import RESULTS_DIR
+from cgf_bert.stats import fmt_pm
+from cgf_bert.sweeps import plot_accuracy_vs_coeff, run_or_reuse, save_experiment
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p, TrainConfig, skip=("softmax", "seed", "coeff"))
+    add_config_args(p, DistillConfig)
+    p.add_argument("--coeffs", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.85], help="coefficients (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 7, 123], help="seeds per coefficient (default: %(default)s)")
+    p.add_argument("--distill", action="store_true", help="distill from the exact teacher instead of CE fine-tuning")
+    p.add_argument("--teacher", default=TEACHER_PATH, help="teacher for --distill (default: %(default)s)")
+    p.add_argument("--no-reuse", dest="reuse", action="store_false", help="train even where a matching record exists")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="run records and the sweep summary (default: %(default)s)")
+    args = p.parse_args()
+    cfg = config_from_args(TrainConfig, args, softmax="cgf", seed=args.seeds[0])
+    dcfg = config_from_args(DistillConfig, args) if args.distill else None
+    acc: dict[float, list[float]] = {}
+    names: dict[float, list[str]] = {}
+    for c in args.coeffs:
+        for seed in args.seeds:
+            rec = run_or_reuse(dataclasses.replace(cfg, coeff=c, seed=seed), dcfg, args.teacher, args.results_dir, args.reuse)
+            acc.setdefault(c, []).append(rec["best"]["accuracy"])
+            names.setdefault(c, []).append(rec["name"])
+    method = f"KD beta={dcfg.beta:g}" if dcfg else "CE"
+    print(f"CGF {method}, dev accuracy over seeds {args.seeds} (points, mean ± std):")
+    for c in args.coeffs:
+        print(f"  c={c:<5g} {fmt_pm(acc[c])}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    png = plot_accuracy_vs_coeff(acc, f"{args.results_dir}/experiments/coeff_sweep-{stamp}.png", f"CGF {method}: dev accuracy vs c")
+    out = {"command": " ".join(["python -m experiments.coeff_sweep", *sys.argv[1:]]), "method": method, "seeds": args.seeds,
+           "accuracy": {str(c): v for c, v in acc.items()}, "records": {str(c): v for c, v in names.items()}, "plot": str(png)}
+    print(f"plot: {png}\nsaved {save_experiment(f'coeff_sweep-{stamp}', out, args.results_dir)}")
+
+
+if __name__ == "__main__":
+    run_main(main)

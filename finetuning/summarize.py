@@ -1,0 +1,23 @@
+"""Rebuild the tables in summary.md from the run records in results/.
+
+    cd finetuning && python summarize.py
+"""
+
+import argparse
+
+from cgf_bert.cli import run_main
+from cgf_bert.records import REPO_ROOT, RESULTS_DIR
+from cgf_bert.report import rebuild
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--summary", default=str(REPO_ROOT / "summary.md"), help="markdown file with table markers (default: %(default)s)")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="run records (default: %(default)s)")
+    args = p.parse_args()
+    n = rebuild(args.summary, args.results_dir)
+    print(f"rebuilt the tables in {args.summary} from {n} run records")
+
+
+if __name__ == "__main__":
+    run_main(main)

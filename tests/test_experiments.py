@@ -1,0 +1,74 @@
+"""Experiment modules and the summary builder, end to end on the tiny model."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cgf_bert.report import render
+
+FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
+
+
+def module(name, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", name, *map(str, args)], cwd=FINETUNING, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def test_coeff_sweep_trains_once_then_reuses_records(tiny_bert, tiny_mrpc, tmp_path):
+    args = ["--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--batch-size", 8,
+            "--coeffs", 0.5, 0.7, "--seeds", 1, "--results-dir", tmp_path]
+    out = module("experiments.coeff_sweep", *args)
+    assert "c=0.5" in out and "c=0.7" in out
+    assert len(list(tmp_path.glob("*.json"))) == 2
+    (png,) = tmp_path.glob("experiments/coeff_sweep-*.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    module("experiments.coeff_sweep", *args)
+    assert len(list(tmp_path.glob("*.json"))) == 2  # nothing retrained
+
+
+def test_exact_vs_cgf_swap_and_paired(tiny_bert, tiny_mrpc, tmp_path):
+    common = ["--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--batch-size", 8, "--results-dir", tmp_path]
+    module("experiments.exact_vs_cgf", *common, "--swap-coeffs", "--paired", "--coeff", 0.65, "--seeds", 1, 2)
+    recs = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
+    assert sorted((r["config"]["softmax"], r["seed"]) for r in recs) == [("cgf", 1), ("cgf", 2), ("exact", 1), ("exact", 2)]
+    exact = next(r for r in recs if r["config"]["softmax"] == "exact")
+    out = module("experiments.exact_vs_cgf", *common, "--checkpoint", exact["checkpoint"], "--swap-coeffs", 0.5, 1.0)
+    summary = sorted(tmp_path.glob("experiments/exact_vs_cgf-*.json"))[-1]
+    rows = json.loads(summary.read_text())["swap"]["rows"]
+    assert [(r["softmax"], r["coeff"]) for r in rows] == [("exact", None), ("cgf", 0.5), ("cgf", 1.0)]
+    assert rows[0]["accuracy"] == exact["best"]["accuracy"]  # exact swap reproduces training
+    assert "cgf c=0.5" in out
+
+
+def fake(name, script, softmax, coeff, seed, acc, beta=None, epochs=5):
+    rec = {
+        "name": name, "_path": f"/r/{name}.json", "script": script, "command": f"{script}.py --seed {seed}", "seed": seed,
+        "config": {"model": "minilm-l6", "softmax": softmax, "coeff": coeff, "epochs": epochs, "lr": 5e-5, "batch_size": 16,
+                   "weight_decay": 0.0, "max_grad_norm": 1.0, "freeze_embeddings": True, "max_length": 128, "limit": None},
+        "best": {"accuracy": acc, "f1": acc}, "best_epoch": 3, "wall_seconds": 600, "device": "cpu", "code_version": "abc",
+    }
+    if beta is not None:
+        rec["distill"] = {"beta": beta, "init": "teacher"}
+    return rec
+
+
+def test_summary_tables_are_built_from_records():
+    recs = [
+        fake("a", "finetune", "exact", 0.5, 1, 0.80), fake("b", "finetune", "exact", 0.5, 2, 0.82),
+        fake("c", "distill", "cgf", 0.5, 1, 0.79, beta=10), fake("d", "distill", "cgf", 0.5, 2, 0.80, beta=10),
+        fake("e", "finetune", "cgf", 0.65, 1, 0.70, epochs=1),  # not the reference recipe: not in the results table
+    ]
+    text = render("intro\n<!-- table:results -->\nold\n<!-- /table -->\nmid\n<!-- table:runs -->\n<!-- /table -->\nend", recs)
+    assert text.startswith("intro\n") and "\nmid\n" in text and text.endswith("end") and "old" not in text
+    results = text.split("<!-- table:results -->")[1].split("<!-- /table -->")[0]
+    assert "| exact | 1 2 | 81.00 ± 1.41 |" in results
+    assert "| cgf c=0.5 KD beta=10 (teacher init) | 1 2 | 79.50 ± 0.71 |" in results
+    assert "-1.50 ± 0.71 (2)" in results  # paired: (-1, -2) points
+    assert "c=0.65" not in results
+    assert text.count("`finetune.py --seed") == 3  # every run, reference recipe or not, in the runs table
