@@ -93,7 +93,7 @@ def _load_from_hub() -> DatasetDict:
     from datasets import load_dataset
 
     try:
-        return load_dataset("glue", "mrpc")
+        return load_dataset("nyu-mll/glue", "mrpc")
     except Exception as e:
         raise CgfBertError(
             f"no MRPC folder given and the hub is unreachable ({type(e).__name__}); "
