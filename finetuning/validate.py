@@ -13,7 +13,8 @@ import json
 
 from cgf_bert.cli import run_main
 from cgf_bert.config import TEACHER_PATH
-from cgf_bert.runs import score
+from cgf_bert.records import RESULTS_DIR
+from cgf_bert.runs import record_score, score
 from cgf_bert.softmax import SOFTMAXES
 
 
@@ -26,8 +27,10 @@ def main():
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record goes to RESULTS_DIR/validate/ (default: %(default)s)")
     args = p.parse_args()
     r = score(args.checkpoint, args.softmax, args.coeff, args.data_dir, args.device, args.batch_size)
+    record_score(r, args.results_dir)
     if args.json:
         print(json.dumps(r, indent=1))
         return

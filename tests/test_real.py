@@ -18,7 +18,7 @@ def test_one_epoch_of_the_embedded_model_learns_mrpc(tmp_path):
     rec = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert rec["best"]["accuracy"] >= 0.70  # majority class is 0.684; one epoch reached 0.7475 here
     assert len(rec["test_predictions"]) == 1725
-    r = json.loads(run("validate.py", ckpt, "--json").stdout)
+    r = json.loads(run("validate.py", ckpt, "--json", "--results-dir", tmp_path).stdout)
     assert r["dev"]["accuracy"] == rec["best"]["accuracy"] and r["dev"]["f1"] == rec["best"]["f1"]
-    cgf = json.loads(run("validate.py", ckpt, "--softmax", "cgf", "--coeff", "0.5", "--json").stdout)
+    cgf = json.loads(run("validate.py", ckpt, "--softmax", "cgf", "--coeff", "0.5", "--json", "--results-dir", tmp_path).stdout)
     assert 0.0 < cgf["dev"]["accuracy"] <= 1.0

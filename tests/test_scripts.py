@@ -48,15 +48,17 @@ def test_finetune_writes_checkpoint_and_record(trained, tiny_mrpc):
 def test_validate_reproduces_training_accuracy_exactly(trained, tiny_mrpc):
     ckpt, results, _ = trained
     rec = json.loads(next(results.glob("*.json")).read_text())
-    r = json.loads(run("validate.py", ckpt, "--data-dir", tiny_mrpc, "--json").stdout)
+    r = json.loads(run("validate.py", ckpt, "--data-dir", tiny_mrpc, "--json", "--results-dir", results).stdout)
     assert r["softmax"] == "cgf" and r["coeff"] == 0.65
+    (vrec,) = (results / "validate").glob("*.json")
+    assert json.loads(vrec.read_text())["dev"] == r["dev"]
     assert r["dev"]["accuracy"] == rec["best"]["accuracy"]
     assert r["dev"]["f1"] == rec["best"]["f1"]
 
 
 def test_validate_softmax_override(trained, tiny_mrpc):
     ckpt, _, _ = trained
-    r = json.loads(run("validate.py", ckpt, "--data-dir", tiny_mrpc, "--softmax", "exact", "--json").stdout)
+    r = json.loads(run("validate.py", ckpt, "--data-dir", tiny_mrpc, "--softmax", "exact", "--json", "--results-dir", tmp_path).stdout)
     assert r["softmax"] == "exact" and r["trained"]["softmax"] == "cgf"
 
 
@@ -70,13 +72,13 @@ def assert_clean_error(p, *needles):
 
 
 def test_missing_checkpoint(tmp_path, tiny_mrpc):
-    assert_clean_error(run("validate.py", tmp_path / "none.pt", "--data-dir", tiny_mrpc, check=False), "not found")
+    assert_clean_error(run("validate.py", tmp_path / "none.pt", "--data-dir", tiny_mrpc, "--results-dir", tmp_path, check=False), "not found")
 
 
 def test_random_bytes_checkpoint(tmp_path, tiny_mrpc):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(10_000))
-    assert_clean_error(run("validate.py", junk, "--data-dir", tiny_mrpc, check=False), "not a readable")
+    assert_clean_error(run("validate.py", junk, "--data-dir", tiny_mrpc, "--results-dir", tmp_path, check=False), "not a readable")
 
 
 def test_malformed_tsv(tmp_path, tiny_bert):

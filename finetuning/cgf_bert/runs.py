@@ -140,7 +140,15 @@ def score(
     tokenizer, data = data or prepare_data(meta["model"], data_dir, max_length)
     metrics = evaluate(model, make_loader(data["validation"], tokenizer, batch_size), dev)
     kind, c = model.softmax
-    return {"checkpoint": str(checkpoint), "softmax": kind, "coeff": c, "dev": metrics, "trained": meta}
+    return {"checkpoint": str(checkpoint), "softmax": kind, "coeff": c, "dev": metrics, "trained": meta, "device": machine(dev)}
+
+
+def record_score(result: dict[str, Any], results_dir: str | Path = RESULTS_DIR) -> Path:
+    """A validate run's record, in ``results_dir/validate/`` (kept out of the training tables)."""
+    soft = "exact" if result["softmax"] == "exact" else f"cgf{result['coeff']:g}"
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-validate-{Path(result['checkpoint']).stem}-{soft}"
+    rec = {"name": name, "script": "validate", "command": command_line(), "code_version": code_version(), **result}
+    return write_json(Path(results_dir) / "validate" / f"{name}.json", rec)
 
 
 def read_teacher_meta(path: str | Path, model: str) -> dict:
