@@ -56,7 +56,7 @@ def test_validate_reproduces_training_accuracy_exactly(trained, tiny_mrpc):
     assert r["dev"]["f1"] == rec["best"]["f1"]
 
 
-def test_validate_softmax_override(trained, tiny_mrpc):
+def test_validate_softmax_override(trained, tiny_mrpc, tmp_path):
     ckpt, _, _ = trained
     r = json.loads(run("validate.py", ckpt, "--data-dir", tiny_mrpc, "--softmax", "exact", "--json", "--results-dir", tmp_path).stdout)
     assert r["softmax"] == "exact" and r["trained"]["softmax"] == "cgf"
