@@ -12,25 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import CgfBertError
+from .registry import Registry
 
 Outputs = dict[str, "torch.Tensor | tuple[torch.Tensor, ...]"]  # logits, hidden, labels, mask
 LossFn = Callable[[Outputs, Outputs], torch.Tensor]
-LOSSES: dict[str, LossFn] = {}
-
-
-def register_loss(name: str):
-    def deco(fn: LossFn) -> LossFn:
-        LOSSES[name] = fn
-        return fn
-
-    return deco
-
-
-def get_loss(name: str) -> LossFn:
-    try:
-        return LOSSES[name]
-    except KeyError:
-        raise CgfBertError(f"unknown loss {name!r}; choose one of {sorted(LOSSES)}") from None
+LOSSES: Registry[LossFn] = Registry("loss")
+register_loss = LOSSES.register
+get_loss = LOSSES.lookup
 
 
 def logit_kd(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -19,31 +19,15 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import CgfBertError
+from .registry import Registry
 
 VARIANCE_COEFF = 0.5  # c in exp(s - mu - c*var): 0.5 is the exact Gaussian log-sum-exp estimate
 ATTN_IMPLEMENTATION = "cgf_bert"  # the name registered with transformers' AttentionInterface
 
 SoftmaxFn = Callable[[torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
-SOFTMAXES: dict[str, SoftmaxFn] = {}
-
-
-def register_softmax(name: str):
-    """Add a softmax variant to the registry under ``name``."""
-
-    def deco(fn: SoftmaxFn) -> SoftmaxFn:
-        SOFTMAXES[name] = fn
-        return fn
-
-    return deco
-
-
-def get_softmax(name: str) -> SoftmaxFn:
-    """Look up a softmax variant; an unknown name fails with the list of valid ones."""
-    try:
-        return SOFTMAXES[name]
-    except KeyError:
-        raise CgfBertError(f"unknown softmax {name!r}; choose one of {sorted(SOFTMAXES)}") from None
+SOFTMAXES: Registry[SoftmaxFn] = Registry("softmax")
+register_softmax = SOFTMAXES.register
+get_softmax = SOFTMAXES.lookup
 
 
 @register_softmax("exact")
