@@ -33,6 +33,15 @@ def code_version() -> str:
         return f"v{__version__}"
 
 
+def uncommitted_files() -> list[str]:
+    """Tracked files that differ from the commit in ``code_version`` (what '-dirty' means)."""
+    try:
+        out = subprocess.run(["git", "diff", "--name-only", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return []
+
+
 def machine(device: torch.device) -> str:
     """A one-line description of where the run happened."""
     if device.type == "cuda":

@@ -32,7 +32,7 @@ from .engine import (
 )
 from .losses import kd_terms, make_kd_step
 from .model import BertMRPC, build_model, resolve_model
-from .records import RESULTS_DIR, REPO_ROOT, code_version, command_line, machine, run_name, write_json
+from .records import RESULTS_DIR, REPO_ROOT, code_version, command_line, machine, run_name, uncommitted_files, write_json
 
 log = logging.getLogger(__name__)
 CHECKPOINT_DIR = REPO_ROOT / "checkpoints"  # git-ignored
@@ -84,7 +84,7 @@ def train(
     name = run_name(script, cfg.softmax, cfg.coeff, cfg.seed, name_suffix)
     out = Path(out) if out else CHECKPOINT_DIR / f"{name}.pt"
     results_dir = Path(results_dir)
-    version = code_version()
+    version, dirty = code_version(), uncommitted_files()
     meta = {"model": cfg.model, "seed": cfg.seed, "code_version": version, "script": script, **(extra or {})}
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     result = fit(
@@ -108,6 +108,7 @@ def train(
         "started": started,
         "device": machine(device),
         "code_version": version,
+        "uncommitted_files": dirty,
         "checkpoint": str(out),
         "test_predictions": test_predictions(best, data, tokenizer, device, cfg.eval_batch_size),
     }

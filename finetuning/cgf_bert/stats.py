@@ -18,9 +18,11 @@ def mean_std(xs: Iterable[float]) -> tuple[float, float]:
 
 
 def fmt_pm(xs: Iterable[float], scale: float = 100.0, digits: int = 2) -> str:
-    """'86.30 ± 0.52' in points (or '—' for no values)."""
+    """'86.30 ± 0.52' in points; one value has no spread to show, no values give '—'."""
     xs = list(xs)
     if not xs:
         return "—"
     m, s = mean_std(xs)
+    if len(xs) == 1:
+        return f"{m * scale:.{digits}f}"
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
