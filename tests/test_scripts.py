@@ -14,9 +14,9 @@ from conftest import write_mrpc
 FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
 
 
-def run(script, *args, check=True):
+def run(script, *args, check=True, timeout=600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    p = subprocess.run([sys.executable, script, *map(str, args)], cwd=FINETUNING, capture_output=True, text=True, env=env, timeout=600)
+    p = subprocess.run([sys.executable, script, *map(str, args)], cwd=FINETUNING, capture_output=True, text=True, env=env, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return p
