@@ -2,7 +2,7 @@
 a table and a PNG plot with error bars. Runs with an existing record are reused.
 
     cd finetuning
-    python -m experiments.coeff_sweep --coeffs 0.4 0.5 0.6 0.65 0.7 0.75 0.85 --seeds 42 7 123
+    python -m experiments.coeff_sweep --coeffs 0.4 0.5 0.6 0.65 0.7 0.75 0.85 --seeds 42 7 123 1234 2026
     python -m experiments.coeff_sweep --distill --beta 10 --coeffs 0.5 0.65
 """
 
@@ -12,7 +12,7 @@ import sys
 import time
 
 from cgf_bert.cli import add_config_args, config_from_args, run_main
-from cgf_bert.config import TEACHER_PATH, DistillConfig, TrainConfig
+from cgf_bert.config import SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
 from cgf_bert.records import RESULTS_DIR
 from cgf_bert.stats import fmt_pm
 from cgf_bert.sweeps import plot_accuracy_vs_coeff, run_or_reuse, save_experiment
@@ -23,7 +23,7 @@ def main():
     add_config_args(p, TrainConfig, skip=("softmax", "seed", "coeff"))
     add_config_args(p, DistillConfig)
     p.add_argument("--coeffs", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.85], help="coefficients (default: %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[42, 7, 123], help="seeds per coefficient (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds per coefficient (default: %(default)s)")
     p.add_argument("--distill", action="store_true", help="distill from the exact teacher instead of CE fine-tuning")
     p.add_argument("--teacher", default=TEACHER_PATH, help="teacher for --distill (default: %(default)s)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="train even where a matching record exists")

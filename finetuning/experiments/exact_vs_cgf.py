@@ -13,7 +13,7 @@ import dataclasses
 import time
 
 from cgf_bert.cli import add_config_args, config_from_args, run_main
-from cgf_bert.config import TEACHER_PATH, TrainConfig
+from cgf_bert.config import SEEDS, TEACHER_PATH, TrainConfig
 from cgf_bert.records import RESULTS_DIR
 from cgf_bert.sweeps import paired, plot_accuracy_vs_coeff, run_or_reuse, save_experiment, swap_at_eval
 
@@ -25,7 +25,7 @@ def main():
     p.add_argument("--swap-coeffs", type=float, nargs="*", default=[0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 1.0],
                    help="CGF coefficients for the swap at eval (default: %(default)s; none to skip)")
     p.add_argument("--paired", action="store_true", help="also run paired exact vs CGF (--coeff) fine-tunes")
-    p.add_argument("--seeds", type=int, nargs="+", default=[42, 7, 123, 1234, 2026], help="seeds for --paired (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds for --paired (default: %(default)s)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="train even where a matching record exists")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="run records and the experiment summary (default: %(default)s)")
     args = p.parse_args()
