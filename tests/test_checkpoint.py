@@ -1,7 +1,6 @@
 """One checkpoint format: atomic, self-describing, never executes pickled code."""
 
 import os
-import pickle
 
 import pytest
 import torch

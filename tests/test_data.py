@@ -6,7 +6,7 @@ import torch
 from cgf_bert import CgfBertError
 from cgf_bert.data import FEATURES, LengthGroupedSampler, default_data_dir, load_mrpc, load_tokenizer, make_loader, read_mrpc_tsv, tokenize
 
-from conftest import HEADER_LABELED, write_mrpc
+from conftest import HEADER_LABELED
 
 
 def test_fixture_folder_loads_with_glue_schema(tiny_mrpc):

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
 from datasets import DatasetDict
 
 from . import CgfBertError
