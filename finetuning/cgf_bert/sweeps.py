@@ -11,10 +11,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import read_checkpoint
+from .checkpoint import load_model
 from .config import DistillConfig, TrainConfig
 from .records import RESULTS_DIR, load_records, write_json
-from .runs import distill, finetune, prepare_data, score
+from .data import make_loader
+from .engine import evaluate, resolve_device
+from .runs import distill, finetune, prepare_data
 from .stats import mean_std
 
 log = logging.getLogger(__name__)
@@ -45,12 +47,15 @@ def run_or_reuse(cfg: TrainConfig, dcfg: DistillConfig | None = None, teacher: s
 
 def swap_at_eval(checkpoint: str | Path, coeffs: list[float], cfg: TrainConfig) -> list[dict[str, Any]]:
     """Score one checkpoint with the exact softmax and with CGF at each coefficient, no training."""
-    _, meta = read_checkpoint(checkpoint)
-    data = prepare_data(meta["model"], cfg.data_dir, cfg.max_length)
+    device = resolve_device(cfg.device)
+    model, meta = load_model(checkpoint)  # loaded once; only the softmax changes between rows
+    model.to(device)
+    tokenizer, data = prepare_data(meta["model"], cfg.data_dir, cfg.max_length)
+    loader = make_loader(data["validation"], tokenizer, cfg.eval_batch_size)
     rows = []
     for kind, c in [("exact", None)] + [("cgf", c) for c in coeffs]:
-        r = score(checkpoint, kind, c, cfg.data_dir, cfg.device, cfg.eval_batch_size, cfg.max_length, data=data)
-        rows.append({"softmax": kind, "coeff": c, **r["dev"]})
+        model.set_softmax(kind, meta["coeff"] if c is None else c)
+        rows.append({"softmax": kind, "coeff": c, **evaluate(model, loader, device)})
     return rows
 
 
