@@ -63,7 +63,11 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 def load_model(path: str | Path, softmax: str | None = None, coeff: float | None = None) -> tuple[BertMRPC, dict]:
     """Rebuild the model a checkpoint was trained as, with its softmax unless overridden."""
     state_dict, meta = read_checkpoint(path)
+    return model_from_checkpoint(state_dict, meta, path, softmax, coeff), meta
+
+
+def model_from_checkpoint(state_dict, meta: dict, source: str | Path, softmax: str | None = None, coeff: float | None = None) -> BertMRPC:
+    """Build the model from a checkpoint already read with ``read_checkpoint``."""
     model = build_model(meta["model"], meta["softmax"], meta["coeff"])
-    load_weights(model, state_dict, source=path)
-    model.set_softmax(softmax or meta["softmax"], meta["coeff"] if coeff is None else coeff)
-    return model, meta
+    load_weights(model, state_dict, source=source)
+    return model.set_softmax(softmax or meta["softmax"], meta["coeff"] if coeff is None else coeff)

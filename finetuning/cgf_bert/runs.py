@@ -15,7 +15,7 @@ from typing import Any, Iterator
 from datasets import DatasetDict
 
 from . import CgfBertError
-from .checkpoint import load_model, read_checkpoint
+from .checkpoint import load_model, model_from_checkpoint, read_checkpoint
 from .config import DistillConfig, TrainConfig
 from .data import load_mrpc, load_tokenizer, make_loader, tokenize
 from .engine import (
@@ -151,9 +151,8 @@ def record_score(result: dict[str, Any], results_dir: str | Path = RESULTS_DIR) 
     return write_json(Path(results_dir) / "validate" / f"{name}.json", rec)
 
 
-def read_teacher_meta(path: str | Path, model: str) -> dict:
-    """The metadata of an exact-softmax teacher of base ``model``; anything else is a clear error."""
-    _, meta = read_checkpoint(path)
+def check_teacher(meta: dict, path: str | Path, model: str) -> dict:
+    """``meta`` if it is an exact-softmax teacher of base ``model``; anything else is a clear error."""
     if meta["softmax"] != "exact":
         raise CgfBertError(f"teacher {path} uses the {meta['softmax']} softmax (c={meta['coeff']:g}); a teacher must be exact")
     if meta["model"] != model:
@@ -162,9 +161,10 @@ def read_teacher_meta(path: str | Path, model: str) -> dict:
 
 
 def load_teacher(path: str | Path, model: str) -> tuple[BertMRPC, dict]:
-    """An exact-softmax teacher of base ``model`` from ``path``; anything else is a clear error."""
-    read_teacher_meta(path, model)
-    return load_model(path)
+    """An exact-softmax teacher of base ``model`` from ``path``, the file read once."""
+    state_dict, meta = read_checkpoint(path)
+    check_teacher(meta, path, model)
+    return model_from_checkpoint(state_dict, meta, path), meta
 
 
 def ensure_teacher(path: str | Path, cfg: TrainConfig, results_dir: str | Path = RESULTS_DIR, data=None) -> tuple[BertMRPC, dict]:
@@ -207,7 +207,7 @@ def distill_seeds(cfg: TrainConfig, dcfg: DistillConfig, seeds: list[int], teach
                   out: str | Path | None = None, results_dir: str | Path = RESULTS_DIR) -> Iterator[dict[str, Any]]:
     """One student per seed, sharing the tokenized data and the teacher; yields records as they finish."""
     if Path(teacher_path).exists():
-        read_teacher_meta(teacher_path, cfg.model)  # a wrong teacher fails before any data work
+        check_teacher(read_checkpoint(teacher_path)[1], teacher_path, cfg.model)  # fail before any data work
     data = prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)
     for seed in seeds:
         yield distill(dataclasses.replace(cfg, seed=seed), dcfg, teacher_path, out, results_dir, data)
