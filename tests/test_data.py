@@ -72,8 +72,21 @@ def test_batches_are_padded_to_their_longest(tiny_bert, tiny_mrpc):
     assert max(lengths) <= 16
     batch = next(iter(make_loader(ds["train"], tok, batch_size=8)))
     assert batch["input_ids"].shape == (8, max(lengths[:8]))
-    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels", "idx"}
     assert (batch["attention_mask"].sum(1) == torch.tensor(lengths[:8])).all()
+
+
+def test_eval_splits_are_sorted_by_length_and_keep_their_rows(tiny_bert, tiny_mrpc):
+    tok = load_tokenizer(str(tiny_bert))
+    raw = load_mrpc(tiny_mrpc)
+    ds = tokenize(raw, tok)
+    assert ds["train"]["idx"] == raw["train"]["idx"]  # training order is the sampler's business
+    for split in ("validation", "test"):
+        lengths = ds[split]["length"]
+        assert lengths == sorted(lengths) and sorted(ds[split]["idx"]) == sorted(raw[split]["idx"])
+        by_idx = {i: (x, y) for i, x, y in zip(raw[split]["idx"], raw[split]["sentence1"], raw[split]["label"])}
+        for i, ids, y in zip(ds[split]["idx"], ds[split]["input_ids"], ds[split]["labels"]):
+            assert by_idx[i][1] == y and ids == tok(by_idx[i][0], raw[split]["sentence2"][raw[split]["idx"].index(i)])["input_ids"]
 
 
 def test_length_grouped_sampler_is_a_seeded_permutation():

@@ -12,7 +12,7 @@ from .records import RESULTS_DIR, load_records
 from .stats import fmt_pm, mean_std
 
 # Recipe fields that must equal TrainConfig's defaults for a run to enter the main table.
-RECIPE = ("model", "epochs", "lr", "batch_size", "weight_decay", "max_grad_norm", "freeze_embeddings", "max_length", "limit")
+RECIPE = ("model", "epochs", "lr", "batch_size", "weight_decay", "max_grad_norm", "freeze_embeddings", "max_length", "group_by_length", "limit")
 # BERT-base MRPC dev accuracy from the method's reference results (not measured here).
 REFERENCE_BERT_BASE = {
     "exact": 0.8630,
