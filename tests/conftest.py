@@ -22,6 +22,15 @@ def tiny_config(vocab_size: int = len(SPECIAL) + len(WORDS)) -> BertConfig:
     )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _checkpoints_in_tmp(tmp_path_factory):
+    """Runs without ``-o`` write checkpoints here, not into the repository's checkpoints/."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CGF_BERT_CHECKPOINT_DIR", str(tmp_path_factory.mktemp("checkpoints")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     """A folder with a random 2-layer BERT and its tokenizer, loadable by ``--model``."""

@@ -45,11 +45,11 @@ def test_exact_vs_cgf_swap_and_paired(tiny_bert, tiny_mrpc, tmp_path):
     assert "cgf c=0.5" in out
 
 
-def fake(name, script, softmax, coeff, seed, acc, beta=None, epochs=5):
+def fake(name, script, softmax, coeff, seed, acc, beta=None, epochs=5, grouped=True):
     rec = {
         "name": name, "_path": f"/r/{name}.json", "script": script, "command": f"{script}.py --seed {seed}", "seed": seed,
         "config": {"model": "minilm-l6", "softmax": softmax, "coeff": coeff, "epochs": epochs, "lr": 5e-5, "batch_size": 16,
-                   "weight_decay": 0.0, "max_grad_norm": 1.0, "freeze_embeddings": True, "max_length": 128, "limit": None},
+                   "weight_decay": 0.0, "max_grad_norm": 1.0, "freeze_embeddings": True, "max_length": 128, "group_by_length": grouped, "limit": None},
         "best": {"accuracy": acc, "f1": acc}, "best_epoch": 3, "wall_seconds": 600, "device": "cpu", "code_version": "abc",
     }
     if beta is not None:
@@ -62,6 +62,7 @@ def test_summary_tables_are_built_from_records():
         fake("a", "finetune", "exact", 0.5, 1, 0.80), fake("b", "finetune", "exact", 0.5, 2, 0.82),
         fake("c", "distill", "cgf", 0.5, 1, 0.79, beta=10), fake("d", "distill", "cgf", 0.5, 2, 0.80, beta=10),
         fake("e", "finetune", "cgf", 0.65, 1, 0.70, epochs=1),  # not the reference recipe: not in the results table
+        fake("f", "finetune", "cgf", 0.65, 2, 0.71, grouped=False),  # random batches: an older recipe, not in it either
     ]
     text = render("intro\n<!-- table:results -->\nold\n<!-- /table -->\nmid\n<!-- table:runs -->\n<!-- /table -->\nend", recs)
     assert text.startswith("intro\n") and "\nmid\n" in text and text.endswith("end") and "old" not in text
@@ -70,4 +71,13 @@ def test_summary_tables_are_built_from_records():
     assert "| cgf c=0.5 KD beta=10 (teacher init) | 1 2 | 79.50 ± 0.71 |" in results
     assert "-1.50 ± 0.71 (2)" in results  # paired: (-1, -2) points
     assert "c=0.65" not in results
-    assert text.count("`finetune.py --seed") == 3  # every run, reference recipe or not, in the runs table
+    assert text.count("`finetune.py --seed") == 4  # every run, reference recipe or not, in the runs table
+
+
+def test_benchmark_tables_show_the_newest_record():
+    old = {"_path": "/r/benchmarks/bench-20260101-000000.json", "device": "cpu", "code_version": "a", "command": "x",
+           "steps": [{"mode": "ce", "ms_per_step": 100.0}]}
+    new = {**old, "_path": "/r/benchmarks/bench-20260102-000000.json", "steps": [{"mode": "ce", "ms_per_step": 50.0}]}
+    text = render("<!-- table:bench_steps -->\n<!-- /table -->\n<!-- table:bench_attention -->\n<!-- /table -->", [new, old])
+    assert "bench-20260102-000000.json" in text and "| ce | 50 |" in text and "| ce | 100 |" not in text
+    assert "no benchmark record with an attention table" in text

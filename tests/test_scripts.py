@@ -117,11 +117,12 @@ def test_distill_trains_teacher_once_then_students_per_seed(tiny_bert, tiny_mrpc
     for r in students:
         assert r["config"]["softmax"] == "cgf" and r["distill"]["beta"] == 10
         assert set(r["epochs"][0]["train"]) == {"loss", "ce", "kd", "hidden_mse"}
+        assert r["distill"]["teacher_cached"] and Path(r["checkpoint"]).parent == Path(os.environ["CGF_BERT_CHECKPOINT_DIR"])
     mtime = teacher.stat().st_mtime
-    p = run("distill.py", *common, "--seeds", 3, "--beta", 0, "--init", "pretrained")
+    p = run("distill.py", *common, "--seeds", 3, "--beta", 0, "--init", "pretrained", "--no-cache-teacher")
     assert teacher.stat().st_mtime == mtime  # reused, not retrained
     rec = max((json.loads(x.read_text()) for x in (tmp_path / "r").glob("*distill*.json")), key=lambda r: r["name"])
-    assert set(rec["epochs"][0]["train"]) == {"loss", "ce", "kd"}
+    assert set(rec["epochs"][0]["train"]) == {"loss", "ce", "kd"} and not rec["distill"]["teacher_cached"]
 
 
 def test_distill_rejects_a_cgf_teacher(trained, tiny_bert, tiny_mrpc, tmp_path):

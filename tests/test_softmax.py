@@ -106,3 +106,28 @@ def test_registry_lists_valid_names_on_unknown():
     assert set(SOFTMAXES) >= {"exact", "cgf"}
     with pytest.raises(CgfBertError, match="exact.*cgf|cgf.*exact"):
         get_softmax("taylor")
+
+
+def plain_cgf(s, valid, c):
+    """The formula in plain autograd ops (what the fused backward must reproduce)."""
+    m = valid.to(s.dtype)
+    n = m.sum(-1, keepdim=True)
+    x = (s - (s * m).sum(-1, keepdim=True) / n) * m
+    var = (x * x).sum(-1, keepdim=True) / n
+    return torch.exp(x - c * var) * m / n
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_fused_cgf_gradient(masked):
+    """gradcheck in float64 (finite differences), and the same gradient as plain autograd."""
+    scores, valid = random_case(seed=4, K=6)
+    if not masked:
+        valid = torch.ones_like(valid)
+    s = scores.double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: cgf_softmax(t, valid if masked else None, 0.65), (s,))
+    g = torch.randn_like(s)
+    (ours,) = torch.autograd.grad(cgf_softmax(s, valid if masked else None, 0.65), s, g)
+    (ref,) = torch.autograd.grad(plain_cgf(s, valid, 0.65), s, g)
+    torch.testing.assert_close(ours, ref)
+    if masked:
+        assert (ours[~valid.expand_as(ours)] == 0).all()  # masked scores get no gradient

@@ -46,3 +46,4 @@ class DistillConfig:
     temperature: float = _f(2.0, "KD temperature T (the KL term is scaled by T^2)")
     beta: float = _f(10.0, "weight of the per-layer hidden-state MSE (0 turns it off)")
     init: str = _f("teacher", "student initialisation", choices=("pretrained", "teacher"))
+    cache_teacher: bool = _f(True, "compute the teacher's outputs on the training set once and reuse them each epoch (live teacher if they would not fit in memory)")

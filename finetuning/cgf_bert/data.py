@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import datasets
@@ -127,7 +128,9 @@ def tokenize(ds: DatasetDict, tokenizer: PreTrainedTokenizerBase, max_length: in
     datasets.disable_progress_bars()
     try:
         out = ds.map(encode, batched=True, remove_columns=["sentence1", "sentence2", "label"])
-        return DatasetDict({k: v.sort(["length", "idx"]) if k != "train" else v for k, v in out.items()})
+        with warnings.catch_warnings():  # pyarrow's deprecation of an option datasets passes for us
+            warnings.simplefilter("ignore", FutureWarning)
+            return DatasetDict({k: v.sort(["length", "idx"]) if k != "train" else v for k, v in out.items()})
     finally:
         if was_enabled:
             datasets.enable_progress_bars()

@@ -68,17 +68,30 @@ def kd_terms(alpha: float, beta: float) -> list[dict]:
     return terms
 
 
-def make_kd_step(teacher: nn.Module, terms: list[dict], temperature: float):
-    """A ``train_step`` for ``fit``: teacher in eval mode under no_grad, student trained."""
-    teacher.eval()
+def needs_hidden(terms: list[dict]) -> bool:
+    """Whether the objective compares hidden states (so they must be computed and kept)."""
+    return any(t["loss"] == "hidden_mse" for t in terms)
+
+
+def make_kd_step(teacher: nn.Module | None, terms: list[dict], temperature: float, cache=None):
+    """A ``train_step`` for ``fit``: the student is trained against the teacher's outputs.
+
+    With a ``TeacherCache`` the teacher's outputs are looked up by the batch's ``idx``;
+    otherwise ``teacher`` runs in eval mode under no_grad on each batch.
+    """
+    if cache is None:
+        teacher.eval()
     fns = [(t["loss"], get_loss(t["loss"]), t["weight"]) for t in terms]
-    need_hidden = any(name == "hidden_mse" for name, _, _ in fns)
+    need_hidden = needs_hidden(terms)
 
     def kd_step(model: nn.Module, batch):
-        with torch.no_grad():
-            t_out = teacher(**batch, hidden_states=need_hidden)
+        if cache is not None:
+            t_logits, t_hidden = cache.lookup(batch["idx"], batch["input_ids"].shape[1], batch["input_ids"].device)
+        else:
+            with torch.no_grad():
+                t_out = teacher(**batch, hidden_states=need_hidden)
+            t_logits, t_hidden = t_out if need_hidden else (t_out, None)
         s_out = model(**batch, hidden_states=need_hidden)
-        t_logits, t_hidden = t_out if need_hidden else (t_out, None)
         s_logits, s_hidden = s_out if need_hidden else (s_out, None)
         s = {"logits": s_logits, "hidden": s_hidden, "labels": batch["labels"], "mask": batch["attention_mask"], "temperature": temperature}
         t = {"logits": t_logits, "hidden": t_hidden}

@@ -47,10 +47,20 @@ def latest_per_seed(records: list[dict]) -> dict[int, dict]:
     return {r["seed"]: r for r in sorted(records, key=lambda r: r["name"])}
 
 
+def run_seconds(rec: dict) -> float:
+    """Training wall time plus, for distillation, computing the teacher's cached outputs."""
+    return rec["wall_seconds"] + ((rec.get("distill") or {}).get("teacher_cache_seconds") or 0.0)
+
+
+def training_records(records: list[dict]) -> list[dict]:
+    """Records of step-script runs (not validate, experiment or benchmark records)."""
+    return [r for r in records if "best" in r and "/benchmarks/" not in r.get("_path", "")]
+
+
 def results_table(records: list[dict]) -> str:
     """Markdown: per variant mean ± std over seeds, and paired difference to exact."""
     groups: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
+    for r in training_records(records):
         if is_reference_recipe(r):
             groups[variant(r)].append(r)
     exact = latest_per_seed(groups.get("exact", []))
@@ -65,7 +75,7 @@ def results_table(records: list[dict]) -> str:
         f1 = [runs[s]["best"]["f1"] for s in seeds]
         pairs = [runs[s]["best"]["accuracy"] - exact[s]["best"]["accuracy"] for s in seeds if s in exact]
         delta = "—" if name == "exact" or not pairs else f"{fmt_pm(pairs, digits=2)} ({len(pairs)})"
-        wall = mean_std(r["wall_seconds"] / 60 for r in runs.values())[0]
+        wall = mean_std(run_seconds(r) / 60 for r in runs.values())[0]
         ref = REFERENCE_BERT_BASE.get(name)
         lines.append(
             f"| {name} | {' '.join(map(str, seeds))} | {fmt_pm(acc)} | {fmt_pm(f1)} | {delta} | {wall:.1f} | "
@@ -80,7 +90,7 @@ def runs_table(records: list[dict]) -> str:
         "| record | command | seed | best epoch | dev acc | dev F1 | wall min | device | code |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(records, key=lambda r: r["name"]):
+    for r in sorted(training_records(records), key=lambda r: r["name"]):
         b = r["best"]
         lines.append(
             f"| `{Path(r['_path']).name}` | `{r['command']}` | {r['seed']} | {r['best_epoch']} | {b['accuracy']:.4f} | "
@@ -89,7 +99,40 @@ def runs_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"results": results_table, "runs": runs_table}
+# Columns of each benchmark's table (see ``python -m benchmarks``).
+BENCH_COLUMNS = {
+    "trainer": ["runner", "examples", "examples_per_s", "ours_vs_this"],
+    "attention": ["length", "variant", "fwd_ms", "fwd_bwd_ms", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa"],
+    "steps": ["mode", "ms_per_step", "examples_per_s", "step_vs_ce", "peak_memory_mb", "memory_vs_ce", "teacher_cache_seconds"],
+    "full": ["wall_minutes", "best_epoch", "dev_accuracy", "record"],
+}
+
+
+def markdown_table(rows: list[dict], cols: list[str]) -> str:
+    """A markdown table of ``rows`` (floats to 3 significant figures)."""
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows])
+
+
+def latest_benchmark(records: list[dict], name: str) -> dict | None:
+    """The newest benchmark record that has table ``name``."""
+    found = [r for r in records if r.get("_path", "").endswith(".json") and "/benchmarks/bench-" in r.get("_path", "") and name in r]
+    return max(found, key=lambda r: r["_path"]) if found else None
+
+
+def benchmark_table(name: str):
+    def render(records: list[dict]) -> str:
+        rec = latest_benchmark(records, name)
+        if rec is None:
+            return f"(no benchmark record with {'an' if name[0] in 'aeiou' else 'a'} {name} table yet)"
+        head = f"`{Path(rec['_path']).name}` — {rec['device']}, code {rec['code_version']}, `{rec['command']}`\n\n"
+        return head + markdown_table(rec[name], BENCH_COLUMNS[name])
+
+    return render
+
+
+TABLES = {"results": results_table, "runs": runs_table, **{f"bench_{n}": benchmark_table(n) for n in BENCH_COLUMNS}}
 
 
 def render(text: str, records: list[dict]) -> str:
@@ -103,7 +146,7 @@ def render(text: str, records: list[dict]) -> str:
 
 def rebuild(summary: str | Path, results_dir: str | Path = RESULTS_DIR) -> int:
     """Rewrite the tables in ``summary`` in place; returns the number of records used."""
-    records = [r for r in load_records(results_dir) if "best" in r]
+    records = load_records(results_dir)
     path = Path(summary)
     path.write_text(render(path.read_text(), records))
     return len(records)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,12 +30,18 @@ from .engine import (
     resolve_device,
     set_seed,
 )
-from .losses import kd_terms, make_kd_step
+from .losses import kd_terms, make_kd_step, needs_hidden
 from .model import BertMRPC, build_model, resolve_model
+from .teacher_cache import TeacherCache, maybe_build
 from .records import RESULTS_DIR, REPO_ROOT, code_version, command_line, machine, run_name, uncommitted_files, write_json
 
 log = logging.getLogger(__name__)
-CHECKPOINT_DIR = REPO_ROOT / "checkpoints"  # git-ignored
+CHECKPOINT_ENV = "CGF_BERT_CHECKPOINT_DIR"  # where checkpoints go when no -o is given
+
+
+def checkpoint_dir() -> Path:
+    """$CGF_BERT_CHECKPOINT_DIR, else ``checkpoints/`` in the repository (git-ignored)."""
+    return Path(os.environ.get(CHECKPOINT_ENV) or REPO_ROOT / "checkpoints")
 
 
 def prepare_data(model: str, data_dir: str | None, max_length: int, limit: int | None = None):
@@ -81,7 +88,7 @@ def train(
     optimizer, scheduler = build_optimizer(model, cfg.lr, cfg.epochs * len(train_loader), cfg.weight_decay)
 
     name = run_name(script, cfg.softmax, cfg.coeff, cfg.seed, name_suffix)
-    out = Path(out) if out else CHECKPOINT_DIR / f"{name}.pt"
+    out = Path(out) if out else checkpoint_dir() / f"{name}.pt"
     results_dir = Path(results_dir)
     version, dirty = code_version(), uncommitted_files()
     meta = {"model": cfg.model, "seed": cfg.seed, "code_version": version, "script": script, **(extra or {})}
@@ -185,29 +192,50 @@ def distill(
     out: str | Path | None = None,
     results_dir: str | Path = RESULTS_DIR,
     data=None,
+    teacher: tuple[BertMRPC, dict, TeacherCache | None] | None = None,
 ) -> dict[str, Any]:
-    """KD from the exact teacher at ``teacher_path`` into a CGF student (softmax/coeff in ``cfg``)."""
+    """KD from the exact teacher at ``teacher_path`` into a CGF student (softmax/coeff in ``cfg``).
+
+    ``teacher`` is ``(model, metadata, cache)`` from ``prepare_teacher`` when the caller
+    already has it (``distill_seeds`` shares one across seeds).
+    """
     data = data or prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)
-    teacher, tmeta = ensure_teacher(teacher_path, cfg, results_dir, data)
     device = resolve_device(cfg.device)
+    teacher_model, tmeta, cache = teacher or prepare_teacher(teacher_path, cfg, dcfg, results_dir, data)
     set_seed(cfg.seed)
     if dcfg.init == "teacher":
-        student = copy.deepcopy(teacher)
+        student = copy.deepcopy(teacher_model).requires_grad_(True)  # the teacher itself is frozen
     else:
         student = build_model(cfg.model)
     student.set_softmax(cfg.softmax, cfg.coeff)
-    teacher.to(device).requires_grad_(False)
     terms = kd_terms(dcfg.alpha, dcfg.beta)
-    step = make_kd_step(teacher, terms, dcfg.temperature)
-    extra = {**dataclasses.asdict(dcfg), "terms": terms, "teacher": str(teacher_path), "teacher_dev": tmeta.get("dev"), "teacher_seed": tmeta.get("seed")}
+    step = make_kd_step(teacher_model, terms, dcfg.temperature, cache)
+    extra = {
+        **dataclasses.asdict(dcfg), "terms": terms, "teacher": str(teacher_path), "teacher_dev": tmeta.get("dev"),
+        "teacher_seed": tmeta.get("seed"), "teacher_cached": cache is not None,
+        "teacher_cache_seconds": round(cache.seconds, 1) if cache else None,
+    }
     return train(cfg, student, step, script="distill", out=out, results_dir=results_dir, data=data, extra=extra, name_suffix=f"-b{dcfg.beta:g}-{dcfg.init}")
+
+
+def prepare_teacher(teacher_path: str | Path, cfg: TrainConfig, dcfg: DistillConfig, results_dir: str | Path, data) -> tuple[BertMRPC, dict, TeacherCache | None]:
+    """The frozen teacher on the run's device, its metadata, and its cached outputs if asked for."""
+    teacher, tmeta = ensure_teacher(teacher_path, cfg, results_dir, data)
+    device = resolve_device(cfg.device)
+    teacher.to(device).eval().requires_grad_(False)
+    cache = None
+    if dcfg.cache_teacher:
+        tokenizer, splits = data
+        cache = maybe_build(teacher, splits["train"], tokenizer, device, cfg.eval_batch_size, needs_hidden(kd_terms(dcfg.alpha, dcfg.beta)))
+    return teacher, tmeta, cache
 
 
 def distill_seeds(cfg: TrainConfig, dcfg: DistillConfig, seeds: list[int], teacher_path: str | Path,
                   out: str | Path | None = None, results_dir: str | Path = RESULTS_DIR) -> Iterator[dict[str, Any]]:
-    """One student per seed, sharing the tokenized data and the teacher; yields records as they finish."""
+    """One student per seed, sharing the tokenized data, the teacher and its cached outputs."""
     if Path(teacher_path).exists():
         check_teacher(read_checkpoint(teacher_path)[1], teacher_path, cfg.model)  # fail before any data work
     data = prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)
+    teacher = prepare_teacher(teacher_path, cfg, dcfg, results_dir, data)
     for seed in seeds:
-        yield distill(dataclasses.replace(cfg, seed=seed), dcfg, teacher_path, out, results_dir, data)
+        yield distill(dataclasses.replace(cfg, seed=seed), dcfg, teacher_path, out, results_dir, data, teacher)

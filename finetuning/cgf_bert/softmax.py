@@ -38,6 +38,40 @@ def exact_softmax(scores: torch.Tensor, valid: torch.Tensor | None, coeff: float
     return torch.softmax(scores, dim=-1)
 
 
+class _CgfSoftmax(torch.autograd.Function):
+    """``exp(x - c*var) * m / n`` with ``x = (s - mu) * m``, and its gradient written out.
+
+    With ``u = g * p`` (``g`` the incoming gradient) and ``S`` its row sum, the gradient is
+    ``ds = u - S * (m + 2c * x) / n``: a few elementwise passes, keeping only ``p`` and ``x``,
+    where autograd would keep and revisit about ten intermediates of the (B, H, Q, K) scores.
+    """
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, mask: torch.Tensor | None, coeff: float) -> torch.Tensor:
+        if mask is None:
+            n = s.new_full((), s.shape[-1])
+            x = s - s.mean(dim=-1, keepdim=True)
+        else:
+            n = mask.sum(dim=-1, keepdim=True)  # (B, 1, Q, 1) public lengths
+            # Zero masked scores before any exp so a huge masked score can't give inf * 0 = nan.
+            x = (s - (s * mask).sum(dim=-1, keepdim=True) / n) * mask
+        var = torch.linalg.vecdot(x, x).unsqueeze(-1) / n
+        p = torch.exp(x - coeff * var)
+        p = p.mul_(mask / n) if mask is not None else p.div_(n)
+        ctx.save_for_backward(p, x, mask, n)
+        ctx.coeff = coeff
+        return p
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        p, x, mask, n = ctx.saved_tensors
+        u = g * p
+        scale = u.sum(dim=-1, keepdim=True) / n  # S / n
+        shift = x * (2 * ctx.coeff)
+        shift = shift.add_(mask) if mask is not None else shift.add_(1.0)
+        return u.sub_(shift.mul_(scale)), None, None
+
+
 @register_softmax("cgf")
 def cgf_softmax(scores: torch.Tensor, valid: torch.Tensor | None, coeff: float = VARIANCE_COEFF) -> torch.Tensor:
     """CGF softmax: ``exp(s - mu - coeff*var) / n`` over the ``n`` valid keys, masked keys 0.
@@ -48,21 +82,9 @@ def cgf_softmax(scores: torch.Tensor, valid: torch.Tensor | None, coeff: float =
     """
     dtype = scores.dtype
     with torch.autocast(device_type=scores.device.type, enabled=False):
-        s = scores.float()  # (B, H, Q, K)
-        if valid is None:
-            n = s.new_full((), s.shape[-1])
-            centered = s - s.mean(dim=-1, keepdim=True)
-            var = centered.square().mean(dim=-1, keepdim=True)
-            probs = torch.exp(centered - coeff * var) / n
-        else:
-            mask = valid.to(s.dtype)  # (B, 1, Q, K), 1 for valid keys
-            n = mask.sum(dim=-1, keepdim=True)  # (B, 1, Q, 1) public lengths
-            # Zero masked scores before any exp so a huge masked score can't give inf * 0 = nan
-            # in the forward or the backward pass.
-            mu = (s * mask).sum(dim=-1, keepdim=True) / n
-            centered = (s - mu) * mask
-            var = centered.square().sum(dim=-1, keepdim=True) / n
-            probs = torch.exp(centered - coeff * var) * mask / n
+        s = scores if scores.dtype == torch.float64 else scores.float()
+        mask = None if valid is None else valid.to(s.dtype)  # (B, 1, Q, K), 1 for valid keys
+        probs = _CgfSoftmax.apply(s, mask, float(coeff))
     return probs.to(dtype)
 
 

@@ -1,0 +1,101 @@
+"""A distillation step vs a CE step: time per step and peak memory, each mode in its own process.
+
+Modes (all train a CGF c=0.5 student with ``fit``, on the same length-grouped batches):
+``ce`` (cross-entropy only), ``kd`` (teacher run live on each batch: CE + logit KD + beta=10
+hidden MSE), ``kd-cached`` (the same loss with the teacher's outputs computed once, as
+``distill.py`` does by default; the one-off cost of computing them is reported apart).
+Peak memory is the process's peak resident set (CPU) or peak allocated CUDA memory, and
+each mode runs in a fresh process so one mode's peak can't hide another's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cgf_bert.data import make_loader
+from cgf_bert.engine import build_optimizer, ce_step, fit, freeze_embeddings, resolve_device, set_seed
+from cgf_bert.losses import kd_terms, make_kd_step
+from cgf_bert.model import build_model
+from cgf_bert.runs import prepare_data
+from cgf_bert.teacher_cache import TeacherCache
+
+from .common import peak_rss_bytes, reset_peak_rss, rss_bytes
+from .trainer import StepClock
+
+MODES = ("ce", "kd", "kd-cached")
+
+
+def measure(mode: str, model: str, examples: int, batch_size: int, device: torch.device, data_dir: str | None = None) -> dict:
+    """Run one mode in this process; seconds per step, examples/s and memory."""
+    tokenizer, data = prepare_data(model, data_dir, 128)
+    train = data["train"].shuffle(seed=0).select(range(min(examples, len(data["train"]))))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_rss()
+    base = rss_bytes()
+    set_seed(42)
+    student = build_model(model, "cgf", 0.5)
+    freeze_embeddings(student)
+    cache_seconds = None
+    if mode == "ce":
+        step = ce_step
+    else:
+        teacher = build_model(model, "exact").to(device).eval().requires_grad_(False)
+        terms = kd_terms(0.5, 10.0)
+        cache = None
+        if mode == "kd-cached":
+            cache = TeacherCache.build(teacher, train, tokenizer, device, 128, with_hidden=True)
+            cache_seconds = cache.seconds
+        step = make_kd_step(teacher, terms, 2.0, cache)
+    loader = make_loader(train, tokenizer, batch_size, shuffle=True, seed=42, group_by_length=True)
+    opt, sched = build_optimizer(student, 5e-5, len(loader))
+    clock = StepClock()
+
+    def timed(m, batch):
+        clock.tick()
+        return step(m, batch)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fit(student, timed, loader, make_loader(train.select(range(batch_size)), tokenizer, batch_size), opt, sched,
+            epochs=1, device=device, checkpoint=f"{tmp}/s.pt", meta={})
+    eps = clock.examples_per_second(batch_size)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes() - base
+    return {"mode": mode, "examples_per_s": eps, "ms_per_step": 1e3 * batch_size / eps, "peak_memory_mb": peak / 2**20,
+            "memory_kind": "peak CUDA allocated" if device.type == "cuda" else "peak RSS above the process with data loaded",
+            "teacher_cache_seconds": cache_seconds}
+
+
+def run(model: str, device: torch.device, examples: int = 800, batch_size: int = 16, data_dir: str | None = None) -> list[dict]:
+    """Each mode in a fresh subprocess; ratios against the CE step."""
+    rows = []
+    for mode in MODES:
+        cmd = [sys.executable, "-m", "benchmarks.steps", "--mode", mode, "--model", model, "--examples", str(examples),
+               "--batch-size", str(batch_size), "--device", str(device)] + (["--data-dir", str(data_dir)] if data_dir else [])
+        p = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"benchmark step mode {mode} failed:\n{p.stderr[-2000:]}")
+        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    ce = rows[0]
+    for r in rows:
+        r["step_vs_ce"] = r["ms_per_step"] / ce["ms_per_step"]
+        r["memory_vs_ce"] = r["peak_memory_mb"] / ce["peak_memory_mb"]
+    return rows
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="one mode of the step benchmark (run by benchmarks/__main__)")
+    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--examples", type=int, default=800)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device")
+    p.add_argument("--data-dir")
+    a = p.parse_args()
+    print(json.dumps(measure(a.mode, a.model, a.examples, a.batch_size, resolve_device(a.device), a.data_dir)))

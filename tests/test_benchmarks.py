@@ -1,0 +1,34 @@
+"""The benchmark suite end to end on a tiny BERT and tiny MRPC (seconds): every table, ratios consistent."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
+
+
+def test_benchmarks_run_and_write_a_record(tiny_bert, tiny_mrpc, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    cmd = [sys.executable, "-m", "benchmarks", "--model", str(tiny_bert), "--data-dir", str(tiny_mrpc), "--lengths", "8", "16",
+           "--examples", "96", "--min-run-time", "0.01", "--results-dir", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=FINETUNING, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for heading in ("## trainer", "## attention", "## steps"):
+        assert heading in p.stdout
+    (path,) = tmp_path.glob("bench-*.json")
+    rec = json.loads(path.read_text())
+    assert rec["device"].startswith("cpu") and rec["code_version"]
+    assert [r["runner"].split(" (")[0] for r in rec["trainer"]] == ["fit", "fit", "HF Trainer", "HF Trainer"]
+    assert all(r["examples_per_s"] > 0 for r in rec["trainer"]) and rec["trainer"][0]["ours_vs_this"] == 1.0
+    assert {(r["length"], r["variant"]) for r in rec["attention"]} == {
+        (n, v) for n in (8, 16) for v in ("eager exact", "sdpa exact", "ours exact", "ours cgf")}
+    for r in rec["attention"]:
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
+        if r["variant"] == "sdpa exact":
+            assert r["fwd_vs_sdpa"] == r["fwd_bwd_vs_sdpa"] == 1.0
+    modes = {r["mode"]: r for r in rec["steps"]}
+    assert set(modes) == {"ce", "kd", "kd-cached"} and modes["ce"]["step_vs_ce"] == 1.0
+    assert modes["kd-cached"]["teacher_cache_seconds"] > 0 and modes["ce"]["teacher_cache_seconds"] is None
+    assert all(r["peak_memory_mb"] > 0 for r in rec["steps"])
