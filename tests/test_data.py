@@ -65,6 +65,17 @@ def test_real_mrpc_files_have_glue_sizes():
     assert ds["test"]["idx"] == list(range(1725))
 
 
+def test_real_mrpc_token_lengths():
+    """summary.md's length facts: with the embedded model's tokenizer no pair exceeds 104
+    tokens (so max_length 128 truncates nothing) and training pairs average about 53 tokens."""
+    from cgf_bert.model import resolve_model
+
+    ds = tokenize(load_mrpc(default_data_dir()), load_tokenizer(resolve_model("minilm-l6")))
+    lengths = [n for split in ds.values() for n in split["length"]]
+    assert max(lengths) == 104 and max(ds["train"]["length"]) == 103
+    assert 52 < sum(ds["train"]["length"]) / len(ds["train"]) < 54
+
+
 def test_batches_are_padded_to_their_longest(tiny_bert, tiny_mrpc):
     tok = load_tokenizer(str(tiny_bert))
     ds = tokenize(load_mrpc(tiny_mrpc), tok, max_length=16)

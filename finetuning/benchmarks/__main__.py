@@ -33,6 +33,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES), help="benchmarks to run (default: all three)")
     p.add_argument("--full", action="store_true", help="also time a full 5-epoch fine-tune (default recipe, seed 42)")
+    p.add_argument("--compile", action="store_true", help="steps: also time the CE step under torch.compile")
     p.add_argument("--model", default=DEFAULT_MODEL, help="base BERT (default: %(default)s)")
     p.add_argument("--data-dir", help="MRPC TSV folder (default as in the step scripts)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -50,7 +51,7 @@ def main():
     if "attention" in a.only:
         record["attention"] = attention.run(a.model, device, a.lengths, min_run_time=a.min_run_time)
     if "steps" in a.only:
-        record["steps"] = steps.run(a.model, device, a.examples // 2, data_dir=a.data_dir)
+        record["steps"] = steps.run(a.model, device, a.examples // 2, data_dir=a.data_dir, compiled=a.compile)
     if a.full:
         rec = finetune(TrainConfig(model=a.model, data_dir=a.data_dir, device=a.device), results_dir=a.results_dir)
         record["full"] = [{"wall_minutes": rec["wall_seconds"] / 60, "best_epoch": rec["best_epoch"],

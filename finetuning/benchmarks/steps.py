@@ -3,7 +3,9 @@
 Modes (all train a CGF c=0.5 student with ``fit``, on the same length-grouped batches):
 ``ce`` (cross-entropy only), ``kd`` (teacher run live on each batch: CE + logit KD + beta=10
 hidden MSE), ``kd-cached`` (the same loss with the teacher's outputs computed once, as
-``distill.py`` does by default; the one-off cost of computing them is reported apart).
+``distill.py`` does by default; the one-off cost of computing them is reported apart), and
+with ``--compile`` also ``ce-compiled`` (the CE step under ``torch.compile``; the timing
+skips the first steps, which wait for compilation).
 Peak memory is the process's peak resident set (CPU) or peak allocated CUDA memory, and
 each mode runs in a fresh process so one mode's peak can't hide another's.
 """
@@ -30,6 +32,7 @@ from .common import peak_rss_bytes, reset_peak_rss, rss_bytes
 from .trainer import StepClock
 
 MODES = ("ce", "kd", "kd-cached")
+COMPILED = "ce-compiled"  # the CE step with torch.compile (``python -m benchmarks --compile``)
 
 
 def measure(mode: str, model: str, examples: int, batch_size: int, device: torch.device, data_dir: str | None = None) -> dict:
@@ -44,8 +47,10 @@ def measure(mode: str, model: str, examples: int, batch_size: int, device: torch
     student = build_model(model, "cgf", 0.5)
     freeze_embeddings(student)
     cache_seconds = None
-    if mode == "ce":
+    if mode in ("ce", COMPILED):
         step = ce_step
+        if mode == COMPILED:
+            student.compile(dynamic=True)
     else:
         teacher = build_model(model, "exact").to(device).eval().requires_grad_(False)
         terms = kd_terms(0.5, 10.0)
@@ -72,10 +77,11 @@ def measure(mode: str, model: str, examples: int, batch_size: int, device: torch
             "teacher_cache_seconds": cache_seconds}
 
 
-def run(model: str, device: torch.device, examples: int = 800, batch_size: int = 16, data_dir: str | None = None) -> list[dict]:
+def run(model: str, device: torch.device, examples: int = 800, batch_size: int = 16, data_dir: str | None = None,
+        compiled: bool = False) -> list[dict]:
     """Each mode in a fresh subprocess; ratios against the CE step."""
     rows = []
-    for mode in MODES:
+    for mode in MODES + ((COMPILED,) if compiled else ()):
         cmd = [sys.executable, "-m", "benchmarks.steps", "--mode", mode, "--model", model, "--examples", str(examples),
                "--batch-size", str(batch_size), "--device", str(device)] + (["--data-dir", str(data_dir)] if data_dir else [])
         p = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
@@ -91,7 +97,7 @@ def run(model: str, device: torch.device, examples: int = 800, batch_size: int =
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="one mode of the step benchmark (run by benchmarks/__main__)")
-    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--mode", choices=MODES + (COMPILED,), required=True)
     p.add_argument("--model", required=True)
     p.add_argument("--examples", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=16)

@@ -32,6 +32,7 @@ class TrainConfig:
     freeze_embeddings: bool = _f(True, "keep the embedding layer frozen")
     max_length: int = _f(128, "maximum tokens per sentence pair (longer pairs are truncated)")
     group_by_length: bool = _f(True, "batch examples of similar length together (seeded; ~30 %% fewer tokens)")
+    compile: bool = _f(False, "torch.compile the model (inductor, dynamic shapes): optional; the first steps wait for compilation")
     seed: int = _f(42, "random seed for initialisation, dropout and shuffling")
     device: str | None = _f(None, "torch device; default cuda when available, else cpu")
     data_dir: str | None = _f(None, "folder of GLUE MRPC TSVs; default $CGF_BERT_DATA_DIR, ../shared/data/mrpc, then the hub")

@@ -50,7 +50,10 @@ def machine(device: torch.device) -> str:
 
 
 def command_line() -> str:
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    """The command as typed from ``finetuning/``: ``finetune.py ...`` or ``-m benchmarks ...``."""
+    prog = Path(sys.argv[0])
+    head = ["-m", prog.parent.name] if prog.name == "__main__.py" else [prog.name]
+    return shlex.join([*head, *sys.argv[1:]])
 
 
 def run_name(script: str, softmax: str, coeff: float, seed: int, extra: str = "") -> str:

@@ -83,6 +83,8 @@ def train(
     tokenizer, data = data or prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)
     if cfg.freeze_embeddings:
         freeze_embeddings(model)
+    if cfg.compile:
+        model.compile(dynamic=True)  # in place: parameter names, hence checkpoints, unchanged
     train_loader = make_loader(data["train"], tokenizer, cfg.batch_size, shuffle=True, seed=cfg.seed, group_by_length=cfg.group_by_length)
     eval_loader = make_loader(data["validation"], tokenizer, cfg.eval_batch_size)
     optimizer, scheduler = build_optimizer(model, cfg.lr, cfg.epochs * len(train_loader), cfg.weight_decay)
@@ -213,7 +215,7 @@ def distill(
     extra = {
         **dataclasses.asdict(dcfg), "terms": terms, "teacher": str(teacher_path), "teacher_dev": tmeta.get("dev"),
         "teacher_seed": tmeta.get("seed"), "teacher_cached": cache is not None,
-        "teacher_cache_seconds": round(cache.seconds, 1) if cache else None,
+        "teacher_cache_seconds": round(cache.seconds, 1) if cache else None, "teacher_cache_bytes": cache.nbytes if cache else None,
     }
     return train(cfg, student, step, script="distill", out=out, results_dir=results_dir, data=data, extra=extra, name_suffix=f"-b{dcfg.beta:g}-{dcfg.init}")
 
