@@ -16,20 +16,18 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from cgf_bert.data import make_loader
-from cgf_bert.engine import build_optimizer, ce_step, fit, freeze_embeddings, resolve_device, set_seed
+from cgf_bert.engine import ce_step, freeze_embeddings, resolve_device, set_seed
 from cgf_bert.losses import kd_terms, make_kd_step
 from cgf_bert.model import build_model
 from cgf_bert.runs import prepare_data
 from cgf_bert.teacher_cache import TeacherCache
 
 from .common import peak_rss_bytes, reset_peak_rss, rss_bytes
-from .trainer import StepClock
+from .trainer import timed_fit
 
 MODES = ("ce", "kd", "kd-cached")
 COMPILED = "ce-compiled"  # the CE step with torch.compile (``python -m benchmarks --compile``)
@@ -59,18 +57,7 @@ def measure(mode: str, model: str, examples: int, batch_size: int, device: torch
             cache = TeacherCache.build(teacher, train, tokenizer, device, 128, with_hidden=True)
             cache_seconds = cache.seconds
         step = make_kd_step(teacher, terms, 2.0, cache)
-    loader = make_loader(train, tokenizer, batch_size, shuffle=True, seed=42, group_by_length=True)
-    opt, sched = build_optimizer(student, 5e-5, len(loader))
-    clock = StepClock()
-
-    def timed(m, batch):
-        clock.tick()
-        return step(m, batch)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        fit(student, timed, loader, make_loader(train.select(range(batch_size)), tokenizer, batch_size), opt, sched,
-            epochs=1, device=device, checkpoint=f"{tmp}/s.pt", meta={})
-    eps = clock.examples_per_second(batch_size)
+    eps = timed_fit(student, step, train, tokenizer, device, batch_size, group_by_length=True)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes() - base
     return {"mode": mode, "examples_per_s": eps, "ms_per_step": 1e3 * batch_size / eps, "peak_memory_mb": peak / 2**20,
             "memory_kind": "peak CUDA allocated" if device.type == "cuda" else "peak RSS above the process with data loaded",

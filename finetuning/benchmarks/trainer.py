@@ -49,22 +49,27 @@ class _TrainerClock(TrainerCallback):
         self.clock.tick()
 
 
+def timed_fit(model, step, train, tokenizer, device: torch.device, batch_size: int, group_by_length: bool) -> float:
+    """One epoch of ``fit`` over ``train`` with ``step`` (reference optimiser); examples/s."""
+    loader = make_loader(train, tokenizer, batch_size, shuffle=True, seed=42, group_by_length=group_by_length)
+    opt, sched = build_optimizer(model, 5e-5, len(loader))
+    clock = StepClock()
+
+    def timed_step(m, batch):
+        clock.tick()
+        return step(m, batch)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dev = make_loader(train.select(range(batch_size)), tokenizer, batch_size)  # fit evaluates each epoch
+        fit(model, timed_step, loader, dev, opt, sched, epochs=1, device=device, checkpoint=f"{tmp}/b.pt", meta={})
+    return clock.examples_per_second(batch_size)
+
+
 def ours(model: str, train, tokenizer, device: torch.device, batch_size: int, group_by_length: bool) -> float:
     set_seed(42)
     m = build_model(model, "exact")
     freeze_embeddings(m)
-    loader = make_loader(train, tokenizer, batch_size, shuffle=True, seed=42, group_by_length=group_by_length)
-    opt, sched = build_optimizer(m, 5e-5, len(loader))
-    clock = StepClock()
-
-    def timed_step(model, batch):
-        clock.tick()
-        return ce_step(model, batch)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        dev = make_loader(train.select(range(batch_size)), tokenizer, batch_size)  # fit evaluates each epoch
-        fit(m, timed_step, loader, dev, opt, sched, epochs=1, device=device, checkpoint=f"{tmp}/b.pt", meta={})
-    return clock.examples_per_second(batch_size)
+    return timed_fit(m, ce_step, train, tokenizer, device, batch_size, group_by_length)
 
 
 def hf_trainer(model: str, train, tokenizer, device: torch.device, batch_size: int, group_by_length: bool) -> float:
