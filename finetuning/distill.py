@@ -6,7 +6,7 @@ Loss = (1 - alpha) CE + alpha T^2 KL(teacher_T || student_T) + beta * hidden-sta
 
     cd finetuning
     python distill.py --coeff 0.5 --beta 10 --seeds 42 7 123 1234 2026
-    python distill.py --beta 0 --init pretrained
+    python distill.py --beta 0 --init teacher
 """
 
 import argparse

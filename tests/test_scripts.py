@@ -108,21 +108,22 @@ def test_distill_trains_teacher_once_then_students_per_seed(tiny_bert, tiny_mrpc
     teacher = tmp_path / "teacher.pt"
     common = ["--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--batch-size", 8,
               "--teacher", teacher, "--results-dir", tmp_path / "r"]
-    p = run("distill.py", *common, "--seeds", 1, 2, "--beta", 10)
+    p = run("distill.py", *common, "--seeds", 1, 2, "--beta", 10, "--init", "teacher")
     assert teacher.is_file()  # trained and cached on first use
     assert "seed 1:" in p.stdout and "seed 2:" in p.stdout and "over 2 seed(s)" in p.stdout
     recs = [json.loads(x.read_text()) for x in (tmp_path / "r").glob("*.json")]
     students = [r for r in recs if r["script"] == "distill"]
     assert len(recs) == 3 and sorted(r["seed"] for r in students) == [1, 2]
     for r in students:
-        assert r["config"]["softmax"] == "cgf" and r["distill"]["beta"] == 10
+        assert r["config"]["softmax"] == "cgf" and r["distill"]["beta"] == 10 and r["distill"]["init"] == "teacher"
         assert set(r["epochs"][0]["train"]) == {"loss", "ce", "kd", "hidden_mse"}
         assert r["distill"]["teacher_cached"] and Path(r["checkpoint"]).parent == Path(os.environ["CGF_BERT_CHECKPOINT_DIR"])
     mtime = teacher.stat().st_mtime
-    p = run("distill.py", *common, "--seeds", 3, "--beta", 0, "--init", "pretrained", "--no-cache-teacher")
+    p = run("distill.py", *common, "--seeds", 3, "--beta", 0, "--no-cache-teacher")  # default init: pretrained
     assert teacher.stat().st_mtime == mtime  # reused, not retrained
     rec = max((json.loads(x.read_text()) for x in (tmp_path / "r").glob("*distill*.json")), key=lambda r: r["name"])
     assert set(rec["epochs"][0]["train"]) == {"loss", "ce", "kd"} and not rec["distill"]["teacher_cached"]
+    assert rec["distill"]["init"] == "pretrained"
 
 
 def test_distill_rejects_a_cgf_teacher(trained, tiny_bert, tiny_mrpc, tmp_path):
