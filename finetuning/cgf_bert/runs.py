@@ -202,7 +202,6 @@ def distill(
     already has it (``distill_seeds`` shares one across seeds).
     """
     data = data or prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)
-    device = resolve_device(cfg.device)
     teacher_model, tmeta, cache = teacher or prepare_teacher(teacher_path, cfg, dcfg, results_dir, data)
     set_seed(cfg.seed)
     if dcfg.init == "teacher":
@@ -220,9 +219,13 @@ def distill(
     return train(cfg, student, step, script="distill", out=out, results_dir=results_dir, data=data, extra=extra, name_suffix=f"-b{dcfg.beta:g}-{dcfg.init}")
 
 
-def prepare_teacher(teacher_path: str | Path, cfg: TrainConfig, dcfg: DistillConfig, results_dir: str | Path, data) -> tuple[BertMRPC, dict, TeacherCache | None]:
-    """The frozen teacher on the run's device, its metadata, and its cached outputs if asked for."""
-    teacher, tmeta = ensure_teacher(teacher_path, cfg, results_dir, data)
+def prepare_teacher(teacher_path: str | Path, cfg: TrainConfig, dcfg: DistillConfig, results_dir: str | Path, data,
+                    loaded: tuple[BertMRPC, dict] | None = None) -> tuple[BertMRPC, dict, TeacherCache | None]:
+    """The frozen teacher on the run's device, its metadata, and its cached outputs if asked for.
+
+    ``loaded`` is ``load_teacher``'s result when the caller has already read the checkpoint.
+    """
+    teacher, tmeta = loaded or ensure_teacher(teacher_path, cfg, results_dir, data)
     device = resolve_device(cfg.device)
     teacher.to(device).eval().requires_grad_(False)
     cache = None
@@ -235,9 +238,9 @@ def prepare_teacher(teacher_path: str | Path, cfg: TrainConfig, dcfg: DistillCon
 def distill_seeds(cfg: TrainConfig, dcfg: DistillConfig, seeds: list[int], teacher_path: str | Path,
                   out: str | Path | None = None, results_dir: str | Path = RESULTS_DIR) -> Iterator[dict[str, Any]]:
     """One student per seed, sharing the tokenized data, the teacher and its cached outputs."""
-    if Path(teacher_path).exists():
-        check_teacher(read_checkpoint(teacher_path)[1], teacher_path, cfg.model)  # fail before any data work
+    # An existing teacher is read (once) and checked before any data work, so a wrong one fails fast.
+    loaded = load_teacher(teacher_path, cfg.model) if Path(teacher_path).exists() else None
     data = prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)
-    teacher = prepare_teacher(teacher_path, cfg, dcfg, results_dir, data)
+    teacher = prepare_teacher(teacher_path, cfg, dcfg, results_dir, data, loaded)
     for seed in seeds:
         yield distill(dataclasses.replace(cfg, seed=seed), dcfg, teacher_path, out, results_dir, data, teacher)
