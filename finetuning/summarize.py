@@ -1,4 +1,4 @@
-"""Rebuild the tables in summary.md from the run records in results/.
+"""Rebuild the tables in summary.md, and the paired-difference plot, from the run records in results/.
 
     cd finetuning && python summarize.py
 """
@@ -15,8 +15,9 @@ def main():
     p.add_argument("--summary", default=str(REPO_ROOT / "summary.md"), help="markdown file with table markers (default: %(default)s)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="run records (default: %(default)s)")
     args = p.parse_args()
-    n = rebuild(args.summary, args.results_dir)
+    n, png = rebuild(args.summary, args.results_dir)
     print(f"rebuilt the tables in {args.summary} from {n} run records")
+    print(f"plot: {png}" if png else "no plot yet: no CGF row shares a seed with the exact row")
 
 
 if __name__ == "__main__":

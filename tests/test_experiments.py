@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 
-from cgf_bert.report import render
+from cgf_bert.report import paired_deltas, plot_paired_deltas, reference_groups, render
 
 FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
 
@@ -72,6 +72,23 @@ def test_summary_tables_are_built_from_records():
     assert "-1.50 ± 0.71 (2)" in results  # paired: (-1, -2) points
     assert "c=0.65" not in results
     assert text.count("`finetune.py --seed") == 4  # every run, reference recipe or not, in the runs table
+
+
+def test_paired_deltas_and_their_plot(tmp_path):
+    recs = [
+        fake("a", "finetune", "exact", 0.5, 1, 0.80), fake("b", "finetune", "exact", 0.5, 2, 0.82),
+        fake("c", "distill", "cgf", 0.5, 1, 0.79, beta=10), fake("d", "distill", "cgf", 0.5, 2, 0.80, beta=10),
+        fake("e", "distill", "cgf", 0.5, 2, 0.83, beta=10),  # newer run of seed 2 replaces "d"
+        fake("f", "finetune", "cgf", 0.5, 3, 0.75),  # seed 3 has no exact run: no pair
+    ]
+    deltas = paired_deltas(reference_groups(recs))
+    assert set(deltas) == {"cgf c=0.5 KD beta=10 (teacher init)", "cgf c=0.5 CE"}
+    kd = deltas["cgf c=0.5 KD beta=10 (teacher init)"]
+    assert kd.keys() == {1, 2} and abs(kd[1] + 0.01) < 1e-12 and abs(kd[2] - 0.01) < 1e-12
+    assert deltas["cgf c=0.5 CE"] == {}
+    png = plot_paired_deltas(recs, tmp_path / "p.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert plot_paired_deltas(recs[2:], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
 def test_benchmark_tables_show_the_newest_record():

@@ -57,24 +57,44 @@ def training_records(records: list[dict]) -> list[dict]:
     return [r for r in records if "best" in r and "/benchmarks/" not in r.get("_path", "")]
 
 
-def results_table(records: list[dict]) -> str:
-    """Markdown: per variant mean ± std over seeds, and paired difference to exact."""
+def reference_groups(records: list[dict]) -> dict[str, dict[int, dict]]:
+    """Variant -> seed -> newest record, over the step-script runs on the reference recipe."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in training_records(records):
         if is_reference_recipe(r):
             groups[variant(r)].append(r)
-    exact = latest_per_seed(groups.get("exact", []))
+    return {name: latest_per_seed(runs) for name, runs in groups.items()}
+
+
+def paired_deltas(groups: dict[str, dict[int, dict]]) -> dict[str, dict[int, float]]:
+    """Variant -> seed -> dev accuracy minus the exact run's of the same seed (seeds both have)."""
+    exact = groups.get("exact", {})
+    return {
+        name: {s: runs[s]["best"]["accuracy"] - exact[s]["best"]["accuracy"] for s in sorted(runs) if s in exact}
+        for name, runs in groups.items()
+        if name != "exact"
+    }
+
+
+def row_order(name: str) -> tuple:
+    return (name != "exact", name)
+
+
+def results_table(records: list[dict]) -> str:
+    """Markdown: per variant mean ± std over seeds, and paired difference to exact."""
+    groups = reference_groups(records)
+    deltas = paired_deltas(groups)
     lines = [
         "| variant | seeds | dev accuracy | dev F1 | paired Δ acc vs exact (n) | wall min / run | BERT-base reference acc |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name in sorted(groups, key=lambda n: (n != "exact", n)):
-        runs = latest_per_seed(groups[name])
+    for name in sorted(groups, key=row_order):
+        runs = groups[name]
         seeds = sorted(runs)
         acc = [runs[s]["best"]["accuracy"] for s in seeds]
         f1 = [runs[s]["best"]["f1"] for s in seeds]
-        pairs = [runs[s]["best"]["accuracy"] - exact[s]["best"]["accuracy"] for s in seeds if s in exact]
-        delta = "—" if name == "exact" or not pairs else f"{fmt_pm(pairs, digits=2)} ({len(pairs)})"
+        pairs = list(deltas.get(name, {}).values())
+        delta = "—" if not pairs else f"{fmt_pm(pairs, digits=2)} ({len(pairs)})"
         wall = mean_std(run_seconds(r) / 60 for r in runs.values())[0]
         ref = REFERENCE_BERT_BASE.get(name)
         lines.append(
@@ -82,6 +102,44 @@ def results_table(records: list[dict]) -> str:
             f"{'—' if ref is None else f'{ref * 100:.2f}'} |"
         )
     return "\n".join(lines)
+
+
+def plot_paired_deltas(records: list[dict], path: str | Path, target: float = -0.005) -> Path | None:
+    """PNG: each variant's per-seed paired difference to exact (dots, labelled by seed) and their mean.
+
+    A picture of the results table's Δ column that shows the spread the ± hides; None when no
+    variant has a seed in common with the exact row yet.
+    """
+    deltas = {n: d for n, d in paired_deltas(reference_groups(records)).items() if d}
+    if not deltas:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted(deltas, key=row_order, reverse=True)  # first row at the top
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(names) + 1.6))
+    for y, name in enumerate(names):
+        seeds, vals = zip(*deltas[name].items())
+        pts = [v * 100 for v in vals]
+        ax.scatter(pts, [y] * len(pts), color="tab:blue", alpha=0.6, zorder=3, label="one seed" if y == 0 else None)
+        for s, x in zip(seeds, pts):
+            ax.annotate(str(s), (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7, color="tab:blue")
+        ax.plot([sum(pts) / len(pts)], [y], marker="D", color="black", ms=7, ls="", zorder=4, label="mean" if y == 0 else None)
+    ax.axvline(0, color="gray", lw=1)
+    ax.axvline(target * 100, color="tab:red", ls="--", lw=1, label=f"target ({target * 100:+.1f} points)")
+    ax.set_yticks(range(len(names)), [f"{n} (n={len(deltas[n])})" for n in names])
+    ax.set_xlabel("dev accuracy minus the exact run of the same seed (points)")
+    ax.set_title("CGF vs exact softmax, paired by seed (MRPC dev)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def runs_table(records: list[dict]) -> str:
@@ -144,9 +202,10 @@ def render(text: str, records: list[dict]) -> str:
     return re.sub(r"<!-- table:(\w+) -->.*?<!-- /table -->", fill, text, flags=re.S)
 
 
-def rebuild(summary: str | Path, results_dir: str | Path = RESULTS_DIR) -> int:
-    """Rewrite the tables in ``summary`` in place; returns the number of records used."""
+def rebuild(summary: str | Path, results_dir: str | Path = RESULTS_DIR) -> tuple[int, Path | None]:
+    """Rewrite the tables in ``summary`` in place and redraw the paired-difference plot
+    (``results/paired_deltas.png``); returns the number of records used and the plot's path."""
     records = load_records(results_dir)
     path = Path(summary)
     path.write_text(render(path.read_text(), records))
-    return len(records)
+    return len(records), plot_paired_deltas(records, Path(results_dir) / "paired_deltas.png")
