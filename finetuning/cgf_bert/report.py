@@ -8,6 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .config import TrainConfig
+from .plots import pyplot, save
 from .records import RESULTS_DIR, load_records
 from .stats import fmt_pm, mean_std
 
@@ -113,11 +114,7 @@ def plot_paired_deltas(records: list[dict], path: str | Path, target: float = -0
     deltas = {n: d for n, d in paired_deltas(reference_groups(records)).items() if d}
     if not deltas:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = sorted(deltas, key=row_order, reverse=True)  # first row at the top
     fig, ax = plt.subplots(figsize=(9, 0.55 * len(names) + 1.6))
     for y, name in enumerate(names):
@@ -134,12 +131,7 @@ def plot_paired_deltas(records: list[dict], path: str | Path, target: float = -0
     ax.set_title("CGF vs exact softmax, paired by seed (MRPC dev)")
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def runs_table(records: list[dict]) -> str:

@@ -17,6 +17,7 @@ from .records import RESULTS_DIR, load_records, write_json
 from .data import make_loader
 from .engine import evaluate, resolve_device
 from .runs import distill, finetune, prepare_data
+from .plots import pyplot, save
 from .stats import mean_std
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,7 @@ def save_experiment(name: str, payload: dict, results_dir: str | Path = RESULTS_
 
 def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, title: str, hline: float | None = None) -> Path:
     """PNG of mean dev accuracy vs coefficient with std error bars (one point per coefficient)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cs = sorted(points)
     stats = [mean_std(points[c]) for c in cs]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -92,9 +89,4 @@ def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, t
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -1,0 +1,24 @@
+"""Matplotlib, imported lazily (only the plotting commands need it) with a file backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on CI or a headless server
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (folders made as needed) and free it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
+    return path
