@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 from cgf_bert.report import paired_deltas, plot_paired_deltas, reference_groups, render
+from cgf_bert.stats import fmt_pm, mean_std, t_interval
 
 FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
 
@@ -69,7 +70,7 @@ def test_summary_tables_are_built_from_records():
     results = text.split("<!-- table:results -->")[1].split("<!-- /table -->")[0]
     assert "| exact | 1 2 | 81.00 ± 1.41 |" in results
     assert "| cgf c=0.5 KD beta=10 (teacher init) | 1 2 | 79.50 ± 0.71 |" in results
-    assert "-1.50 ± 0.71 (2)" in results  # paired: (-1, -2) points
+    assert "-1.50 ± 0.71 (2) | [-7.85, +4.85] |" in results  # paired: (-1, -2) points; t(1 df) = 12.706
     assert "c=0.65" not in results
     assert text.count("`finetune.py --seed") == 4  # every run, reference recipe or not, in the runs table
 
@@ -98,3 +99,13 @@ def test_benchmark_tables_show_the_newest_record():
     text = render("<!-- table:bench_steps -->\n<!-- /table -->\n<!-- table:bench_attention -->\n<!-- /table -->", [new, old])
     assert "bench-20260102-000000.json" in text and "| ce | 50 |" in text and "| ce | 100 |" not in text
     assert "no benchmark record with an attention table" in text
+
+
+def test_seed_statistics():
+    assert mean_std([0.8]) == (0.8, 0.0)
+    m, s = mean_std([1, 2, 3, 4, 5])
+    assert m == 3 and abs(s - 1.5811388) < 1e-6
+    lo, hi = t_interval([1, 2, 3, 4, 5])  # 3 ± t(0.975, 4 df) * s / sqrt(5) = 3 ± 2.776 * 0.7071
+    assert abs(lo - 1.0368) < 1e-3 and abs(hi - 4.9632) < 1e-3
+    assert t_interval([0.5]) is None
+    assert fmt_pm([0.8, 0.82]) == "81.00 ± 1.41" and fmt_pm([]) == "—" and fmt_pm([0.8]) == "80.00"

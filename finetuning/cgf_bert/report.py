@@ -10,7 +10,7 @@ from pathlib import Path
 from .config import TrainConfig
 from .plots import pyplot, save
 from .records import RESULTS_DIR, load_records
-from .stats import fmt_pm, mean_std
+from .stats import fmt_pm, mean_std, t_interval
 
 # Recipe fields that must equal TrainConfig's defaults for a run to enter the main table.
 RECIPE = ("model", "epochs", "lr", "batch_size", "weight_decay", "max_grad_norm", "freeze_embeddings", "max_length", "group_by_length", "limit")
@@ -86,8 +86,8 @@ def results_table(records: list[dict]) -> str:
     groups = reference_groups(records)
     deltas = paired_deltas(groups)
     lines = [
-        "| variant | seeds | dev accuracy | dev F1 | paired Δ acc vs exact (n) | wall min / run | BERT-base reference acc |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | seeds | dev accuracy | dev F1 | paired Δ acc vs exact (n) | 95% CI of Δ | wall min / run | BERT-base reference acc |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in sorted(groups, key=row_order):
         runs = groups[name]
@@ -96,10 +96,12 @@ def results_table(records: list[dict]) -> str:
         f1 = [runs[s]["best"]["f1"] for s in seeds]
         pairs = list(deltas.get(name, {}).values())
         delta = "—" if not pairs else f"{fmt_pm(pairs, digits=2)} ({len(pairs)})"
+        ci = t_interval(pairs)
+        ci = "—" if ci is None else f"[{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]"
         wall = mean_std(run_seconds(r) / 60 for r in runs.values())[0]
         ref = REFERENCE_BERT_BASE.get(name)
         lines.append(
-            f"| {name} | {' '.join(map(str, seeds))} | {fmt_pm(acc)} | {fmt_pm(f1)} | {delta} | {wall:.1f} | "
+            f"| {name} | {' '.join(map(str, seeds))} | {fmt_pm(acc)} | {fmt_pm(f1)} | {delta} | {ci} | {wall:.1f} | "
             f"{'—' if ref is None else f'{ref * 100:.2f}'} |"
         )
     return "\n".join(lines)
