@@ -118,13 +118,14 @@ def plot_paired_deltas(records: list[dict], path: str | Path, target: float = -0
         return None
     plt = pyplot()
     names = sorted(deltas, key=row_order, reverse=True)  # first row at the top
-    fig, ax = plt.subplots(figsize=(9, 0.55 * len(names) + 1.6))
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(names) + 2.0))
     for y, name in enumerate(names):
         seeds, vals = zip(*deltas[name].items())
         pts = [v * 100 for v in vals]
         ax.scatter(pts, [y] * len(pts), color="tab:blue", alpha=0.6, zorder=3, label="one seed" if y == 0 else None)
-        for s, x in zip(seeds, pts):
-            ax.annotate(str(s), (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7, color="tab:blue")
+        # Seed labels cycle through four heights in x order, so that tied or close points stay legible.
+        for i, (x, s) in enumerate(sorted(zip(pts, seeds))):
+            ax.annotate(str(s), (x, y), textcoords="offset points", xytext=(0, (6, -13, 14, -21)[i % 4]), ha="center", fontsize=7, color="tab:blue")
         ax.plot([sum(pts) / len(pts)], [y], marker="D", color="black", ms=7, ls="", zorder=4, label="mean" if y == 0 else None)
     ax.axvline(0, color="gray", lw=1)
     ax.axvline(target * 100, color="tab:red", ls="--", lw=1, label=f"target ({target * 100:+.1f} points)")
@@ -132,7 +133,7 @@ def plot_paired_deltas(records: list[dict], path: str | Path, target: float = -0
     ax.set_xlabel("dev accuracy minus the exact run of the same seed (points)")
     ax.set_title("CGF vs exact softmax, paired by seed (MRPC dev)")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)
     return save(fig, path)
 
 
