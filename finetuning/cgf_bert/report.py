@@ -96,8 +96,8 @@ def results_table(records: list[dict]) -> str:
         f1 = [runs[s]["best"]["f1"] for s in seeds]
         pairs = list(deltas.get(name, {}).values())
         delta = "—" if not pairs else f"{fmt_pm(pairs, digits=2)} ({len(pairs)})"
-        ci = t_interval(pairs)
-        ci = "—" if ci is None else f"[{ci[0] * 100:+.2f}, {ci[1] * 100:+.2f}]"
+        interval = t_interval(pairs)
+        ci = "—" if interval is None else f"[{interval[0] * 100:+.2f}, {interval[1] * 100:+.2f}]"
         wall = mean_std(run_seconds(r) / 60 for r in runs.values())[0]
         ref = REFERENCE_BERT_BASE.get(name)
         lines.append(
@@ -126,7 +126,7 @@ def plot_paired_deltas(records: list[dict], path: str | Path, target: float = -0
         # Seed labels cycle through four heights in x order, so that tied or close points stay legible.
         for i, (x, s) in enumerate(sorted(zip(pts, seeds))):
             ax.annotate(str(s), (x, y), textcoords="offset points", xytext=(0, (6, -13, 14, -21)[i % 4]), ha="center", fontsize=7, color="tab:blue")
-        ax.plot([sum(pts) / len(pts)], [y], marker="D", color="black", ms=7, ls="", zorder=4, label="mean" if y == 0 else None)
+        ax.plot([mean_std(pts)[0]], [y], marker="D", color="black", ms=7, ls="", zorder=4, label="mean" if y == 0 else None)
     ax.axvline(0, color="gray", lw=1)
     ax.axvline(target * 100, color="tab:red", ls="--", lw=1, label=f"target ({target * 100:+.1f} points)")
     ax.set_yticks(range(len(names)), [f"{n} (n={len(deltas[n])})" for n in names])
