@@ -46,7 +46,7 @@ def test_exact_vs_cgf_swap_and_paired(tiny_bert, tiny_mrpc, tmp_path):
     assert "cgf c=0.5" in out
 
 
-def fake(name, script, softmax, coeff, seed, acc, beta=None, epochs=5, grouped=True):
+def fake(name, script, softmax, coeff, seed, acc, beta=None, epochs=5, grouped=True, init="teacher"):
     rec = {
         "name": name, "_path": f"/r/{name}.json", "script": script, "command": f"{script}.py --seed {seed}", "seed": seed,
         "config": {"model": "minilm-l6", "softmax": softmax, "coeff": coeff, "epochs": epochs, "lr": 5e-5, "batch_size": 16,
@@ -54,7 +54,7 @@ def fake(name, script, softmax, coeff, seed, acc, beta=None, epochs=5, grouped=T
         "best": {"accuracy": acc, "f1": acc}, "best_epoch": 3, "wall_seconds": 600, "device": "cpu", "code_version": "abc",
     }
     if beta is not None:
-        rec["distill"] = {"beta": beta, "init": "teacher"}
+        rec["distill"] = {"beta": beta, "init": init}
     return rec
 
 
@@ -90,6 +90,20 @@ def test_paired_deltas_and_their_plot(tmp_path):
     png = plot_paired_deltas(recs, tmp_path / "p.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert plot_paired_deltas(recs[2:], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_contrasts_pair_rows_by_seed():
+    recs = [
+        fake("a", "finetune", "cgf", 0.5, 1, 0.78), fake("b", "finetune", "cgf", 0.5, 2, 0.79),
+        fake("c", "distill", "cgf", 0.5, 1, 0.80, beta=10, init="pretrained"),
+        fake("d", "distill", "cgf", 0.5, 2, 0.78, beta=10, init="pretrained"),
+        fake("e", "distill", "cgf", 0.5, 3, 0.81, beta=10, init="pretrained"),  # no CE run of seed 3: no pair
+    ]
+    text = render("<!-- table:contrasts -->\n<!-- /table -->", recs)
+    row = next(line for line in text.splitlines() if line.startswith("| KD over plain CE, c=0.5 |"))
+    # per seed +2 and -1 points: mean 0.50, std 2.12; t(1 df) 12.706 * 2.1213 / sqrt(2) = 19.06
+    assert row.endswith("| 1 2 | 0.50 ± 2.12 | [-18.56, +19.56] | 1 of 2 |"), row
+    assert "| c=0.65 over c=0.5, CE | cgf c=0.65 CE − cgf c=0.5 CE | — | — | — | — |" in text  # no c=0.65 runs yet
 
 
 def test_benchmark_tables_show_the_newest_record():

@@ -67,14 +67,45 @@ def reference_groups(records: list[dict]) -> dict[str, dict[int, dict]]:
     return {name: latest_per_seed(runs) for name, runs in groups.items()}
 
 
+def paired_diff(a: dict[int, dict], b: dict[int, dict]) -> dict[int, float]:
+    """Seed -> dev accuracy of ``a`` minus that of ``b``, over the seeds both have."""
+    return {s: a[s]["best"]["accuracy"] - b[s]["best"]["accuracy"] for s in sorted(a) if s in b}
+
+
 def paired_deltas(groups: dict[str, dict[int, dict]]) -> dict[str, dict[int, float]]:
     """Variant -> seed -> dev accuracy minus the exact run's of the same seed (seeds both have)."""
     exact = groups.get("exact", {})
-    return {
-        name: {s: runs[s]["best"]["accuracy"] - exact[s]["best"]["accuracy"] for s in sorted(runs) if s in exact}
-        for name, runs in groups.items()
-        if name != "exact"
-    }
+    return {name: paired_diff(runs, exact) for name, runs in groups.items() if name != "exact"}
+
+
+# Paired comparisons between CGF rows that the findings turn on: (question, row A, row B), read as A - B.
+CONTRASTS = (
+    ("KD over plain CE, c=0.5", "cgf c=0.5 KD beta=10 (pretrained init)", "cgf c=0.5 CE"),
+    ("hidden-state term, pretrained init", "cgf c=0.5 KD beta=10 (pretrained init)", "cgf c=0.5 KD beta=0 (pretrained init)"),
+    ("hidden-state term, teacher init", "cgf c=0.5 KD beta=10 (teacher init)", "cgf c=0.5 KD beta=0 (teacher init)"),
+    ("pretrained over teacher init, beta=10", "cgf c=0.5 KD beta=10 (pretrained init)", "cgf c=0.5 KD beta=10 (teacher init)"),
+    ("pretrained over teacher init, beta=0", "cgf c=0.5 KD beta=0 (pretrained init)", "cgf c=0.5 KD beta=0 (teacher init)"),
+    ("c=0.65 over c=0.5, CE", "cgf c=0.65 CE", "cgf c=0.5 CE"),
+)
+
+
+def contrasts_table(records: list[dict]) -> str:
+    """Markdown: for each pair of rows in ``CONTRASTS``, the per-seed difference A - B over common seeds."""
+    groups = reference_groups(records)
+    lines = [
+        "| question | A − B | seeds | Δ acc (points) | 95% CI of Δ | seeds where A > B |",
+        "|---|---|---|---|---|---|",
+    ]
+    for question, a, b in CONTRASTS:
+        diffs = paired_diff(groups.get(a, {}), groups.get(b, {}))
+        vals = list(diffs.values())
+        interval = t_interval(vals)
+        ci = "—" if interval is None else f"[{interval[0] * 100:+.2f}, {interval[1] * 100:+.2f}]"
+        wins = f"{sum(v > 0 for v in vals)} of {len(vals)}" if vals else "—"
+        lines.append(
+            f"| {question} | {a} − {b} | {' '.join(map(str, diffs)) or '—'} | {fmt_pm(vals)} | {ci} | {wins} |"
+        )
+    return "\n".join(lines)
 
 
 def row_order(name: str) -> tuple:
@@ -185,7 +216,7 @@ def benchmark_table(name: str):
     return render
 
 
-TABLES = {"results": results_table, "runs": runs_table, **{f"bench_{n}": benchmark_table(n) for n in BENCH_COLUMNS}}
+TABLES = {"results": results_table, "contrasts": contrasts_table, "runs": runs_table, **{f"bench_{n}": benchmark_table(n) for n in BENCH_COLUMNS}}
 
 
 def render(text: str, records: list[dict]) -> str:
