@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import write_mrpc
 
@@ -42,6 +43,9 @@ def test_finetune_writes_checkpoint_and_record(trained, tiny_mrpc):
     assert sorted(map(int, rec["test_predictions"])) == list(range(10))
     assert set(rec["test_predictions"].values()) <= {0, 1}
     assert rec["command"].startswith("finetune.py") and rec["wall_seconds"] > 0 and rec["code_version"]
+    # where it ran, down to what changes float results: the CPU's vector ISA and the thread count
+    assert rec["device"].startswith("cpu: ") and f"({torch.backends.cpu.get_cpu_capability()})" in rec["device"]
+    assert rec["device"].endswith(f"{torch.get_num_threads()} threads")
     assert len((results / f"{rec['name']}.metrics.jsonl").read_text().splitlines()) == 2
 
 

@@ -42,11 +42,25 @@ def uncommitted_files() -> list[str]:
         return []
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine(device: torch.device) -> str:
-    """A one-line description of where the run happened."""
+    """A one-line description of where the run happened.
+
+    The CPU's model and vector ISA are named because they change float results: the same
+    seed on an AVX2 and an AVX-512 machine drifts apart like a different thread count.
+    """
     if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        return f"cuda: {torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"cpu: {cpu_model()} ({isa}), {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def command_line() -> str:
