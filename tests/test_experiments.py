@@ -28,8 +28,17 @@ def test_coeff_sweep_trains_once_then_reuses_records(tiny_bert, tiny_mrpc, tmp_p
     assert len(list(tmp_path.glob("*.json"))) == 2
     (png,) = tmp_path.glob("experiments/coeff_sweep-*.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
-    module("experiments.coeff_sweep", *args)
-    assert len(list(tmp_path.glob("*.json"))) == 2  # nothing retrained
+    assert "no exact run on every seed" in out
+    # with an exact run of the same seed on record, the sweep draws it as the line to reach (and trains nothing)
+    subprocess.run([sys.executable, "finetune.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", "1", "--batch-size", "8",
+                    "--seed", "1", "--results-dir", tmp_path], cwd=FINETUNING, check=True, capture_output=True,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    (exact,) = [json.loads(p.read_text()) for p in tmp_path.glob("*-finetune-exact-s1.json")]
+    out = module("experiments.coeff_sweep", *args)
+    assert len(list(tmp_path.glob("*.json"))) == 3  # nothing retrained
+    summary = json.loads(sorted(tmp_path.glob("experiments/coeff_sweep-*.json"))[-1].read_text())
+    assert summary["exact_accuracy"] == [exact["best"]["accuracy"]] and summary["exact_records"] == [exact["name"]]
+    assert f"exact {exact['best']['accuracy'] * 100:.2f}" in out
 
 
 def test_exact_vs_cgf_swap_and_paired(tiny_bert, tiny_mrpc, tmp_path):

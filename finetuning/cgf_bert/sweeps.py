@@ -33,14 +33,18 @@ def _same_run(rec: dict, cfg: TrainConfig, dcfg: DistillConfig | None) -> bool:
     return dcfg is None or all(rec["distill"].get(k) == v for k, v in dataclasses.asdict(dcfg).items())
 
 
+def find_record(cfg: TrainConfig, dcfg: DistillConfig | None = None, results_dir: str | Path = RESULTS_DIR) -> dict[str, Any] | None:
+    """The newest record of this exact run (recipe, variant and seed), or None."""
+    found = [r for r in load_records(results_dir) if "config" in r and _same_run(r, cfg, dcfg)]
+    return found[-1] if found else None
+
+
 def run_or_reuse(cfg: TrainConfig, dcfg: DistillConfig | None = None, teacher: str | None = None,
                  results_dir: str | Path = RESULTS_DIR, reuse: bool = True) -> dict[str, Any]:
     """The record of a fine-tune (or distillation with ``dcfg``), training only if none exists."""
-    if reuse:
-        found = [r for r in load_records(results_dir) if "config" in r and _same_run(r, cfg, dcfg)]
-        if found:
-            log.warning("reusing %s", Path(found[-1]["_path"]).name)
-            return found[-1]
+    if reuse and (rec := find_record(cfg, dcfg, results_dir)):
+        log.warning("reusing %s", Path(rec["_path"]).name)
+        return rec
     if dcfg:
         return distill(cfg, dcfg, teacher, results_dir=results_dir)
     return finetune(cfg, results_dir=results_dir)
@@ -75,7 +79,8 @@ def save_experiment(name: str, payload: dict, results_dir: str | Path = RESULTS_
     return write_json(Path(results_dir) / "experiments" / f"{name}.json", payload)
 
 
-def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, title: str, hline: float | None = None) -> Path:
+def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, title: str, hline: float | None = None,
+                           hline_label: str = "exact softmax") -> Path:
     """PNG of mean dev accuracy vs coefficient with std error bars (one point per coefficient)."""
     plt = pyplot()
     cs = sorted(points)
@@ -83,7 +88,7 @@ def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, t
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(cs, [m * 100 for m, _ in stats], yerr=[s * 100 for _, s in stats], marker="o", capsize=4, label="CGF")
     if hline is not None:
-        ax.axhline(hline * 100, color="gray", ls="--", label="exact softmax")
+        ax.axhline(hline * 100, color="gray", ls="--", label=hline_label)
     ax.set_xlabel("CGF variance coefficient c")
     ax.set_ylabel("MRPC dev accuracy (%)")
     ax.set_title(title)

@@ -14,8 +14,8 @@ import time
 from cgf_bert.cli import add_config_args, config_from_args, run_main
 from cgf_bert.config import SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
 from cgf_bert.records import RESULTS_DIR
-from cgf_bert.stats import fmt_pm
-from cgf_bert.sweeps import plot_accuracy_vs_coeff, run_or_reuse, save_experiment
+from cgf_bert.stats import fmt_pm, mean_std
+from cgf_bert.sweeps import find_record, plot_accuracy_vs_coeff, run_or_reuse, save_experiment
 
 
 def main():
@@ -38,14 +38,20 @@ def main():
             rec = run_or_reuse(dataclasses.replace(cfg, coeff=c, seed=seed), dcfg, args.teacher, args.results_dir, args.reuse)
             acc.setdefault(c, []).append(rec["best"]["accuracy"])
             names.setdefault(c, []).append(rec["name"])
+    # The exact softmax on the same seeds is the line to reach; drawn only when every seed has a run (never trained here).
+    exact = [find_record(dataclasses.replace(cfg, softmax="exact", seed=s), None, args.results_dir) for s in args.seeds]
+    exact_acc = [r["best"]["accuracy"] for r in exact] if all(exact) else None
     method = f"KD beta={dcfg.beta:g}" if dcfg else "CE"
     print(f"CGF {method}, dev accuracy over seeds {args.seeds} (points, mean ± std):")
     for c in args.coeffs:
         print(f"  c={c:<5g} {fmt_pm(acc[c])}")
+    print(f"  exact {fmt_pm(exact_acc) if exact_acc else '(no exact run on every seed: no line drawn)'}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    png = plot_accuracy_vs_coeff(acc, f"{args.results_dir}/experiments/coeff_sweep-{stamp}.png", f"CGF {method}: dev accuracy vs c")
+    png = plot_accuracy_vs_coeff(acc, f"{args.results_dir}/experiments/coeff_sweep-{stamp}.png", f"CGF {method}: dev accuracy vs c",
+                                 hline=mean_std(exact_acc)[0] if exact_acc else None, hline_label="exact softmax, same seeds")
     out = {"command": " ".join(["python -m experiments.coeff_sweep", *sys.argv[1:]]), "method": method, "seeds": args.seeds,
-           "accuracy": {str(c): v for c, v in acc.items()}, "records": {str(c): v for c, v in names.items()}, "plot": str(png)}
+           "accuracy": {str(c): v for c, v in acc.items()}, "records": {str(c): v for c, v in names.items()},
+           "exact_accuracy": exact_acc, "exact_records": [r["name"] for r in exact] if exact_acc else None, "plot": str(png)}
     print(f"plot: {png}\nsaved {save_experiment(f'coeff_sweep-{stamp}', out, args.results_dir)}")
 
 
