@@ -81,6 +81,7 @@ def paired_deltas(groups: dict[str, dict[int, dict]]) -> dict[str, dict[int, flo
 # Paired comparisons between CGF rows that the findings turn on: (question, row A, row B), read as A - B.
 CONTRASTS = (
     ("KD over plain CE, c=0.5", "cgf c=0.5 KD beta=10 (pretrained init)", "cgf c=0.5 CE"),
+    ("logit KD alone over plain CE, c=0.5", "cgf c=0.5 KD beta=0 (pretrained init)", "cgf c=0.5 CE"),
     ("hidden-state term, pretrained init", "cgf c=0.5 KD beta=10 (pretrained init)", "cgf c=0.5 KD beta=0 (pretrained init)"),
     ("hidden-state term, teacher init", "cgf c=0.5 KD beta=10 (teacher init)", "cgf c=0.5 KD beta=0 (teacher init)"),
     ("pretrained over teacher init, beta=10", "cgf c=0.5 KD beta=10 (pretrained init)", "cgf c=0.5 KD beta=10 (teacher init)"),
