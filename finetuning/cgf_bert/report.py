@@ -101,8 +101,7 @@ def contrasts_table(records: list[dict]) -> str:
     for question, a, b in CONTRASTS:
         diffs = paired_diff(groups.get(a, {}), groups.get(b, {}))
         vals = list(diffs.values())
-        interval = t_interval(vals)
-        ci = "—" if interval is None else f"[{interval[0] * 100:+.2f}, {interval[1] * 100:+.2f}]"
+        ci = fmt_interval(vals)
         wins = f"{sum(v > 0 for v in vals)} of {len(vals)}" if vals else "—"
         lines.append(
             f"| {question} | {a} − {b} | {' '.join(map(str, diffs)) or '—'} | {fmt_pm(vals)} | {ci} | {wins} |"
@@ -112,6 +111,12 @@ def contrasts_table(records: list[dict]) -> str:
 
 def row_order(name: str) -> tuple:
     return (name != "exact", name)
+
+
+def fmt_interval(diffs: list[float]) -> str:
+    """'[-2.07, +0.80]': the 95% t interval of the mean difference in points; '—' below two seeds."""
+    interval = t_interval(diffs)
+    return "—" if interval is None else f"[{interval[0] * 100:+.2f}, {interval[1] * 100:+.2f}]"
 
 
 def results_table(records: list[dict]) -> str:
@@ -129,8 +134,7 @@ def results_table(records: list[dict]) -> str:
         f1 = [runs[s]["best"]["f1"] for s in seeds]
         pairs = list(deltas.get(name, {}).values())
         delta = "—" if not pairs else f"{fmt_pm(pairs, digits=2)} ({len(pairs)})"
-        interval = t_interval(pairs)
-        ci = "—" if interval is None else f"[{interval[0] * 100:+.2f}, {interval[1] * 100:+.2f}]"
+        ci = fmt_interval(pairs)
         wall = mean_std(run_seconds(r) / 60 for r in runs.values())[0]
         ref = REFERENCE_BERT_BASE.get(name)
         lines.append(
