@@ -1,5 +1,6 @@
 """Experiment modules and the summary builder, end to end on the tiny model."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,8 +8,11 @@ import sys
 from pathlib import Path
 
 
+from cgf_bert.config import DistillConfig, TrainConfig
+from cgf_bert.records import write_json
 from cgf_bert.report import paired_deltas, plot_paired_deltas, reference_groups, render
 from cgf_bert.stats import fmt_pm, mean_std, t_interval
+from cgf_bert.sweeps import find_record
 
 FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
 
@@ -39,6 +43,18 @@ def test_coeff_sweep_trains_once_then_reuses_records(tiny_bert, tiny_mrpc, tmp_p
     summary = json.loads(sorted(tmp_path.glob("experiments/coeff_sweep-*.json"))[-1].read_text())
     assert summary["exact_accuracy"] == [exact["best"]["accuracy"]] and summary["exact_records"] == [exact["name"]]
     assert f"exact {exact['best']['accuracy'] * 100:.2f}" in out
+
+
+def test_records_that_predate_a_setting_are_found_with_its_default(tmp_path):
+    cfg, dcfg = TrainConfig(softmax="cgf", coeff=0.5, seed=42), DistillConfig()
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "compile"}  # made before --compile existed
+    old_kd = {k: v for k, v in dataclasses.asdict(dcfg).items() if k != "cache_teacher"}
+    write_json(tmp_path / "a-finetune.json", {"name": "a", "script": "finetune", "config": old, "best": {}})
+    write_json(tmp_path / "b-distill.json", {"name": "b", "script": "distill", "config": old, "distill": old_kd, "best": {}})
+    assert find_record(cfg, None, tmp_path)["name"] == "a"
+    assert find_record(cfg, dcfg, tmp_path)["name"] == "b"
+    assert find_record(dataclasses.replace(cfg, compile=True), None, tmp_path) is None  # a default is not a wildcard
+    assert find_record(cfg, dataclasses.replace(dcfg, cache_teacher=False), tmp_path) is None
 
 
 def test_exact_vs_cgf_swap_and_paired(tiny_bert, tiny_mrpc, tmp_path):

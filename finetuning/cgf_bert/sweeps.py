@@ -23,14 +23,24 @@ from .stats import mean_std
 log = logging.getLogger(__name__)
 
 
+def _recorded(values: dict, cls) -> dict:
+    """A record's ``cls`` settings; a field the record predates takes its default.
+
+    A field is added with the default that keeps the old behaviour (``compile`` came after
+    the first runs, off by default), so an older record ran with that default.
+    """
+    return {f.name: values.get(f.name, f.default) for f in dataclasses.fields(cls)}
+
+
 def _same_run(rec: dict, cfg: TrainConfig, dcfg: DistillConfig | None) -> bool:
     want = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "data_dir")}
-    got = {k: rec["config"].get(k) for k in want}
+    recorded = _recorded(rec["config"], TrainConfig)
+    got = {k: recorded[k] for k in want}
     if cfg.softmax == "exact":
         got["coeff"] = want["coeff"]  # the coefficient means nothing for the exact softmax
     if got != want or rec["script"] != ("distill" if dcfg else "finetune"):
         return False
-    return dcfg is None or all(rec["distill"].get(k) == v for k, v in dataclasses.asdict(dcfg).items())
+    return dcfg is None or _recorded(rec["distill"], DistillConfig) == dataclasses.asdict(dcfg)
 
 
 def find_record(cfg: TrainConfig, dcfg: DistillConfig | None = None, results_dir: str | Path = RESULTS_DIR) -> dict[str, Any] | None:
