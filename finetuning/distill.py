@@ -1,26 +1,28 @@
-"""Knowledge distillation from an exact-softmax teacher into a CGF-softmax student.
+"""Knowledge distillation from an exact-softmax teacher into a student with another softmax (CGF by default).
 
 Loss = (1 - alpha) CE + alpha T^2 KL(teacher_T || student_T) + beta * hidden-state MSE
-(embedding output and every layer, valid tokens only). The teacher is
-../checkpoints_teacher/teacher.pt; when absent it is fine-tuned once and cached there.
+(embedding output and every layer, valid tokens only), plus any --loss NAME=WEIGHT terms.
+The teacher is ../checkpoints_teacher/teacher.pt; when absent it is fine-tuned once and cached there.
 
     cd finetuning
     python distill.py --coeff 0.5 --beta 10 --seeds 42 7 123 1234 2026
     python distill.py --beta 0 --init teacher
+    python distill.py --softmax cgf_poly --degree 8 --squarings 5
 """
 
 import argparse
 
 from cgf_bert.cli import add_config_args, config_from_args, run_main
 from cgf_bert.config import TEACHER_PATH, DistillConfig, TrainConfig
-from cgf_bert.records import RESULTS_DIR
-from cgf_bert.runs import distill_seeds
+from cgf_bert.recipes import distill_seeds
+from cgf_bert.records import RESULTS_DIR, variant_label
+from cgf_bert.softmax import SoftmaxSpec
 from cgf_bert.stats import fmt_pm
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, TrainConfig, skip=("softmax", "seed"))
+    add_config_args(p, TrainConfig, skip=("seed",), softmax=SoftmaxSpec.make("cgf"))
     add_config_args(p, DistillConfig)
     p.add_argument("--seeds", type=int, nargs="+", default=[42], help="one student per seed (default: %(default)s)")
     p.add_argument("--teacher", default=TEACHER_PATH, help="exact-softmax teacher checkpoint (default: %(default)s)")
@@ -30,7 +32,7 @@ def main():
     if args.out and len(args.seeds) > 1:
         p.error("-o names one checkpoint; with several --seeds leave it out")
     dcfg = config_from_args(DistillConfig, args)
-    base = config_from_args(TrainConfig, args, softmax="cgf", seed=args.seeds[0])
+    base = config_from_args(TrainConfig, args, seed=args.seeds[0])
     records = []
     for rec in distill_seeds(base, dcfg, args.seeds, args.teacher, out=args.out, results_dir=args.results_dir):
         records.append(rec)
@@ -40,7 +42,7 @@ def main():
               f"({rec['wall_seconds'] / 60:.1f} min) -> {rec['checkpoint']}", flush=True)
     acc = [r["best"]["accuracy"] for r in records]
     f1 = [r["best"]["f1"] for r in records]
-    print(f"CGF c={base.coeff:g} KD beta={dcfg.beta:g} over {len(records)} seed(s): "
+    print(f"{variant_label(base, dcfg)} over {len(records)} seed(s): "
           f"dev accuracy {fmt_pm(acc)}, F1 {fmt_pm(f1)} (points, mean ± std)")
 
 

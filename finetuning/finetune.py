@@ -10,7 +10,7 @@ import argparse
 from cgf_bert.cli import add_config_args, config_from_args, run_main
 from cgf_bert.config import TrainConfig
 from cgf_bert.records import RESULTS_DIR
-from cgf_bert.runs import finetune
+from cgf_bert.recipes import finetune
 
 
 def main():

@@ -8,23 +8,42 @@ import torch
 from cgf_bert import CgfBertError
 from cgf_bert.checkpoint import load_model, read_checkpoint, save_checkpoint
 from cgf_bert.model import build_model
+from cgf_bert.softmax import SoftmaxSpec
 
 
 def test_roundtrip_keeps_weights_and_metadata(tiny_bert, tmp_path):
-    model = build_model(str(tiny_bert), "cgf", 0.65)
+    spec = SoftmaxSpec.make("cgf", coeff=0.65)
+    model = build_model(str(tiny_bert), spec)
     path = save_checkpoint(tmp_path / "m.pt", model, {"model": str(tiny_bert), "seed": 3, "epoch": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left behind
     loaded, meta = load_model(path)
-    assert meta["seed"] == 3 and meta["softmax"] == "cgf" and meta["coeff"] == 0.65
-    assert loaded.softmax == ("cgf", 0.65)
+    assert meta["seed"] == 3 and meta["softmax"] == spec
+    assert loaded.softmax == spec
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
 
 
 def test_softmax_override_on_load(tiny_bert, tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", build_model(str(tiny_bert)), {"model": str(tiny_bert)})
-    model, meta = load_model(path, softmax="cgf", coeff=0.4)
-    assert meta["softmax"] == "exact" and model.softmax == ("cgf", 0.4)
+    model, meta = load_model(path, softmax=SoftmaxSpec.make("cgf", coeff=0.4))
+    assert meta["softmax"].name == "exact" and model.softmax.label() == "cgf c=0.4"
+
+
+def test_per_layer_spec_roundtrip(tiny_bert, tmp_path):
+    spec = SoftmaxSpec.make("cgf", coeff=0.5, layers={1: SoftmaxSpec.make("exact")})
+    path = save_checkpoint(tmp_path / "m.pt", build_model(str(tiny_bert), spec), {"model": str(tiny_bert)})
+    model, meta = load_model(path)
+    assert meta["softmax"] == spec and model.softmax == spec
+    assert [layer.attention.self.softmax_spec.name for layer in model.bert.encoder.layer] == ["cgf", "exact"]
+
+
+def test_legacy_checkpoint_format_is_read(tiny_bert, tmp_path):
+    """Checkpoints written before softmax specs ("cgf-bert/1": a name and a coefficient) still load."""
+    sd = build_model(str(tiny_bert)).state_dict()
+    meta = '{"format": "cgf-bert/1", "model": "%s", "softmax": "cgf", "coeff": 0.65}' % tiny_bert
+    torch.save({"state_dict": sd, "meta": meta}, tmp_path / "old.pt")
+    model, meta = load_model(tmp_path / "old.pt")
+    assert model.softmax == SoftmaxSpec.make("cgf", coeff=0.65) and "coeff" not in meta
 
 
 def test_missing_checkpoint(tmp_path):

@@ -9,6 +9,7 @@ from cgf_bert.checkpoint import read_checkpoint
 from cgf_bert.data import load_mrpc, load_tokenizer, make_loader, tokenize
 from cgf_bert.engine import NonFiniteLoss, build_optimizer, ce_step, classification_metrics, fit, freeze_embeddings, set_seed
 from cgf_bert.model import build_model
+from cgf_bert.softmax import SoftmaxSpec
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def loaders(data):
 def train(tiny_bert, loaders, tmp_path, step=ce_step, epochs=2, seed=0, name="m"):
     set_seed(seed)
     loaders[0].generator.manual_seed(seed)  # a run's shuffles depend on its seed only
-    model = build_model(str(tiny_bert), "cgf", 0.5)
+    model = build_model(str(tiny_bert), SoftmaxSpec.make("cgf", coeff=0.5))
     freeze_embeddings(model)
     opt, sched = build_optimizer(model, 1e-3, epochs * len(loaders[0]))
     res = fit(model, step, *loaders, opt, sched, epochs=epochs, device=torch.device("cpu"),
@@ -42,7 +43,7 @@ def test_fit_keeps_best_epoch_and_logs_jsonl(tiny_bert, loaders, tmp_path):
     best = max(rows, key=lambda r: r["dev"]["accuracy"])  # max() keeps the first on ties, like fit
     assert res.best_epoch == best["epoch"] and res.best == best["dev"]
     _, meta = read_checkpoint(tmp_path / "m.pt")
-    assert meta["epoch"] == res.best_epoch and meta["dev"] == res.best and meta["softmax"] == "cgf"
+    assert meta["epoch"] == res.best_epoch and meta["dev"] == res.best and meta["softmax"] == SoftmaxSpec.make("cgf", coeff=0.5)
     assert all(not p.requires_grad for p in model.bert.embeddings.parameters())
 
 

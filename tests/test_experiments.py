@@ -9,7 +9,8 @@ from pathlib import Path
 
 
 from cgf_bert.config import DistillConfig, TrainConfig
-from cgf_bert.records import write_json
+from cgf_bert.records import config_json, write_json
+from cgf_bert.softmax import SoftmaxSpec
 from cgf_bert.report import paired_deltas, plot_paired_deltas, reference_groups, render
 from cgf_bert.stats import fmt_pm, mean_std, t_interval
 from cgf_bert.sweeps import find_record
@@ -46,9 +47,9 @@ def test_coeff_sweep_trains_once_then_reuses_records(tiny_bert, tiny_mrpc, tmp_p
 
 
 def test_records_that_predate_a_setting_are_found_with_its_default(tmp_path):
-    cfg, dcfg = TrainConfig(softmax="cgf", coeff=0.5, seed=42), DistillConfig()
-    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "compile"}  # made before --compile existed
-    old_kd = {k: v for k, v in dataclasses.asdict(dcfg).items() if k != "cache_teacher"}
+    cfg, dcfg = TrainConfig(softmax=SoftmaxSpec.make("cgf", coeff=0.5), seed=42), DistillConfig()
+    old = {k: v for k, v in config_json(cfg).items() if k != "compile"}  # made before --compile existed
+    old_kd = {k: v for k, v in config_json(dcfg).items() if k != "cache_teacher"}
     write_json(tmp_path / "a-finetune.json", {"name": "a", "script": "finetune", "config": old, "best": {}})
     write_json(tmp_path / "b-distill.json", {"name": "b", "script": "distill", "config": old, "distill": old_kd, "best": {}})
     assert find_record(cfg, None, tmp_path)["name"] == "a"
@@ -57,16 +58,29 @@ def test_records_that_predate_a_setting_are_found_with_its_default(tmp_path):
     assert find_record(cfg, dataclasses.replace(dcfg, cache_teacher=False), tmp_path) is None
 
 
+def test_records_made_before_specs_are_found(tmp_path):
+    """A record that held the softmax as a name with the coefficient apart, and the KD
+    temperature apart from its term, matches the same run described with specs and terms."""
+    cfg, dcfg = TrainConfig(softmax=SoftmaxSpec.make("cgf", coeff=0.65), seed=7), DistillConfig()
+    old = {**config_json(cfg), "softmax": "cgf", "coeff": 0.65}
+    old_kd = {"alpha": 0.5, "temperature": 2.0, "beta": 10.0, "init": "pretrained", "cache_teacher": True,
+              "terms": [{"loss": "ce", "weight": 0.5}, {"loss": "kd", "weight": 0.5}, {"loss": "hidden_mse", "weight": 10.0}]}
+    write_json(tmp_path / "a-distill.json", {"name": "a", "script": "distill", "config": old, "distill": old_kd, "best": {}})
+    assert find_record(cfg, dcfg, tmp_path)["name"] == "a"
+    assert find_record(dataclasses.replace(cfg, softmax=SoftmaxSpec.make("cgf", coeff=0.5)), dcfg, tmp_path) is None
+
+
 def test_exact_vs_cgf_swap_and_paired(tiny_bert, tiny_mrpc, tmp_path):
     common = ["--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--batch-size", 8, "--results-dir", tmp_path]
     module("experiments.exact_vs_cgf", *common, "--swap-coeffs", "--paired", "--coeff", 0.65, "--seeds", 1, 2)
     recs = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
-    assert sorted((r["config"]["softmax"], r["seed"]) for r in recs) == [("cgf", 1), ("cgf", 2), ("exact", 1), ("exact", 2)]
-    exact = next(r for r in recs if r["config"]["softmax"] == "exact")
-    out = module("experiments.exact_vs_cgf", *common, "--checkpoint", exact["checkpoint"], "--swap-coeffs", 0.5, 1.0)
+    assert sorted((r["config"]["softmax"]["name"], r["seed"]) for r in recs) == [("cgf", 1), ("cgf", 2), ("exact", 1), ("exact", 2)]
+    assert {r["config"]["softmax"].get("coeff") for r in recs} == {None, 0.65}
+    exact = next(r for r in recs if r["config"]["softmax"]["name"] == "exact")
+    out = module("experiments.exact_vs_cgf", *common, "--checkpoint", Path(exact["checkpoint"]).resolve(), "--swap-coeffs", 0.5, 1.0)
     summary = sorted(tmp_path.glob("experiments/exact_vs_cgf-*.json"))[-1]
     rows = json.loads(summary.read_text())["swap"]["rows"]
-    assert [(r["softmax"], r["coeff"]) for r in rows] == [("exact", None), ("cgf", 0.5), ("cgf", 1.0)]
+    assert [r["label"] for r in rows] == ["exact", "cgf c=0.5", "cgf c=1"]
     assert rows[0]["accuracy"] == exact["best"]["accuracy"]  # exact swap reproduces training
     assert "cgf c=0.5" in out
 
@@ -78,8 +92,9 @@ def fake(name, script, softmax, coeff, seed, acc, beta=None, epochs=5, grouped=T
                    "weight_decay": 0.0, "max_grad_norm": 1.0, "freeze_embeddings": True, "max_length": 128, "group_by_length": grouped, "limit": None},
         "best": {"accuracy": acc, "f1": acc}, "best_epoch": 3, "wall_seconds": 600, "device": "cpu", "code_version": "abc",
     }
-    if beta is not None:
-        rec["distill"] = {"beta": beta, "init": init}
+    if beta is not None:  # the legacy layout: the preset's settings beside the terms, the temperature apart
+        terms = [{"loss": "ce", "weight": 0.5}, {"loss": "kd", "weight": 0.5}] + ([{"loss": "hidden_mse", "weight": beta}] if beta else [])
+        rec["distill"] = {"beta": beta, "init": init, "temperature": 2.0, "terms": terms}
     return rec
 
 
@@ -133,7 +148,7 @@ def test_contrasts_pair_rows_by_seed():
 
 def test_benchmark_tables_show_the_newest_record():
     old = {"_path": "/r/benchmarks/bench-20260101-000000.json", "device": "cpu", "code_version": "a", "command": "x",
-           "steps": [{"mode": "ce", "ms_per_step": 100.0}]}
+           "steps": [{"mode": "ce", "ms_per_step": 100.0}], "columns": {"steps": ["mode", "ms_per_step"]}}
     new = {**old, "_path": "/r/benchmarks/bench-20260102-000000.json", "steps": [{"mode": "ce", "ms_per_step": 50.0}]}
     text = render("<!-- table:bench_steps -->\n<!-- /table -->\n<!-- table:bench_attention -->\n<!-- /table -->", [new, old])
     assert "bench-20260102-000000.json" in text and "| ce | 50 |" in text and "| ce | 100 |" not in text

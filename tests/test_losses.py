@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from cgf_bert import CgfBertError
-from cgf_bert.losses import LOSSES, get_loss, hidden_mse, kd_terms, logit_kd, make_kd_step
+from cgf_bert.losses import LossTerm, get_loss, hidden_mse, kd_preset, logit_kd, make_kd_step, needs, objective_label
 from cgf_bert.model import BertMRPC, bert_from_config
+from cgf_bert.softmax import SoftmaxSpec
 
 from conftest import tiny_config
 
@@ -49,18 +50,32 @@ def test_hidden_mse_layer_count_mismatch():
         hidden_mse((x, x), (x,), torch.ones(1, 2))
 
 
-def test_registry():
-    assert set(LOSSES) == {"ce", "kd", "hidden_mse"}
-    with pytest.raises(CgfBertError, match="ce"):
+def test_registry_and_preset():
+    with pytest.raises(CgfBertError, match="unknown loss 'cosine'.*ce"):
         get_loss("cosine")
-    assert [t["loss"] for t in kd_terms(0.5, 0)] == ["ce", "kd"]
-    assert kd_terms(0.3, 10)[2] == {"loss": "hidden_mse", "weight": 10}
+    assert [t.name for t in kd_preset(0.5, 2.0, 0)] == ["ce", "kd"]
+    assert kd_preset(0.3, 4.0, 10)[2] == LossTerm.make("hidden_mse", 10)
+    assert dict(kd_preset(0.3, 4.0, 10)[1].params) == {"temperature": 4.0}  # the temperature belongs to the logit term
+    assert needs(kd_preset(0.5, 2.0, 10)) == ("hidden",) and needs(kd_preset(0.5, 2.0, 0)) == ()
+    assert objective_label(kd_preset(0.5, 2.0, 10)) == "KD beta=10"
+    assert objective_label(kd_preset(0.9, 1.0, 0)) == "KD beta=0 alpha=0.9 T=1"
+    with pytest.raises(CgfBertError, match="temperature must be finite and > 0"):
+        LossTerm.make("kd", 0.5, temperature=0)
+    with pytest.raises(CgfBertError, match="takes no parameter temperature"):
+        LossTerm.make("ce", 0.5, temperature=2)
+
+
+def test_term_json_roundtrip_and_legacy_records():
+    terms = kd_preset(0.5, 2.0, 10)
+    assert tuple(LossTerm.from_json(t.to_json()) for t in terms) == terms
+    legacy = [{"loss": "ce", "weight": 0.5}, {"loss": "kd", "weight": 0.5}, {"loss": "hidden_mse", "weight": 10}]
+    assert tuple(LossTerm.from_json(t, temperature=2.0) for t in legacy) == terms
 
 
 def test_kd_step_weights_terms_and_leaves_teacher_alone():
     torch.manual_seed(0)
-    teacher = BertMRPC(bert_from_config(tiny_config())).set_softmax("exact")
-    student = BertMRPC(bert_from_config(tiny_config())).set_softmax("cgf", 0.5)
+    teacher = BertMRPC(bert_from_config(tiny_config()))
+    student = BertMRPC(bert_from_config(tiny_config())).set_softmax(SoftmaxSpec.make("cgf", coeff=0.5))
     batch = {
         "input_ids": torch.randint(5, 25, (4, 9)),
         "attention_mask": torch.ones(4, 9, dtype=torch.long),
@@ -68,14 +83,15 @@ def test_kd_step_weights_terms_and_leaves_teacher_alone():
         "labels": torch.tensor([0, 1, 1, 0]),
     }
     batch["attention_mask"][2, 5:] = 0
-    step = make_kd_step(teacher, kd_terms(alpha=0.3, beta=10), temperature=2.0)
+    step = make_kd_step(teacher, kd_preset(alpha=0.3, temperature=2.0, beta=10))
     student.eval()  # no dropout, so the reference below sees the same forward
     loss, terms = step(student, batch)
     assert set(terms) == {"ce", "kd", "hidden_mse"}
     assert not teacher.training
     with torch.no_grad():
-        t_logits, t_hidden = teacher(**batch, hidden_states=True)
-        s_logits, s_hidden = student(**batch, hidden_states=True)
+        t = teacher(**batch, needs=("hidden",))
+        s = student(**batch, needs=("hidden",))
+    t_logits, t_hidden, s_logits, s_hidden = t["logits"], t["hidden"], s["logits"], s["hidden"]
     ce = torch.nn.functional.cross_entropy(s_logits, batch["labels"])
     kd = logit_kd(s_logits, t_logits, 2.0)
     hid = hidden_mse(s_hidden, t_hidden, batch["attention_mask"])

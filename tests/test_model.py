@@ -5,7 +5,8 @@ import torch
 from transformers import BertForSequenceClassification
 
 from cgf_bert import CgfBertError
-from cgf_bert.model import BertMRPC, bert_from_config, build_model, make_exact
+from cgf_bert.model import EXACT, BertMRPC, bert_from_config, build_model
+from cgf_bert.softmax import SoftmaxSpec
 
 from conftest import tiny_config
 
@@ -38,7 +39,7 @@ def test_exact_equals_stock_eager_bert(pair):
     ours, stock = pair
     b = batch()
     with torch.no_grad():
-        torch.testing.assert_close(ours(**b), stock(**b).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(**b)["logits"], stock(**b).logits, rtol=0, atol=1e-5)
 
 
 def test_exact_equals_stock_without_padding(pair):
@@ -46,42 +47,68 @@ def test_exact_equals_stock_without_padding(pair):
     b = batch()
     b["attention_mask"][:] = 1  # transformers passes no mask at all in this case
     with torch.no_grad():
-        torch.testing.assert_close(ours(**b), stock(**b).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(**b)["logits"], stock(**b).logits, rtol=0, atol=1e-5)
 
 
-def test_cgf_changes_logits_and_make_exact_restores_them(pair):
+def test_cgf_changes_logits_and_exact_restores_them(pair):
     ours, _ = pair
     b = batch()
+    cgf_spec = SoftmaxSpec.make("cgf", coeff=0.5)
     with torch.no_grad():
-        exact = ours(**b)
-        cgf = ours.set_softmax("cgf", 0.5)(**b)
-        assert ours.softmax == ("cgf", 0.5)
+        exact = ours(**b)["logits"]
+        cgf = ours.set_softmax(cgf_spec)(**b)["logits"]
+        assert ours.softmax == cgf_spec
         assert not torch.allclose(exact, cgf, atol=1e-4)
-        torch.testing.assert_close(make_exact(ours)(**b), exact)
+        torch.testing.assert_close(ours.set_softmax(EXACT)(**b)["logits"], exact)
+
+
+def test_per_layer_softmax(pair):
+    """CGF in layer 0 only: layer 0 computes what an all-CGF model computes there, layer 1 the
+    exact softmax (its rows sum to 1, CGF rows do not)."""
+    ours, _ = pair
+    b = batch()
+    cgf = SoftmaxSpec.make("cgf", coeff=0.5)
+    mixed_spec = SoftmaxSpec.make("exact", layers={0: cgf})
+    with torch.no_grad():
+        all_cgf = ours.set_softmax(cgf)(**b, needs=("attentions",))["attentions"]
+        exact = ours.set_softmax(EXACT)(**b, needs=("attentions",))["attentions"]
+        mixed = ours.set_softmax(mixed_spec)(**b, needs=("attentions",))["attentions"]
+    assert [m.attention.self.softmax_spec.name for m in ours.bert.encoder.layer] == ["cgf", "exact"]
+    torch.testing.assert_close(mixed[0], all_cgf[0])
+    assert not torch.allclose(mixed[0], exact[0], atol=1e-3)
+    valid_rows = b["attention_mask"].bool()[:, None, :].expand(-1, 4, -1)  # (B, H, Q): real query tokens
+    torch.testing.assert_close(mixed[1].sum(-1)[valid_rows], torch.ones(int(valid_rows.sum())))
+    assert not torch.allclose(mixed[0].sum(-1)[valid_rows], torch.ones(int(valid_rows.sum())), atol=1e-3)
+    assert mixed_spec.label() == "exact, layer 0 cgf c=0.5" and mixed_spec.slug() == "exact-L0cgf0.5"
+    with pytest.raises(CgfBertError, match="model has 2 layers"):
+        ours.set_softmax(SoftmaxSpec.make("cgf", layers={2: EXACT}))
 
 
 def test_cgf_ignores_padding_tokens(pair):
     """Padding a sequence with more masked tokens does not change its CLS logits."""
     ours, _ = pair
-    ours.set_softmax("cgf", 0.65)
+    ours.set_softmax(SoftmaxSpec.make("cgf", coeff=0.65))
     b = batch(B=1, T=6)
     longer = {k: torch.cat([v, torch.full((1, 4), 0 if k != "input_ids" else 7)], 1) for k, v in b.items()}
     with torch.no_grad():
-        torch.testing.assert_close(ours(**b), ours(**longer), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(**b)["logits"], ours(**longer)["logits"], rtol=1e-5, atol=1e-5)
 
 
 def test_hidden_states_and_gradients(pair):
     ours, _ = pair
-    ours.train().set_softmax("cgf")
-    logits, hidden = ours(**batch(), hidden_states=True)
-    assert len(hidden) == tiny_config().num_hidden_layers + 1  # embeddings + each layer
-    logits.sum().backward()
+    ours.train().set_softmax(SoftmaxSpec.make("cgf"))
+    out = ours(**batch(), needs=("hidden", "attentions"))
+    assert len(out["hidden"]) == tiny_config().num_hidden_layers + 1  # embeddings + each layer
+    assert len(out["attentions"]) == tiny_config().num_hidden_layers
+    assert out["attentions"][0].shape == (4, 4, 11, 11)  # (B, H, T, T)
+    assert (out["attentions"][0][2, :, :, 3:] == 0).all()  # masked keys exactly 0 (example 2 has 3 tokens)
+    out["logits"].sum().backward()
     assert ours.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
 
 
 def test_build_model_from_local_folder(tiny_bert):
-    m = build_model(str(tiny_bert), "cgf", 0.7)
-    assert m.softmax == ("cgf", 0.7)
+    m = build_model(str(tiny_bert), SoftmaxSpec.make("cgf", coeff=0.7))
+    assert m.softmax.label() == "cgf c=0.7"
 
 
 def test_unknown_model_is_a_clear_error(tmp_path):
@@ -91,4 +118,4 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 
 def test_unknown_softmax_is_a_clear_error(pair):
     with pytest.raises(CgfBertError, match="unknown softmax"):
-        pair[0].set_softmax("relu")
+        pair[0].set_softmax(SoftmaxSpec.make("relu"))

@@ -21,8 +21,10 @@ def test_one_epoch_of_the_embedded_model_learns_mrpc(tmp_path):
     assert len(rec["test_predictions"]) == 1725
     r = json.loads(run("validate.py", ckpt, "--json", "--results-dir", tmp_path).stdout)
     assert r["dev"]["accuracy"] == rec["best"]["accuracy"] and r["dev"]["f1"] == rec["best"]["f1"]
-    cgf = json.loads(run("validate.py", ckpt, "--softmax", "cgf", "--coeff", "0.5", "--json", "--results-dir", tmp_path).stdout)
-    assert 0.0 < cgf["dev"]["accuracy"] <= 1.0
+    cgf = json.loads(run("validate.py", ckpt, "--softmax", "cgf", "--coeff", "0.6", "--json", "--results-dir", tmp_path).stdout)
+    # Swapped at eval, CGF costs accuracy but keeps most of it (the 5-epoch teacher: 81.86 -> 75.00 at c=0.6);
+    # a broken swap (nan scores, an all-one-class model) lands at or below the majority rate 0.684.
+    assert cgf["label"] == "cgf c=0.6" and cgf["dev"]["accuracy"] >= 0.69
 
 
 def test_compile_flag_trains_a_tiny_model_with_unchanged_checkpoint_keys(tiny_bert, tiny_mrpc, tmp_path):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from cgf_bert import CgfBertError
-from cgf_bert.softmax import SOFTMAXES, VARIANCE_COEFF, cgf_softmax, exact_softmax, get_softmax
+from cgf_bert.polyexp import PolyExp
+from cgf_bert.softmax import OUT_OF_RANGE, SOFTMAXES, VARIANCE_COEFF, SoftmaxSpec, _centred, cgf_softmax, exact_softmax, get_softmax
 
 
 def reference_cgf(scores, valid, c):
@@ -131,3 +132,62 @@ def test_fused_cgf_gradient(masked):
     torch.testing.assert_close(ours, ref)
     if masked:
         assert (ours[~valid.expand_as(ours)] == 0).all()  # masked scores get no gradient
+
+
+# ---------------------------------------------------------------- specs and the polynomial CGF
+
+
+def test_spec_values_labels_and_json():
+    spec = SoftmaxSpec.make("cgf", coeff=0.65)
+    assert spec == SoftmaxSpec.parse("cgf:coeff=0.65") == SoftmaxSpec.from_json({"name": "cgf", "coeff": 0.65})
+    assert spec == SoftmaxSpec.from_json("cgf", 0.65)  # the legacy form: a name, the coefficient apart
+    assert SoftmaxSpec.make("cgf").values == {"coeff": VARIANCE_COEFF}  # defaults filled in
+    assert spec.label() == "cgf c=0.65" and spec.slug() == "cgf0.65" and SoftmaxSpec.make("exact").label() == "exact"
+    assert SoftmaxSpec.from_json(spec.to_json()) == spec
+    mixed = SoftmaxSpec.make("cgf", layers={5: SoftmaxSpec.make("exact")})
+    assert SoftmaxSpec.from_json(mixed.to_json()) == mixed and mixed.for_layer(5).name == "exact" and mixed.for_layer(0) == SoftmaxSpec.make("cgf")
+    with pytest.raises(CgfBertError, match="softmax 'exact' takes no parameter coeff"):
+        SoftmaxSpec.make("exact", coeff=0.5)
+    with pytest.raises(CgfBertError, match="coeff must be finite and >= 0, got nan"):
+        SoftmaxSpec.make("cgf", coeff=float("nan"))
+
+
+def test_kinds_declare_their_properties():
+    assert get_softmax("cgf").float32_scores and not get_softmax("exact").float32_scores
+    assert get_softmax("exact").input_division and not get_softmax("cgf").input_division
+    poly = SoftmaxSpec.make("cgf_poly", degree=8, squarings=5)
+    assert poly.kind.depth(poly.values) == PolyExp(8, -32, 32, 5).depth == 3 + 2 + 5
+
+
+def test_polyexp_matches_exp_inside_its_interval():
+    p = PolyExp(8, -32.0, 32.0, 5)
+    x = torch.linspace(-32, 32, 2001, dtype=torch.float64)
+    assert ((p(x) / torch.exp(x) - 1).abs().max()) < 1e-5
+    assert p.outside(torch.tensor([-40.0, 0.0, 33.0])) == 2
+    # and it drifts from exp outside it (16 % at twice the interval's end): nothing is clipped
+    assert abs(p(torch.tensor([-64.0], dtype=torch.float64)).item() / math.exp(-64) - 1) > 0.1
+
+
+def test_cgf_poly_is_cgf_inside_the_interval_and_counts_what_leaves_it():
+    scores, valid = random_case()
+    spec = SoftmaxSpec.make("cgf_poly", coeff=0.5, degree=10, exp_lo=-40.0, exp_hi=20.0, squarings=5)
+    OUT_OF_RANGE.reset()
+    got = spec(scores.double(), valid)
+    torch.testing.assert_close(got, cgf_softmax(scores.double(), valid, 0.5), rtol=1e-6, atol=1e-9)
+    assert (got[~valid.expand_as(got)] == 0).all()
+    n_valid = int(valid.expand_as(scores).sum())
+    assert OUT_OF_RANGE.outside == 0 and OUT_OF_RANGE.total == n_valid
+    narrow = SoftmaxSpec.make("cgf_poly", exp_lo=-1.0, exp_hi=1.0)
+    x, var, _ = _centred(scores.double(), valid.double())
+    arg = (x - 0.5 * var)[valid.expand_as(scores)]
+    OUT_OF_RANGE.reset()
+    narrow(scores.double(), valid)
+    assert OUT_OF_RANGE.outside == int(((arg < -1) | (arg > 1)).sum()) > 0  # counted over valid keys only
+
+
+def test_cgf_poly_trains():
+    """Gradients flow through the polynomial (a student can be distilled into it directly)."""
+    scores, valid = random_case()
+    s = scores.requires_grad_()
+    SoftmaxSpec.make("cgf_poly")(s, valid).sum().backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0

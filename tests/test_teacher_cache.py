@@ -6,8 +6,9 @@ import torch
 
 from cgf_bert import teacher_cache
 from cgf_bert.data import load_mrpc, load_tokenizer, make_loader, tokenize
-from cgf_bert.losses import kd_terms, make_kd_step
+from cgf_bert.losses import kd_preset, make_kd_step
 from cgf_bert.model import BertMRPC, bert_from_config
+from cgf_bert.softmax import SoftmaxSpec
 from cgf_bert.teacher_cache import TeacherCache, cache_bytes, maybe_build
 
 from conftest import tiny_config
@@ -17,43 +18,50 @@ def _setup(tiny_bert, tiny_mrpc):
     tok = load_tokenizer(str(tiny_bert))
     ds = tokenize(load_mrpc(tiny_mrpc), tok)
     torch.manual_seed(0)
-    teacher = BertMRPC(bert_from_config(tiny_config())).set_softmax("exact").eval()
+    teacher = BertMRPC(bert_from_config(tiny_config())).eval()
     return tok, ds, teacher
 
 
 def test_cache_matches_live_teacher_in_any_batch(tiny_bert, tiny_mrpc):
     tok, ds, teacher = _setup(tiny_bert, tiny_mrpc)
-    cache = TeacherCache.build(teacher, ds["train"], tok, torch.device("cpu"), batch_size=7, with_hidden=True)
-    assert len(cache.hidden) == len(ds["train"]) and cache.logits.shape == (len(ds["train"]), 2)
-    assert cache.nbytes == cache_bytes(ds["train"]["length"], 3, 32, True)
+    needs = ("attentions", "hidden")
+    cache = TeacherCache.build(teacher, ds["train"], tok, torch.device("cpu"), batch_size=7, needs=needs)
+    assert len(cache.outputs["hidden"]) == len(ds["train"]) and cache.logits.shape == (len(ds["train"]), 2)
+    assert cache.nbytes == cache_bytes(ds["train"]["length"], teacher.bert.config, needs)
     # Training batches are shuffled and padded differently from the cache's: same values.
     for batch in make_loader(ds["train"], tok, 5, shuffle=True, seed=3):
-        logits, hidden = cache.lookup(batch["idx"], batch["input_ids"].shape[1], torch.device("cpu"))
+        got = cache.lookup(batch["idx"], batch["input_ids"].shape[1], torch.device("cpu"))
         with torch.no_grad():
-            ref_logits, ref_hidden = teacher(**batch, hidden_states=True)
-        torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
-        m = batch["attention_mask"].bool()
-        assert len(hidden) == len(ref_hidden) == 3
-        for h, r in zip(hidden, ref_hidden):
+            ref = teacher(**batch, needs=needs)
+        torch.testing.assert_close(got["logits"], ref["logits"], atol=1e-5, rtol=1e-5)
+        m = batch["attention_mask"].bool()  # (B, T)
+        assert len(got["hidden"]) == len(ref["hidden"]) == 3
+        for h, r in zip(got["hidden"], ref["hidden"]):
             assert h.shape == r.shape
             torch.testing.assert_close(h[m], r[m], atol=1e-5, rtol=1e-5)
             assert (h[~m] == 0).all()
+        pair = m[:, None, :, None] & m[:, None, None, :]  # (B, 1, T, T): real query and real key
+        assert len(got["attentions"]) == len(ref["attentions"]) == 2
+        for a, r in zip(got["attentions"], ref["attentions"]):
+            assert a.shape == r.shape
+            torch.testing.assert_close(a[pair.expand_as(a)], r[pair.expand_as(r)], atol=1e-5, rtol=1e-5)
+            assert (a[~pair.expand_as(a)] == 0).all()
 
 
 def test_cached_kd_step_equals_live_kd_step(tiny_bert, tiny_mrpc):
     tok, ds, teacher = _setup(tiny_bert, tiny_mrpc)
-    student = BertMRPC(bert_from_config(tiny_config())).set_softmax("cgf", 0.5).eval()
-    terms = kd_terms(alpha=0.5, beta=10)
-    cache = TeacherCache.build(teacher, ds["train"], tok, torch.device("cpu"), batch_size=16, with_hidden=True)
-    live, cached = make_kd_step(teacher, terms, 2.0), make_kd_step(None, terms, 2.0, cache)
+    student = BertMRPC(bert_from_config(tiny_config())).set_softmax(SoftmaxSpec.make("cgf", coeff=0.5)).eval()
+    terms = kd_preset(alpha=0.5, temperature=2.0, beta=10)
+    cache = TeacherCache.build(teacher, ds["train"], tok, torch.device("cpu"), batch_size=16, needs=("hidden",))
+    live, cached = make_kd_step(teacher, terms), make_kd_step(None, terms, cache)
     batch = next(iter(make_loader(ds["train"], tok, 8, shuffle=True, seed=1)))
     (l1, t1), (l2, t2) = live(student, batch), cached(student, batch)
     torch.testing.assert_close(l1, l2, atol=1e-5, rtol=1e-5)
     for k in t1:
         torch.testing.assert_close(t1[k], t2[k], atol=1e-5, rtol=1e-5)
-    logits_only = TeacherCache.build(teacher, ds["train"], tok, torch.device("cpu"), 16, with_hidden=False)
-    assert logits_only.hidden is None
-    loss, terms_out = make_kd_step(None, kd_terms(0.5, 0), 2.0, logits_only)(student, batch)
+    logits_only = TeacherCache.build(teacher, ds["train"], tok, torch.device("cpu"), 16, needs=())
+    assert logits_only.outputs == {}
+    loss, terms_out = make_kd_step(None, kd_preset(0.5, 2.0, 0), logits_only)(student, batch)
     assert set(terms_out) == {"ce", "kd"} and torch.isfinite(loss)
 
 
@@ -61,7 +69,7 @@ def test_no_cache_when_it_would_not_fit(tiny_bert, tiny_mrpc, monkeypatch, caplo
     tok, ds, teacher = _setup(tiny_bert, tiny_mrpc)
     monkeypatch.setattr(teacher_cache, "available_memory", lambda: 1000)
     with caplog.at_level(logging.WARNING):
-        assert maybe_build(teacher, ds["train"], tok, torch.device("cpu"), 16, True) is None
+        assert maybe_build(teacher, ds["train"], tok, torch.device("cpu"), 16, ("hidden",)) is None
     assert "live" in caplog.text
     monkeypatch.setattr(teacher_cache, "available_memory", lambda: None)
-    assert maybe_build(teacher, ds["train"], tok, torch.device("cpu"), 16, True) is not None
+    assert maybe_build(teacher, ds["train"], tok, torch.device("cpu"), 16, ("hidden",)) is not None

@@ -20,13 +20,22 @@ import time
 from cgf_bert.cli import run_main
 from cgf_bert.config import DEFAULT_MODEL, TrainConfig
 from cgf_bert.engine import resolve_device
-from cgf_bert.report import BENCH_COLUMNS, markdown_table
+from cgf_bert.report import markdown_table
 from cgf_bert.records import RESULTS_DIR, code_version, command_line, machine, uncommitted_files, write_json
-from cgf_bert.runs import finetune, prepare_data
+from cgf_bert.recipes import finetune
+from cgf_bert.training import prepare_data
 
 from . import attention, steps, trainer
 
 BENCHES = ("trainer", "attention", "steps")
+# The columns of each benchmark's table, in order; written into the record so that summary.md's
+# tables render from the record alone.
+COLUMNS = {
+    "trainer": ["runner", "examples", "examples_per_s", "ours_vs_this"],
+    "attention": ["length", "variant", "fwd_ms", "fwd_bwd_ms", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa"],
+    "steps": ["mode", "ms_per_step", "examples_per_s", "step_vs_ce", "peak_memory_mb", "memory_vs_ce", "teacher_cache_seconds"],
+    "full": ["wall_minutes", "best_epoch", "dev_accuracy", "record"],
+}
 
 
 def main():
@@ -56,11 +65,12 @@ def main():
         rec = finetune(TrainConfig(model=a.model, data_dir=a.data_dir, device=a.device), results_dir=a.results_dir)
         record["full"] = [{"wall_minutes": rec["wall_seconds"] / 60, "best_epoch": rec["best_epoch"],
                            "dev_accuracy": rec["best"]["accuracy"], "record": rec["name"]}]
+    record["columns"] = {k: v for k, v in COLUMNS.items() if k in record}
     path = write_json(f"{a.results_dir}/bench-{time.strftime('%Y%m%d-%H%M%S')}.json", record)
     print(f"device: {record['device']}  code: {record['code_version']}")
     for name in (*BENCHES, "full"):
         if name in record:
-            print(f"\n## {name}\n\n{markdown_table(record[name], BENCH_COLUMNS[name])}")
+            print(f"\n## {name}\n\n{markdown_table(record[name], COLUMNS[name])}")
     print(f"\nrecord: {path}")
 
 

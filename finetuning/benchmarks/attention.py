@@ -13,7 +13,8 @@ import torch
 from transformers import BertConfig, BertModel
 
 from cgf_bert.model import resolve_model
-from cgf_bert.softmax import ATTN_IMPLEMENTATION
+from cgf_bert.attention import ATTN_IMPLEMENTATION, apply_softmax
+from cgf_bert.softmax import SoftmaxSpec
 
 from .common import median_seconds
 
@@ -35,8 +36,9 @@ def one_layer_berts(model: str, device: torch.device) -> dict[str, BertModel]:
     for label, impl, kind in VARIANTS:
         cfg = copy.deepcopy(config)  # a model keeps its config object: one each
         cfg._attn_implementation = impl
-        cfg.softmax, cfg.softmax_coeff = kind or "exact", 0.5
         m = BertModel(cfg, add_pooling_layer=False)
+        if kind:
+            apply_softmax(m, SoftmaxSpec.make(kind))
         if state is None:
             state = m.state_dict()
         m.load_state_dict(state)

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from cgf_bert.engine import ce_step, freeze_embeddings, resolve_device, set_seed
-from cgf_bert.losses import kd_terms, make_kd_step
+from cgf_bert.losses import kd_preset, make_kd_step, needs
 from cgf_bert.model import build_model
-from cgf_bert.runs import prepare_data
+from cgf_bert.softmax import SoftmaxSpec
+from cgf_bert.training import prepare_data
 from cgf_bert.teacher_cache import TeacherCache
 
 from .common import peak_rss_bytes, reset_peak_rss, rss_bytes
@@ -42,7 +43,7 @@ def measure(mode: str, model: str, examples: int, batch_size: int, device: torch
     reset_peak_rss()
     base = rss_bytes()
     set_seed(42)
-    student = build_model(model, "cgf", 0.5)
+    student = build_model(model, SoftmaxSpec.make("cgf", coeff=0.5))
     freeze_embeddings(student)
     cache_seconds = None
     if mode in ("ce", COMPILED):
@@ -50,13 +51,13 @@ def measure(mode: str, model: str, examples: int, batch_size: int, device: torch
         if mode == COMPILED:
             student.compile(dynamic=True)
     else:
-        teacher = build_model(model, "exact").to(device).eval().requires_grad_(False)
-        terms = kd_terms(0.5, 10.0)
+        teacher = build_model(model).to(device).eval().requires_grad_(False)
+        terms = kd_preset(0.5, 2.0, 10.0)
         cache = None
         if mode == "kd-cached":
-            cache = TeacherCache.build(teacher, train, tokenizer, device, 128, with_hidden=True)
+            cache = TeacherCache.build(teacher, train, tokenizer, device, 128, needs(terms))
             cache_seconds = cache.seconds
-        step = make_kd_step(teacher, terms, 2.0, cache)
+        step = make_kd_step(teacher, terms, cache)
     eps = timed_fit(student, step, train, tokenizer, device, batch_size, group_by_length=True)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes() - base
     return {"mode": mode, "examples_per_s": eps, "ms_per_step": 1e3 * batch_size / eps, "peak_memory_mb": peak / 2**20,

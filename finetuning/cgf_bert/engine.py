@@ -101,7 +101,7 @@ def predict(model: nn.Module, loader, device: torch.device) -> tuple[np.ndarray,
     for batch in loader:
         batch = to_device(batch, device)
         with autocast_for(device):
-            out = model(**batch)
+            out = model(**batch)["logits"]
         logits.append(out.float().cpu())
         labels.append(batch["labels"].cpu())
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
@@ -116,7 +116,7 @@ def evaluate(model: nn.Module, loader, device: torch.device) -> dict[str, float]
 
 def ce_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
     """Plain cross-entropy fine-tuning step."""
-    loss = F.cross_entropy(model(**batch), batch["labels"])
+    loss = F.cross_entropy(model(**batch)["logits"], batch["labels"])
     return loss, {"ce": loss.detach()}
 
 

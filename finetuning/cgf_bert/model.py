@@ -1,4 +1,4 @@
-"""BERT with a 2-way classification head, running either softmax through one attention path."""
+"""BERT with a 2-way classification head, each layer running the softmax its spec names."""
 
 from __future__ import annotations
 
@@ -11,9 +11,18 @@ from transformers import BertConfig, BertModel
 from transformers.utils import logging as hf_logging
 
 from . import CgfBertError
-from .softmax import ATTN_IMPLEMENTATION, VARIANCE_COEFF, get_softmax
+from .attention import ATTN_IMPLEMENTATION, apply_softmax
+from .softmax import SoftmaxSpec
 
 log = logging.getLogger(__name__)
+EXACT = SoftmaxSpec.make("exact")
+
+# What a forward can return besides the logits, and the dims of each per-example tensor that
+# run over tokens (the teacher cache pads them to a batch's length).
+OUTPUTS = {
+    "hidden": (1,),  # (S, T, hidden): embedding output then each layer's output
+    "attentions": (2, 3),  # (L, H, T, T): each layer's attention probabilities (before dropout)
+}
 
 
 def _embedded_minilm() -> str:
@@ -43,8 +52,9 @@ class BertMRPC(nn.Module):
     """Pretrained BERT + pooler + dropout + linear 2-way classifier (parameter names as in
     transformers' ``BertForSequenceClassification``).
 
-    ``forward`` returns logits (B, 2) and, with ``hidden_states=True``, the tuple of
-    (B, T, hidden) states: embedding output then each layer's output.
+    ``forward`` returns a dict: ``logits`` (B, 2) and each output named in ``needs``:
+    ``hidden``, the tuple of (B, T, hidden) states (embedding output, then each layer's);
+    ``attentions``, the tuple of each layer's (B, H, T, T) attention probabilities.
     """
 
     def __init__(self, bert: BertModel, num_labels: int = 2):
@@ -54,31 +64,39 @@ class BertMRPC(nn.Module):
         self.classifier = nn.Linear(bert.config.hidden_size, num_labels)
         self.classifier.weight.data.normal_(mean=0.0, std=bert.config.initializer_range)
         self.classifier.bias.data.zero_()
+        self.set_softmax(EXACT)
 
     @property
-    def softmax(self) -> tuple[str, float]:
-        """The (kind, coefficient) of the attention softmax in use."""
-        return self.bert.config.softmax, float(self.bert.config.softmax_coeff)
+    def softmax(self) -> SoftmaxSpec:
+        """The attention softmax in use (with its per-layer overrides)."""
+        return self._softmax
 
-    def set_softmax(self, kind: str, coeff: float = VARIANCE_COEFF) -> "BertMRPC":
-        """Switch every attention layer to softmax ``kind`` (weights unchanged)."""
-        get_softmax(kind)  # fail early on an unknown name
-        self.bert.config.softmax = kind
-        self.bert.config.softmax_coeff = float(coeff)
+    def set_softmax(self, spec: SoftmaxSpec) -> "BertMRPC":
+        """Give each attention layer its softmax from ``spec`` (weights unchanged)."""
+        apply_softmax(self.bert, spec)
+        self._softmax = spec
         return self
 
-    def forward(self, input_ids, attention_mask, token_type_ids=None, hidden_states: bool = False, **_):
+    def forward(self, input_ids, attention_mask, token_type_ids=None, needs: tuple[str, ...] = (), **_) -> dict:
+        unknown = set(needs) - set(OUTPUTS)
+        if unknown:
+            raise CgfBertError(f"unknown model output(s) {sorted(unknown)}; choose from {sorted(OUTPUTS)}")
         out = self.bert(
             input_ids=input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
-            output_hidden_states=hidden_states,
+            output_hidden_states="hidden" in needs,
+            output_attentions="attentions" in needs,
         )
-        logits = self.classifier(self.dropout(out.pooler_output))  # (B, 2)
-        return (logits, out.hidden_states) if hidden_states else logits
+        result = {"logits": self.classifier(self.dropout(out.pooler_output))}  # (B, 2)
+        if "hidden" in needs:
+            result["hidden"] = out.hidden_states
+        if "attentions" in needs:
+            result["attentions"] = out.attentions
+        return result
 
 
-def build_model(name: str, softmax: str = "exact", coeff: float = VARIANCE_COEFF) -> BertMRPC:
+def build_model(name: str, softmax: SoftmaxSpec = EXACT) -> BertMRPC:
     """Pretrained BERT ``name`` with a fresh classifier and the given attention softmax."""
     path = resolve_model(name)
     hf_logging.disable_progress_bar()  # a per-tensor loading bar is noise next to our epoch bars
@@ -89,18 +107,13 @@ def build_model(name: str, softmax: str = "exact", coeff: float = VARIANCE_COEFF
             f"cannot load BERT {name!r}: {str(e).splitlines()[0]} "
             f"(names: {sorted(MODELS)}, a local folder, or a hub id where the hub is reachable)"
         ) from None
-    return BertMRPC(bert).set_softmax(softmax, coeff)
+    return BertMRPC(bert).set_softmax(softmax)
 
 
 def bert_from_config(config: BertConfig) -> BertModel:
     """A randomly initialised BERT on our attention path (for tests and tiny models)."""
     config._attn_implementation = ATTN_IMPLEMENTATION
     return BertModel(config)
-
-
-def make_exact(model: BertMRPC) -> BertMRPC:
-    """Switch ``model`` to the exact softmax, e.g. to use it as a distillation teacher."""
-    return model.set_softmax("exact")
 
 
 def load_weights(model: BertMRPC, state_dict: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> BertMRPC:

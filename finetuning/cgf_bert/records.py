@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,10 @@ from typing import Any
 import torch
 
 from . import __version__
+from .atomic import atomic_write
+from .config import EXACT, DistillConfig, TrainConfig
+from .losses import LossTerm, objective_label, objective_slug
+from .softmax import SoftmaxSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO_ROOT / "results"  # committed; checkpoints are not
@@ -64,29 +68,89 @@ def machine(device: torch.device) -> str:
 
 
 def command_line() -> str:
-    """The command as typed from ``finetuning/``: ``finetune.py ...`` or ``-m benchmarks ...``."""
-    prog = Path(sys.argv[0])
-    head = ["-m", prog.parent.name] if prog.name == "__main__.py" else [prog.name]
-    return shlex.join([*head, *sys.argv[1:]])
+    """The command as typed from ``finetuning/``: ``finetune.py ...``, ``-m benchmarks ...`` or
+    ``-m experiments.coeff_sweep ...``; absolute paths inside the repository made relative to it."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = ["-m", spec.name.removesuffix(".__main__")] if spec is not None else [Path(sys.argv[0]).name]
+    return shlex.join([*head, *(_relative_arg(a) for a in sys.argv[1:])])
 
 
-def run_name(script: str, softmax: str, coeff: float, seed: int, extra: str = "") -> str:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    soft = "exact" if softmax == "exact" else f"cgf{coeff:g}"
-    return f"{stamp}-{script}-{soft}{extra}-s{seed}"
+def _relative_arg(arg: str) -> str:
+    """An argument that is an absolute path inside the repository, as a path relative to finetuning/."""
+    if not arg.startswith("/"):
+        return arg
+    rel = repo_relative(arg)
+    return arg if rel == arg else os.path.join("..", rel)
+
+
+def repo_relative(path: str | Path) -> str:
+    """``path`` relative to the repository when it lies inside it (records travel between machines)."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+# ---------------------------------------------------------------- configs in records
+
+
+def config_json(cfg) -> dict[str, Any]:
+    """A TrainConfig or DistillConfig as JSON: the softmax as its spec, the objective as its terms."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = v.to_json() if isinstance(v, SoftmaxSpec) else [t.to_json() for t in v] if f.name == "terms" else v
+    return out
+
+
+def train_config(rec: dict) -> TrainConfig:
+    """The TrainConfig a record ran with. A field the record predates takes its default: a field
+    is added with the default that keeps the old behaviour (``compile`` came after the first
+    runs, off by default). Records before specs held ``softmax`` as a name and ``coeff`` apart."""
+    values = dict(rec["config"])
+    values["softmax"] = SoftmaxSpec.from_json(values["softmax"], values.pop("coeff", None))
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def distill_config(rec: dict) -> DistillConfig | None:
+    """The DistillConfig of a distillation record (None for a fine-tune). Records before terms
+    carried parameters kept the KD temperature apart."""
+    d = rec.get("distill")
+    if not d:
+        return None
+    terms = tuple(LossTerm.from_json(t, d.get("temperature")) for t in d["terms"])
+    names = {f.name for f in dataclasses.fields(DistillConfig)} - {"terms"}
+    return DistillConfig(terms=terms, **{k: v for k, v in d.items() if k in names})
+
+
+def method_label(dcfg: DistillConfig | None) -> str:
+    """'CE', or 'KD beta=10 (pretrained init)': how a variant was trained."""
+    return "CE" if dcfg is None else f"{objective_label(dcfg.terms)} ({dcfg.init} init)"
+
+
+def variant_label(cfg: TrainConfig, dcfg: DistillConfig | None) -> str:
+    """A results-table row: 'exact', 'cgf c=0.65 CE', 'cgf c=0.5 KD beta=10 (pretrained init)'."""
+    if dcfg is None and cfg.softmax == EXACT:
+        return "exact"  # the reference every row is paired against
+    return f"{cfg.softmax.label()} {method_label(dcfg)}"
+
+
+def record_variant(rec: dict) -> str:
+    return variant_label(train_config(rec), distill_config(rec))
+
+
+def run_name(script: str, cfg: TrainConfig, dcfg: DistillConfig | None = None) -> str:
+    """'20261125-031500-distill-cgf0.5-b10-pretrained-s42': time, script, variant, seed."""
+    method = "" if dcfg is None else f"-{objective_slug(dcfg.terms)}-{dcfg.init}"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{script}-{cfg.softmax.slug()}{method}-s{cfg.seed}"
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp makes files private; records are for sharing
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    """Write strict JSON (no NaN or Infinity: RFC 8259) atomically."""
+    text = json.dumps(obj, indent=1, allow_nan=False) + "\n"
+    return atomic_write(path, lambda f: f.write(text), binary=False)
 
 
 def load_records(results_dir: str | Path = RESULTS_DIR) -> list[dict]:

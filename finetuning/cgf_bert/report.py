@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .plots import pyplot, save
-from .records import RESULTS_DIR, load_records
-from .stats import fmt_pm, mean_std, t_interval
+from .records import RESULTS_DIR, load_records, record_variant, train_config
+from .stats import fmt_pm, mean_std, paired_diff, t_interval
 
 # Recipe fields that must equal TrainConfig's defaults for a run to enter the main table.
 RECIPE = ("model", "epochs", "lr", "batch_size", "weight_decay", "max_grad_norm", "freeze_embeddings", "max_length", "group_by_length", "limit")
@@ -26,21 +26,14 @@ REFERENCE_BERT_BASE = {
 }
 
 
-def variant(rec: dict) -> str:
-    """A row label: softmax, coefficient and training method."""
-    cfg = rec["config"]
-    if cfg["softmax"] == "exact":
-        return "exact"
-    label = f"cgf c={cfg['coeff']:g}"
-    if rec["script"] == "distill":
-        d = rec["distill"]
-        return f"{label} KD beta={d['beta']:g} ({d['init']} init)"
-    return f"{label} CE"
-
-
 def is_reference_recipe(rec: dict) -> bool:
-    default = dataclasses.asdict(TrainConfig())
-    return all(rec["config"].get(k) == default[k] for k in RECIPE) and rec["script"] in ("finetune", "distill")
+    cfg, default = train_config(rec), TrainConfig()
+    return all(getattr(cfg, k) == getattr(default, k) for k in RECIPE) and rec["script"] in ("finetune", "distill")
+
+
+def accuracy(runs: dict[int, dict]) -> dict[int, float]:
+    """Seed -> best dev accuracy."""
+    return {s: r["best"]["accuracy"] for s, r in runs.items()}
 
 
 def latest_per_seed(records: list[dict]) -> dict[int, dict]:
@@ -63,19 +56,14 @@ def reference_groups(records: list[dict]) -> dict[str, dict[int, dict]]:
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in training_records(records):
         if is_reference_recipe(r):
-            groups[variant(r)].append(r)
+            groups[record_variant(r)].append(r)
     return {name: latest_per_seed(runs) for name, runs in groups.items()}
-
-
-def paired_diff(a: dict[int, dict], b: dict[int, dict]) -> dict[int, float]:
-    """Seed -> dev accuracy of ``a`` minus that of ``b``, over the seeds both have."""
-    return {s: a[s]["best"]["accuracy"] - b[s]["best"]["accuracy"] for s in sorted(a) if s in b}
 
 
 def paired_deltas(groups: dict[str, dict[int, dict]]) -> dict[str, dict[int, float]]:
     """Variant -> seed -> dev accuracy minus the exact run's of the same seed (seeds both have)."""
     exact = groups.get("exact", {})
-    return {name: paired_diff(runs, exact) for name, runs in groups.items() if name != "exact"}
+    return {name: paired_diff(accuracy(runs), accuracy(exact)) for name, runs in groups.items() if name != "exact"}
 
 
 # Paired comparisons between CGF rows that the findings turn on: (question, row A, row B), read as A - B.
@@ -99,7 +87,7 @@ def contrasts_table(records: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for question, a, b in CONTRASTS:
-        diffs = paired_diff(groups.get(a, {}), groups.get(b, {}))
+        diffs = paired_diff(accuracy(groups.get(a, {})), accuracy(groups.get(b, {})))
         vals = list(diffs.values())
         ci = fmt_interval(vals)
         wins = f"{sum(v > 0 for v in vals)} of {len(vals)}" if vals else "—"
@@ -189,15 +177,6 @@ def runs_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# Columns of each benchmark's table (see ``python -m benchmarks``).
-BENCH_COLUMNS = {
-    "trainer": ["runner", "examples", "examples_per_s", "ours_vs_this"],
-    "attention": ["length", "variant", "fwd_ms", "fwd_bwd_ms", "fwd_vs_sdpa", "fwd_bwd_vs_sdpa"],
-    "steps": ["mode", "ms_per_step", "examples_per_s", "step_vs_ce", "peak_memory_mb", "memory_vs_ce", "teacher_cache_seconds"],
-    "full": ["wall_minutes", "best_epoch", "dev_accuracy", "record"],
-}
-
-
 def markdown_table(rows: list[dict], cols: list[str]) -> str:
     """A markdown table of ``rows`` (floats to 3 significant figures)."""
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -217,19 +196,27 @@ def benchmark_table(name: str):
         if rec is None:
             return f"(no benchmark record with {'an' if name[0] in 'aeiou' else 'a'} {name} table yet)"
         head = f"`{Path(rec['_path']).name}` — {rec['device']}, code {rec['code_version']}, `{rec['command']}`\n\n"
-        return head + markdown_table(rec[name], BENCH_COLUMNS[name])
+        return head + markdown_table(rec[name], rec["columns"][name])
 
     return render
 
 
-TABLES = {"results": results_table, "contrasts": contrasts_table, "runs": runs_table, **{f"bench_{n}": benchmark_table(n) for n in BENCH_COLUMNS}}
+# Table markers in summary.md; ``bench_NAME`` renders the newest benchmark record's NAME table
+# with the columns the benchmark wrote into its record.
+TABLES = {"results": results_table, "contrasts": contrasts_table, "runs": runs_table}
+
+
+def table(name: str):
+    if name.startswith("bench_"):
+        return benchmark_table(name.removeprefix("bench_"))
+    return TABLES[name]
 
 
 def render(text: str, records: list[dict]) -> str:
     """Replace each ``<!-- table:NAME -->...<!-- /table -->`` block with a fresh table."""
 
     def fill(m: re.Match) -> str:
-        return f"<!-- table:{m.group(1)} -->\n{TABLES[m.group(1)](records)}\n<!-- /table -->"
+        return f"<!-- table:{m.group(1)} -->\n{table(m.group(1))(records)}\n<!-- /table -->"
 
     return re.sub(r"<!-- table:(\w+) -->.*?<!-- /table -->", fill, text, flags=re.S)
 

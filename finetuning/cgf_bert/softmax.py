@@ -1,38 +1,162 @@
-"""Attention softmax variants, plugged into transformers' BERT through its attention interface.
+"""Attention softmax variants: their math, their registry entries, and the spec value.
 
-The registry maps a name to a function ``(scores, valid, coeff) -> probs`` where
-``scores`` is (B, H, Q, K) and ``valid`` a boolean mask broadcastable to it (True = key
-may be attended) or None when every key is valid.
-
-One attention implementation, ``cgf_bert``, is registered with transformers; it reads the
-softmax kind and coefficient from the model config (``config.softmax``,
-``config.softmax_coeff``), so a model switches softmax by changing two config fields and
-any ``BertModel`` checkpoint runs with either one without copying BERT's code.
+A registry entry (``SoftmaxKind``) holds the function ``(scores, valid, **params) -> probs``
+(``scores`` (B, H, Q, K); ``valid`` a boolean mask broadcastable to it, True = key may be
+attended, or None when every key is valid), its declared parameters, its label, and its
+properties (float32 scores, what it divides by, its depth under CKKS). A ``SoftmaxSpec`` is a
+value: a kind's name, its parameter values and optional per-layer overrides. It is parsed
+from the CLI, stored in checkpoints and run records, compared in recipe checks, and printed by
+``label()``; no other code spells a variant's name. Adding a variant is one ``register_softmax``
+call (and its test).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
-from torch import nn
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .registry import Registry
+from . import CgfBertError
+from .polyexp import PolyExp
+from .registry import Param, Registry, resolve_params
 
 VARIANCE_COEFF = 0.5  # c in exp(s - mu - c*var): 0.5 is the exact Gaussian log-sum-exp estimate
-ATTN_IMPLEMENTATION = "cgf_bert"  # the name registered with transformers' AttentionInterface
 
-SoftmaxFn = Callable[[torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
-SOFTMAXES: Registry[SoftmaxFn] = Registry("softmax")
-register_softmax = SOFTMAXES.register
-get_softmax = SOFTMAXES.lookup
+
+@dataclass(frozen=True)
+class SoftmaxKind:
+    """A registered attention softmax and what every consumer needs to know about it."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]  # (scores, valid, **params) -> probs, masked keys exactly 0
+    params: tuple[Param, ...] = ()
+    label: Callable[[dict], str] | None = None  # params -> table label; default: the name
+    slug: Callable[[dict], str] | None = None  # params -> run-name part; default: the name
+    float32_scores: bool = False  # form the scores in float32 even under autocast (no max subtraction to tame them)
+    input_division: bool = True  # divides by an input-dependent sum (a reciprocal under FHE), not only by the public n
+    depth: Callable[[dict], int] | None = None  # multiplicative depth under CKKS, where it is known
+    doc: str = ""
+
+
+SOFTMAXES: Registry[SoftmaxKind] = Registry("softmax")
+
+
+def register_softmax(name: str, params: tuple[Param, ...] = (), **props) -> Callable:
+    """Decorator: register ``fn`` as softmax ``name`` with its parameters and properties."""
+
+    def deco(fn):
+        SOFTMAXES[name] = SoftmaxKind(name, fn, tuple(params), doc=(fn.__doc__ or "").strip().splitlines()[0], **props)
+        return fn
+
+    return deco
+
+
+def get_softmax(name: str) -> SoftmaxKind:
+    return SOFTMAXES.lookup(name)
+
+
+# ---------------------------------------------------------------- the value
+
+
+@dataclass(frozen=True)
+class SoftmaxSpec:
+    """A softmax kind with all its parameter values, and optional per-layer overrides.
+
+    ``layers`` maps a layer index to the spec that layer uses instead (e.g. exact in the last
+    layer, CGF elsewhere). Build with ``SoftmaxSpec.make``, which fills defaults and checks ranges.
+    """
+
+    name: str
+    params: tuple[tuple[str, Any], ...] = ()
+    layers: tuple[tuple[int, "SoftmaxSpec"], ...] = field(default=())
+
+    @classmethod
+    def make(cls, name: str, layers: dict[int, "SoftmaxSpec"] | None = None, **params) -> "SoftmaxSpec":
+        kind = get_softmax(name)
+        for i, s in (layers or {}).items():
+            if not isinstance(i, int) or i < 0 or s.layers:
+                raise CgfBertError(f"bad per-layer softmax {i}={s}: a layer index >= 0 and a plain spec")
+        return cls(name, resolve_params(kind.params, params, f"softmax {name!r}"), tuple(sorted((layers or {}).items())))
+
+    @property
+    def kind(self) -> SoftmaxKind:
+        return get_softmax(self.name)
+
+    @property
+    def values(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def for_layer(self, i: int) -> "SoftmaxSpec":
+        """The plain spec that layer ``i`` runs."""
+        return dict(self.layers).get(i, SoftmaxSpec(self.name, self.params))
+
+    def __call__(self, scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+        if self.layers:
+            raise CgfBertError("a per-layer softmax spec is applied layer by layer (use for_layer)")
+        return self.kind.fn(scores, valid, **self.values)
+
+    def label(self) -> str:
+        """'exact', 'cgf c=0.5', 'cgf c=0.5, layer 5 exact': the name tables and outputs show."""
+        kind = self.kind
+        base = kind.label(self.values) if kind.label else kind.name
+        return ", ".join([base, *(f"layer {i} {s.label()}" for i, s in self.layers)])
+
+    def slug(self) -> str:
+        """'exact', 'cgf0.5', 'cgf0.5-L5exact': the part of a run's file name."""
+        kind = self.kind
+        base = kind.slug(self.values) if kind.slug else kind.name
+        return "-".join([base, *(f"L{i}{s.slug()}" for i, s in self.layers)])
+
+    def to_json(self) -> dict[str, Any]:
+        """{'name': 'cgf', 'coeff': 0.5[, 'layers': {'5': {'name': 'exact'}}]}"""
+        out: dict[str, Any] = {"name": self.name, **self.values}
+        if self.layers:
+            out["layers"] = {str(i): s.to_json() for i, s in self.layers}
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict | str, coeff: float | None = None) -> "SoftmaxSpec":
+        """Read ``to_json``'s form, or the legacy one (a kind's name, and CGF's coefficient apart)."""
+        if isinstance(obj, str):  # checkpoints and records written before specs: 'exact' | 'cgf' + coeff
+            return cls.make(obj) if obj == "exact" else cls.make(obj, coeff=VARIANCE_COEFF if coeff is None else coeff)
+        obj = dict(obj)
+        layers = {int(i): cls.from_json(s) for i, s in obj.pop("layers", {}).items()}
+        return cls.make(obj.pop("name"), layers=layers, **obj)
+
+    @classmethod
+    def parse(cls, text: str) -> "SoftmaxSpec":
+        """'cgf', 'cgf:coeff=0.65', 'cgf_poly:degree=8,exp_lo=-16': the command-line form."""
+        name, _, rest = text.partition(":")
+        params = {}
+        for item in filter(None, rest.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise CgfBertError(f"bad softmax spec {text!r}: parameters are key=value, comma-separated")
+            params[key.strip()] = value.strip()
+        return cls.make(name.strip(), **params)
+
+    def with_layers(self, layers: dict[int, "SoftmaxSpec"]) -> "SoftmaxSpec":
+        return SoftmaxSpec.make(self.name, layers=layers, **self.values)
+
+
+def layer_specs(spec: SoftmaxSpec, num_layers: int) -> list[SoftmaxSpec]:
+    """The plain spec of each of ``num_layers`` layers; an override past the last layer is an error."""
+    beyond = [i for i, _ in spec.layers if i >= num_layers]
+    if beyond:
+        raise CgfBertError(f"per-layer softmax for layer(s) {beyond}, but the model has {num_layers} layers (0..{num_layers - 1})")
+    return [spec.for_layer(i) for i in range(num_layers)]
+
+
+# ---------------------------------------------------------------- the variants
+
+
+COEFF = Param("coeff", float, VARIANCE_COEFF, "CGF variance coefficient c in exp(s - mu - c*var)", min=0.0)
 
 
 @register_softmax("exact")
-def exact_softmax(scores: torch.Tensor, valid: torch.Tensor | None, coeff: float = VARIANCE_COEFF) -> torch.Tensor:
-    """Standard softmax over the valid keys (needs a max and a reciprocal; ``coeff`` is unused)."""
+def exact_softmax(scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Standard softmax over the valid keys (needs a max and a reciprocal)."""
     if valid is not None:
         scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1)
@@ -48,14 +172,7 @@ class _CgfSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s: torch.Tensor, mask: torch.Tensor | None, coeff: float) -> torch.Tensor:
-        if mask is None:
-            n = s.new_full((), s.shape[-1])
-            x = s - s.mean(dim=-1, keepdim=True)
-        else:
-            n = mask.sum(dim=-1, keepdim=True)  # (B, 1, Q, 1) public lengths
-            # Zero masked scores before any exp so a huge masked score can't give inf * 0 = nan.
-            x = (s - (s * mask).sum(dim=-1, keepdim=True) / n) * mask
-        var = torch.linalg.vecdot(x, x).unsqueeze(-1) / n
+        x, var, n = _centred(s, mask)
         p = torch.exp(x - coeff * var)
         p = p.mul_(mask / n) if mask is not None else p.div_(n)
         ctx.save_for_backward(p, x, mask, n)
@@ -72,53 +189,103 @@ class _CgfSoftmax(torch.autograd.Function):
         return u.sub_(shift.mul_(scale)), None, None
 
 
-@register_softmax("cgf")
+def _centred(s: torch.Tensor, mask: torch.Tensor | None):
+    """Scores centred on their valid mean (masked entries 0), the valid variance, and n."""
+    if mask is None:
+        n = s.new_full((), s.shape[-1])
+        x = s - s.mean(dim=-1, keepdim=True)
+    else:
+        n = mask.sum(dim=-1, keepdim=True)  # (B, 1, Q, 1) public lengths
+        # Zero masked scores before any exp so a huge masked score can't give inf * 0 = nan.
+        x = (s - (s * mask).sum(dim=-1, keepdim=True) / n) * mask
+    var = torch.linalg.vecdot(x, x).unsqueeze(-1) / n  # (B, H, Q, 1)
+    return x, var, n
+
+
+def _float32(fn):
+    """Run ``fn(s, mask, ...)`` in float32 (float64 kept) with autocast off; return the input dtype."""
+
+    def wrapped(scores: torch.Tensor, valid: torch.Tensor | None, *args):
+        dtype = scores.dtype
+        with torch.autocast(device_type=scores.device.type, enabled=False):
+            s = scores if scores.dtype == torch.float64 else scores.float()
+            mask = None if valid is None else valid.to(s.dtype)  # (B, 1, Q, K), 1 for valid keys
+            return fn(s, mask, *args).to(dtype)
+
+    return wrapped
+
+
+_cgf = _float32(_CgfSoftmax.apply)
+
+
+@register_softmax(
+    "cgf", (COEFF,), label=lambda p: f"cgf c={p['coeff']:g}", slug=lambda p: f"cgf{p['coeff']:g}",
+    float32_scores=True, input_division=False,
+)
 def cgf_softmax(scores: torch.Tensor, valid: torch.Tensor | None, coeff: float = VARIANCE_COEFF) -> torch.Tensor:
-    """CGF softmax: ``exp(s - mu - coeff*var) / n`` over the ``n`` valid keys, masked keys 0.
+    """CGF softmax: exp(s - mu - c*var) / n over the n valid keys, masked keys 0.
 
     ``mu`` and ``var`` are the mean and population variance of the valid scores of a row.
     No max and no input-dependent division: ``n`` is the public sequence length. Computed
-    in float32 whatever the input dtype (autocast off), returned in the input dtype.
+    in float32 whatever the input dtype (CGF exponentiates the centred scores directly, so
+    a bf16 error of 0.05 on a score of 10 would be a 5 % error on its probability).
     """
-    dtype = scores.dtype
-    with torch.autocast(device_type=scores.device.type, enabled=False):
-        s = scores if scores.dtype == torch.float64 else scores.float()
-        mask = None if valid is None else valid.to(s.dtype)  # (B, 1, Q, K), 1 for valid keys
-        probs = _CgfSoftmax.apply(s, mask, float(coeff))
-    return probs.to(dtype)
+    return _cgf(scores, valid, float(coeff))
 
 
-def attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,  # (B, H, Q, D)
-    key: torch.Tensor,  # (B, H, K, D)
-    value: torch.Tensor,  # (B, H, K, D)
-    attention_mask: torch.Tensor | None,  # (B, 1, Q, K) bool, True = attend; None = no padding
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT self-attention with the softmax named by ``module.config.softmax``."""
-    config = module.config
-    kind = getattr(config, "softmax", "exact")
-    softmax = get_softmax(kind)
-    if scaling is None:
-        scaling = query.size(-1) ** -0.5
-    if kind == "cgf":
-        # CGF exponentiates the centred scores directly (no max subtraction), so the scores
-        # themselves are formed in float32 too: a bf16 error of 0.05 on a score of 10 would
-        # become a 5 % error on its probability.
-        with torch.autocast(device_type=query.device.type, enabled=False):
-            scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling  # (B, H, Q, K)
-    else:
-        scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Q, K)
-    probs = softmax(scores, attention_mask, getattr(config, "softmax_coeff", VARIANCE_COEFF))
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs.to(value.dtype), value)  # (B, H, Q, D)
-    return out.transpose(1, 2).contiguous(), probs  # (B, Q, H, D)
+POLY_PARAMS = (
+    COEFF,
+    Param("degree", int, 8, "degree of the Chebyshev fit of exp(x / 2^squarings)", min=1, max=64),
+    Param("exp_lo", float, -32.0, "lower end of the interval the exp polynomial is fitted on"),
+    Param("exp_hi", float, 32.0, "upper end of the interval the exp polynomial is fitted on"),
+    Param("squarings", int, 5, "squarings after the polynomial (exp(x) = exp(x/2^k)^(2^k))", min=0, max=16),
+)
 
 
-# transformers builds the padding mask by the attention implementation's name: ours takes
-# the boolean (True = attend) mask that SDPA uses, or None when nothing is padded.
-AttentionInterface.register(ATTN_IMPLEMENTATION, attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+def _poly(p: dict) -> PolyExp:
+    try:
+        return PolyExp(p["degree"], p["exp_lo"], p["exp_hi"], p["squarings"])
+    except ValueError as e:
+        raise CgfBertError(str(e)) from None
+
+
+def _cgf_poly(s: torch.Tensor, mask: torch.Tensor | None, coeff: float, poly: PolyExp) -> torch.Tensor:
+    x, var, n = _centred(s, mask)
+    arg = x - coeff * var
+    valid = None if mask is None else mask.bool().expand_as(arg)
+    OUT_OF_RANGE.add(poly.outside(arg.detach(), valid), arg.numel() if valid is None else int(valid.sum()))
+    p = poly(arg)
+    return p * mask / n if mask is not None else p / n
+
+
+class _OutOfRange:
+    """Running count of exp arguments outside the polynomial's interval (never clipped: counted)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.outside, self.total = 0, 0
+
+    def add(self, outside: int, total: int):
+        self.outside += outside
+        self.total += total
+
+
+OUT_OF_RANGE = _OutOfRange()
+
+
+@register_softmax(
+    "cgf_poly", POLY_PARAMS,
+    label=lambda p: f"cgf_poly c={p['coeff']:g} d={p['degree']} [{p['exp_lo']:g},{p['exp_hi']:g}] k={p['squarings']}",
+    slug=lambda p: f"cgfpoly{p['coeff']:g}-d{p['degree']}-{p['exp_lo']:g}_{p['exp_hi']:g}-k{p['squarings']}",
+    float32_scores=True, input_division=False, depth=lambda p: _poly(p).depth,
+)
+def cgf_poly_softmax(scores, valid, coeff=VARIANCE_COEFF, degree=8, exp_lo=-32.0, exp_hi=32.0, squarings=5) -> torch.Tensor:
+    """CGF with exp replaced by the polynomial a CKKS evaluator runs (Chebyshev fit + squarings).
+
+    Arguments outside [exp_lo, exp_hi] are not clipped: they are counted in ``OUT_OF_RANGE`` (over
+    valid keys) so that callers can report them.
+    """
+    poly = _poly(dict(degree=degree, exp_lo=exp_lo, exp_hi=exp_hi, squarings=squarings))
+    return _float32(_cgf_poly)(scores, valid, float(coeff), poly)

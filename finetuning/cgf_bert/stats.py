@@ -47,3 +47,12 @@ def t_interval(xs: Iterable[float]) -> tuple[float, float] | None:
     m, s = mean_std(xs)
     half = _T95.get(len(xs) - 1, 1.96) * s / math.sqrt(len(xs))  # beyond 30 df, the normal quantile (under 4% short)
     return m - half, m + half
+
+
+def paired_diff(a: dict[int, float], b: dict[int, float]) -> dict[int, float]:
+    """Seed -> ``a[seed] - b[seed]`` over the seeds both have, in seed order of ``a``.
+
+    Same-seed runs share initialisation, data order and dropout draws, so their difference
+    removes what the seed explains; the seed set decides the comparison, never the run order.
+    """
+    return {s: a[s] - b[s] for s in sorted(a) if s in b}

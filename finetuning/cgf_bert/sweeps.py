@@ -13,34 +13,24 @@ from typing import Any
 
 from .checkpoint import load_model
 from .config import DistillConfig, TrainConfig
-from .records import RESULTS_DIR, load_records, write_json
 from .data import make_loader
 from .engine import evaluate, resolve_device
-from .runs import distill, finetune, prepare_data
 from .plots import pyplot, save
-from .stats import mean_std
+from .recipes import distill, finetune
+from .records import RESULTS_DIR, distill_config, load_records, train_config, write_json
+from .softmax import SoftmaxSpec
+from .stats import mean_std, paired_diff
+from .training import prepare_data
 
 log = logging.getLogger(__name__)
 
 
-def _recorded(values: dict, cls) -> dict:
-    """A record's ``cls`` settings; a field the record predates takes its default.
-
-    A field is added with the default that keeps the old behaviour (``compile`` came after
-    the first runs, off by default), so an older record ran with that default.
-    """
-    return {f.name: values.get(f.name, f.default) for f in dataclasses.fields(cls)}
-
-
 def _same_run(rec: dict, cfg: TrainConfig, dcfg: DistillConfig | None) -> bool:
-    want = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "data_dir")}
-    recorded = _recorded(rec["config"], TrainConfig)
-    got = {k: recorded[k] for k in want}
-    if cfg.softmax == "exact":
-        got["coeff"] = want["coeff"]  # the coefficient means nothing for the exact softmax
-    if got != want or rec["script"] != ("distill" if dcfg else "finetune"):
+    """Whether ``rec`` ran this recipe, variant and seed (where it ran and read data from aside)."""
+    if rec["script"] != ("distill" if dcfg else "finetune"):
         return False
-    return dcfg is None or _recorded(rec["distill"], DistillConfig) == dataclasses.asdict(dcfg)
+    where = {"device": None, "data_dir": None}
+    return dataclasses.replace(train_config(rec), **where) == dataclasses.replace(cfg, **where) and distill_config(rec) == dcfg
 
 
 def find_record(cfg: TrainConfig, dcfg: DistillConfig | None = None, results_dir: str | Path = RESULTS_DIR) -> dict[str, Any] | None:
@@ -60,28 +50,25 @@ def run_or_reuse(cfg: TrainConfig, dcfg: DistillConfig | None = None, teacher: s
     return finetune(cfg, results_dir=results_dir)
 
 
-def swap_at_eval(checkpoint: str | Path, coeffs: list[float], cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Score one checkpoint with the exact softmax and with CGF at each coefficient, no training."""
+def swap_at_eval(checkpoint: str | Path, specs: list[SoftmaxSpec], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Score one checkpoint with each softmax spec in turn, no training."""
     device = resolve_device(cfg.device)
     model, meta = load_model(checkpoint)  # loaded once; only the softmax changes between rows
     model.to(device)
     tokenizer, data = prepare_data(meta["model"], cfg.data_dir, cfg.max_length)
     loader = make_loader(data["validation"], tokenizer, cfg.eval_batch_size)
     rows = []
-    for kind, c in [("exact", None)] + [("cgf", c) for c in coeffs]:
-        model.set_softmax(kind, meta["coeff"] if c is None else c)
-        rows.append({"softmax": kind, "coeff": c, **evaluate(model, loader, device)})
+    for spec in specs:
+        model.set_softmax(spec)
+        rows.append({"softmax": spec.to_json(), "label": spec.label(), **evaluate(model, loader, device)})
     return rows
 
 
 def paired(a: list[dict], b: list[dict]) -> dict[str, Any]:
     """Per-seed accuracy differences b - a over the seeds both have."""
-    acc_a = {r["seed"]: r["best"]["accuracy"] for r in a}
-    acc_b = {r["seed"]: r["best"]["accuracy"] for r in b}
-    seeds = sorted(set(acc_a) & set(acc_b))
-    diffs = [acc_b[s] - acc_a[s] for s in seeds]
-    m, sd = mean_std(diffs)
-    return {"seeds": seeds, "diffs": diffs, "mean": m, "std": sd}
+    diffs = paired_diff({r["seed"]: r["best"]["accuracy"] for r in b}, {r["seed"]: r["best"]["accuracy"] for r in a})
+    m, sd = mean_std(diffs.values())
+    return {"seeds": list(diffs), "diffs": list(diffs.values()), "mean": m, "std": sd}
 
 
 def save_experiment(name: str, payload: dict, results_dir: str | Path = RESULTS_DIR) -> Path:

@@ -1,9 +1,10 @@
 """The teacher's outputs on the training set, computed once and reused every epoch.
 
-The teacher is frozen and runs in eval mode (no dropout), so its logits and hidden states
-for an example are the same in every epoch: computing them once removes the teacher's
-forward pass from all training steps. States are kept per example, unpadded, in float32
-on the CPU, and padded again to whatever batch the example lands in.
+The teacher is frozen and runs in eval mode (no dropout), so its outputs for an example are
+the same in every epoch: computing them once removes the teacher's forward pass from all
+training steps. The cache holds exactly what the objective's terms need (logits always;
+hidden states, attention maps when asked), per example, unpadded, in float32 on the CPU, and
+pads them again to whatever batch the example lands in.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .data import make_loader
 from .engine import autocast_for, to_device
+from .model import OUTPUTS
 
 log = logging.getLogger(__name__)
 MEMORY_SHARE = 0.5  # use at most this share of the available memory for the cache
@@ -34,66 +36,76 @@ def available_memory() -> int | None:
     return None
 
 
-def cache_bytes(lengths: list[int], num_states: int, hidden: int, with_hidden: bool) -> int:
+def cache_bytes(lengths: list[int], config, needs: tuple[str, ...]) -> int:
     """Float32 bytes the cache of a dataset with these token ``lengths`` takes."""
-    per_token = num_states * hidden if with_hidden else 0
-    return 4 * (sum(lengths) * per_token + 2 * len(lengths))
+    per_example = {
+        "hidden": lambda n: (config.num_hidden_layers + 1) * n * config.hidden_size,  # (S, n, H)
+        "attentions": lambda n: config.num_hidden_layers * config.num_attention_heads * n * n,  # (L, H, n, n)
+    }
+    return 4 * sum(2 + sum(per_example[k](n) for k in needs) for n in lengths)
+
+
+def _unpad(stacked: torch.Tensor, dims: tuple[int, ...], n: int) -> torch.Tensor:
+    """One example's tensor cut to its ``n`` real tokens along its token ``dims``."""
+    for d in dims:
+        stacked = stacked.narrow(d, 0, n)
+    return stacked.clone()
 
 
 class TeacherCache:
-    """Teacher logits (N, 2) and, optionally, hidden states per example (S, len_i, H)."""
+    """Teacher logits (N, 2) and, per needed output, one unpadded tensor per example."""
 
-    def __init__(self, ids: list[int], logits: torch.Tensor, hidden: list[torch.Tensor] | None, seconds: float = 0.0):
+    def __init__(self, ids: list[int], logits: torch.Tensor, outputs: dict[str, list[torch.Tensor]], seconds: float = 0.0):
         self.row = {int(i): r for r, i in enumerate(ids)}  # example idx -> row in the cache
-        self.logits, self.hidden, self.seconds = logits, hidden, seconds
+        self.logits, self.outputs, self.seconds = logits, outputs, seconds
 
     @property
     def nbytes(self) -> int:
-        return self.logits.nbytes + sum(h.nbytes for h in self.hidden or [])
+        return self.logits.nbytes + sum(t.nbytes for ts in self.outputs.values() for t in ts)
 
     @classmethod
     @torch.no_grad()
-    def build(cls, teacher: nn.Module, dataset, tokenizer, device: torch.device, batch_size: int, with_hidden: bool) -> "TeacherCache":
+    def build(cls, teacher: nn.Module, dataset, tokenizer, device: torch.device, batch_size: int, needs: tuple[str, ...]) -> "TeacherCache":
         """Run ``teacher`` once over ``dataset`` (needs the ``idx`` column)."""
         start = time.perf_counter()
         teacher.eval().to(device)
-        ids, logits, hidden = [], [], [] if with_hidden else None
+        ids, logits, outputs = [], [], {k: [] for k in needs}
         loader = make_loader(dataset.sort("length") if "length" in dataset.column_names else dataset, tokenizer, batch_size)
         for batch in tqdm(loader, desc="teacher outputs", leave=False, dynamic_ncols=True):
             batch = to_device(batch, device)
             with autocast_for(device):
-                out = teacher(**batch, hidden_states=with_hidden)
-            lg, hs = out if with_hidden else (out, None)
+                out = teacher(**batch, needs=needs)
             ids += batch["idx"].tolist()
-            logits.append(lg.float().cpu())
-            if with_hidden:
-                states = torch.stack(hs, 1).float().cpu()  # (B, S, T, H)
-                for b, n in enumerate(batch["attention_mask"].sum(1).tolist()):
-                    hidden.append(states[b, :, :n].clone())  # unpadded: (S, n, H)
-        return cls(ids, torch.cat(logits), hidden, time.perf_counter() - start)
+            logits.append(out["logits"].float().cpu())
+            lengths = batch["attention_mask"].sum(1).tolist()
+            for k in needs:
+                stacked = torch.stack(out[k], 1).float().cpu()  # (B, layers, ...) with token dims shifted by one
+                for b, n in enumerate(lengths):
+                    outputs[k].append(_unpad(stacked[b], OUTPUTS[k], n))
+        return cls(ids, torch.cat(logits), outputs, time.perf_counter() - start)
 
-    def lookup(self, idx: torch.Tensor, seq_len: int, device: torch.device):
-        """Teacher logits (B, 2) and hidden states (tuple of S tensors (B, seq_len, H)) for a batch."""
+    def lookup(self, idx: torch.Tensor, seq_len: int, device: torch.device) -> dict:
+        """The teacher's outputs for a batch, as the model's forward returns them, padded to ``seq_len``."""
         rows = [self.row[i] for i in idx.tolist()]
-        logits = self.logits[rows].to(device, non_blocking=True)
-        if self.hidden is None:
-            return logits, None
-        first = self.hidden[rows[0]]
-        states = first.new_zeros(first.shape[0], len(rows), seq_len, first.shape[-1])  # (S, B, T, H)
-        for b, r in enumerate(rows):
-            h = self.hidden[r]
-            states[:, b, : h.shape[1]] = h
-        return logits, tuple(states.to(device, non_blocking=True).unbind(0))
+        out = {"logits": self.logits[rows].to(device, non_blocking=True)}
+        for k, per_example in self.outputs.items():
+            first = per_example[rows[0]]
+            shape = [seq_len if d in OUTPUTS[k] else s for d, s in enumerate(first.shape)]
+            states = first.new_zeros(shape[0], len(rows), *shape[1:])  # (layers, B, ...)
+            for b, r in enumerate(rows):
+                t = per_example[r]
+                states[(slice(None), b, *(slice(0, s) for s in t.shape[1:]))] = t
+            out[k] = tuple(states.to(device, non_blocking=True).unbind(0))
+        return out
 
 
-def maybe_build(teacher: nn.Module, dataset, tokenizer, device: torch.device, batch_size: int, with_hidden: bool) -> TeacherCache | None:
+def maybe_build(teacher: nn.Module, dataset, tokenizer, device: torch.device, batch_size: int, needs: tuple[str, ...]) -> TeacherCache | None:
     """A cache when it fits in ``MEMORY_SHARE`` of the available memory, else None (live teacher)."""
-    cfg = teacher.bert.config
-    need = cache_bytes(dataset["length"], cfg.num_hidden_layers + 1, cfg.hidden_size, with_hidden)
+    need = cache_bytes(dataset["length"], teacher.bert.config, needs)
     free = available_memory()
     if free is not None and need > MEMORY_SHARE * free:
         log.warning("teacher cache needs %.1f GB, %.1f GB available: running the teacher live each step", need / 1e9, free / 1e9)
         return None
-    cache = TeacherCache.build(teacher, dataset, tokenizer, device, batch_size, with_hidden)
+    cache = TeacherCache.build(teacher, dataset, tokenizer, device, batch_size, needs)
     log.info("teacher outputs cached: %.2f GB in %.1f s", cache.nbytes / 1e9, cache.seconds)
     return cache

@@ -8,19 +8,19 @@ a table and a PNG plot with error bars. Runs with an existing record are reused.
 
 import argparse
 import dataclasses
-import sys
 import time
 
 from cgf_bert.cli import add_config_args, config_from_args, run_main
-from cgf_bert.config import SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
-from cgf_bert.records import RESULTS_DIR
+from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
+from cgf_bert.records import RESULTS_DIR, command_line, method_label
+from cgf_bert.softmax import SoftmaxSpec
 from cgf_bert.stats import fmt_pm, mean_std
 from cgf_bert.sweeps import find_record, plot_accuracy_vs_coeff, run_or_reuse, save_experiment
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, TrainConfig, skip=("softmax", "seed", "coeff"))
+    add_config_args(p, TrainConfig, skip=("softmax", "seed"))
     add_config_args(p, DistillConfig)
     p.add_argument("--coeffs", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.85], help="coefficients (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds per coefficient (default: %(default)s)")
@@ -29,19 +29,20 @@ def main():
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="train even where a matching record exists")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="run records and the sweep summary (default: %(default)s)")
     args = p.parse_args()
-    cfg = config_from_args(TrainConfig, args, softmax="cgf", seed=args.seeds[0])
+    cfg = config_from_args(TrainConfig, args, seed=args.seeds[0])
     dcfg = config_from_args(DistillConfig, args) if args.distill else None
     acc: dict[float, list[float]] = {}
     names: dict[float, list[str]] = {}
     for c in args.coeffs:
         for seed in args.seeds:
-            rec = run_or_reuse(dataclasses.replace(cfg, coeff=c, seed=seed), dcfg, args.teacher, args.results_dir, args.reuse)
+            spec = SoftmaxSpec.make("cgf", coeff=c)
+            rec = run_or_reuse(dataclasses.replace(cfg, softmax=spec, seed=seed), dcfg, args.teacher, args.results_dir, args.reuse)
             acc.setdefault(c, []).append(rec["best"]["accuracy"])
             names.setdefault(c, []).append(rec["name"])
     # The exact softmax on the same seeds is the line to reach; drawn only when every seed has a run (never trained here).
-    exact = [find_record(dataclasses.replace(cfg, softmax="exact", seed=s), None, args.results_dir) for s in args.seeds]
+    exact = [find_record(dataclasses.replace(cfg, softmax=EXACT, seed=s), None, args.results_dir) for s in args.seeds]
     exact_acc = [r["best"]["accuracy"] for r in exact] if all(exact) else None
-    method = f"KD beta={dcfg.beta:g}" if dcfg else "CE"
+    method = method_label(dcfg)
     print(f"CGF {method}, dev accuracy over seeds {args.seeds} (points, mean ± std):")
     for c in args.coeffs:
         print(f"  c={c:<5g} {fmt_pm(acc[c])}")
@@ -49,7 +50,7 @@ def main():
     stamp = time.strftime("%Y%m%d-%H%M%S")
     png = plot_accuracy_vs_coeff(acc, f"{args.results_dir}/experiments/coeff_sweep-{stamp}.png", f"CGF {method}: dev accuracy vs c",
                                  hline=mean_std(exact_acc)[0] if exact_acc else None, hline_label="exact softmax, same seeds")
-    out = {"command": " ".join(["python -m experiments.coeff_sweep", *sys.argv[1:]]), "method": method, "seeds": args.seeds,
+    out = {"command": command_line(), "method": method, "seeds": args.seeds,
            "accuracy": {str(c): v for c, v in acc.items()}, "records": {str(c): v for c, v in names.items()},
            "exact_accuracy": exact_acc, "exact_records": [r["name"] for r in exact] if exact_acc else None, "plot": str(png)}
     print(f"plot: {png}\nsaved {save_experiment(f'coeff_sweep-{stamp}', out, args.results_dir)}")

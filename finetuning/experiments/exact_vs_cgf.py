@@ -13,43 +13,44 @@ import dataclasses
 import time
 
 from cgf_bert.cli import add_config_args, config_from_args, run_main
-from cgf_bert.config import SEEDS, TEACHER_PATH, TrainConfig
-from cgf_bert.records import RESULTS_DIR
+from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, TrainConfig
+from cgf_bert.records import RESULTS_DIR, command_line
+from cgf_bert.softmax import SoftmaxSpec
 from cgf_bert.sweeps import paired, plot_accuracy_vs_coeff, run_or_reuse, save_experiment, swap_at_eval
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(p, TrainConfig, skip=("softmax", "seed"))
+    add_config_args(p, TrainConfig, skip=("seed",), softmax=SoftmaxSpec.make("cgf", coeff=0.65))
     p.add_argument("--checkpoint", default=TEACHER_PATH, help="exact checkpoint for the swap (default: %(default)s)")
     p.add_argument("--swap-coeffs", type=float, nargs="*", default=[0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 1.0],
                    help="CGF coefficients for the swap at eval (default: %(default)s; none to skip)")
-    p.add_argument("--paired", action="store_true", help="also run paired exact vs CGF (--coeff) fine-tunes")
+    p.add_argument("--paired", action="store_true", help="also run paired fine-tunes: exact vs the --softmax spec (CGF c=0.65 by default)")
     p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds for --paired (default: %(default)s)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="train even where a matching record exists")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="run records and the experiment summary (default: %(default)s)")
     args = p.parse_args()
-    cfg = config_from_args(TrainConfig, args, softmax="cgf", seed=args.seeds[0])
-    out = {"command": " ".join(["python -m experiments.exact_vs_cgf", *__import__("sys").argv[1:]])}
+    cfg = config_from_args(TrainConfig, args, seed=args.seeds[0])
+    out = {"command": command_line()}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.swap_coeffs:
-        rows = swap_at_eval(args.checkpoint, args.swap_coeffs, cfg)
+        specs = [EXACT] + [SoftmaxSpec.make("cgf", coeff=c) for c in args.swap_coeffs]
+        rows = swap_at_eval(args.checkpoint, specs, cfg)
         out["swap"] = {"checkpoint": args.checkpoint, "rows": rows}
         print(f"swap at eval, {args.checkpoint}:")
         for r in rows:
-            label = "exact" if r["softmax"] == "exact" else f"cgf c={r['coeff']:g}"
-            print(f"  {label:>12}: dev accuracy {r['accuracy']:.4f}  F1 {r['f1']:.4f}")
-        png = plot_accuracy_vs_coeff({r["coeff"]: [r["accuracy"]] for r in rows[1:]}, f"{args.results_dir}/experiments/swap-{stamp}.png",
+            print(f"  {r['label']:>12}: dev accuracy {r['accuracy']:.4f}  F1 {r['f1']:.4f}")
+        png = plot_accuracy_vs_coeff({r["softmax"]["coeff"]: [r["accuracy"]] for r in rows[1:]}, f"{args.results_dir}/experiments/swap-{stamp}.png",
                                      "Exact checkpoint scored with CGF (no training)", hline=rows[0]["accuracy"])
         print(f"  plot: {png}")
     if args.paired:
         ex, cg = [], []
         for seed in args.seeds:
-            ex.append(run_or_reuse(dataclasses.replace(cfg, softmax="exact", seed=seed), results_dir=args.results_dir, reuse=args.reuse))
+            ex.append(run_or_reuse(dataclasses.replace(cfg, softmax=EXACT, seed=seed), results_dir=args.results_dir, reuse=args.reuse))
             cg.append(run_or_reuse(dataclasses.replace(cfg, seed=seed), results_dir=args.results_dir, reuse=args.reuse))
         d = paired(ex, cg)
-        out["paired"] = {"coeff": cfg.coeff, "exact": [r["name"] for r in ex], "cgf": [r["name"] for r in cg], **d}
-        print(f"paired fine-tunes, CGF c={cfg.coeff:g} minus exact (dev accuracy, points):")
+        out["paired"] = {"softmax": cfg.softmax.to_json(), "exact": [r["name"] for r in ex], "cgf": [r["name"] for r in cg], **d}
+        print(f"paired fine-tunes, {cfg.softmax.label()} minus exact (dev accuracy, points):")
         for s, x in zip(d["seeds"], d["diffs"]):
             print(f"  seed {s}: {x * 100:+.2f}")
         print(f"  mean {d['mean'] * 100:+.2f} ± {d['std'] * 100:.2f} over {len(d['seeds'])} seeds")

@@ -1,0 +1,114 @@
+"""Recipes: CE fine-tuning, distillation over seeds, and scoring a checkpoint.
+
+Step scripts are thin wrappers over these functions; each training recipe builds a model and
+a ``train_step`` and hands them to ``training.train``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from .checkpoint import load_model
+from .config import DistillConfig, TrainConfig
+from .data import make_loader
+from .engine import ce_step, evaluate, resolve_device, set_seed
+from .losses import make_kd_step
+from .model import BertMRPC, build_model
+from .records import RESULTS_DIR, code_version, command_line, machine, repo_relative, write_json
+from .softmax import OUT_OF_RANGE, SoftmaxSpec
+from .teacher import load_teacher, prepare_teacher
+from .teacher_cache import TeacherCache
+from .training import prepare_data, train
+
+log = logging.getLogger(__name__)
+
+
+def finetune(cfg: TrainConfig, out: str | Path | None = None, results_dir: str | Path = RESULTS_DIR) -> dict[str, Any]:
+    """CE fine-tuning of a pretrained BERT with the softmax in ``cfg`` (teacher or CGF baseline)."""
+    data = prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)  # bad data fails before any work
+    set_seed(cfg.seed)
+    model = build_model(cfg.model, cfg.softmax)
+    return train(cfg, model, ce_step, script="finetune", out=out, results_dir=results_dir, data=data)
+
+
+def distill(
+    cfg: TrainConfig,
+    dcfg: DistillConfig,
+    teacher_path: str | Path,
+    out: str | Path | None = None,
+    results_dir: str | Path = RESULTS_DIR,
+    data=None,
+    teacher: tuple[BertMRPC, dict, TeacherCache | None] | None = None,
+) -> dict[str, Any]:
+    """KD from the exact teacher at ``teacher_path`` into a student with the softmax in ``cfg``.
+
+    ``teacher`` is ``(model, metadata, cache)`` from ``prepare_teacher`` when the caller
+    already has it (``distill_seeds`` shares one across seeds).
+    """
+    data = data or prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)
+    teacher_model, tmeta, cache = teacher or prepare_teacher(teacher_path, cfg, dcfg, results_dir, data)
+    set_seed(cfg.seed)
+    if dcfg.init == "teacher":
+        student = copy.deepcopy(teacher_model).requires_grad_(True)  # the teacher itself is frozen
+    else:
+        student = build_model(cfg.model)
+    step = make_kd_step(teacher_model, dcfg.terms, cache)
+    extra = {
+        "teacher": repo_relative(teacher_path), "teacher_dev": tmeta.get("dev"),
+        "teacher_seed": tmeta.get("seed"), "teacher_cached": cache is not None,
+        "teacher_cache_seconds": round(cache.seconds, 1) if cache else None, "teacher_cache_bytes": cache.nbytes if cache else None,
+    }
+    return train(cfg, student, step, script="distill", out=out, results_dir=results_dir, data=data, dcfg=dcfg, extra=extra)
+
+
+def distill_seeds(cfg: TrainConfig, dcfg: DistillConfig, seeds: list[int], teacher_path: str | Path,
+                  out: str | Path | None = None, results_dir: str | Path = RESULTS_DIR) -> Iterator[dict[str, Any]]:
+    """One student per seed, sharing the tokenized data, the teacher and its cached outputs."""
+    # An existing teacher is read (once) and checked before any data work, so a wrong one fails fast.
+    loaded = load_teacher(teacher_path, cfg.model) if Path(teacher_path).exists() else None
+    data = prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)
+    teacher = prepare_teacher(teacher_path, cfg, dcfg, results_dir, data, loaded)
+    for seed in seeds:
+        yield distill(dataclasses.replace(cfg, seed=seed), dcfg, teacher_path, out, results_dir, data, teacher)
+
+
+def score(
+    checkpoint: str | Path,
+    softmax: SoftmaxSpec | None = None,
+    data_dir: str | None = None,
+    device: str | None = None,
+    batch_size: int = 128,
+    max_length: int = 128,
+    data=None,
+) -> dict[str, Any]:
+    """Dev accuracy and F1 of a checkpoint, with its own softmax unless overridden.
+
+    A softmax that approximates exp on an interval also reports how many exp arguments fell
+    outside it (``out_of_range``: they are evaluated, never clipped).
+    """
+    dev = resolve_device(device)
+    model, meta = load_model(checkpoint, softmax)
+    model.to(dev)
+    tokenizer, data = data or prepare_data(meta["model"], data_dir, max_length)
+    OUT_OF_RANGE.reset()
+    metrics = evaluate(model, make_loader(data["validation"], tokenizer, batch_size), dev)
+    result = {
+        "checkpoint": repo_relative(checkpoint), "softmax": model.softmax.to_json(), "label": model.softmax.label(),
+        "dev": metrics, "trained": {**meta, "softmax": meta["softmax"].to_json()}, "device": machine(dev),
+    }
+    if OUT_OF_RANGE.total:
+        result["out_of_range"] = {"outside": OUT_OF_RANGE.outside, "entries": OUT_OF_RANGE.total}
+    return result
+
+
+def record_score(result: dict[str, Any], results_dir: str | Path = RESULTS_DIR) -> Path:
+    """A validate run's record, in ``results_dir/validate/`` (kept out of the training tables)."""
+    slug = SoftmaxSpec.from_json(result["softmax"]).slug()
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-validate-{Path(result['checkpoint']).stem}-{slug}"
+    rec = {"name": name, "script": "validate", "command": command_line(), "code_version": code_version(), **result}
+    return write_json(Path(results_dir) / "validate" / f"{name}.json", rec)
