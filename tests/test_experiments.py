@@ -163,3 +163,22 @@ def test_seed_statistics():
     assert abs(lo - 1.0368) < 1e-3 and abs(hi - 4.9632) < 1e-3
     assert t_interval([0.5]) is None
     assert fmt_pm([0.8, 0.82]) == "81.00 ± 1.41" and fmt_pm([]) == "—" and fmt_pm([0.8]) == "80.00"
+
+
+def test_poly_swap_scores_a_cgf_checkpoint_with_polynomial_exps(tiny_bert, tiny_mrpc, tmp_path):
+    from cgf_bert.checkpoint import save_checkpoint
+    from cgf_bert.model import build_model
+
+    ckpt = save_checkpoint(tmp_path / "cgf.pt", build_model(str(tiny_bert), SoftmaxSpec.make("cgf", coeff=0.5)), {"model": str(tiny_bert)})
+    out = module("experiments.poly_swap", ckpt, "--data-dir", tiny_mrpc, "--settings", "10,-40,20,5", "2,0.5,1,0", "--results-dir", tmp_path)
+    (rec_path,) = tmp_path.glob("experiments/poly_swap-*.json")
+    rows = json.loads(rec_path.read_text())["rows"]
+    assert [r["label"] for r in rows] == ["cgf c=0.5", "cgf_poly c=0.5 d=10 [-40,20] k=5", "cgf_poly c=0.5 d=2 [0.5,1] k=0"]
+    assert rows[0]["agreement"] == 1.0 and rows[0]["depth"] is None and "out_of_range" not in rows[0]
+    # a wide, accurate polynomial is plain CGF; a fit on [0.5, 1] sees arguments outside it (counted, not clipped)
+    assert rows[1]["accuracy"] == rows[0]["accuracy"] and rows[1]["agreement"] == 1.0 and rows[1]["depth"] == 4 + 2 + 5
+    assert rows[1]["out_of_range"]["outside"] == 0 and rows[2]["out_of_range"]["outside"] > 0
+    assert "cgf_poly c=0.5 d=10" in out and len(list(tmp_path.glob("experiments/poly_swap-*.png"))) == 1
+    p = subprocess.run([sys.executable, "-m", "experiments.poly_swap", ckpt, "--settings", "8,-32,32"], cwd=FINETUNING,
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == "error: --settings takes DEGREE,LO,HI,SQUARINGS (e.g. 8,-32,32,5), got '8,-32,32'"

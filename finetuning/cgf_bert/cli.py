@@ -41,11 +41,12 @@ def _field_param(f: dataclasses.Field, kind: type) -> Param:
     return Param(f.name, kind, f.default, m["help"], m.get("min"), m.get("max"), m.get("above"))
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), **defaults) -> None:
-    """One ``--flag`` per dataclass field (or a group, for the softmax and the objective)."""
+def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), only: tuple[str, ...] = (), **defaults) -> None:
+    """One ``--flag`` per dataclass field (or a group, for the softmax and the objective);
+    ``skip`` leaves fields out, ``only`` keeps just those."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or (only and f.name not in only):
             continue
         default = defaults.get(f.name, f.default)
         if "cli" in f.metadata:

@@ -107,11 +107,15 @@ def predict(model: nn.Module, loader, device: torch.device) -> tuple[np.ndarray,
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
-def evaluate(model: nn.Module, loader, device: torch.device) -> dict[str, float]:
-    """Dev loss, accuracy and F1."""
-    logits, labels = predict(model, loader, device)
+def logit_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Cross-entropy loss, accuracy and F1 of logits (N, 2) against labels (N,)."""
     loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
     return {"loss": loss, **classification_metrics(logits.argmax(-1), labels)}
+
+
+def evaluate(model: nn.Module, loader, device: torch.device) -> dict[str, float]:
+    """Dev loss, accuracy and F1."""
+    return logit_metrics(*predict(model, loader, device))
 
 
 def ce_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:

@@ -14,11 +14,11 @@ from typing import Any
 from .checkpoint import load_model
 from .config import DistillConfig, TrainConfig
 from .data import make_loader
-from .engine import evaluate, resolve_device
+from .engine import logit_metrics, predict, resolve_device
 from .plots import pyplot, save
 from .recipes import distill, finetune
 from .records import RESULTS_DIR, distill_config, load_records, train_config, write_json
-from .softmax import SoftmaxSpec
+from .softmax import OUT_OF_RANGE, SoftmaxSpec
 from .stats import mean_std, paired_diff
 from .training import prepare_data
 
@@ -51,16 +51,29 @@ def run_or_reuse(cfg: TrainConfig, dcfg: DistillConfig | None = None, teacher: s
 
 
 def swap_at_eval(checkpoint: str | Path, specs: list[SoftmaxSpec], cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Score one checkpoint with each softmax spec in turn, no training."""
+    """Score one checkpoint with each softmax spec in turn, no training.
+
+    Each row has the dev metrics, the share of dev predictions equal to the first spec's
+    (``agreement``), the CKKS depth where the softmax declares it, and for a polynomial exp the
+    exp arguments that left its interval (counted over valid entries, never clipped).
+    """
     device = resolve_device(cfg.device)
     model, meta = load_model(checkpoint)  # loaded once; only the softmax changes between rows
     model.to(device)
     tokenizer, data = prepare_data(meta["model"], cfg.data_dir, cfg.max_length)
     loader = make_loader(data["validation"], tokenizer, cfg.eval_batch_size)
-    rows = []
+    rows, first = [], None
     for spec in specs:
         model.set_softmax(spec)
-        rows.append({"softmax": spec.to_json(), "label": spec.label(), **evaluate(model, loader, device)})
+        OUT_OF_RANGE.reset()
+        logits, labels = predict(model, loader, device)
+        preds = logits.argmax(-1)
+        first = preds if first is None else first
+        row = {"softmax": spec.to_json(), "label": spec.label(), **logit_metrics(logits, labels),
+               "agreement": float((preds == first).mean()), "depth": spec.kind.depth(spec.values) if spec.kind.depth else None}
+        if OUT_OF_RANGE.total:
+            row["out_of_range"] = {"outside": OUT_OF_RANGE.outside, "entries": OUT_OF_RANGE.total}
+        rows.append(row)
     return rows
 
 

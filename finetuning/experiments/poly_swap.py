@@ -1,0 +1,84 @@
+"""What is left of a CGF checkpoint when exp is the polynomial an encrypted (CKKS) evaluator runs?
+
+Scores one checkpoint on MRPC dev with plain CGF (real exp, the reference row) and with
+``cgf_poly`` at each (degree, interval, squarings) setting, no training: dev accuracy, the
+share of dev predictions equal to plain CGF's, the multiplicative depth of the polynomial, and
+the exp arguments that fell outside its interval (counted, never clipped). One JSON record
+and a PNG (accuracy vs depth) in results/experiments/.
+
+    cd finetuning
+    python -m experiments.poly_swap ../checkpoints/STUDENT.pt --settings 8,-32,32,5 6,-16,8,4 4,-16,8,4
+"""
+
+import argparse
+import time
+
+from cgf_bert import CgfBertError
+from cgf_bert.checkpoint import read_checkpoint
+from cgf_bert.cli import add_config_args, config_from_args, run_main
+from cgf_bert.config import TrainConfig
+from cgf_bert.plots import pyplot, save
+from cgf_bert.records import RESULTS_DIR, code_version, command_line, repo_relative
+from cgf_bert.softmax import SoftmaxSpec
+from cgf_bert.sweeps import save_experiment, swap_at_eval
+
+DEFAULT_SETTINGS = ["8,-32,32,5", "8,-16,16,4", "6,-16,8,4", "4,-16,8,4", "8,-8,8,3"]
+
+
+def poly_spec(text: str, coeff: float) -> SoftmaxSpec:
+    """'DEGREE,LO,HI,SQUARINGS' -> the cgf_poly spec at the checkpoint's coefficient."""
+    parts = text.split(",")
+    if len(parts) != 4:
+        raise CgfBertError(f"--settings takes DEGREE,LO,HI,SQUARINGS (e.g. 8,-32,32,5), got {text!r}")
+    degree, lo, hi, squarings = parts
+    return SoftmaxSpec.make("cgf_poly", coeff=coeff, degree=degree, exp_lo=lo, exp_hi=hi, squarings=squarings)
+
+
+def plot(rows: list[dict], path: str, title: str):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ref = rows[0]
+    for r in rows[1:]:
+        ax.scatter(r["depth"], r["accuracy"] * 100, color="tab:blue", zorder=3)
+        ax.annotate(r["label"].split(" ", 2)[2], (r["depth"], r["accuracy"] * 100), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    ax.axhline(ref["accuracy"] * 100, color="gray", ls="--", label=f"{ref['label']} (real exp)")
+    ax.set_xlabel("multiplicative depth of the polynomial exp (CKKS levels)")
+    ax.set_ylabel("MRPC dev accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a CGF checkpoint (its coefficient is kept)")
+    p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, metavar="D,LO,HI,K",
+                   help="polynomial settings: degree, interval ends, squarings (default: %(default)s)")
+    add_config_args(p, TrainConfig, only=("device", "data_dir", "eval_batch_size", "max_length"))
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record and plot go to RESULTS_DIR/experiments/ (default: %(default)s)")
+    args = p.parse_args()
+    cfg = config_from_args(TrainConfig, args)
+    _, meta = read_checkpoint(args.checkpoint)
+    base = meta["softmax"]
+    if base.name != "cgf" or base.layers:
+        raise CgfBertError(f"{args.checkpoint} runs {base.label()}; poly_swap replaces exp in a plain CGF checkpoint")
+    specs = [base] + [poly_spec(s, base.values["coeff"]) for s in args.settings]
+    rows = swap_at_eval(args.checkpoint, specs, cfg)
+    print(f"{args.checkpoint}: dev accuracy with exp replaced by a polynomial (no training)")
+    print(f"  {'softmax':<40} {'depth':>5} {'acc':>7} {'Δ acc':>7} {'agree':>7} {'outside':>10}")
+    for r in rows:
+        o = r.get("out_of_range")
+        outside = f"{o['outside'] / o['entries']:.2e}" if o else "—"
+        print(f"  {r['label']:<40} {r['depth'] if r['depth'] is not None else '—':>5} {r['accuracy'] * 100:7.2f} "
+              f"{(r['accuracy'] - rows[0]['accuracy']) * 100:+7.2f} {r['agreement'] * 100:6.1f}% {outside:>10}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    png = plot(rows, f"{args.results_dir}/experiments/poly_swap-{stamp}.png", f"{repo_relative(args.checkpoint)}: CGF with a polynomial exp")
+    out = {"command": command_line(), "code_version": code_version(), "checkpoint": repo_relative(args.checkpoint),
+           "trained": {k: meta.get(k) for k in ("model", "seed", "epoch", "dev", "code_version")}, "rows": rows, "plot": repo_relative(png)}
+    print(f"plot: {png}\nsaved {save_experiment(f'poly_swap-{stamp}', out, args.results_dir)}")
+
+
+if __name__ == "__main__":
+    run_main(main)
