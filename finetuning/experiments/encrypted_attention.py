@@ -1,0 +1,234 @@
+"""One attention layer of a trained checkpoint evaluated under CKKS encryption (desilofhe).
+
+For N real MRPC dev examples (a seeded sample): the layer's scores are computed in plaintext,
+encrypted (many rows per ciphertext), the CGF softmax is evaluated homomorphically (row mean
+and variance by rotations, the polynomial exp, squarings, the public mask and 1/n), multiplied
+by the plaintext V, and decrypted; the decrypted attention output is put back into the
+plaintext model, which finishes the forward pass. Reported: errors against the plaintext CGF
+(real exp) and cgf_poly, depth, ring size, slots, time per ciphertext and per row, and whether
+the predictions equal the plaintext model's on every example. With --teacher, the exact
+softmax (exp without a max, the row sum, a Goldschmidt reciprocal over an assumed bound) runs
+under the same scheme on the teacher's same layer, on the first --exact-examples examples, next
+to CGF on the same examples: the side-by-side of depth, time and error.
+
+    pip install -e ".[fhe]"      # desilofhe, the optional CKKS library
+    cd finetuning
+    python -m experiments.encrypted_attention ../checkpoints/STUDENT.pt --teacher ../checkpoints_teacher/teacher.pt
+"""
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cgf_bert import CgfBertError
+from cgf_bert.checkpoint import load_model
+from cgf_bert.cli import run_main
+from cgf_bert.data import make_loader
+from cgf_bert.engine import resolve_device, set_seed
+from cgf_bert.layer_io import capture_blocks, forward_with_layer_output
+from cgf_bert.polyexp import PolyExp
+from cgf_bert.records import RESULTS_DIR, code_version, command_line, machine, repo_relative, write_json
+from cgf_bert.registry import Param
+from cgf_bert.softmax import SoftmaxSpec
+from cgf_bert.training import prepare_data
+
+
+def fhe():
+    """The optional encrypted core (needs desilofhe)."""
+    try:
+        import desilofhe  # noqa: F401
+    except ImportError:
+        raise CgfBertError('encrypted attention needs desilofhe: pip install -e ".[fhe]" (or pip install desilofhe)') from None
+    from cgf_bert import fhe as core
+
+    return core
+
+
+def poly_arg(text: str) -> PolyExp:
+    parts = text.split(",")
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"takes DEGREE,LO,HI,SQUARINGS, got {text!r}")
+    try:
+        return PolyExp(int(parts[0]), float(parts[1]), float(parts[2]), int(parts[3]))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        return Param("n", int, 1, "", min=1).check(text)
+    except CgfBertError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+@dataclass
+class Layer:
+    """One model's layer on the sampled examples: blocks grouped by row width, and plaintext logits."""
+
+    blocks: list  # (scores, valid, V) per (example, head), example-major
+    logits: torch.Tensor  # (N, 2) plaintext
+    batches: list  # the batches, for putting outputs back
+
+
+def take_layer(model, batches, layer: int) -> Layer:
+    blocks, logits = [], []
+    for batch in batches:
+        b, lg = capture_blocks(model, batch, layer)
+        blocks += b
+        logits.append(lg)
+    return Layer(blocks, torch.cat(logits), batches)
+
+
+def width_of(k: int) -> int:
+    """The power-of-two row width a row of ``k`` keys is padded to (at least 16)."""
+    return max(16, 1 << (k - 1).bit_length())
+
+
+def run_encrypted(core, blocks, circuit, ctx):
+    """Blocks grouped by width (short rows pack more per ciphertext), one report per width."""
+    outs, probs, reports = [None] * len(blocks), [None] * len(blocks), []
+    for w in sorted({width_of(s.shape[1]) for s, _, _ in blocks}):
+        idx = [i for i, (s, _, _) in enumerate(blocks) if width_of(s.shape[1]) == w]
+        o, p, rep = core.encrypted_attention([blocks[i] for i in idx], circuit, ctx=ctx, width=w)
+        for j, i in enumerate(idx):
+            outs[i], probs[i] = o[j], p[j]
+        reports.append(rep.as_dict())
+        print(rep.summary(), flush=True)
+    return outs, probs, reports
+
+
+def put_back(model, layer_data: Layer, layer: int, outs) -> torch.Tensor:
+    """Logits when the layer's attention output is ``outs`` (decrypted), the rest in plaintext."""
+    logits, k = [], 0
+    heads = model.bert.config.num_attention_heads
+    for batch in layer_data.batches:
+        n = batch["input_ids"].shape[0] * heads
+        logits.append(forward_with_layer_output(model, batch, layer, outs[k:k + n]))
+        k += n
+    return torch.cat(logits)
+
+
+def combine(reports: list[dict]) -> dict:
+    """The per-width reports as one: sums of counts and times, max of errors and depths."""
+    out = {k: sum(r[k] for r in reports) for k in ("rows", "blocks", "ciphertexts", "encrypt_s", "eval_s", "decrypt_s", "total_s")}
+    out["per_ct_s"], out["per_row_s"] = out["eval_s"] / out["ciphertexts"], out["eval_s"] / out["rows"]
+    out["depth_used"] = max(r["depth_used"] for r in reports)
+    out["errors"] = {ref: {k: max(r["errors"][ref][k] for r in reports) if k.endswith("max") else
+                           sum(r["errors"][ref][k] * r["rows"] for r in reports) / out["rows"]
+                           for k in reports[0]["errors"][ref]} for ref in reports[0]["errors"]}
+    for k in ("ring_size", "slots", "keygen_s", "key_bytes"):
+        out[k] = reports[0][k]
+    out["widths"] = [r["width"] for r in reports]
+    counts = {k for r in reports for k in r["flagged"] if not k.endswith("_max")}  # rows and arguments out of bounds
+    out["flagged"] = {k: sum(rep["flagged"].get(k, 0) for rep in reports) for k in sorted(counts)}
+    return out
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    pa, pb = a.argmax(-1), b.argmax(-1)
+    return {"same": int((pa == pb).sum()), "of": len(pa), "max_logit_diff": float((a - b).abs().max())}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a CGF student checkpoint")
+    p.add_argument("--teacher", help="an exact checkpoint: also run the exact softmax under encryption, side by side")
+    p.add_argument("--layer", type=int, default=0, help="the attention layer to encrypt, from 0 (default: %(default)s)")
+    p.add_argument("--examples", type=positive_int, default=64, help="dev examples, a seeded sample (default: %(default)s)")
+    p.add_argument("--exact-examples", type=positive_int, default=4,
+                   help="the first K of them for the exact-vs-CGF side-by-side (the exact circuit is slow) (default: %(default)s)")
+    p.add_argument("--poly", type=poly_arg, default=PolyExp(8, -32.0, 32.0, 5), metavar="D,LO,HI,K",
+                   help="CGF exp polynomial: degree, interval, squarings (default: 8,-32,32,5)")
+    p.add_argument("--exact-poly", type=poly_arg, default=PolyExp(8, -32.0, 32.0, 5), metavar="D,LO,HI,K",
+                   help="exp polynomial of the exact circuit, on scores centred by their mean (default: 8,-32,32,5)")
+    p.add_argument("--sum-bound", type=float, nargs=2, default=(32.0, 65536.0), metavar=("LO", "HI"),
+                   help="assumed bounds of the exact circuit's row sums of exp(s - mean) (default: 32 65536)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the example sample (default: %(default)s)")
+    p.add_argument("--data-dir", help="folder of GLUE MRPC TSVs (default: as the step scripts)")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record goes to RESULTS_DIR/fhe/ (default: %(default)s)")
+    args = p.parse_args()
+    core = fhe()
+    torch.set_grad_enabled(False)
+    device = resolve_device("cpu")  # the encrypted part is CPU work; the plaintext model is small
+    student, meta = load_model(args.checkpoint)
+    spec = student.softmax
+    if spec.name != "cgf" or spec.layers:
+        raise CgfBertError(f"{args.checkpoint} runs {spec.label()}; the encrypted circuit is CGF's (train or swap to plain cgf)")
+    if not 0 <= args.layer < student.bert.config.num_hidden_layers:
+        raise CgfBertError(f"--layer {args.layer}: the model has layers 0..{student.bert.config.num_hidden_layers - 1}")
+    coeff = spec.values["coeff"]
+    tokenizer, data = prepare_data(meta["model"], args.data_dir, 128)
+    set_seed(args.seed)
+    dev = data["validation"]
+    sample = dev.select(sorted(np.random.default_rng(args.seed).choice(len(dev), min(args.examples, len(dev)), replace=False).tolist()))
+    batches = list(make_loader(sample, tokenizer, 16))
+    record = {"command": command_line(), "code_version": code_version(), "device": machine(device),
+              "checkpoint": repo_relative(args.checkpoint), "softmax": spec.to_json(), "layer": args.layer,
+              "examples": len(sample), "example_idx": [int(i) for i in sample["idx"]], "seed": args.seed}
+
+    # CGF: the student's layer encrypted; the plaintext references are the student itself (real exp)
+    # and the student with cgf_poly in this layer (the function the circuit computes).
+    cgf_layer = take_layer(student, batches, args.layer)
+    poly_spec = SoftmaxSpec.make("cgf", coeff=coeff, layers={args.layer: SoftmaxSpec.make(
+        "cgf_poly", coeff=coeff, degree=args.poly.degree, exp_lo=args.poly.lo, exp_hi=args.poly.hi, squarings=args.poly.squarings)})
+    poly_logits = torch.cat([student.set_softmax(poly_spec)(**b)["logits"] for b in batches])
+    student.set_softmax(spec)
+    circuit = core.CgfCircuit(args.poly, coeff=coeff)
+    ctx = core.FheContext.for_circuits(circuit)
+    start = time.perf_counter()
+    outs, _, reports = run_encrypted(core, cgf_layer.blocks, circuit, ctx)
+    enc_logits = put_back(student, cgf_layer, args.layer, outs)
+    record["cgf"] = {"circuit": combine(reports), "per_width": reports, "wall_s": time.perf_counter() - start,
+                     "predictions_vs_plaintext_cgf": agreement(enc_logits, cgf_layer.logits),
+                     "predictions_vs_plaintext_cgf_poly": agreement(enc_logits, poly_logits)}
+
+    if args.teacher:
+        record["side_by_side"] = side_by_side(core, args, student, cgf_layer, circuit, ctx)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = write_json(f"{args.results_dir}/fhe/encrypted_attention-{stamp}.json", record)
+    report(record)
+    print(f"saved {path}")
+
+
+def side_by_side(core, args, student, cgf_layer: Layer, cgf_circuit, cgf_ctx) -> dict:
+    """Exact (teacher) and CGF (student) on the same first K examples, each with its own context."""
+    teacher, tmeta = load_model(args.teacher)
+    if teacher.softmax.name != "exact" or teacher.softmax.layers:
+        raise CgfBertError(f"--teacher {args.teacher} runs {teacher.softmax.label()}, not the exact softmax")
+    k = min(args.exact_examples, cgf_layer.logits.shape[0])
+    heads = student.bert.config.num_attention_heads
+    first = [b for b in cgf_layer.batches][: (k + 15) // 16]
+    batches = [{key: v[: k - 16 * i] for key, v in b.items()} for i, b in enumerate(first)]
+    exact_layer = take_layer(teacher, batches, args.layer)
+    exact = core.ExactCircuit(args.exact_poly, sum_bound=tuple(args.sum_bound))
+    ectx = core.FheContext.for_circuits(exact)
+    e_outs, _, e_reports = run_encrypted(core, exact_layer.blocks, exact, ectx)
+    c_outs, _, c_reports = run_encrypted(core, cgf_layer.blocks[: k * heads], cgf_circuit, cgf_ctx)
+    c_part = Layer(cgf_layer.blocks[: k * heads], cgf_layer.logits[:k], batches)
+    return {
+        "examples": k,
+        "exact": {"circuit": combine(e_reports), "per_width": e_reports, "teacher": repo_relative(args.teacher),
+                  "predictions_vs_plaintext_teacher": agreement(put_back(teacher, exact_layer, args.layer, e_outs), exact_layer.logits)},
+        "cgf": {"circuit": combine(c_reports), "per_width": c_reports,
+                "predictions_vs_plaintext_cgf": agreement(put_back(student, c_part, args.layer, c_outs), c_part.logits)},
+    }
+
+
+def report(rec: dict) -> None:
+    c = rec["cgf"]
+    print(f"\nlayer {rec['layer']}, {rec['examples']} dev examples, {rec['checkpoint']} ({rec['softmax']})")
+    for name, part in [("CGF (all examples)", c)] + ([(f"{n} (first {rec['side_by_side']['examples']})", rec["side_by_side"][n])
+                                                       for n in ("cgf", "exact")] if "side_by_side" in rec else []):
+        ci = part["circuit"]
+        errs = ", ".join(f"vs {ref} max {e['probs_max']:.1e}" for ref, e in ci["errors"].items())
+        agree = next(v for k, v in part.items() if k.startswith("predictions_vs_plaintext"))
+        print(f"  {name}: depth {ci['depth_used']}, ring 2^{int(np.log2(ci['ring_size']))}, {ci['ciphertexts']} ct, "
+              f"{ci['per_ct_s']:.2f} s/ct, {1e3 * ci['per_row_s']:.1f} ms/row; probs {errs}; "
+              f"predictions equal on {agree['same']}/{agree['of']}")
+
+
+if __name__ == "__main__":
+    run_main(main)
