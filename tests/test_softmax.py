@@ -156,7 +156,7 @@ def test_kinds_declare_their_properties():
     assert get_softmax("cgf").float32_scores and not get_softmax("exact").float32_scores
     assert get_softmax("exact").input_division and not get_softmax("cgf").input_division
     poly = SoftmaxSpec.make("cgf_poly", degree=8, squarings=5)
-    assert poly.kind.depth(poly.values) == PolyExp(8, -32, 32, 5).depth == 3 + 2 + 5
+    assert poly.kind.depth(poly.values) == PolyExp(8, -256, 16, 5).depth == 3 + 2 + 5
 
 
 def test_polyexp_matches_exp_inside_its_interval():
@@ -175,14 +175,27 @@ def test_cgf_poly_is_cgf_inside_the_interval_and_counts_what_leaves_it():
     got = spec(scores.double(), valid)
     torch.testing.assert_close(got, cgf_softmax(scores.double(), valid, 0.5), rtol=1e-6, atol=1e-9)
     assert (got[~valid.expand_as(got)] == 0).all()
-    n_valid = int(valid.expand_as(scores).sum())
-    assert OUT_OF_RANGE.outside == 0 and OUT_OF_RANGE.total == n_valid
+    # counted over valid keys of real query rows: in self-attention, the rows whose own key is valid
+    real = valid & valid.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) if scores.shape[-1] == scores.shape[-2] else valid
+    assert OUT_OF_RANGE.outside == 0 and OUT_OF_RANGE.total == int(real.expand_as(scores).sum())
     narrow = SoftmaxSpec.make("cgf_poly", exp_lo=-1.0, exp_hi=1.0)
     x, var, _ = _centred(scores.double(), valid.double())
     arg = (x - 0.5 * var)[valid.expand_as(scores)]
     OUT_OF_RANGE.reset()
     narrow(scores.double(), valid)
-    assert OUT_OF_RANGE.outside == int(((arg < -1) | (arg > 1)).sum()) > 0  # counted over valid keys only
+    assert OUT_OF_RANGE.outside == int(((arg < -1) | (arg > 1)).sum()) > 0  # counted over valid keys only (Q != K here)
+
+
+def test_cgf_poly_counts_real_query_rows_only():
+    """Padding query rows (self-attention: the row of a masked position) hold scores nobody reads."""
+    scores = torch.zeros(1, 1, 4, 4)
+    scores[0, 0, 2:, :] = 100.0 * torch.arange(4.0)  # wild rows: 2 is real, 3 is padding
+    valid = torch.tensor([True, True, True, False])[None, None, None, :].expand(1, 1, 4, 4)
+    OUT_OF_RANGE.reset()
+    SoftmaxSpec.make("cgf_poly", exp_lo=-8.0, exp_hi=8.0)(scores, valid)
+    assert OUT_OF_RANGE.total == 9  # 3 real rows x 3 valid keys
+    # row 2 over its valid keys: scores 0, 100, 200 -> x = -100, 0, 100, var = 6667: every argument near -3333
+    assert OUT_OF_RANGE.outside == 3
 
 
 def test_cgf_poly_trains():

@@ -11,6 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .checkpoint import load_model
 from .config import DistillConfig, TrainConfig
 from .data import make_loader
@@ -71,6 +73,10 @@ def swap_at_eval(checkpoint: str | Path, specs: list[SoftmaxSpec], cfg: TrainCon
         first = preds if first is None else first
         row = {"softmax": spec.to_json(), "label": spec.label(), **logit_metrics(logits, labels),
                "agreement": float((preds == first).mean()), "depth": spec.kind.depth(spec.values) if spec.kind.depth else None}
+        broken = int((~np.isfinite(logits).all(-1)).sum())
+        if broken:  # strict JSON has no nan: say what happened instead
+            row["loss"] = None
+            row["non_finite"] = {"examples": broken, "reason": "non-finite logits (an exp polynomial evaluated far outside its interval overflows)"}
         if OUT_OF_RANGE.total:
             row["out_of_range"] = {"outside": OUT_OF_RANGE.outside, "entries": OUT_OF_RANGE.total}
         rows.append(row)

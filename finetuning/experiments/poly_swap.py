@@ -72,7 +72,8 @@ def main():
         o = r.get("out_of_range")
         outside = f"{o['outside'] / o['entries']:.2e}" if o else "—"
         print(f"  {r['label']:<40} {r['depth'] if r['depth'] is not None else '—':>5} {r['accuracy'] * 100:7.2f} "
-              f"{(r['accuracy'] - rows[0]['accuracy']) * 100:+7.2f} {r['agreement'] * 100:6.1f}% {outside:>10}")
+              f"{(r['accuracy'] - rows[0]['accuracy']) * 100:+7.2f} {r['agreement'] * 100:6.1f}% {outside:>10}"
+              + (f"  non-finite logits on {r['non_finite']['examples']} examples" if "non_finite" in r else ""))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     png = plot(rows, f"{args.results_dir}/experiments/poly_swap-{stamp}.png", f"{repo_relative(args.checkpoint)}: CGF with a polynomial exp")
     out = {"command": command_line(), "code_version": code_version(), "checkpoint": repo_relative(args.checkpoint),
