@@ -35,7 +35,7 @@ def make_blocks(seed=0, shapes=((5, 12, 9, 4), (7, 16, 16, 4), (3, 10, 4, 3)), s
 # --- pure numpy: packing, rotations, P @ V -------------------------------------------------
 
 
-def test_plan_packing_keeps_blocks_whole_and_covers_every_row_once():
+def test_plan_packing_fills_ciphertexts_and_covers_every_row_once():
     plan = plan_packing([3, 5, 2, 9, 4], rows_per_ct=8)
     seen = {}
     for placements in plan:
@@ -43,8 +43,9 @@ def test_plan_packing_keeps_blocks_whole_and_covers_every_row_once():
         assert all(a[1] <= b[0] for a, b in zip(rows, rows[1:])) and rows[-1][1] <= 8  # no overlap
         for p in placements:
             seen.setdefault(p.block, []).append((p.q0, p.q1))
-    assert {b: sorted(v) for b, v in seen.items()} == {0: [(0, 3)], 1: [(0, 5)], 2: [(0, 2)], 3: [(0, 8), (8, 9)], 4: [(0, 4)]}
-    assert len(plan) == 3  # [3, 5], [2, last 1 of 9, 4], [first 8 of 9]
+    assert {b: sorted(v) for b, v in seen.items()} == {0: [(0, 3)], 1: [(0, 5)], 2: [(0, 2)], 3: [(0, 6), (6, 9)], 4: [(0, 4)]}
+    assert len(plan) == 3  # [3, 5], [2, first 6 of 9], [last 3 of 9, 4]: 23 rows in ceil(23 / 8) ciphertexts
+    assert plan_packing([], 8) == []
 
 
 def test_pack_unpack_round_trip():
