@@ -176,7 +176,7 @@ def test_poly_swap_scores_a_cgf_checkpoint_with_polynomial_exps(tiny_bert, tiny_
     assert [r["label"] for r in rows] == ["cgf c=0.5", "cgf_poly c=0.5 d=10 [-40,20] k=5", "cgf_poly c=0.5 d=2 [0.5,1] k=0"]
     assert rows[0]["agreement"] == 1.0 and rows[0]["depth"] is None and "out_of_range" not in rows[0]
     # a wide, accurate polynomial is plain CGF; a fit on [0.5, 1] sees arguments outside it (counted, not clipped)
-    assert rows[1]["accuracy"] == rows[0]["accuracy"] and rows[1]["agreement"] == 1.0 and rows[1]["depth"] == 4 + 2 + 5
+    assert rows[1]["accuracy"] == rows[0]["accuracy"] and rows[1]["agreement"] == 1.0 and rows[1]["depth"] == 3 + (4 + 1 + 5)
     assert rows[1]["out_of_range"]["outside"] == 0 and rows[2]["out_of_range"]["outside"] > 0
     assert "cgf_poly c=0.5 d=10" in out and len(list(tmp_path.glob("experiments/poly_swap-*.png"))) == 1
     p = subprocess.run([sys.executable, "-m", "experiments.poly_swap", ckpt, "--settings", "8,-32,32"], cwd=FINETUNING,

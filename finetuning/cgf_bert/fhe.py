@@ -397,7 +397,7 @@ def _unit_map(poly: PolyExp) -> tuple[float, float]:
 
 def _poly_depth(poly: PolyExp) -> int:
     """Levels of ``chebyshev_series`` (basis + coefficient products) and the squarings."""
-    return math.ceil(math.log2(poly.degree)) + 1 + poly.squarings
+    return poly.depth
 
 
 def _poly_np(poly: PolyExp, x: np.ndarray) -> np.ndarray:

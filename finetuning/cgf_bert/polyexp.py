@@ -75,6 +75,7 @@ class PolyExp:
 
     @property
     def depth(self) -> int:
-        """Nominal multiplicative depth: the Chebyshev basis up to T_d (ceil(log2 d) levels),
-        one for the coefficients, one for the affine map, and one per squaring."""
-        return math.ceil(math.log2(self.degree)) + 2 + self.squarings
+        """Multiplicative depth under CKKS: the Chebyshev basis up to T_d (ceil(log2 d) levels),
+        one for the coefficients, one per squaring. The affine map onto [-1, 1] costs none: it
+        is folded into plaintext factors the circuit multiplies by anyway (``fhe.CgfCircuit``)."""
+        return math.ceil(math.log2(self.degree)) + 1 + self.squarings

@@ -292,7 +292,9 @@ OUT_OF_RANGE = _OutOfRange()
     "cgf_poly", POLY_PARAMS,
     label=lambda p: f"cgf_poly c={p['coeff']:g} d={p['degree']} [{p['exp_lo']:g},{p['exp_hi']:g}] k={p['squarings']}",
     slug=lambda p: f"cgfpoly{p['coeff']:g}-d{p['degree']}-{p['exp_lo']:g}_{p['exp_hi']:g}-k{p['squarings']}",
-    float32_scores=True, input_division=False, depth=lambda p: _poly(p).depth,
+    # depth: the row mean and E[s^2] (3 levels, as fhe.CgfCircuit computes them), then the
+    # polynomial with mask/n folded into its coefficients; P @ V adds one more.
+    float32_scores=True, input_division=False, depth=lambda p: 3 + _poly(p).depth,
 )
 def cgf_poly_softmax(scores, valid, coeff=VARIANCE_COEFF, degree=8, exp_lo=-256.0, exp_hi=16.0, squarings=8) -> torch.Tensor:
     """CGF with exp replaced by the polynomial a CKKS evaluator runs (Chebyshev fit + squarings).

@@ -2,12 +2,12 @@
 
 Scores one checkpoint on MRPC dev with plain CGF (real exp, the reference row) and with
 ``cgf_poly`` at each (degree, interval, squarings) setting, no training: dev accuracy, the
-share of dev predictions equal to plain CGF's, the multiplicative depth of the polynomial, and
-the exp arguments that fell outside its interval (counted, never clipped). One JSON record
-and a PNG (accuracy vs depth) in results/experiments/.
+share of dev predictions equal to plain CGF's, the CKKS depth of the softmax (row statistics
+and the polynomial; P @ V adds one), and the exp arguments that fell outside its interval
+(counted, never clipped). One JSON record and a PNG (accuracy vs depth) in results/experiments/.
 
     cd finetuning
-    python -m experiments.poly_swap ../checkpoints/STUDENT.pt --settings 8,-32,32,5 6,-16,8,4 4,-16,8,4
+    python -m experiments.poly_swap ../checkpoints/STUDENT.pt --settings 8,-32,32,5 8,-256,16,8 4,-256,16,8
 """
 
 import argparse
@@ -22,7 +22,7 @@ from cgf_bert.records import RESULTS_DIR, code_version, command_line, repo_relat
 from cgf_bert.softmax import SoftmaxSpec
 from cgf_bert.sweeps import save_experiment, swap_at_eval
 
-DEFAULT_SETTINGS = ["8,-32,32,5", "8,-16,16,4", "6,-16,8,4", "4,-16,8,4", "8,-8,8,3"]
+DEFAULT_SETTINGS = ["8,-32,32,5", "8,-64,16,6", "8,-128,16,7", "8,-256,16,8", "6,-256,16,8", "4,-256,16,8"]
 
 
 def poly_spec(text: str, coeff: float) -> SoftmaxSpec:
@@ -43,7 +43,7 @@ def plot(rows: list[dict], path: str, title: str):
         ax.annotate(r["label"].split(" ", 2)[2], (r["depth"], r["accuracy"] * 100), textcoords="offset points",
                     xytext=(4, 4), fontsize=7)
     ax.axhline(ref["accuracy"] * 100, color="gray", ls="--", label=f"{ref['label']} (real exp)")
-    ax.set_xlabel("multiplicative depth of the polynomial exp (CKKS levels)")
+    ax.set_xlabel("CKKS depth of the softmax (levels: row statistics + polynomial exp)")
     ax.set_ylabel("MRPC dev accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
