@@ -22,7 +22,7 @@ def test_encrypted_layer_matches_plaintext_predictions(tiny_bert, tiny_mrpc, tmp
     student = save_checkpoint(tmp_path / "s.pt", build_model(str(tiny_bert), SoftmaxSpec.make("cgf", coeff=0.5)), {"model": str(tiny_bert)})
     teacher = save_checkpoint(tmp_path / "t.pt", build_model(str(tiny_bert)), {"model": str(tiny_bert)})
     cmd = [sys.executable, "-m", "experiments.encrypted_attention", str(student), "--teacher", str(teacher), "--layer", "1",
-           "--examples", "6", "--exact-examples", "2", "--poly", "6,-8,8,2", "--exact-poly", "4,-4,4,1", "--sum-bound", "2", "32",
+           "--examples", "6", "--exact-examples", "2", "--poly", "6,-8,8,2", "--exact-poly", "4,-4,4,1", "--sum-bound", "2", "32", "--sum-bound", "64", "128",
            "--data-dir", str(tiny_mrpc), "--results-dir", str(tmp_path)]
     p = subprocess.run(cmd, cwd=FINETUNING, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -32,7 +32,10 @@ def test_encrypted_layer_matches_plaintext_predictions(tiny_bert, tiny_mrpc, tmp
     assert rec["examples"] == 6 and cgf["predictions_vs_plaintext_cgf"] == {"same": 6, "of": 6, "max_logit_diff": pytest.approx(0, abs=1e-3)}
     assert cgf["circuit"]["errors"]["cgf_poly"]["probs_max"] < 1e-4 and cgf["circuit"]["depth_used"] > 0
     side = rec["side_by_side"]
-    assert side["examples"] == 2 and side["exact"]["predictions_vs_plaintext_teacher"]["of"] == 2
-    assert side["exact"]["circuit"]["errors"]["exact_circuit"]["probs_max"] < 1e-3
-    assert side["exact"]["circuit"]["depth_used"] > side["cgf"]["circuit"]["depth_used"]
+    inside, below = side["exact"]  # a bound that holds the tiny model's row sums, and one above them all
+    assert side["examples"] == 2 and inside["predictions_vs_plaintext_teacher"]["of"] == 2
+    assert side["row_sums"]["min"] >= 2 and side["row_sums"]["max"] <= 32
+    assert inside["circuit"]["errors"]["exact_circuit"]["probs_max"] < 1e-3 and inside["circuit"]["flagged"]["rows"] == 0
+    assert below["circuit"]["flagged"]["sums_below"] == below["circuit"]["flagged"]["rows"] == side["row_sums"]["rows"]
+    assert inside["circuit"]["depth_used"] > side["cgf"]["circuit"]["depth_used"]
     assert "predictions equal on 6/6" in p.stdout

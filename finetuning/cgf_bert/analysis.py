@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import CgfBertError
+from . import CgfBertError, records
 from .attention import Tap, self_attentions, tapped
 from .engine import to_device
 from .model import BertMRPC
@@ -321,21 +321,8 @@ NON_FINITE_REASONS = {
 
 
 def strict_json(obj: Any, where: str = "") -> tuple[Any, list[dict[str, str]]]:
-    """``obj`` with each non-finite float replaced by None, and a note for each: where, what, why."""
-    notes: list[dict[str, str]] = []
-
-    def walk(x, at):
-        if isinstance(x, dict):
-            return {k: walk(v, f"{at}.{k}") for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [walk(v, f"{at}[{i}]") for i, v in enumerate(x)]
-        if isinstance(x, float) and not math.isfinite(x):
-            why = next((r for key, r in NON_FINITE_REASONS.items() if key in at), "not a finite number")
-            notes.append({"at": at.lstrip("."), "value": str(x), "reason": why})
-            return None
-        return x
-
-    return walk(obj, where), notes
+    """``records.strict_json`` with the reasons this module's figures become non-finite."""
+    return records.strict_json(obj, NON_FINITE_REASONS, where)
 
 
 def _g(x: float | None, spec: str = ".3g") -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import shlex
@@ -145,6 +146,26 @@ def run_name(script: str, cfg: TrainConfig, dcfg: DistillConfig | None = None) -
     """'20261125-031500-distill-cgf0.5-b10-pretrained-s42': time, script, variant, seed."""
     method = "" if dcfg is None else f"-{objective_slug(dcfg.terms)}-{dcfg.init}"
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{script}-{cfg.softmax.slug()}{method}-s{cfg.seed}"
+
+
+def strict_json(obj: Any, reasons: dict[str, str] | None = None, where: str = "") -> tuple[Any, list[dict[str, str]]]:
+    """``obj`` with each non-finite float replaced by None, and a note for each: where, what and
+    why (the first of ``reasons``, a key-path fragment -> reason, that matches). Strict JSON
+    (RFC 8259) has no nan or inf; a record says what happened instead."""
+    notes: list[dict[str, str]] = []
+
+    def walk(x, at):
+        if isinstance(x, dict):
+            return {k: walk(v, f"{at}.{k}") for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [walk(v, f"{at}[{i}]") for i, v in enumerate(x)]
+        if isinstance(x, float) and not math.isfinite(x):
+            why = next((r for key, r in (reasons or {}).items() if key in at), "not a finite number")
+            notes.append({"at": at.lstrip("."), "value": str(x), "reason": why})
+            return None
+        return x
+
+    return walk(obj, where), notes
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
