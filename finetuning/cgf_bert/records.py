@@ -86,7 +86,7 @@ def _relative_arg(arg: str) -> str:
 
 def repo_relative(path: str | Path) -> str:
     """``path`` relative to the repository when it lies inside it (records travel between machines)."""
-    p = Path(path).resolve()
+    p = Path(os.path.abspath(path))  # not resolve(): a linked checkpoint is named where it was given
     try:
         return str(p.relative_to(REPO_ROOT))
     except ValueError:
