@@ -38,10 +38,11 @@ def plot(rows: list[dict], path: str, title: str):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ref = rows[0]
-    for r in rows[1:]:
+    for i, r in enumerate(rows[1:]):
         ax.scatter(r["depth"], r["accuracy"] * 100, color="tab:blue", zorder=3)
+        # settings often share a depth and an accuracy: labels step down so that none hides another
         ax.annotate(r["label"].split(" ", 2)[2], (r["depth"], r["accuracy"] * 100), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+                    xytext=(4, 4 - 9 * (i % 4)), fontsize=7)
     ax.axhline(ref["accuracy"] * 100, color="gray", ls="--", label=f"{ref['label']} (real exp)")
     ax.set_xlabel("CKKS depth of the softmax (levels: row statistics + polynomial exp)")
     ax.set_ylabel("MRPC dev accuracy (%)")
