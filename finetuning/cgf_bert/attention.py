@@ -17,10 +17,9 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .softmax import SoftmaxSpec, layer_specs
+from .softmax import EXACT, SoftmaxSpec, layer_specs
 
 ATTN_IMPLEMENTATION = "cgf_bert"  # the name registered with transformers' AttentionInterface
-EXACT = SoftmaxSpec("exact")  # what a layer without a spec runs (stock BERT)
 
 # tap(module, scores (B,H,Q,K), mask (B,1,Q,K) bool | None, probs (B,H,Q,K), value (B,H,K,D), out (B,H,Q,D)) -> out | None
 Tap = Callable[..., "torch.Tensor | None"]

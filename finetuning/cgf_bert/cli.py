@@ -116,11 +116,9 @@ class SoftmaxFlags:
     def build(args: argparse.Namespace) -> SoftmaxSpec:
         default: SoftmaxSpec | None = args._softmax_default
         given = {n: getattr(args, f"softmax_{n}") for n in softmax_params() if getattr(args, f"softmax_{n}", None) is not None}
-        base = default.values if default is not None and default.name == args.softmax else {}
-        layers = dict(_layer(text) for text in args.softmax_layers)
-        if default is not None and not args.softmax_layers and default.name == args.softmax:
-            layers = dict(default.layers)
-        return SoftmaxSpec.make(args.softmax, layers=layers, **{**base, **given})
+        same = default is not None and default.name == args.softmax  # start from the default's values
+        layers = dict(_layer(text) for text in args.softmax_layers) or (dict(default.layers) if same else {})
+        return SoftmaxSpec.make(args.softmax, layers=layers, **{**(default.values if same else {}), **given})
 
 
 def _layer(text: str) -> tuple[int, SoftmaxSpec]:

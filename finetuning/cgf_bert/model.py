@@ -12,10 +12,9 @@ from transformers.utils import logging as hf_logging
 
 from . import CgfBertError
 from .attention import ATTN_IMPLEMENTATION, apply_softmax
-from .softmax import SoftmaxSpec
+from .softmax import EXACT, SoftmaxSpec
 
 log = logging.getLogger(__name__)
-EXACT = SoftmaxSpec.make("exact")
 
 # What a forward can return besides the logits, and the dims of each per-example tensor that
 # run over tokens (the teacher cache pads them to a batch's length).

@@ -136,10 +136,6 @@ class SoftmaxSpec:
             params[key.strip()] = value.strip()
         return cls.make(name.strip(), **params)
 
-    def with_layers(self, layers: dict[int, "SoftmaxSpec"]) -> "SoftmaxSpec":
-        return SoftmaxSpec.make(self.name, layers=layers, **self.values)
-
-
 def layer_specs(spec: SoftmaxSpec, num_layers: int) -> list[SoftmaxSpec]:
     """The plain spec of each of ``num_layers`` layers; an override past the last layer is an error."""
     beyond = [i for i, _ in spec.layers if i >= num_layers]
@@ -160,6 +156,9 @@ def exact_softmax(scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Ten
     if valid is not None:
         scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
     return torch.softmax(scores, dim=-1)
+
+
+EXACT = SoftmaxSpec.make("exact")  # stock BERT's softmax in every layer: the teacher, and the default
 
 
 class _CgfSoftmax(torch.autograd.Function):
@@ -260,6 +259,9 @@ def _cgf_poly(s: torch.Tensor, mask: torch.Tensor | None, coeff: float, poly: Po
     return p * mask / n if mask is not None else p / n
 
 
+_cgf_poly32 = _float32(_cgf_poly)
+
+
 class _OutOfRange:
     """Running count of exp arguments outside the polynomial's interval (never clipped: counted)."""
 
@@ -303,4 +305,4 @@ def cgf_poly_softmax(scores, valid, coeff=VARIANCE_COEFF, degree=8, exp_lo=-256.
     valid keys) so that callers can report them.
     """
     poly = _poly(dict(degree=degree, exp_lo=exp_lo, exp_hi=exp_hi, squarings=squarings))
-    return _float32(_cgf_poly)(scores, valid, float(coeff), poly)
+    return _cgf_poly32(scores, valid, float(coeff), poly)
