@@ -11,6 +11,7 @@ preset ``kd_preset(alpha, temperature, beta)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -34,17 +35,20 @@ class LossKind:
     needs: frozenset[str] = frozenset({"logits"})  # outputs read from the student and the teacher
     params: tuple[Param, ...] = ()
     uses_teacher: bool = True
+    stateful: bool = False  # fn takes ``state=``, a dict kept across the steps of one run (a memory)
     doc: str = ""
 
 
 LOSSES: Registry[LossKind] = Registry("loss")
 
 
-def register_loss(name: str, needs: tuple[str, ...] = ("logits",), params: tuple[Param, ...] = (), uses_teacher: bool = True):
+def register_loss(name: str, needs: tuple[str, ...] = ("logits",), params: tuple[Param, ...] = (), uses_teacher: bool = True,
+                  stateful: bool = False):
     """Decorator: register ``fn`` as loss term ``name``."""
 
     def deco(fn):
-        LOSSES[name] = LossKind(name, fn, frozenset(needs), tuple(params), uses_teacher, (fn.__doc__ or "").strip().splitlines()[0])
+        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        LOSSES[name] = LossKind(name, fn, frozenset(needs), tuple(params), uses_teacher, stateful, doc)
         return fn
 
     return deco
@@ -72,8 +76,9 @@ class LossTerm:
     def kind(self) -> LossKind:
         return get_loss(self.name)
 
-    def __call__(self, student: Outputs, teacher: Outputs, batch: Batch) -> torch.Tensor:
-        return self.kind.fn(student, teacher, batch, **dict(self.params))
+    def __call__(self, student: Outputs, teacher: Outputs, batch: Batch, state: dict | None = None) -> torch.Tensor:
+        extra = {"state": state if state is not None else {}} if self.kind.stateful else {}
+        return self.kind.fn(student, teacher, batch, **dict(self.params), **extra)
 
     def to_json(self) -> dict[str, Any]:
         return {"loss": self.name, "weight": self.weight, **dict(self.params)}
@@ -136,6 +141,154 @@ def _hidden(s: Outputs, t: Outputs, batch: Batch) -> torch.Tensor:
     return hidden_mse(s["hidden"], t["hidden"], batch["attention_mask"])
 
 
+# ---------------------------------------------------------------- attention and feature-structure terms
+# Shapes: attention maps (B, H, Q, K); hidden, context and value states (B, T, hidden); the
+# batch's ``attention_mask`` (B, T) is 1 on real tokens. Every term below reads valid tokens
+# only, so padding a batch further leaves it unchanged; each is a mean over the layers it reads.
+
+TINY = 1e-30  # floor under a probability before its log: CGF's exp underflows to 0 in float32
+
+
+def _masks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(query rows (B, 1, Q), keys (B, 1, 1, K)) as float masks."""
+    m = mask.float()
+    return m[:, None, :], m[:, None, None, :]
+
+
+def row_kl(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, renormalise: bool) -> torch.Tensor:
+    """KL(teacher row || student row) over valid keys, mean over valid query rows and heads.
+
+    ``renormalise`` divides each student row by its sum over valid keys first (CGF rows do not
+    sum to 1; the loss compares distributions).
+    """
+    rows, keys = _masks(mask)
+    t, s = teacher.float() * keys, student.float() * keys
+    if renormalise:
+        s = s / s.sum(-1, keepdim=True).clamp_min(TINY)
+    kl = (torch.xlogy(t, t) - t * s.clamp_min(TINY).log()).sum(-1)  # (B, H, Q); 0 log 0 = 0
+    return (kl * rows).sum() / (rows.sum() * t.shape[1])
+
+
+def attention_kl(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of ``row_kl`` with the student's rows renormalised."""
+    return torch.stack([row_kl(t, s, mask, renormalise=True) for s, t in zip(student, teacher)]).mean()
+
+
+def attention_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of the MSE of raw probabilities over valid (query, key) entries and heads."""
+    rows, keys = _masks(mask)
+    valid = rows[..., None] * keys  # (B, 1, Q, K)
+    denom = valid.sum() * student[0].shape[1]
+    return torch.stack([(((s.float() - t.float()) ** 2) * valid).sum() / denom for s, t in zip(student, teacher)]).mean()
+
+
+def value_relation(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MiniLM's value relation of values (B, H, T, d): softmax over valid keys of V V^T / sqrt(d)."""
+    v = values.float()
+    rel = v @ v.transpose(-1, -2) / math.sqrt(v.shape[-1])
+    return rel.masked_fill(mask[:, None, None, :] == 0, float("-inf")).softmax(-1)
+
+
+def _centered(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``x`` (..., N, F) minus its mean over the rows where ``m`` (..., N) is 1; other rows 0."""
+    m = m.float().unsqueeze(-1)
+    mean = (x * m).sum(-2, keepdim=True) / m.sum(-2, keepdim=True).clamp_min(1.0)
+    return (x - mean) * m
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+    """Linear CKA of features ``x`` (..., N, F) and ``y`` (..., N, G) over the N rows ``m`` marks.
+
+    CKA = <K_x, K_y> / (|K_x| |K_y|) with K = X_c X_c^T the Gram matrix of the row-centered
+    features (Kornblith et al. 2019); 1 for identical features, invariant to orthogonal
+    transforms and isotropic scaling of either. Computed from the N x N Grams, cheap for N
+    tokens or examples much smaller than the feature width.
+    """
+    if m is None:
+        m = x.new_ones(x.shape[:-1])
+    xc, yc = _centered(x.float(), m), _centered(y.float(), m)
+    kx, ky = xc @ xc.transpose(-1, -2), yc @ yc.transpose(-1, -2)
+    num = (kx * ky).sum((-1, -2))
+    return num / (kx.norm(dim=(-1, -2)) * ky.norm(dim=(-1, -2))).clamp_min(TINY)
+
+
+def pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, T, hidden) states over each example's valid tokens: (B, hidden)."""
+    m = mask.float().unsqueeze(-1)
+    return (hidden.float() * m).sum(1) / m.sum(1)
+
+
+@register_loss("attn_kl", needs=("attentions",))
+def _attn_kl(s: Outputs, t: Outputs, batch: Batch) -> torch.Tensor:
+    """Attention-map KL(teacher || student) per row over valid keys and query rows (student rows renormalised)."""
+    return attention_kl(s["attentions"], t["attentions"], batch["attention_mask"])
+
+
+@register_loss("attn_mse", needs=("attentions",))
+def _attn_mse(s: Outputs, t: Outputs, batch: Batch) -> torch.Tensor:
+    """Attention-map MSE over valid entries, raw probabilities (no renormalising)."""
+    return attention_mse(s["attentions"], t["attentions"], batch["attention_mask"])
+
+
+@register_loss("attn_out", needs=("context",))
+def _attn_out(s: Outputs, t: Outputs, batch: Batch) -> torch.Tensor:
+    """MSE of each self-attention's output P·V (before the output projection) over valid tokens."""
+    return hidden_mse(s["context"], t["context"], batch["attention_mask"])
+
+
+LAYER = Param("layer", int, -1, "layer index (-1 = the last)", min=-64, max=63)
+
+
+@register_loss("value_rel", needs=("values",), params=(LAYER,))
+def _value_rel(s: Outputs, t: Outputs, batch: Batch, layer: int = -1) -> torch.Tensor:
+    """MiniLM value-relation KL(teacher || student) of softmax(V V^T / sqrt(d)), one layer."""
+    mask = batch["attention_mask"]
+    return row_kl(value_relation(t["values"][layer], mask), value_relation(s["values"][layer], mask), mask, renormalise=False)
+
+# FSD (Jung et al., "Feature structure distillation with centered kernel alignment in BERT
+# transferring"): the three structures of each encoder layer's output (the embedding output is
+# skipped: embeddings are frozen in every recipe), compared by linear CKA; loss = 1 - CKA.
+
+
+@register_loss("cka_intra", needs=("hidden",))
+def _cka_intra(s: Outputs, t: Outputs, batch: Batch) -> torch.Tensor:
+    """FSD intra-feature: 1 - CKA of each example's token-by-token structure (valid tokens), mean over examples and layers."""
+    mask = batch["attention_mask"]
+    return torch.stack([1 - linear_cka(hs, ht, mask).mean() for hs, ht in zip(s["hidden"][1:], t["hidden"][1:])]).mean()
+
+
+@register_loss("cka_inter", needs=("hidden",))
+def _cka_inter(s: Outputs, t: Outputs, batch: Batch) -> torch.Tensor:
+    """FSD local inter-feature: 1 - CKA across the batch's examples of each layer's token-mean features."""
+    mask = batch["attention_mask"]
+    return torch.stack([1 - linear_cka(pooled(hs, mask), pooled(ht, mask)) for hs, ht in zip(s["hidden"][1:], t["hidden"][1:])]).mean()
+
+
+MEMORY = Param("memory", int, 512, "teacher features kept in cka_global's queue (examples)", min=1)
+
+
+@register_loss("cka_global", needs=("hidden",), params=(MEMORY,), stateful=True)
+def _cka_global(s: Outputs, t: Outputs, batch: Batch, memory: int = 512, state: dict | None = None) -> torch.Tensor:
+    """FSD global inter-feature: 1 - CKA of the batch's relations to a queue of teacher features beyond the batch.
+
+    The paper relates each example to k-means centroids of the teacher's features over the
+    whole training set. We keep instead a FIFO queue of the teacher's token-mean features of
+    the last ``memory`` training examples per layer (as MoCo keeps its keys): no extra pass
+    over the data, the same distribution, and it works with the live teacher as with the
+    cache. Each example's structure is its row of inner products with the queue (current
+    batch included, so the first step has a memory); student and teacher rows are compared by
+    CKA across the batch. The queue is per run and is not saved by ``--resume``.
+    """
+    mask, queues = batch["attention_mask"], state.setdefault("queues", {})
+    losses = []
+    for i, (hs, ht) in enumerate(zip(s["hidden"][1:], t["hidden"][1:])):
+        ps, pt = pooled(hs, mask), pooled(ht, mask).detach()
+        bank = torch.cat([pt, queues.get(i, pt[:0])])  # (M, hidden), newest first
+        losses.append(1 - linear_cka(ps @ bank.T, pt @ bank.T))
+        queues[i] = bank[:memory]
+    return torch.stack(losses).mean()
+
+
 # ---------------------------------------------------------------- the preset and its label
 
 
@@ -190,6 +343,7 @@ def make_kd_step(teacher: nn.Module | None, terms: tuple[LossTerm, ...], cache=N
     if cache is None:
         teacher.eval()
     need = needs(terms)
+    states = {t.name: {} for t in terms if t.kind.stateful}  # per-run memories (cka_global's queue)
 
     def kd_step(model: nn.Module, batch: Batch):
         if cache is not None:
@@ -198,7 +352,7 @@ def make_kd_step(teacher: nn.Module | None, terms: tuple[LossTerm, ...], cache=N
             with torch.no_grad():
                 t_out = teacher(**batch, needs=need)
         s_out = model(**batch, needs=need)
-        values = {t.name: t(s_out, t_out, batch) for t in terms}
+        values = {t.name: t(s_out, t_out, batch, states.get(t.name)) for t in terms}
         loss = sum(t.weight * values[t.name] for t in terms)
         return loss, {k: v.detach() for k, v in values.items()}
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -16,11 +19,25 @@ from .softmax import EXACT, SoftmaxSpec
 
 log = logging.getLogger(__name__)
 
-# What a forward can return besides the logits, and the dims of each per-example tensor that
-# run over tokens (the teacher cache pads them to a batch's length).
+# What a forward can return besides the logits: for each, the dims of a per-example tensor
+# that run over tokens (the teacher cache pads them to a batch's length) and its float count
+# for an example of n tokens (the cache's memory estimate).
+@dataclass(frozen=True)
+class Output:
+    token_dims: tuple[int, ...]
+    size: Callable[[BertConfig, int], int]
+    doc: str
+
+
 OUTPUTS = {
-    "hidden": (1,),  # (S, T, hidden): embedding output then each layer's output
-    "attentions": (2, 3),  # (L, H, T, T): each layer's attention probabilities (before dropout)
+    "hidden": Output((1,), lambda c, n: (c.num_hidden_layers + 1) * n * c.hidden_size,
+                     "(S, T, hidden): embedding output then each layer's output"),
+    "attentions": Output((2, 3), lambda c, n: c.num_hidden_layers * c.num_attention_heads * n * n,
+                         "(L, H, T, T): each layer's attention probabilities (before dropout)"),
+    "context": Output((1,), lambda c, n: c.num_hidden_layers * n * c.hidden_size,
+                      "(L, T, hidden): each self-attention's output P·V, before the output projection"),
+    "values": Output((2,), lambda c, n: c.num_hidden_layers * n * c.hidden_size,
+                     "(L, H, T, d): each layer's values V, per head"),
 }
 
 
@@ -80,19 +97,53 @@ class BertMRPC(nn.Module):
         unknown = set(needs) - set(OUTPUTS)
         if unknown:
             raise CgfBertError(f"unknown model output(s) {sorted(unknown)}; choose from {sorted(OUTPUTS)}")
-        out = self.bert(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            token_type_ids=token_type_ids,
-            output_hidden_states="hidden" in needs,
-            output_attentions="attentions" in needs,
-        )
-        result = {"logits": self.classifier(self.dropout(out.pooler_output))}  # (B, 2)
+        with _captured(self.bert, needs) as captured:
+            out = self.bert(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                output_hidden_states="hidden" in needs,
+                output_attentions="attentions" in needs,
+            )
+        result = {"logits": self.classifier(self.dropout(out.pooler_output)), **captured}  # (B, 2)
         if "hidden" in needs:
             result["hidden"] = out.hidden_states
         if "attentions" in needs:
             result["attentions"] = out.attentions
         return result
+
+
+def _per_head(layer: nn.Module, v: torch.Tensor) -> torch.Tensor:
+    """(B, T, hidden) -> (B, H, T, d), the layout attention uses."""
+    heads = layer.attention.self.num_attention_heads
+    return v.view(*v.shape[:2], heads, -1).transpose(1, 2)
+
+
+# Outputs transformers does not return, read by forward hooks: (the module whose output it is,
+# what to keep of that output).
+_HOOKED = {
+    "context": (lambda layer: layer.attention.self, lambda layer, out: out[0]),  # (B, T, hidden)
+    "values": (lambda layer: layer.attention.self.value, _per_head),  # the value Linear's output
+}
+
+
+@contextmanager
+def _captured(bert: BertModel, needs: tuple[str, ...]) -> Iterator[dict]:
+    """Collect each hooked output in ``needs`` as a per-layer tuple, during the block."""
+    found: dict[str, list] = {k: [] for k in needs if k in _HOOKED}
+    handles = []
+    for k, lst in found.items():
+        module_of, keep = _HOOKED[k]
+        for layer in bert.encoder.layer:
+            grab = (lambda lst, keep, layer: lambda mod, args, out: lst.append(keep(layer, out)))(lst, keep, layer)
+            handles.append(module_of(layer).register_forward_hook(grab))
+    result: dict = {}
+    try:
+        yield result
+    finally:
+        for h in handles:
+            h.remove()
+    result.update({k: tuple(v) for k, v in found.items()})
 
 
 def build_model(name: str, softmax: SoftmaxSpec = EXACT) -> BertMRPC:

@@ -38,11 +38,7 @@ def available_memory() -> int | None:
 
 def cache_bytes(lengths: list[int], config, needs: tuple[str, ...]) -> int:
     """Float32 bytes the cache of a dataset with these token ``lengths`` takes."""
-    per_example = {
-        "hidden": lambda n: (config.num_hidden_layers + 1) * n * config.hidden_size,  # (S, n, H)
-        "attentions": lambda n: config.num_hidden_layers * config.num_attention_heads * n * n,  # (L, H, n, n)
-    }
-    return 4 * sum(2 + sum(per_example[k](n) for k in needs) for n in lengths)
+    return 4 * sum(2 + sum(OUTPUTS[k].size(config, n) for k in needs) for n in lengths)
 
 
 def _unpad(stacked: torch.Tensor, dims: tuple[int, ...], n: int) -> torch.Tensor:
@@ -81,7 +77,7 @@ class TeacherCache:
             for k in needs:
                 stacked = torch.stack(out[k], 1).float().cpu()  # (B, layers, ...) with token dims shifted by one
                 for b, n in enumerate(lengths):
-                    outputs[k].append(_unpad(stacked[b], OUTPUTS[k], n))
+                    outputs[k].append(_unpad(stacked[b], OUTPUTS[k].token_dims, n))
         return cls(ids, torch.cat(logits), outputs, time.perf_counter() - start)
 
     def lookup(self, idx: torch.Tensor, seq_len: int, device: torch.device) -> dict:
@@ -90,7 +86,7 @@ class TeacherCache:
         out = {"logits": self.logits[rows].to(device, non_blocking=True)}
         for k, per_example in self.outputs.items():
             first = per_example[rows[0]]
-            shape = [seq_len if d in OUTPUTS[k] else s for d, s in enumerate(first.shape)]
+            shape = [seq_len if d in OUTPUTS[k].token_dims else s for d, s in enumerate(first.shape)]
             states = first.new_zeros(shape[0], len(rows), *shape[1:])  # (layers, B, ...)
             for b, r in enumerate(rows):
                 t = per_example[r]
