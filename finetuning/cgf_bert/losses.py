@@ -72,6 +72,16 @@ class LossTerm:
         w = Param("weight", float, 1.0, "", min=0.0).check(weight, f"loss {name!r} ")
         return cls(name, w, resolve_params(kind.params, params, f"loss {name!r}"))
 
+    @classmethod
+    def parse(cls, text: str) -> "LossTerm":
+        """'attn_kl=1', 'value_rel=1,layer=5': the command-line form NAME=WEIGHT[,param=value...]."""
+        head, *rest = text.split(",")
+        name, eq, weight = head.partition("=")
+        params = dict(item.split("=", 1) for item in rest if "=" in item)
+        if not eq or len(params) != len(rest):
+            raise CgfBertError(f"a loss term is NAME=WEIGHT[,param=value...], got {text!r}")
+        return cls.make(name.strip(), weight, **params)
+
     @property
     def kind(self) -> LossKind:
         return get_loss(self.name)
@@ -146,7 +156,7 @@ def _hidden(s: Outputs, t: Outputs, batch: Batch) -> torch.Tensor:
 # batch's ``attention_mask`` (B, T) is 1 on real tokens. Every term below reads valid tokens
 # only, so padding a batch further leaves it unchanged; each is a mean over the layers it reads.
 
-TINY = 1e-30  # floor under a probability before its log: CGF's exp underflows to 0 in float32
+TINY = 1e-30  # floor under a row sum (an all-masked row)
 
 
 def _masks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,23 +165,52 @@ def _masks(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m[:, None, :], m[:, None, None, :]
 
 
-def row_kl(teacher: torch.Tensor, student: torch.Tensor, mask: torch.Tensor, renormalise: bool) -> torch.Tensor:
+class _LogProb(torch.autograd.Function):
+    """log p with a backward that cannot overflow.
+
+    CGF gives some keys probabilities that underflow float32 (layer 0 of the pretrained student
+    reaches 1e-45): autograd's 1/p there is inf, and the step's gradient turns nan (seen on the
+    second MRPC step). The true gradient reaching the scores, (1/p) * dp/ds, is bounded; here
+    p is floored at float32's smallest normal number in both directions, so the few keys
+    below it (probability < 1e-38) get a gradient scaled down instead of an inf.
+    """
+
+    @staticmethod
+    def forward(ctx, p):
+        floored = p.clamp_min(torch.finfo(p.dtype).tiny)
+        ctx.save_for_backward(floored)
+        return floored.log()
+
+    @staticmethod
+    def backward(ctx, g):
+        (floored,) = ctx.saved_tensors
+        return g / floored
+
+
+def renormalised_log(p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log(p_j / sum_k p_k) over valid keys (log-space, so a row whose mass underflows is still a
+    distribution); masked keys -inf."""
+    _, keys = _masks(mask)
+    logp = _LogProb.apply(p.float()).masked_fill(keys == 0, float("-inf"))
+    return logp - logp.logsumexp(-1, keepdim=True)
+
+
+def row_kl(teacher: torch.Tensor, student_log: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(teacher row || student row) over valid keys, mean over valid query rows and heads.
 
-    ``renormalise`` divides each student row by its sum over valid keys first (CGF rows do not
-    sum to 1; the loss compares distributions).
+    ``student_log`` holds the student's log-probabilities (masked keys -inf, never read).
     """
     rows, keys = _masks(mask)
-    t, s = teacher.float() * keys, student.float() * keys
-    if renormalise:
-        s = s / s.sum(-1, keepdim=True).clamp_min(TINY)
-    kl = (torch.xlogy(t, t) - t * s.clamp_min(TINY).log()).sum(-1)  # (B, H, Q); 0 log 0 = 0
+    t = teacher.float() * keys
+    s = student_log.masked_fill(keys == 0, 0.0)
+    kl = (torch.xlogy(t, t) - t * s).sum(-1)  # (B, H, Q); 0 log 0 = 0
     return (kl * rows).sum() / (rows.sum() * t.shape[1])
 
 
 def attention_kl(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
-    """Mean over layers of ``row_kl`` with the student's rows renormalised."""
-    return torch.stack([row_kl(t, s, mask, renormalise=True) for s, t in zip(student, teacher)]).mean()
+    """Mean over layers of ``row_kl``, each student row renormalised over its valid keys first
+    (CGF rows do not sum to 1; this loss compares distributions, and only it renormalises)."""
+    return torch.stack([row_kl(t, renormalised_log(s, mask), mask) for s, t in zip(student, teacher)]).mean()
 
 
 def attention_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...], mask: torch.Tensor) -> torch.Tensor:
@@ -183,10 +222,10 @@ def attention_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor
 
 
 def value_relation(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """MiniLM's value relation of values (B, H, T, d): softmax over valid keys of V V^T / sqrt(d)."""
+    """MiniLM's value relation of values (B, H, T, d): log-softmax over valid keys of V V^T / sqrt(d)."""
     v = values.float()
     rel = v @ v.transpose(-1, -2) / math.sqrt(v.shape[-1])
-    return rel.masked_fill(mask[:, None, None, :] == 0, float("-inf")).softmax(-1)
+    return rel.masked_fill(mask[:, None, None, :] == 0, float("-inf")).log_softmax(-1)
 
 
 def _centered(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -243,7 +282,7 @@ LAYER = Param("layer", int, -1, "layer index (-1 = the last)", min=-64, max=63)
 def _value_rel(s: Outputs, t: Outputs, batch: Batch, layer: int = -1) -> torch.Tensor:
     """MiniLM value-relation KL(teacher || student) of softmax(V V^T / sqrt(d)), one layer."""
     mask = batch["attention_mask"]
-    return row_kl(value_relation(t["values"][layer], mask), value_relation(s["values"][layer], mask), mask, renormalise=False)
+    return row_kl(value_relation(t["values"][layer], mask).exp(), value_relation(s["values"][layer], mask), mask)
 
 # FSD (Jung et al., "Feature structure distillation with centered kernel alignment in BERT
 # transferring"): the three structures of each encoder layer's output (the embedding output is

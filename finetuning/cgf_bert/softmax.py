@@ -167,19 +167,31 @@ class _CgfSoftmax(torch.autograd.Function):
     With ``u = g * p`` (``g`` the incoming gradient) and ``S`` its row sum, the gradient is
     ``ds = u - S * (m + 2c * x) / n``: a few elementwise passes, keeping only ``p`` and ``x``,
     where autograd would keep and revisit about ten intermediates of the (B, H, Q, K) scores.
+
+    Written in the ``setup_context`` form with a generated vmap rule so that ``torch.func``
+    transforms (per-example gradients by ``vmap(grad)``, kernel.py) run through it; ``x`` and
+    ``n`` are returned as non-differentiable outputs only so that ``setup_context`` can save them.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, s: torch.Tensor, mask: torch.Tensor | None, coeff: float) -> torch.Tensor:
+    def forward(s: torch.Tensor, mask: torch.Tensor | None, coeff: float):
         x, var, n = _centred(s, mask)
         p = torch.exp(x - coeff * var)
         p = p.mul_(mask / n) if mask is not None else p.div_(n)
-        ctx.save_for_backward(p, x, mask, n)
-        ctx.coeff = coeff
-        return p
+        return p, x, n
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):
+    def setup_context(ctx, inputs, output):
+        _, mask, coeff = inputs
+        p, x, n = output
+        ctx.mark_non_differentiable(x, n)
+        ctx.save_for_backward(p, x, mask, n)
+        ctx.coeff = coeff
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, _gx, _gn):
         p, x, mask, n = ctx.saved_tensors
         u = g * p
         scale = u.sum(dim=-1, keepdim=True) / n  # S / n
@@ -214,7 +226,7 @@ def _float32(fn):
     return wrapped
 
 
-_cgf = _float32(_CgfSoftmax.apply)
+_cgf = _float32(lambda s, mask, coeff: _CgfSoftmax.apply(s, mask, coeff)[0])
 
 
 @register_softmax(
@@ -306,3 +318,55 @@ def cgf_poly_softmax(scores, valid, coeff=VARIANCE_COEFF, degree=8, exp_lo=-256.
     """
     poly = _poly(dict(degree=degree, exp_lo=exp_lo, exp_hi=exp_hi, squarings=squarings))
     return _cgf_poly32(scores, valid, float(coeff), poly)
+
+
+# ---------------------------------------------------------------- other FHE-friendly forms
+# Each zeroes masked keys by multiplying with the mask (no -inf fill: a polynomial evaluator
+# has none). ``n`` is the public count of valid keys; a "row sum" divisor depends on the input
+# (a reciprocal under FHE), which ``input_division`` records.
+
+TINY = 1e-12  # floor under a row sum: an all-zero row stays all zero instead of 0/0
+
+
+def _keys(scores: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask as the scores' dtype, broadcastable; n valid keys per row)."""
+    if valid is None:
+        mask = scores.new_ones(*scores.shape[:-2], 1, scores.shape[-1])
+    else:
+        mask = valid.to(scores.dtype)
+    return mask, mask.sum(-1, keepdim=True)
+
+
+def _row_normalised(q: torch.Tensor) -> torch.Tensor:
+    return q / q.sum(-1, keepdim=True).clamp_min(TINY)
+
+
+SHIFT = Param("shift", float, 5.0, "c in (s + c)^2 (MPCFormer's 2Quad uses 5)")
+POWER = Param("power", int, 2, "p in relu(s)^p", min=1, max=8)
+
+
+@register_softmax("quad2", (SHIFT,), label=lambda p: f"2quad c={p['shift']:g}", slug=lambda p: f"quad2c{p['shift']:g}")
+def quad2_softmax(scores: torch.Tensor, valid: torch.Tensor | None, shift: float = 5.0) -> torch.Tensor:
+    """MPCFormer's 2Quad: (s + c)^2 over the valid keys, divided by its row sum."""
+    mask, _ = _keys(scores, valid)
+    return _row_normalised((scores + shift) ** 2 * mask)
+
+
+@register_softmax("relu_n", input_division=False)
+def relu_n_softmax(scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """relu(s) / n over the n valid keys: no exp, and only the public length divides."""
+    mask, n = _keys(scores, valid)
+    return torch.relu(scores) * mask / n
+
+
+@register_softmax("relu_pow", (POWER,), label=lambda p: f"relu^{p['power']} norm", slug=lambda p: f"relupow{p['power']}")
+def relu_pow_softmax(scores: torch.Tensor, valid: torch.Tensor | None, power: int = 2) -> torch.Tensor:
+    """relu(s)^p over the valid keys, divided by its row sum.
+
+    Row-normalised rather than over n: a row's mass relu(s)^p / n grows as the p-th power of
+    the score scale, which nothing in the pretrained weights keeps near 1 (CGF's exp(-mu - c var)
+    does that job; relu_n is the p = 1 form over n). Normalising keeps each row a distribution, at
+    the price of the input-dependent reciprocal that 2Quad also pays.
+    """
+    mask, _ = _keys(scores, valid)
+    return _row_normalised(torch.relu(scores) ** power * mask)

@@ -21,7 +21,7 @@ from .plots import pyplot, save
 from .recipes import distill, finetune
 from .records import RESULTS_DIR, distill_config, load_records, train_config, write_json
 from .softmax import OUT_OF_RANGE, SoftmaxSpec
-from .stats import mean_std, paired_diff
+from .stats import mean_std, paired_diff, t_interval
 from .training import prepare_data
 
 log = logging.getLogger(__name__)
@@ -110,4 +110,72 @@ def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, t
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return save(fig, path)
+
+
+def _delta(recs: list[dict], ref: list[dict]) -> dict[str, Any] | None:
+    """Paired accuracy differences ``recs - ref`` (points), their mean, std and 95% interval."""
+    d = paired(ref, recs)
+    if not d["seeds"]:
+        return None
+    ci = t_interval(d["diffs"])
+    return {"seeds": d["seeds"], "diffs": [x * 100 for x in d["diffs"]], "mean": d["mean"] * 100, "std": d["std"] * 100,
+            "ci": [ci[0] * 100, ci[1] * 100] if ci else None}
+
+
+def compare_settings(groups: dict[str, list[dict]], exact: list[dict], base: str | None = None) -> list[dict[str, Any]]:
+    """One row per setting: its seeds and records, dev accuracy (points), the paired difference to
+    the exact fine-tunes of the same seeds and, with ``base``, to that setting."""
+    rows = []
+    for label, recs in groups.items():
+        acc = [r["best"]["accuracy"] * 100 for r in recs]
+        m, sd = mean_std(acc)
+        rows.append({
+            "setting": label, "seeds": [r["seed"] for r in recs], "records": [r["name"] for r in recs],
+            "accuracy": {"per_seed": acc, "mean": m, "std": sd},
+            "vs_exact": _delta(recs, exact),
+            "vs_base": _delta(recs, groups[base]) if base and label != base else None,
+        })
+    return rows
+
+
+def _fmt_delta(d: dict | None) -> str:
+    if not d:
+        return "—"
+    ci = f" [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]" if d["ci"] else ""
+    return f"{d['mean']:+.2f} ± {d['std']:.2f}{ci} ({len(d['seeds'])})"
+
+
+def settings_table(rows: list[dict], base: str | None = None) -> str:
+    """Markdown table of ``compare_settings`` rows."""
+    head = ["setting", "seeds", "dev accuracy", "paired Δ vs exact [95% CI] (n)"] + ([f"paired Δ vs {base}"] if base else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        a = r["accuracy"]
+        cells = [r["setting"], " ".join(map(str, r["seeds"])), f"{a['mean']:.2f} ± {a['std']:.2f}", _fmt_delta(r["vs_exact"])]
+        if base:
+            cells.append(_fmt_delta(r["vs_base"]))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_settings(rows: list[dict], path: str | Path, title: str) -> Path:
+    """Each setting's per-seed paired difference to exact (dots) and their mean (bar)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
+    for i, r in enumerate(rows):
+        d = r["vs_exact"]
+        if not d:
+            continue
+        ax.scatter([i] * len(d["diffs"]), d["diffs"], color="tab:blue", alpha=0.6, zorder=3)
+        ax.hlines(d["mean"], i - 0.3, i + 0.3, color="tab:red", lw=2, zorder=4)
+        for s, y in zip(d["seeds"], d["diffs"]):
+            ax.annotate(str(s), (i, y), xytext=(4, 0), textcoords="offset points", fontsize=7, va="center")
+    ax.axhline(0, color="gray", ls="--", lw=1, label="exact fine-tune, same seed")
+    ax.set_xticks(range(len(rows)), [r["setting"] for r in rows], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("dev accuracy − exact, same seed (points)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
     return save(fig, path)
