@@ -34,7 +34,7 @@ def main():
     add_config_args(p, TrainConfig, skip=("seed",))
     add_config_args(p, DistillConfig)
     p.add_argument("--settings", nargs="+", default=SETTINGS, help="term sets to compare (default: %(default)s)")
-    p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=[42, 7, 123], help="seeds (default: %(default)s; the main table has %s)" % list(SEEDS))
+    p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=[42, 7, 123], help=f"seeds (default: %(default)s; the main table has {' '.join(map(str, SEEDS))})")
     p.add_argument("--teacher", default=TEACHER_PATH, help="exact teacher (default: %(default)s)")
     p.add_argument("--no-train", dest="train", action="store_false", help="only tabulate the runs already on record; train nothing")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="train even where a matching record exists")

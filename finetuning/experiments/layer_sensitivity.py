@@ -1,0 +1,90 @@
+"""Which layers tolerate CGF? CGF in one layer at a time, exact softmax in the others:
+(a) swapped in at evaluation on the exact teacher (no training), and (b) trained so with CE
+on --train-seeds, next to the all-exact and all-CGF fine-tunes of the same seeds.
+
+    cd finetuning
+    python -m experiments.layer_sensitivity                      # swap at eval, and CE runs on seed 42
+    python -m experiments.layer_sensitivity --train-seeds        # swap at eval only
+"""
+
+import dataclasses
+import time
+
+from cgf_bert.checkpoint import load_model
+from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, run_main
+from cgf_bert.config import EXACT, TEACHER_PATH, TrainConfig
+from cgf_bert.plots import pyplot, save
+from cgf_bert.records import RESULTS_DIR, command_line, repo_relative
+from cgf_bert.softmax import SoftmaxSpec
+from cgf_bert.stats import mean_std
+from cgf_bert.sweeps import find_record, run_or_reuse, save_experiment, swap_at_eval
+
+
+def one_layer(cgf: SoftmaxSpec, i: int) -> SoftmaxSpec:
+    """Exact everywhere but layer ``i``, which runs ``cgf``."""
+    return SoftmaxSpec.make("exact", layers={i: cgf})
+
+
+def plot(swap: list[dict], trained: dict[int, list[float]], refs: dict[str, float | None], path: str, cgf: SoftmaxSpec):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    layers = list(range(len(swap) - 2))
+    ax.plot(layers, [r["accuracy"] * 100 for r in swap[1:-1]], "o-", label="swapped in at eval (exact teacher)")
+    if trained:
+        ls = sorted(trained)
+        ax.plot(ls, [mean_std(trained[i])[0] * 100 for i in ls], "s-", label="trained with CE (mean over seeds)")
+    styles = {"teacher, all exact": ("gray", "--"), "teacher, all CGF at eval": ("tab:red", ":"),
+              "CE fine-tune, all exact": ("black", "--"), "CE fine-tune, all CGF": ("tab:purple", ":")}
+    for name, y in refs.items():
+        if y is not None:
+            ax.axhline(y * 100, color=styles[name][0], ls=styles[name][1], lw=1, label=name)
+    ax.set_xticks(layers)
+    ax.set_xlabel(f"layer running {cgf.label()} (all others exact)")
+    ax.set_ylabel("MRPC dev accuracy (%)")
+    ax.set_title("CGF in one layer at a time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, path)
+
+
+def main():
+    p = ArgumentParser(description=__doc__)
+    add_config_args(p, TrainConfig, skip=("seed",), softmax=SoftmaxSpec.make("cgf", coeff=0.5))
+    p.add_argument("--checkpoint", default=TEACHER_PATH, help="exact checkpoint for the swap at eval (default: %(default)s)")
+    p.add_argument("--train-seeds", type=field_type(TrainConfig, "seed"), nargs="*", default=[42], help="seeds for the CE runs; none to skip (default: %(default)s)")
+    p.add_argument("--no-reuse", dest="reuse", action="store_false", help="train even where a matching record exists")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="run records and the experiment summary (default: %(default)s)")
+    args = p.parse_args()
+    cfg = config_from_args(TrainConfig, args, seed=(args.train_seeds or [42])[0])
+    cgf = cfg.softmax
+    layers = load_model(args.checkpoint)[0].bert.config.num_hidden_layers
+    specs = [EXACT] + [one_layer(cgf, i) for i in range(layers)] + [cgf]
+    swap = swap_at_eval(args.checkpoint, specs, cfg)
+    print(f"swap at eval on {args.checkpoint}:")
+    for r in swap:
+        print(f"  {r['label']:>28}: dev accuracy {r['accuracy']:.4f}")
+    trained: dict[int, list[float]] = {}
+    names: dict[int, list[str]] = {}
+    for seed in args.train_seeds:
+        for i in range(layers):
+            rec = run_or_reuse(dataclasses.replace(cfg, softmax=one_layer(cgf, i), seed=seed), None, None, args.results_dir, args.reuse)
+            trained.setdefault(i, []).append(rec["best"]["accuracy"])
+            names.setdefault(i, []).append(rec["name"])
+    ref_recs = {k: [find_record(dataclasses.replace(cfg, softmax=spec, seed=s), None, args.results_dir) for s in args.train_seeds]
+                for k, spec in (("CE fine-tune, all exact", EXACT), ("CE fine-tune, all CGF", cgf))}
+    refs = {"teacher, all exact": swap[0]["accuracy"], "teacher, all CGF at eval": swap[-1]["accuracy"],
+            **{k: mean_std([r["best"]["accuracy"] for r in v])[0] if v and all(v) else None for k, v in ref_recs.items()}}
+    if trained:
+        print(f"trained with CE, seeds {args.train_seeds}:")
+        for i in range(layers):
+            print(f"  layer {i} {cgf.label()}: dev accuracy {mean_std(trained[i])[0]:.4f}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    png = plot(swap, trained, refs, f"{args.results_dir}/experiments/layer_sensitivity-{stamp}.png", cgf)
+    out = {"command": command_line(), "checkpoint": repo_relative(args.checkpoint), "cgf": cgf.to_json(), "swap": swap,
+           "trained": {str(i): {"accuracy": v, "records": names[i]} for i, v in trained.items()}, "train_seeds": args.train_seeds,
+           "references": refs, "reference_records": {k: [r["name"] for r in v if r] for k, v in ref_recs.items()}, "plot": str(png)}
+    print(f"plot: {png}\nsaved {save_experiment(f'layer_sensitivity-{stamp}', out, args.results_dir)}")
+
+
+if __name__ == "__main__":
+    run_main(main)
