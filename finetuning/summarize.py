@@ -3,15 +3,13 @@
     cd finetuning && python summarize.py
 """
 
-import argparse
-
-from cgf_bert.cli import run_main
+from cgf_bert.cli import ArgumentParser, run_main
 from cgf_bert.records import REPO_ROOT, RESULTS_DIR
 from cgf_bert.report import rebuild
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--summary", default=str(REPO_ROOT / "summary.md"), help="markdown file with table markers (default: %(default)s)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="run records (default: %(default)s)")
     args = p.parse_args()

@@ -10,22 +10,21 @@ CGF student with the polynomial exp an encrypted evaluator runs, without trainin
     python validate.py ../checkpoints/run.pt --softmax cgf_poly --degree 8 --squarings 5
 """
 
-import argparse
 import json
 
-from cgf_bert.cli import SoftmaxFlags, run_main
-from cgf_bert.config import TEACHER_PATH
+from cgf_bert.cli import ArgumentParser, SoftmaxFlags, field_type, run_main
+from cgf_bert.config import TEACHER_PATH, TrainConfig
 from cgf_bert.records import RESULTS_DIR
 from cgf_bert.recipes import record_score, score
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("checkpoint", nargs="?", default=TEACHER_PATH, help="checkpoint to score (default: %(default)s)")
     SoftmaxFlags.add(p, None)  # no --softmax: the checkpoint's own
     p.add_argument("--data-dir", help="folder of GLUE MRPC TSVs (default: $CGF_BERT_DATA_DIR or ../shared/data/mrpc)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=128, help="evaluation batch size (default: %(default)s)")
+    p.add_argument("--batch-size", type=field_type(TrainConfig, "eval_batch_size"), default=128, help="evaluation batch size (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record goes to RESULTS_DIR/validate/ (default: %(default)s)")
     args = p.parse_args()

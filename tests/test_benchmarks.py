@@ -19,7 +19,7 @@ def test_benchmarks_run_and_write_a_record(tiny_bert, tiny_mrpc, tmp_path):
            "--examples", "96", "--min-run-time", "0.01", "--results-dir", str(tmp_path)]
     p = subprocess.run(cmd, cwd=FINETUNING, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    for heading in ("## trainer", "## attention", "## steps"):
+    for heading in ("## trainer", "## attention", "## steps", "## precision"):
         assert heading in p.stdout
     (path,) = tmp_path.glob("bench-*.json")
     rec = json.loads(path.read_text())
@@ -45,3 +45,7 @@ def test_benchmarks_run_and_write_a_record(tiny_bert, tiny_mrpc, tmp_path):
     assert "| " + " | ".join(rec["columns"]["steps"]) + " |" in text
     assert modes["kd-cached"]["teacher_cache_seconds"] > 0 and modes["ce"]["teacher_cache_seconds"] is None
     assert all(r["peak_memory_mb"] > 0 for r in rec["steps"])
+    prec = {r["precision"]: r for r in rec["precision"]}  # the same job at each precision
+    assert set(prec) == {"fp32", "bf16"} and prec["fp32"]["native"] and prec["fp32"]["speedup_vs_fp32"] == 1.0
+    assert prec["bf16"]["speedup_vs_fp32"] == pytest.approx(prec["fp32"]["ms_per_step"] / prec["bf16"]["ms_per_step"])
+    assert all(r["ms_per_step"] > 0 and r["examples"] == 48 for r in rec["precision"])

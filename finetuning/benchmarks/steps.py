@@ -12,7 +12,6 @@ each mode runs in a fresh process so one mode's peak can't hide another's.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from cgf_bert.cli import ArgumentParser, number
 from cgf_bert.engine import ce_step, freeze_embeddings, resolve_device, set_seed
 from cgf_bert.losses import kd_preset, make_kd_step, needs
 from cgf_bert.model import build_model
@@ -84,11 +84,11 @@ def run(model: str, device: torch.device, examples: int = 800, batch_size: int =
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="one mode of the step benchmark (run by benchmarks/__main__)")
+    p = ArgumentParser(description="one mode of the step benchmark (run by benchmarks/__main__)")
     p.add_argument("--mode", choices=MODES + (COMPILED,), required=True)
     p.add_argument("--model", required=True)
-    p.add_argument("--examples", type=int, default=800)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--examples", type=number(int, "examples", min=1), default=800)
+    p.add_argument("--batch-size", type=number(int, "batch-size", min=1), default=16)
     p.add_argument("--device")
     p.add_argument("--data-dir")
     a = p.parse_args()

@@ -49,8 +49,8 @@ class _TrainerClock(TrainerCallback):
         self.clock.tick()
 
 
-def timed_fit(model, step, train, tokenizer, device: torch.device, batch_size: int, group_by_length: bool) -> float:
-    """One epoch of ``fit`` over ``train`` with ``step`` (reference optimiser); examples/s."""
+def timed_fit(model, step, train, tokenizer, device: torch.device, batch_size: int, group_by_length: bool, precision: str = "fp32") -> float:
+    """One epoch of ``fit`` over ``train`` with ``step`` (reference optimiser) at ``precision``; examples/s."""
     loader = make_loader(train, tokenizer, batch_size, shuffle=True, seed=42, group_by_length=group_by_length)
     opt, sched = build_optimizer(model, 5e-5, len(loader))
     clock = StepClock()
@@ -61,7 +61,7 @@ def timed_fit(model, step, train, tokenizer, device: torch.device, batch_size: i
 
     with tempfile.TemporaryDirectory() as tmp:
         dev = make_loader(train.select(range(batch_size)), tokenizer, batch_size)  # fit evaluates each epoch
-        fit(model, timed_step, loader, dev, opt, sched, epochs=1, device=device, checkpoint=f"{tmp}/b.pt", meta={})
+        fit(model, timed_step, loader, dev, opt, sched, epochs=1, device=device, checkpoint=f"{tmp}/b.pt", meta={}, precision=precision)
     return clock.examples_per_second(batch_size)
 
 

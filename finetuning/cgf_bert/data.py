@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import warnings
@@ -37,33 +38,48 @@ def read_mrpc_tsv(path: str | Path, labeled: bool = True) -> dict[str, list]:
 
     The files start with a byte-order mark and contain unbalanced quotes, hence
     ``utf-8-sig`` and no quote handling. Unlabeled (test) rows get label -1 and keep
-    GLUE's ``index`` as ``idx``.
+    GLUE's ``index`` as ``idx``. Every line after the header is a row: a blank or short
+    line is an error, never skipped. Lines end at ``\\n``, ``\\r\\n`` or ``\\r``, as an editor counts them.
     """
     path = Path(path)
+    try:
+        raw = path.read_bytes()  # under 1 MB; decoding it whole lets a bad byte be placed on its line
+    except OSError as e:
+        raise CgfBertError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n") + 1
+        raise CgfBertError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    rows = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     cols: dict[str, list] = {"sentence1": [], "sentence2": [], "label": [], "idx": []}
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(rows, None)
-            if header is None or len(header) != 5:
-                raise CgfBertError(f"{path}:1: expected a 5-column GLUE MRPC header, got {header!r}")
-            for line, row in enumerate(rows, start=2):
-                if len(row) != 5:
-                    raise CgfBertError(f"{path}:{line}: expected 5 tab-separated fields, got {len(row)}")
-                first = row[0].strip()
-                if labeled and first not in ("0", "1"):
-                    raise CgfBertError(f"{path}:{line}: label must be 0 or 1, got {first!r}")
-                if not labeled and not first.isdigit():
-                    raise CgfBertError(f"{path}:{line}: index must be an integer, got {first!r}")
-                cols["sentence1"].append(row[3])
-                cols["sentence2"].append(row[4])
-                cols["label"].append(int(first) if labeled else -1)
-                cols["idx"].append(len(cols["idx"]) if labeled else int(first))
-    except UnicodeDecodeError as e:
-        raise CgfBertError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        header = next(rows, None)
+        if header is None or len(header) != 5:
+            raise CgfBertError(f"{path}:1: expected a 5-column GLUE MRPC header, got {header!r}")
+        for row in rows:
+            _append_row(cols, row, labeled, f"{path}:{rows.line_num}")
+    except csv.Error as e:  # a field over csv's size limit
+        raise CgfBertError(f"{path}:{max(rows.line_num, 1)}: {e}") from None
     if not cols["idx"]:
         raise CgfBertError(f"{path}: no data rows")
     return cols
+
+
+def _append_row(cols: dict[str, list], row: list[str], labeled: bool, where: str) -> None:
+    """One row's fields into ``cols``; ``where`` is 'file:line' for the error."""
+    if len(row) != 5:
+        raise CgfBertError(f"{where}: expected 5 tab-separated fields, got {len(row)}")
+    first = row[0].strip()
+    if labeled and first not in ("0", "1"):
+        raise CgfBertError(f"{where}: label must be 0 or 1, got {first!r}")
+    # isdigit() alone takes '²' and other digits int() refuses; idx is an int32 column
+    if not labeled and not (first.isascii() and first.isdigit() and int(first) < 2**31):
+        raise CgfBertError(f"{where}: index must be an integer from 0 to 2^31 - 1, got {first!r}")
+    cols["sentence1"].append(row[3])
+    cols["sentence2"].append(row[4])
+    cols["label"].append(int(first) if labeled else -1)
+    cols["idx"].append(len(cols["idx"]) if labeled else int(first))
 
 
 def default_data_dir() -> Path | None:

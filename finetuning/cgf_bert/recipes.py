@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from . import CgfBertError
 from .checkpoint import load_model
 from .config import DistillConfig, TrainConfig
 from .data import make_loader
@@ -28,12 +29,15 @@ from .training import prepare_data, train
 log = logging.getLogger(__name__)
 
 
-def finetune(cfg: TrainConfig, out: str | Path | None = None, results_dir: str | Path = RESULTS_DIR) -> dict[str, Any]:
-    """CE fine-tuning of a pretrained BERT with the softmax in ``cfg`` (teacher or CGF baseline)."""
+def finetune(cfg: TrainConfig, out: str | Path | None = None, results_dir: str | Path = RESULTS_DIR,
+             resume: bool | str | Path | None = None) -> dict[str, Any]:
+    """CE fine-tuning of a pretrained BERT with the softmax in ``cfg`` (teacher or CGF baseline).
+
+    ``resume``: continue the run from its saved state (``training.train``)."""
     data = prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)  # bad data fails before any work
     set_seed(cfg.seed)
     model = build_model(cfg.model, cfg.softmax)
-    return train(cfg, model, ce_step, script="finetune", out=out, results_dir=results_dir, data=data)
+    return train(cfg, model, ce_step, script="finetune", out=out, results_dir=results_dir, data=data, resume=resume)
 
 
 def distill(
@@ -44,14 +48,17 @@ def distill(
     results_dir: str | Path = RESULTS_DIR,
     data=None,
     teacher: tuple[BertMRPC, dict, TeacherCache | None] | None = None,
+    resume: bool | str | Path | None = None,
 ) -> dict[str, Any]:
     """KD from the exact teacher at ``teacher_path`` into a student with the softmax in ``cfg``.
 
     ``teacher`` is ``(model, metadata, cache)`` from ``prepare_teacher`` when the caller
-    already has it (``distill_seeds`` shares one across seeds).
+    already has it (``distill_seeds`` shares one across seeds). ``resume`` continues the
+    student's run from its saved state (the teacher's cache is computed again: it is
+    deterministic, and smaller to recompute than to store).
     """
     data = data or prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)
-    teacher_model, tmeta, cache = teacher or prepare_teacher(teacher_path, cfg, dcfg, results_dir, data)
+    teacher_model, tmeta, cache = teacher or prepare_teacher(teacher_path, cfg, dcfg, results_dir, data, resume=bool(resume))
     set_seed(cfg.seed)
     if dcfg.init == "teacher":
         student = copy.deepcopy(teacher_model).requires_grad_(True)  # the teacher itself is frozen
@@ -63,18 +70,24 @@ def distill(
         "teacher_seed": tmeta.get("seed"), "teacher_cached": cache is not None,
         "teacher_cache_seconds": round(cache.seconds, 1) if cache else None, "teacher_cache_bytes": cache.nbytes if cache else None,
     }
-    return train(cfg, student, step, script="distill", out=out, results_dir=results_dir, data=data, dcfg=dcfg, extra=extra)
+    return train(cfg, student, step, script="distill", out=out, results_dir=results_dir, data=data, dcfg=dcfg, extra=extra, resume=resume)
 
 
 def distill_seeds(cfg: TrainConfig, dcfg: DistillConfig, seeds: list[int], teacher_path: str | Path,
-                  out: str | Path | None = None, results_dir: str | Path = RESULTS_DIR) -> Iterator[dict[str, Any]]:
-    """One student per seed, sharing the tokenized data, the teacher and its cached outputs."""
+                  out: str | Path | None = None, results_dir: str | Path = RESULTS_DIR,
+                  resume: bool | str | Path | None = None) -> Iterator[dict[str, Any]]:
+    """One student per seed, sharing the tokenized data, the teacher and its cached outputs.
+
+    With ``resume=True`` each seed continues from its own saved state; a seed that had finished
+    returns its record, one that never saved a state starts afresh."""
+    if isinstance(resume, (str, Path)) and len(seeds) > 1:
+        raise CgfBertError("--resume STATE names one run's state; with several --seeds give --resume alone")
     # An existing teacher is read (once) and checked before any data work, so a wrong one fails fast.
     loaded = load_teacher(teacher_path, cfg.model) if Path(teacher_path).exists() else None
     data = prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit)
-    teacher = prepare_teacher(teacher_path, cfg, dcfg, results_dir, data, loaded)
+    teacher = prepare_teacher(teacher_path, cfg, dcfg, results_dir, data, loaded, resume=bool(resume))
     for seed in seeds:
-        yield distill(dataclasses.replace(cfg, seed=seed), dcfg, teacher_path, out, results_dir, data, teacher)
+        yield distill(dataclasses.replace(cfg, seed=seed), dcfg, teacher_path, out, results_dir, data, teacher, resume)
 
 
 def score(

@@ -20,6 +20,7 @@ from . import __version__
 from .atomic import atomic_write
 from .config import EXACT, DistillConfig, TrainConfig
 from .losses import LossTerm, objective_label, objective_slug
+from .precision import DEFAULT as PRECISION
 from .softmax import SoftmaxSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -108,7 +109,8 @@ def config_json(cfg) -> dict[str, Any]:
 def train_config(rec: dict) -> TrainConfig:
     """The TrainConfig a record ran with. A field the record predates takes its default: a field
     is added with the default that keeps the old behaviour (``compile`` came after the first
-    runs, off by default). Records before specs held ``softmax`` as a name and ``coeff`` apart."""
+    runs, off by default; ``precision`` later, fp32 as every run before it). Records before
+    specs held ``softmax`` as a name and ``coeff`` apart."""
     values = dict(rec["config"])
     values["softmax"] = SoftmaxSpec.from_json(values["softmax"], values.pop("coeff", None))
     names = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -132,10 +134,10 @@ def method_label(dcfg: DistillConfig | None) -> str:
 
 
 def variant_label(cfg: TrainConfig, dcfg: DistillConfig | None) -> str:
-    """A results-table row: 'exact', 'cgf c=0.65 CE', 'cgf c=0.5 KD beta=10 (pretrained init)'."""
-    if dcfg is None and cfg.softmax == EXACT:
-        return "exact"  # the reference every row is paired against
-    return f"{cfg.softmax.label()} {method_label(dcfg)}"
+    """A results-table row: 'exact', 'cgf c=0.65 CE', 'cgf c=0.5 KD beta=10 (pretrained init)';
+    a precision other than fp32 is named at the end ('exact, bf16')."""
+    label = "exact" if dcfg is None and cfg.softmax == EXACT else f"{cfg.softmax.label()} {method_label(dcfg)}"
+    return label if cfg.precision == PRECISION else f"{label}, {cfg.precision}"
 
 
 def record_variant(rec: dict) -> str:
@@ -143,9 +145,10 @@ def record_variant(rec: dict) -> str:
 
 
 def run_name(script: str, cfg: TrainConfig, dcfg: DistillConfig | None = None) -> str:
-    """'20261125-031500-distill-cgf0.5-b10-pretrained-s42': time, script, variant, seed."""
+    """'20261125-031500-distill-cgf0.5-b10-pretrained-s42': time, script, variant, precision unless fp32, seed."""
     method = "" if dcfg is None else f"-{objective_slug(dcfg.terms)}-{dcfg.init}"
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{script}-{cfg.softmax.slug()}{method}-s{cfg.seed}"
+    precision = "" if cfg.precision == PRECISION else f"-{cfg.precision}"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{script}-{cfg.softmax.slug()}{method}{precision}-s{cfg.seed}"
 
 
 def strict_json(obj: Any, reasons: dict[str, str] | None = None, where: str = "") -> tuple[Any, list[dict[str, str]]]:

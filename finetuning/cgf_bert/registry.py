@@ -51,20 +51,35 @@ class Param:
 
     def check(self, value: Any, where: str = "") -> Any:
         """``value`` converted to the parameter's type; out of range or non-finite is a CgfBertError."""
-        what = f"{where}{self.name}"
+        if not self.accepts(value):
+            raise CgfBertError(f"{where}{self.name} must be {self.range_text()}, got {value!r}")
+        return self._convert(value)
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``check`` takes ``value`` (of the type, finite, in range)."""
         try:
-            v = self.type(value)
-            if self.type is int and v != float(value):
-                raise ValueError
-        except (TypeError, ValueError):
-            raise CgfBertError(f"{what} must be {self.type.__name__}, got {value!r}") from None
+            v = self._convert(value)
+        except (TypeError, ValueError, OverflowError):
+            return False
+        finite = self.type is int or math.isfinite(v)  # an int of any size is finite (isfinite would overflow)
         low = (self.min is not None and v < self.min) or (self.above is not None and v <= self.above)
-        if not math.isfinite(v) or low or (self.max is not None and v > self.max):
-            raise CgfBertError(f"{what} must be {self.range_text()}, got {value!r}")
-        return v
+        return finite and not low and not (self.max is not None and v > self.max)
+
+    def _convert(self, value: Any) -> Any:
+        if self.type is not int:
+            return self.type(value)
+        if isinstance(value, float):  # 8.0 from a JSON file is 8; 8.5 is no integer
+            if not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        return int(value)  # '8' or 8 (int('8.5') fails: an integer option takes digits)
 
     def range_text(self) -> str:
-        bounds = [f"{op} {v:g}" for op, v in ((">=", self.min), (">", self.above), ("<=", self.max)) if v is not None]
+        """'finite and > 0', 'an integer >= 1': what the parameter accepts, as errors say it."""
+        bounds = [f"{op} {v if isinstance(v, int) else format(v, 'g')}"
+                  for op, v in ((">=", self.min), (">", self.above), ("<=", self.max)) if v is not None]
+        if self.type is int:
+            return " ".join(["an integer", " and ".join(bounds)]).strip()
         return " and ".join(["finite", *bounds])
 
 

@@ -13,7 +13,8 @@ from .records import RESULTS_DIR, load_records, record_variant, train_config
 from .stats import fmt_pm, mean_std, paired_diff, t_interval
 
 # Recipe fields that must equal TrainConfig's defaults for a run to enter the main table.
-RECIPE = ("model", "epochs", "lr", "batch_size", "weight_decay", "max_grad_norm", "freeze_embeddings", "max_length", "group_by_length", "limit")
+RECIPE = ("model", "epochs", "lr", "batch_size", "weight_decay", "max_grad_norm", "freeze_embeddings", "max_length", "group_by_length",
+          "precision", "limit")
 # BERT-base MRPC dev accuracy from the method's reference results (not measured here).
 REFERENCE_BERT_BASE = {
     "exact": 0.8630,

@@ -36,6 +36,7 @@ class SoftmaxKind:
     float32_scores: bool = False  # form the scores in float32 even under autocast (no max subtraction to tame them)
     input_division: bool = True  # divides by an input-dependent sum (a reciprocal under FHE), not only by the public n
     depth: Callable[[dict], int] | None = None  # multiplicative depth under CKKS, where it is known
+    check: Callable[[dict], Any] | None = None  # raises CgfBertError where parameters in range do not go together
     doc: str = ""
 
 
@@ -77,7 +78,10 @@ class SoftmaxSpec:
         for i, s in (layers or {}).items():
             if not isinstance(i, int) or i < 0 or s.layers:
                 raise CgfBertError(f"bad per-layer softmax {i}={s}: a layer index >= 0 and a plain spec")
-        return cls(name, resolve_params(kind.params, params, f"softmax {name!r}"), tuple(sorted((layers or {}).items())))
+        values = resolve_params(kind.params, params, f"softmax {name!r}")
+        if kind.check:
+            kind.check(dict(values))
+        return cls(name, values, tuple(sorted((layers or {}).items())))
 
     @property
     def kind(self) -> SoftmaxKind:
@@ -308,7 +312,7 @@ OUT_OF_RANGE = _OutOfRange()
     slug=lambda p: f"cgfpoly{p['coeff']:g}-d{p['degree']}-{p['exp_lo']:g}_{p['exp_hi']:g}-k{p['squarings']}",
     # depth: the row mean and E[s^2] (3 levels, as fhe.CgfCircuit computes them), then the
     # polynomial with mask/n folded into its coefficients; P @ V adds one more.
-    float32_scores=True, input_division=False, depth=lambda p: 3 + _poly(p).depth,
+    float32_scores=True, input_division=False, depth=lambda p: 3 + _poly(p).depth, check=_poly,
 )
 def cgf_poly_softmax(scores, valid, coeff=VARIANCE_COEFF, degree=8, exp_lo=-256.0, exp_hi=16.0, squarings=8) -> torch.Tensor:
     """CGF with exp replaced by the polynomial a CKKS evaluator runs (Chebyshev fit + squarings).

@@ -35,25 +35,27 @@ def load_teacher(path: str | Path, model: str) -> tuple[BertMRPC, dict]:
     return model_from_checkpoint(state_dict, meta, path), meta
 
 
-def ensure_teacher(path: str | Path, cfg: TrainConfig, results_dir: str | Path = RESULTS_DIR, data=None) -> tuple[BertMRPC, dict]:
-    """Load the teacher at ``path``, training it once with the finetune recipe when absent."""
+def ensure_teacher(path: str | Path, cfg: TrainConfig, results_dir: str | Path = RESULTS_DIR, data=None,
+                   resume: bool = False) -> tuple[BertMRPC, dict]:
+    """Load the teacher at ``path``, training it once with the finetune recipe when absent
+    (``resume``: continuing its training from its saved state, if a kill interrupted it)."""
     path = Path(path)
     if not path.exists():
         log.warning("no teacher at %s: fine-tuning one (exact softmax, seed %d)", path, cfg.seed)
         tcfg = dataclasses.replace(cfg, softmax=EXACT)
         set_seed(tcfg.seed)
-        train(tcfg, build_model(tcfg.model), ce_step, script="finetune", out=path, results_dir=results_dir, data=data)
+        train(tcfg, build_model(tcfg.model), ce_step, script="finetune", out=path, results_dir=results_dir, data=data, resume=resume)
     return load_teacher(path, cfg.model)
 
 
 def prepare_teacher(teacher_path: str | Path, cfg: TrainConfig, dcfg: DistillConfig, results_dir: str | Path, data,
-                    loaded: tuple[BertMRPC, dict] | None = None) -> tuple[BertMRPC, dict, TeacherCache | None]:
+                    loaded: tuple[BertMRPC, dict] | None = None, resume: bool = False) -> tuple[BertMRPC, dict, TeacherCache | None]:
     """The frozen teacher on the run's device, its metadata, and its cached outputs if asked for.
 
     ``loaded`` is ``load_teacher``'s result when the caller has already read the checkpoint.
     The cache holds exactly the outputs the objective's terms need.
     """
-    teacher, tmeta = loaded or ensure_teacher(teacher_path, cfg, results_dir, data)
+    teacher, tmeta = loaded or ensure_teacher(teacher_path, cfg, results_dir, data, resume)
     device = resolve_device(cfg.device)
     teacher.to(device).eval().requires_grad_(False)
     cache = None

@@ -22,7 +22,7 @@ from cgf_bert.analysis import (
     DEFAULT_INTERVALS, PERCENTILES, analyse, attention_maps, format_table, kl_matrix, plot_kl, plot_maps, plot_ranges, strict_json,
 )
 from cgf_bert.checkpoint import model_from_checkpoint, read_checkpoint
-from cgf_bert.cli import run_main
+from cgf_bert.cli import ArgumentParser, Interval, field_type, number, run_main
 from cgf_bert.config import TEACHER_PATH, TrainConfig
 from cgf_bert.data import make_loader
 from cgf_bert.engine import resolve_device
@@ -36,17 +36,6 @@ OUT_DIR = RESULTS_DIR / "analysis"  # records and plots of this module
 BATCH_SIZE = 32  # dev batches; the (B, 12, T, T) float64 row-sum temporaries stay small at 32
 
 
-def _at_least(kind, low):
-    def parse(text):
-        value = kind(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
 def _spec(text: str) -> SoftmaxSpec:
     try:
         return SoftmaxSpec.parse(text)
@@ -55,31 +44,29 @@ def _spec(text: str) -> SoftmaxSpec:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints to analyse (each against the teacher)")
     p.add_argument("--teacher", default=TEACHER_PATH, help="exact-softmax teacher of the same base model (default: %(default)s)")
     p.add_argument("--as-softmax", type=_spec, metavar="SPEC",
                    help="score every CKPT under this softmax instead of its own, e.g. cgf:coeff=0.5 (default: the checkpoint's)")
-    p.add_argument("--coeff", type=_at_least(float, 0.0), default=VARIANCE_COEFF,
+    p.add_argument("--coeff", type=number(float, "coeff", min=0.0), default=VARIANCE_COEFF,
                    help="c of the CGF argument shown for layers that run no CGF (the exact teacher's, say) (default: %(default)s)")
-    p.add_argument("--interval", type=float, nargs=2, action="append", metavar=("LO", "HI"),
+    p.add_argument("--interval", type=number(float, "interval"), action=Interval, metavar=("LO", "HI"),
                    help="exp-argument interval whose outside share is counted; repeatable, the first is drawn and tabled "
                         f"(default: {' '.join(f'{x:g}' for x in DEFAULT_INTERVALS[0])})")
-    p.add_argument("--examples", type=_at_least(int, 1), help="use only the first N dev examples (default: all 408)")
-    p.add_argument("--batch-size", type=_at_least(int, 1), default=BATCH_SIZE, help="dev batch size (default: %(default)s)")
-    p.add_argument("--max-length", type=_at_least(int, 8), default=TrainConfig.max_length,
+    p.add_argument("--examples", type=number(int, "examples", min=1), help="use only the first N dev examples (default: all 408)")
+    p.add_argument("--batch-size", type=field_type(TrainConfig, "eval_batch_size"), default=BATCH_SIZE, help="dev batch size (default: %(default)s)")
+    p.add_argument("--max-length", type=field_type(TrainConfig, "max_length"), default=TrainConfig.max_length,
                    help="maximum tokens per pair, as in training (default: %(default)s)")
     p.add_argument("--data-dir", help="folder of GLUE MRPC TSVs (default: $CGF_BERT_DATA_DIR, ../shared/data/mrpc, then the hub)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--map-layer", type=int, default=-1,
+    p.add_argument("--map-layer", type=number(int, "map-layer"), default=-1,
                    help="layer of the attention-map plot; negative counts from the end (default: %(default)s)")
-    p.add_argument("--map-example", type=_at_least(int, 0), default=0,
+    p.add_argument("--map-example", type=number(int, "map-example", min=0), default=0,
                    help="dev example (GLUE idx) of the attention-map plot (default: %(default)s)")
     p.add_argument("--out-dir", default=str(OUT_DIR), help="where the JSON record and the PNGs go (default: %(default)s)")
     args = p.parse_args(argv)
     args.interval = [tuple(iv) for iv in args.interval or DEFAULT_INTERVALS]
-    if any(lo >= hi for lo, hi in args.interval):
-        p.error(f"--interval takes LO HI with LO < HI, got {args.interval}")
     return args
 
 

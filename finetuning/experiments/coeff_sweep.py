@@ -6,11 +6,10 @@ a table and a PNG plot with error bars. Runs with an existing record are reused.
     python -m experiments.coeff_sweep --distill --beta 10 --coeffs 0.5 0.65
 """
 
-import argparse
 import dataclasses
 import time
 
-from cgf_bert.cli import add_config_args, config_from_args, run_main
+from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, number, run_main
 from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
 from cgf_bert.records import RESULTS_DIR, command_line, method_label
 from cgf_bert.softmax import SoftmaxSpec
@@ -19,11 +18,11 @@ from cgf_bert.sweeps import find_record, plot_accuracy_vs_coeff, run_or_reuse, s
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     add_config_args(p, TrainConfig, skip=("softmax", "seed"))
     add_config_args(p, DistillConfig)
-    p.add_argument("--coeffs", type=float, nargs="+", default=[0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.85], help="coefficients (default: %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds per coefficient (default: %(default)s)")
+    p.add_argument("--coeffs", type=number(float, "coeffs", min=0.0), nargs="+", default=[0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.85], help="coefficients (default: %(default)s)")
+    p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=list(SEEDS), help="seeds per coefficient (default: %(default)s)")
     p.add_argument("--distill", action="store_true", help="distill from the exact teacher instead of CE fine-tuning")
     p.add_argument("--teacher", default=TEACHER_PATH, help="teacher for --distill (default: %(default)s)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="train even where a matching record exists")

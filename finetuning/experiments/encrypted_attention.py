@@ -16,7 +16,6 @@ to CGF on the same examples: the side-by-side of depth, time and error.
     python -m experiments.encrypted_attention ../checkpoints/STUDENT.pt --teacher ../checkpoints_teacher/teacher.pt
 """
 
-import argparse
 import time
 from dataclasses import dataclass
 
@@ -25,13 +24,13 @@ import torch
 
 from cgf_bert import CgfBertError
 from cgf_bert.checkpoint import load_model
-from cgf_bert.cli import run_main
+from cgf_bert.cli import ArgumentParser, Interval, field_type, number, poly_exp, run_main
+from cgf_bert.config import TrainConfig
 from cgf_bert.data import make_loader
 from cgf_bert.engine import resolve_device, set_seed
 from cgf_bert.layer_io import capture_blocks, forward_with_layer_output
 from cgf_bert.polyexp import PolyExp
 from cgf_bert.records import RESULTS_DIR, code_version, command_line, machine, repo_relative, strict_json, write_json
-from cgf_bert.registry import Param
 from cgf_bert.softmax import SoftmaxSpec
 from cgf_bert.training import prepare_data
 
@@ -52,23 +51,6 @@ def fhe():
     from cgf_bert import fhe as core
 
     return core
-
-
-def poly_arg(text: str) -> PolyExp:
-    parts = text.split(",")
-    if len(parts) != 4:
-        raise argparse.ArgumentTypeError(f"takes DEGREE,LO,HI,SQUARINGS, got {text!r}")
-    try:
-        return PolyExp(int(parts[0]), float(parts[1]), float(parts[2]), int(parts[3]))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def positive_int(text: str) -> int:
-    try:
-        return Param("n", int, 1, "", min=1).check(text)
-    except CgfBertError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @dataclass
@@ -140,21 +122,21 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("checkpoint", help="a CGF student checkpoint")
     p.add_argument("--teacher", help="an exact checkpoint: also run the exact softmax under encryption, side by side")
-    p.add_argument("--layer", type=int, default=0, help="the attention layer to encrypt, from 0 (default: %(default)s)")
-    p.add_argument("--examples", type=positive_int, default=64, help="dev examples, a seeded sample (default: %(default)s)")
-    p.add_argument("--exact-examples", type=positive_int, default=4,
+    p.add_argument("--layer", type=number(int, "layer", min=0), default=0, help="the attention layer to encrypt, from 0 (default: %(default)s)")
+    p.add_argument("--examples", type=number(int, "examples", min=1), default=64, help="dev examples, a seeded sample (default: %(default)s)")
+    p.add_argument("--exact-examples", type=number(int, "exact-examples", min=1), default=4,
                    help="the first K of them for the exact-vs-CGF side-by-side (the exact circuit is slow) (default: %(default)s)")
-    p.add_argument("--poly", type=poly_arg, default=PolyExp(8, -32.0, 32.0, 5), metavar="D,LO,HI,K",
+    p.add_argument("--poly", type=poly_exp, default=PolyExp(8, -32.0, 32.0, 5), metavar="D,LO,HI,K",
                    help="CGF exp polynomial: degree, interval, squarings (default: 8,-32,32,5)")
-    p.add_argument("--exact-poly", type=poly_arg, default=PolyExp(8, -32.0, 32.0, 5), metavar="D,LO,HI,K",
+    p.add_argument("--exact-poly", type=poly_exp, default=PolyExp(8, -32.0, 32.0, 5), metavar="D,LO,HI,K",
                    help="exp polynomial of the exact circuit, on scores centred by their mean (default: 8,-32,32,5)")
-    p.add_argument("--sum-bound", type=float, nargs=2, action="append", metavar=("LO", "HI"),
+    p.add_argument("--sum-bound", type=number(float, "sum-bound", above=0.0), action=Interval, metavar=("LO", "HI"),
                    help="assumed bounds of the exact circuit's row sums of exp(s - mean); repeat for one exact run "
                         "per bound (default: 32 65536). Rows outside a bound are counted and their error reported")
-    p.add_argument("--seed", type=int, default=0, help="seed of the example sample (default: %(default)s)")
+    p.add_argument("--seed", type=field_type(TrainConfig, "seed"), default=0, help="seed of the example sample (default: %(default)s)")
     p.add_argument("--data-dir", help="folder of GLUE MRPC TSVs (default: as the step scripts)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record goes to RESULTS_DIR/fhe/ (default: %(default)s)")
     args = p.parse_args()

@@ -8,11 +8,10 @@
     python -m experiments.exact_vs_cgf --paired --coeff 0.65 --seeds 42 7 123
 """
 
-import argparse
 import dataclasses
 import time
 
-from cgf_bert.cli import add_config_args, config_from_args, run_main
+from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, number, run_main
 from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, TrainConfig
 from cgf_bert.records import RESULTS_DIR, command_line
 from cgf_bert.softmax import SoftmaxSpec
@@ -20,13 +19,13 @@ from cgf_bert.sweeps import paired, plot_accuracy_vs_coeff, run_or_reuse, save_e
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     add_config_args(p, TrainConfig, skip=("seed",), softmax=SoftmaxSpec.make("cgf", coeff=0.65))
     p.add_argument("--checkpoint", default=TEACHER_PATH, help="exact checkpoint for the swap (default: %(default)s)")
-    p.add_argument("--swap-coeffs", type=float, nargs="*", default=[0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 1.0],
+    p.add_argument("--swap-coeffs", type=number(float, "swap-coeffs", min=0.0), nargs="*", default=[0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 1.0],
                    help="CGF coefficients for the swap at eval (default: %(default)s; none to skip)")
     p.add_argument("--paired", action="store_true", help="also run paired fine-tunes: exact vs the --softmax spec (CGF c=0.65 by default)")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), help="seeds for --paired (default: %(default)s)")
+    p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=list(SEEDS), help="seeds for --paired (default: %(default)s)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="train even where a matching record exists")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="run records and the experiment summary (default: %(default)s)")
     args = p.parse_args()

@@ -10,14 +10,14 @@ and the polynomial; P @ V adds one), and the exp arguments that fell outside its
     python -m experiments.poly_swap ../checkpoints/STUDENT.pt --settings 8,-32,32,5 8,-256,16,8 4,-256,16,8
 """
 
-import argparse
 import time
 
 from cgf_bert import CgfBertError
 from cgf_bert.checkpoint import read_checkpoint
-from cgf_bert.cli import add_config_args, config_from_args, run_main
+from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, poly_exp, run_main
 from cgf_bert.config import TrainConfig
 from cgf_bert.plots import pyplot, save
+from cgf_bert.polyexp import PolyExp
 from cgf_bert.records import RESULTS_DIR, code_version, command_line, repo_relative
 from cgf_bert.softmax import SoftmaxSpec
 from cgf_bert.sweeps import save_experiment, swap_at_eval
@@ -25,13 +25,9 @@ from cgf_bert.sweeps import save_experiment, swap_at_eval
 DEFAULT_SETTINGS = ["8,-32,32,5", "8,-64,16,6", "8,-128,16,7", "8,-256,16,8", "6,-256,16,8", "4,-256,16,8"]
 
 
-def poly_spec(text: str, coeff: float) -> SoftmaxSpec:
-    """'DEGREE,LO,HI,SQUARINGS' -> the cgf_poly spec at the checkpoint's coefficient."""
-    parts = text.split(",")
-    if len(parts) != 4:
-        raise CgfBertError(f"--settings takes DEGREE,LO,HI,SQUARINGS (e.g. 8,-32,32,5), got {text!r}")
-    degree, lo, hi, squarings = parts
-    return SoftmaxSpec.make("cgf_poly", coeff=coeff, degree=degree, exp_lo=lo, exp_hi=hi, squarings=squarings)
+def poly_spec(poly: PolyExp, coeff: float) -> SoftmaxSpec:
+    """A polynomial exp -> the cgf_poly spec at the checkpoint's coefficient."""
+    return SoftmaxSpec.make("cgf_poly", coeff=coeff, degree=poly.degree, exp_lo=poly.lo, exp_hi=poly.hi, squarings=poly.squarings)
 
 
 def plot(rows: list[dict], path: str, title: str):
@@ -53,10 +49,10 @@ def plot(rows: list[dict], path: str, title: str):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("checkpoint", help="a CGF checkpoint (its coefficient is kept)")
-    p.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, metavar="D,LO,HI,K",
-                   help="polynomial settings: degree, interval ends, squarings (default: %(default)s)")
+    p.add_argument("--settings", nargs="+", type=poly_exp, default=[poly_exp(s) for s in DEFAULT_SETTINGS], metavar="D,LO,HI,K",
+                   help=f"polynomial settings: degree, interval ends, squarings (default: {' '.join(DEFAULT_SETTINGS)})")
     add_config_args(p, TrainConfig, only=("device", "data_dir", "eval_batch_size", "max_length"))
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record and plot go to RESULTS_DIR/experiments/ (default: %(default)s)")
     args = p.parse_args()

@@ -1,0 +1,77 @@
+"""--precision bf16: the encoder's matmuls in bf16, CGF's scores and probabilities still float32,
+finite gradients; refused on a CPU without native bf16; a different recipe from fp32 in records."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from cgf_bert import CgfBertError, precision, recipes
+from cgf_bert.attention import tapped
+from cgf_bert.config import TrainConfig
+from cgf_bert.data import load_mrpc, load_tokenizer, make_loader, tokenize
+from cgf_bert.engine import ce_step
+from cgf_bert.model import build_model
+from cgf_bert.precision import autocast, check_precision, cpu_flags
+from cgf_bert.records import config_json, record_variant, train_config
+from cgf_bert.report import is_reference_recipe
+from cgf_bert.softmax import SoftmaxSpec
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_bert, tiny_mrpc):
+    tok = load_tokenizer(str(tiny_bert))
+    return next(iter(make_loader(tokenize(load_mrpc(tiny_mrpc), tok)["train"], tok, 8)))
+
+
+def dtypes_seen(model, batch, prec: str) -> tuple[list, torch.Tensor]:
+    """(scores dtype, probabilities dtype) of each layer, and the loss, of a forward under ``prec``."""
+    seen = []
+    taps = {i: (lambda m, s, mask, p, v, o: seen.append((s.dtype, p.dtype, v.dtype))) for i in range(2)}
+    with tapped(model.bert, taps), autocast(CPU, prec):
+        loss, _ = ce_step(model, batch)
+    return seen, loss
+
+
+def test_bf16_keeps_cgf_in_float32_and_gives_finite_gradients(tiny_bert, batch):
+    torch.manual_seed(0)
+    model = build_model(str(tiny_bert), SoftmaxSpec.make("cgf", coeff=0.5)).train()
+    seen, loss = dtypes_seen(model, batch, "bf16")
+    assert seen == [(torch.float32, torch.float32, torch.bfloat16)] * 2  # V is the bf16 projection: autocast is on
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+    # the same model under fp32 and the exact softmax under bf16, for contrast
+    assert dtypes_seen(model, batch, "fp32")[0] == [(torch.float32,) * 3] * 2
+    model.set_softmax(SoftmaxSpec.make("exact"))
+    assert dtypes_seen(model, batch, "bf16")[0] == [(torch.bfloat16,) * 3] * 2
+
+
+def test_bf16_refused_without_native_bf16(tmp_path):
+    with pytest.raises(CgfBertError, match="--precision bf16 needs native bf16 arithmetic, which this CPU"):
+        check_precision("bf16", CPU, flags={"avx2", "avx512f"})
+    assert check_precision("bf16", CPU, flags={"avx2", "avx512_bf16"}) == "bf16"
+    assert check_precision("bf16", CPU, flags={"amx_bf16"}) == "bf16"
+    assert check_precision("fp32", CPU, flags=set()) == "fp32"
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_flags(str(info)) == {"fpu", "sse2", "avx512f", "avx512_bf16"}
+    assert cpu_flags(str(tmp_path / "none")) == set()
+
+
+def test_bf16_run_is_its_own_recipe(tiny_bert, tiny_mrpc, tmp_path, monkeypatch):
+    # Refusal is tested above; here the run must go through on any CPU (PyTorch emulates bf16 where it is not native).
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
+    cfg = TrainConfig(model=str(tiny_bert), data_dir=str(tiny_mrpc), epochs=1, batch_size=8, softmax=SoftmaxSpec.make("cgf", coeff=0.5),
+                      precision="bf16")
+    rec = recipes.finetune(cfg, out=tmp_path / "m.pt", results_dir=tmp_path)
+    assert rec["config"]["precision"] == "bf16" and "-finetune-cgf0.5-bf16-s42" in rec["name"]
+    assert rec["epochs"][0]["train"]["loss"] > 0 and record_variant(rec) == "cgf c=0.5 CE, bf16"
+    reference = {"script": "finetune", "config": config_json(TrainConfig())}
+    old = {**reference, "config": {k: v for k, v in reference["config"].items() if k != "precision"}}  # before the field
+    assert train_config(old).precision == "fp32" and is_reference_recipe(old) and record_variant(old) == "exact"
+    bf16 = {**reference, "config": config_json(dataclasses.replace(TrainConfig(), precision="bf16"))}
+    assert not is_reference_recipe(bf16) and record_variant(bf16) == "exact, bf16"
