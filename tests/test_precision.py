@@ -14,7 +14,7 @@ from cgf_bert.engine import ce_step
 from cgf_bert.model import build_model
 from cgf_bert.precision import autocast, check_precision, cpu_flags
 from cgf_bert.records import config_json, record_variant, train_config
-from cgf_bert.report import is_reference_recipe
+from cgf_bert.report import is_reference_recipe, precision_table
 from cgf_bert.softmax import SoftmaxSpec
 
 CPU = torch.device("cpu")
@@ -75,3 +75,21 @@ def test_bf16_run_is_its_own_recipe(tiny_bert, tiny_mrpc, tmp_path, monkeypatch)
     assert train_config(old).precision == "fp32" and is_reference_recipe(old) and record_variant(old) == "exact"
     bf16 = {**reference, "config": config_json(dataclasses.replace(TrainConfig(), precision="bf16"))}
     assert not is_reference_recipe(bf16) and record_variant(bf16) == "exact, bf16"
+
+
+def test_precision_table_pairs_each_bf16_row_with_its_fp32_runs():
+    def rec(name, seed, acc, prec="fp32", **cfg):
+        config = config_json(dataclasses.replace(TrainConfig(), seed=seed, precision=prec, **cfg))
+        return {"name": name, "script": "finetune", "seed": seed, "config": config, "best": {"accuracy": acc}, "_path": f"results/{name}.json"}
+
+    records = [
+        rec("a", 42, 0.80), rec("b", 7, 0.82), rec("c", 123, 0.81),          # exact, fp32
+        rec("d", 42, 0.81, "bf16"), rec("e", 7, 0.80, "bf16"),             # exact, bf16: two seeds in common
+        rec("f", 7, 0.70, "bf16", epochs=3),                                # another recipe: left out
+    ]
+    lines = precision_table(records).splitlines()
+    assert len(lines) == 3  # header, rule, one row
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    # seeds in the order of the bf16 runs' seeds; paired differences +1 and -2 points
+    assert cells[:5] == ["exact", "bf16", "42 7", "80.50 ± 0.71", "81.00 ± 1.41"]
+    assert cells[5] == "-0.50 ± 2.12" and cells[7] == "1 of 2"

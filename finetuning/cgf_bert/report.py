@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .plots import pyplot, save
-from .records import RESULTS_DIR, load_records, record_variant, train_config
+from .records import RESULTS_DIR, distill_config, load_records, record_variant, train_config, variant_label
 from .stats import fmt_pm, mean_std, paired_diff, t_interval
 
 # Recipe fields that must equal TrainConfig's defaults for a run to enter the main table.
@@ -27,9 +27,10 @@ REFERENCE_BERT_BASE = {
 }
 
 
-def is_reference_recipe(rec: dict) -> bool:
+def is_reference_recipe(rec: dict, but: tuple[str, ...] = ()) -> bool:
+    """Whether a step-script run used the reference recipe (the fields in ``but`` aside)."""
     cfg, default = train_config(rec), TrainConfig()
-    return all(getattr(cfg, k) == getattr(default, k) for k in RECIPE) and rec["script"] in ("finetune", "distill")
+    return all(getattr(cfg, k) == getattr(default, k) for k in RECIPE if k not in but) and rec["script"] in ("finetune", "distill")
 
 
 def accuracy(runs: dict[int, dict]) -> dict[int, float]:
@@ -133,6 +134,33 @@ def results_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def precision_table(records: list[dict]) -> str:
+    """Markdown: each variant trained at a precision other than fp32 (reference recipe otherwise),
+    paired by seed with the same variant's fp32 runs (newest record per seed on both sides)."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in training_records(records):
+        if is_reference_recipe(r, but=("precision",)):
+            cfg = train_config(r)
+            base = variant_label(dataclasses.replace(cfg, precision=TrainConfig().precision), distill_config(r))
+            groups[base, cfg.precision].append(r)
+    lines = [
+        "| variant | precision | seeds | dev accuracy | fp32, same seeds | paired Δ acc vs fp32 | 95% CI of Δ | seeds where lower precision ≥ fp32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (base, precision), runs in sorted(groups.items(), key=lambda kv: row_order(kv[0][0])):
+        if precision == TrainConfig().precision:
+            continue
+        low = accuracy(latest_per_seed(runs))
+        fp32 = accuracy(latest_per_seed(groups.get((base, TrainConfig().precision), [])))
+        diffs = paired_diff(low, fp32)
+        vals = list(diffs.values())
+        lines.append(
+            f"| {base} | {precision} | {' '.join(map(str, low))} | {fmt_pm(low.values())} | {fmt_pm(fp32[s] for s in diffs)} | "
+            f"{fmt_pm(vals)} | {fmt_interval(vals)} | {sum(v >= 0 for v in vals)} of {len(vals)} |"
+        )
+    return "\n".join(lines)
+
+
 def plot_paired_deltas(records: list[dict], path: str | Path, target: float = -0.005) -> Path | None:
     """PNG: each variant's per-seed paired difference to exact (dots, labelled by seed) and their mean.
 
@@ -204,7 +232,7 @@ def benchmark_table(name: str):
 
 # Table markers in summary.md; ``bench_NAME`` renders the newest benchmark record's NAME table
 # with the columns the benchmark wrote into its record.
-TABLES = {"results": results_table, "contrasts": contrasts_table, "runs": runs_table}
+TABLES = {"results": results_table, "contrasts": contrasts_table, "precision": precision_table, "runs": runs_table}
 
 
 def table(name: str):
