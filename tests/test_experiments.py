@@ -183,3 +183,15 @@ def test_poly_swap_scores_a_cgf_checkpoint_with_polynomial_exps(tiny_bert, tiny_
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
         "poly_swap.py: error: argument --settings: takes DEGREE,LO,HI,SQUARINGS (e.g. 8,-32,32,5), got '8,-32,32'"]
+
+
+def test_a_benchmark_fine_tune_is_neither_reused_nor_tabulated(tmp_path):
+    # The precision benchmark's 5-epoch runs write ordinary run records under results/benchmarks/;
+    # a plan or sweep must still train that run for the tables, which leave benchmark runs out.
+    rec = {"name": "20261130-231106-finetune-exact-bf16-s42", "script": "finetune", "seed": 42,
+           "config": config_json(dataclasses.replace(TrainConfig(), precision="bf16")), "best": {"accuracy": 0.8}}
+    cfg = dataclasses.replace(TrainConfig(), precision="bf16")
+    write_json(tmp_path / "benchmarks" / f"{rec['name']}.json", rec)
+    assert find_record(cfg, None, tmp_path) is None
+    write_json(tmp_path / f"{rec['name']}.json", rec)
+    assert find_record(cfg, None, tmp_path)["name"] == rec["name"]

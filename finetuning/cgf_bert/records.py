@@ -177,6 +177,12 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write(path, lambda f: f.write(text), binary=False)
 
 
+def is_benchmark(rec: dict) -> bool:
+    """Whether a record belongs to a benchmark (``results/benchmarks/``): its fine-tunes time the
+    machine and stay out of the tables and of record reuse, which take the step-script runs."""
+    return "benchmarks" in Path(rec.get("_path", "")).parts
+
+
 def load_records(results_dir: str | Path = RESULTS_DIR) -> list[dict]:
     """Every run record (``*.json``) under ``results_dir``, oldest first."""
     paths = sorted(Path(results_dir).rglob("*.json"))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .plots import pyplot, save
-from .records import RESULTS_DIR, distill_config, load_records, record_variant, train_config, variant_label
+from .records import RESULTS_DIR, distill_config, is_benchmark, load_records, record_variant, train_config, variant_label
 from .stats import fmt_pm, mean_std, paired_diff, t_interval
 
 # Recipe fields that must equal TrainConfig's defaults for a run to enter the main table.
@@ -50,7 +50,7 @@ def run_seconds(rec: dict) -> float:
 
 def training_records(records: list[dict]) -> list[dict]:
     """Records of step-script runs (not validate, experiment or benchmark records)."""
-    return [r for r in records if "best" in r and "/benchmarks/" not in r.get("_path", "")]
+    return [r for r in records if "best" in r and not is_benchmark(r)]
 
 
 def reference_groups(records: list[dict]) -> dict[str, dict[int, dict]]:

@@ -19,7 +19,7 @@ from .data import make_loader
 from .engine import logit_metrics, predict, resolve_device
 from .plots import pyplot, save
 from .recipes import distill, finetune
-from .records import RESULTS_DIR, distill_config, load_records, train_config, write_json
+from .records import RESULTS_DIR, distill_config, is_benchmark, load_records, train_config, write_json
 from .softmax import OUT_OF_RANGE, SoftmaxSpec
 from .stats import mean_std, paired_diff, t_interval
 from .training import prepare_data
@@ -36,8 +36,9 @@ def _same_run(rec: dict, cfg: TrainConfig, dcfg: DistillConfig | None) -> bool:
 
 
 def find_record(cfg: TrainConfig, dcfg: DistillConfig | None = None, results_dir: str | Path = RESULTS_DIR) -> dict[str, Any] | None:
-    """The newest record of this exact run (recipe, variant and seed), or None."""
-    found = [r for r in load_records(results_dir) if "config" in r and _same_run(r, cfg, dcfg)]
+    """The newest record of this exact run (recipe, variant and seed), or None; a benchmark's runs
+    are never reused (the tables leave them out too)."""
+    found = [r for r in load_records(results_dir) if "config" in r and not is_benchmark(r) and _same_run(r, cfg, dcfg)]
     return found[-1] if found else None
 
 
