@@ -11,7 +11,7 @@ import time
 
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, number, run_main
 from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
-from cgf_bert.records import RESULTS_DIR, command_line, method_label
+from cgf_bert.records import RESULTS_DIR, command_line, method_label, repo_relative
 from cgf_bert.softmax import SoftmaxSpec
 from cgf_bert.stats import fmt_pm, mean_std
 from cgf_bert.sweeps import find_record, plot_accuracy_vs_coeff, run_or_reuse, save_experiment
@@ -51,7 +51,7 @@ def main():
                                  hline=mean_std(exact_acc)[0] if exact_acc else None, hline_label="exact softmax, same seeds")
     out = {"command": command_line(), "method": method, "seeds": args.seeds,
            "accuracy": {str(c): v for c, v in acc.items()}, "records": {str(c): v for c, v in names.items()},
-           "exact_accuracy": exact_acc, "exact_records": [r["name"] for r in exact] if exact_acc else None, "plot": str(png)}
+           "exact_accuracy": exact_acc, "exact_records": [r["name"] for r in exact] if exact_acc else None, "plot": repo_relative(png) if png else None}
     print(f"plot: {png}\nsaved {save_experiment(f'coeff_sweep-{stamp}', out, args.results_dir)}")
 
 

@@ -82,7 +82,7 @@ def main():
     png = plot(swap, trained, refs, f"{args.results_dir}/experiments/layer_sensitivity-{stamp}.png", cgf)
     out = {"command": command_line(), "checkpoint": repo_relative(args.checkpoint), "cgf": cgf.to_json(), "swap": swap,
            "trained": {str(i): {"accuracy": v, "records": names[i]} for i, v in trained.items()}, "train_seeds": args.train_seeds,
-           "references": refs, "reference_records": {k: [r["name"] for r in v if r] for k, v in ref_recs.items()}, "plot": str(png)}
+           "references": refs, "reference_records": {k: [r["name"] for r in v if r] for k, v in ref_recs.items()}, "plot": repo_relative(png) if png else None}
     print(f"plot: {png}\nsaved {save_experiment(f'layer_sensitivity-{stamp}', out, args.results_dir)}")
 
 

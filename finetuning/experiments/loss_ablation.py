@@ -15,7 +15,7 @@ import time
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, run_main
 from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
 from cgf_bert.losses import LossTerm
-from cgf_bert.records import RESULTS_DIR, command_line, method_label
+from cgf_bert.records import RESULTS_DIR, command_line, method_label, repo_relative
 from cgf_bert.sweeps import compare_settings, find_record, plot_settings, run_or_reuse, save_experiment, settings_table
 
 # Weights: 1 for the distribution and CKA terms (their values start near 0.2-1.2 on the pretrained
@@ -66,7 +66,7 @@ def main():
     png = plot_settings(rows, f"{args.results_dir}/experiments/loss_ablation-{stamp}.png", f"{cfg.softmax.label()} + KD terms: paired Δ to exact")
     out = {"command": command_line(), "softmax": cfg.softmax.to_json(), "base": [t.to_json() for t in base.terms],
            "settings": {k: [t.to_json() for t in v] for k, v in settings.items()}, "seeds": args.seeds,
-           "exact_records": [r["name"] for r in exact], "rows": rows, "plot": str(png)}
+           "exact_records": [r["name"] for r in exact], "rows": rows, "plot": repo_relative(png) if png else None}
     print(f"plot: {png}\nsaved {save_experiment(f'loss_ablation-{stamp}', out, args.results_dir)}")
 
 

@@ -12,7 +12,7 @@ import time
 
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, run_main
 from cgf_bert.config import EXACT, TEACHER_PATH, DistillConfig, TrainConfig
-from cgf_bert.records import RESULTS_DIR, command_line, variant_label
+from cgf_bert.records import RESULTS_DIR, command_line, repo_relative, variant_label
 from cgf_bert.softmax import SoftmaxSpec
 from cgf_bert.sweeps import compare_settings, find_record, plot_settings, run_or_reuse, save_experiment, settings_table
 
@@ -58,7 +58,7 @@ def main():
     stamp = time.strftime("%Y%m%d-%H%M%S")
     png = plot_settings(rows, f"{args.results_dir}/experiments/variant_compare-{stamp}.png", "Attention variants, CE and KD: paired Δ to exact")
     out = {"command": command_line(), "variants": [s.to_json() for s in args.variants], "methods": args.methods, "kd": [t.to_json() for t in kd.terms],
-           "seeds": args.seeds, "exact_records": [r["name"] for r in exact], "rows": rows, "plot": str(png)}
+           "seeds": args.seeds, "exact_records": [r["name"] for r in exact], "rows": rows, "plot": repo_relative(png) if png else None}
     print(f"plot: {png}\nsaved {save_experiment(f'variant_compare-{stamp}', out, args.results_dir)}")
 
 
