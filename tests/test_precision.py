@@ -86,6 +86,7 @@ def test_precision_table_pairs_each_bf16_row_with_its_fp32_runs():
         rec("a", 42, 0.80), rec("b", 7, 0.82), rec("c", 123, 0.81),          # exact, fp32
         rec("d", 42, 0.81, "bf16"), rec("e", 7, 0.80, "bf16"),             # exact, bf16: two seeds in common
         rec("f", 7, 0.70, "bf16", epochs=3),                                # another recipe: left out
+        rec("g", 7, 0.75, "bf16", softmax=SoftmaxSpec.make("cgf", coeff=0.5)),  # bf16 only: nothing to pair, left out
     ]
     lines = precision_table(records).splitlines()
     assert len(lines) == 3  # header, rule, one row

@@ -136,7 +136,8 @@ def results_table(records: list[dict]) -> str:
 
 def precision_table(records: list[dict]) -> str:
     """Markdown: each variant trained at a precision other than fp32 (reference recipe otherwise),
-    paired by seed with the same variant's fp32 runs (newest record per seed on both sides)."""
+    paired by seed with the same variant's fp32 runs (newest record per seed on both sides);
+    variants with no fp32 run of a common seed are left out."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in training_records(records):
         if is_reference_recipe(r, but=("precision",)):
@@ -153,6 +154,8 @@ def precision_table(records: list[dict]) -> str:
         low = accuracy(latest_per_seed(runs))
         fp32 = accuracy(latest_per_seed(groups.get((base, TrainConfig().precision), [])))
         diffs = paired_diff(low, fp32)
+        if not diffs:
+            continue  # a variant run only at this precision (a bf16 screen): nothing to compare with
         vals = list(diffs.values())
         lines.append(
             f"| {base} | {precision} | {' '.join(map(str, low))} | {fmt_pm(low.values())} | {fmt_pm(fp32[s] for s in diffs)} | "
