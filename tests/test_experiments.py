@@ -195,3 +195,20 @@ def test_a_benchmark_fine_tune_is_neither_reused_nor_tabulated(tmp_path):
     assert find_record(cfg, None, tmp_path) is None
     write_json(tmp_path / f"{rec['name']}.json", rec)
     assert find_record(cfg, None, tmp_path)["name"] == rec["name"]
+
+
+def test_an_experiment_marker_renders_that_record_s_settings_table(tmp_path):
+    from cgf_bert.records import load_records
+    from cgf_bert.sweeps import compare_settings, settings_table
+
+    def rec(seed, acc):
+        return {"name": f"r{seed}-{acc}", "seed": seed, "best": {"accuracy": acc}}
+
+    groups = {"KD beta=10 (pretrained init)": [rec(42, 0.80), rec(7, 0.82)], "+ attn_kl=1": [rec(42, 0.81), rec(7, 0.80)]}
+    rows = compare_settings(groups, [rec(42, 0.81), rec(7, 0.81)], "KD beta=10 (pretrained init)")
+    write_json(tmp_path / "experiments" / "loss_ablation-20261201-010000.json",
+               {"command": "-m experiments.loss_ablation --no-train", "base_label": "KD beta=10 (pretrained init)", "rows": rows})
+    text = "a\n<!-- table:experiment:loss_ablation-20261201-010000 -->\nold\n<!-- /table -->\nb\n<!-- table:experiment:nope -->\n<!-- /table -->\n"
+    out = render(text, load_records(tmp_path))
+    assert settings_table(rows, "KD beta=10 (pretrained init)") in out and "old" not in out
+    assert "| + attn_kl=1 | 42 7 | 80.50 ± 0.71 |" in out and "(no experiment record nope.json)" in out

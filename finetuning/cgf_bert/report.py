@@ -11,6 +11,7 @@ from .config import TrainConfig
 from .plots import pyplot, save
 from .records import RESULTS_DIR, distill_config, is_benchmark, load_records, record_variant, train_config, variant_label
 from .stats import fmt_pm, mean_std, paired_diff, t_interval
+from .sweeps import settings_table
 
 # Recipe fields that must equal TrainConfig's defaults for a run to enter the main table.
 RECIPE = ("model", "epochs", "lr", "batch_size", "weight_decay", "max_grad_norm", "freeze_embeddings", "max_length", "group_by_length",
@@ -238,9 +239,27 @@ def benchmark_table(name: str):
 TABLES = {"results": results_table, "contrasts": contrasts_table, "precision": precision_table, "runs": runs_table}
 
 
+def experiment_table(stem: str):
+    """The settings table of one experiment record (``results/experiments/STEM.json``, written by
+    loss_ablation or variant_compare from the run records it names)."""
+
+    def render(records: list[dict]) -> str:
+        found = [r for r in records if Path(r.get("_path", "")).parent.name == "experiments" and Path(r["_path"]).stem == stem]
+        if not found:
+            return f"(no experiment record {stem}.json)"
+        rec = found[0]
+        return f"`{stem}.json` — `{rec['command']}`\n\n" + settings_table(rec["rows"], rec.get("base_label"))
+
+    return render
+
+
 def table(name: str):
+    """The renderer of a ``<!-- table:NAME -->`` marker: ``bench_X`` (the newest benchmark's X),
+    ``experiment:STEM`` (one experiment record's table), or a name in ``TABLES``."""
     if name.startswith("bench_"):
         return benchmark_table(name.removeprefix("bench_"))
+    if name.startswith("experiment:"):
+        return experiment_table(name.removeprefix("experiment:"))
     return TABLES[name]
 
 
@@ -250,7 +269,7 @@ def render(text: str, records: list[dict]) -> str:
     def fill(m: re.Match) -> str:
         return f"<!-- table:{m.group(1)} -->\n{table(m.group(1))(records)}\n<!-- /table -->"
 
-    return re.sub(r"<!-- table:(\w+) -->.*?<!-- /table -->", fill, text, flags=re.S)
+    return re.sub(r"<!-- table:([\w:-]+) -->.*?<!-- /table -->", fill, text, flags=re.S)
 
 
 def rebuild(summary: str | Path, results_dir: str | Path = RESULTS_DIR) -> tuple[int, Path | None]:

@@ -66,7 +66,7 @@ def main():
     png = plot_settings(rows, f"{args.results_dir}/experiments/loss_ablation-{stamp}.png", f"{cfg.softmax.label()} + KD terms: paired Δ to exact")
     out = {"command": command_line(), "softmax": cfg.softmax.to_json(), "base": [t.to_json() for t in base.terms],
            "settings": {k: [t.to_json() for t in v] for k, v in settings.items()}, "seeds": args.seeds,
-           "exact_records": [r["name"] for r in exact], "rows": rows, "plot": repo_relative(png) if png else None}
+           "exact_records": [r["name"] for r in exact], "base_label": base_label, "rows": rows, "plot": repo_relative(png) if png else None}
     print(f"plot: {png}\nsaved {save_experiment(f'loss_ablation-{stamp}', out, args.results_dir)}")
 
 
