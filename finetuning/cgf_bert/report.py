@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .plots import pyplot, save
+from .precision import DEFAULT as FP32
 from .records import RESULTS_DIR, distill_config, is_benchmark, load_records, record_variant, train_config, variant_label
 from .stats import fmt_pm, mean_std, paired_diff, t_interval
 from .sweeps import settings_table
@@ -143,17 +144,17 @@ def precision_table(records: list[dict]) -> str:
     for r in training_records(records):
         if is_reference_recipe(r, but=("precision",)):
             cfg = train_config(r)
-            base = variant_label(dataclasses.replace(cfg, precision=TrainConfig().precision), distill_config(r))
+            base = variant_label(dataclasses.replace(cfg, precision=FP32), distill_config(r))
             groups[base, cfg.precision].append(r)
     lines = [
         "| variant | precision | seeds | dev accuracy | fp32, same seeds | paired Δ acc vs fp32 | 95% CI of Δ | seeds where lower precision ≥ fp32 |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for (base, precision), runs in sorted(groups.items(), key=lambda kv: row_order(kv[0][0])):
-        if precision == TrainConfig().precision:
+        if precision == FP32:
             continue
         low = accuracy(latest_per_seed(runs))
-        fp32 = accuracy(latest_per_seed(groups.get((base, TrainConfig().precision), [])))
+        fp32 = accuracy(latest_per_seed(groups.get((base, FP32), [])))
         diffs = paired_diff(low, fp32)
         if not diffs:
             continue  # a variant run only at this precision (a bf16 screen): nothing to compare with
@@ -219,7 +220,7 @@ def markdown_table(rows: list[dict], cols: list[str]) -> str:
 
 def latest_benchmark(records: list[dict], name: str) -> dict | None:
     """The newest benchmark record that has table ``name``."""
-    found = [r for r in records if r.get("_path", "").endswith(".json") and "/benchmarks/bench-" in r.get("_path", "") and name in r]
+    found = [r for r in records if is_benchmark(r) and Path(r["_path"]).name.startswith("bench-") and name in r]
     return max(found, key=lambda r: r["_path"]) if found else None
 
 
