@@ -45,6 +45,12 @@ def test_variant_compare(tiny_bert, tiny_mrpc, tmp_path):
     assert labels == ["2quad c=3 CE"]
     assert s["rows"][0]["vs_exact"]["seeds"] == [1] and "2quad c=3 CE" in out
     assert s["rows"][0]["input_division"] is True
+    # a variant with no record has no row, and the others keep their own properties
+    for f in tmp_path.glob("experiments/variant_compare-*"):
+        f.unlink()
+    module("experiments.variant_compare", *args[:-4], "--variants", "relu_n", "quad2:shift=3", "--methods", "ce", "--no-train")
+    s = summary(tmp_path, "variant_compare")
+    assert [(r["setting"], r["input_division"]) for r in s["rows"]] == [("2quad c=3 CE", True)]
 
 
 def test_layer_sensitivity(tiny_bert, tiny_mrpc, tmp_path):

@@ -34,7 +34,7 @@ def main():
     args = p.parse_args()
     cfg = config_from_args(TrainConfig, args, seed=args.seeds[0])
     kd = config_from_args(DistillConfig, args)
-    groups = {}
+    groups, division = {}, {}
     for spec in args.variants:
         for method in args.methods:
             dcfg = kd if method == "kd" else None
@@ -45,14 +45,15 @@ def main():
                 if rec:
                     recs.append(rec)
             if recs:
-                groups[variant_label(dataclasses.replace(cfg, softmax=spec), dcfg)] = recs
+                label = variant_label(dataclasses.replace(cfg, softmax=spec), dcfg)
+                groups[label], division[label] = recs, spec.kind.input_division
     if not groups:
         print("no runs on record for these variants (run without --no-train)")
         return
     exact = [r for s in args.seeds if (r := find_record(dataclasses.replace(cfg, softmax=EXACT, seed=s), None, args.results_dir))]
     rows = compare_settings(groups, exact)
-    for r, spec in zip(rows, [s for s in args.variants for m in args.methods]):
-        r["input_division"] = spec.kind.input_division
+    for r in rows:  # by label: a setting with no records has no row
+        r["input_division"] = division[r["setting"]]
     print(f"dev accuracy (points), seeds {args.seeds}:")
     print(settings_table(rows))
     stamp = time.strftime("%Y%m%d-%H%M%S")
