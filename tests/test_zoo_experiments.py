@@ -26,6 +26,7 @@ def test_loss_ablation(tiny_bert, tiny_mrpc, tmp_path):
     assert "+ attn_kl=1+cka_inter=0.5" in out and "paired Δ vs KD beta=10 (pretrained init)" in out
     runs = sorted(p.name for p in tmp_path.glob("*-distill-*.json"))
     assert len(runs) == 2 and any("-b10-attn_kl1-cka_inter0.5-" in r for r in runs)
+    assert all("-distill-cgf0.5-b10" in r for r in runs)  # the default student is the table's CGF c=0.5
     s = summary(tmp_path, "loss_ablation")
     assert [r["setting"] for r in s["rows"]] == ["KD beta=10 (pretrained init)", "+ attn_kl=1+cka_inter=0.5"]
     # the teacher, fine-tuned here on seed 1 because none existed, is the exact run it pairs with

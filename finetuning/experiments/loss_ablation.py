@@ -1,4 +1,4 @@
-"""Which distillation terms close the CGF student's gap? The reference recipe (--alpha, --temperature,
+"""Which distillation terms close the CGF student's gap (CGF c=0.5 by default)? The reference recipe (--alpha, --temperature,
 --beta) alone and with each set of extra terms, on the same seeds, paired against the exact
 fine-tunes of those seeds and against the recipe. Runs with a matching record are reused.
 
@@ -16,6 +16,7 @@ from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, fiel
 from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
 from cgf_bert.losses import LossTerm
 from cgf_bert.records import RESULTS_DIR, command_line, method_label, repo_relative
+from cgf_bert.softmax import SoftmaxSpec
 from cgf_bert.sweeps import compare_settings, find_record, plot_settings, run_or_reuse, save_experiment, settings_table
 
 # Weights: 1 for the distribution and CKA terms (their values start near 0.2-1.2 on the pretrained
@@ -31,7 +32,7 @@ def parse_setting(text: str) -> tuple[LossTerm, ...]:
 
 def main():
     p = ArgumentParser(description=__doc__)
-    add_config_args(p, TrainConfig, skip=("seed",))
+    add_config_args(p, TrainConfig, skip=("seed",), softmax=SoftmaxSpec.make("cgf", coeff=0.5))  # the student of the results table
     add_config_args(p, DistillConfig)
     p.add_argument("--settings", nargs="+", default=SETTINGS, help="term sets to compare (default: %(default)s)")
     p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=[42, 7, 123], help=f"seeds (default: %(default)s; the main table has {' '.join(map(str, SEEDS))})")
