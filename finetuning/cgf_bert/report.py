@@ -80,6 +80,7 @@ CONTRASTS = (
     ("pretrained over teacher init, beta=0", "cgf c=0.5 KD beta=0 (pretrained init)", "cgf c=0.5 KD beta=0 (teacher init)"),
     ("the two best recipes: beta=0 from the teacher over beta=10 from pretrained", "cgf c=0.5 KD beta=0 (teacher init)", "cgf c=0.5 KD beta=10 (pretrained init)"),
     ("c=0.65 over c=0.5, CE", "cgf c=0.65 CE", "cgf c=0.5 CE"),
+    ("attention-output term (issue 11's best) over the recipe", "cgf c=0.5 KD beta=10 + attn_out=0.1 (pretrained init)", "cgf c=0.5 KD beta=10 (pretrained init)"),
 )
 
 
