@@ -38,7 +38,8 @@ def test_loss_ablation(tiny_bert, tiny_mrpc, tmp_path):
 
 
 def test_variant_compare(tiny_bert, tiny_mrpc, tmp_path):
-    args = [*common(tiny_bert, tiny_mrpc, tmp_path), "--seeds", 1, "--variants", "quad2:shift=3", "--methods", "ce"]
+    base = [*common(tiny_bert, tiny_mrpc, tmp_path), "--seeds", 1, "--methods", "ce"]
+    args = [*base, "--variants", "quad2:shift=3"]
     subprocess.run([sys.executable, "finetune.py", *map(str, common(tiny_bert, tiny_mrpc, tmp_path)), "--seed", "1"], cwd=FINETUNING, check=True, capture_output=True)
     out = module("experiments.variant_compare", *args)
     s = summary(tmp_path, "variant_compare")
@@ -49,7 +50,7 @@ def test_variant_compare(tiny_bert, tiny_mrpc, tmp_path):
     # a variant with no record has no row, and the others keep their own properties
     for f in tmp_path.glob("experiments/variant_compare-*"):
         f.unlink()
-    module("experiments.variant_compare", *args[:-4], "--variants", "relu_n", "quad2:shift=3", "--methods", "ce", "--no-train")
+    module("experiments.variant_compare", *base, "--variants", "relu_n", "quad2:shift=3", "--no-train")
     s = summary(tmp_path, "variant_compare")
     assert [(r["setting"], r["input_division"]) for r in s["rows"]] == [("2quad c=3 CE", True)]
 
