@@ -212,3 +212,4 @@ def test_an_experiment_marker_renders_that_record_s_settings_table(tmp_path):
     out = render(text, load_records(tmp_path))
     assert settings_table(rows, "KD beta=10 (pretrained init)") in out and "old" not in out
     assert "| + attn_kl=1 | 42 7 | 80.50 ± 0.71 |" in out and "(no experiment record nope.json)" in out
+    assert "input-dependent" not in out  # only variant rows carry the division column

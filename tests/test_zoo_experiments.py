@@ -47,6 +47,8 @@ def test_variant_compare(tiny_bert, tiny_mrpc, tmp_path):
     assert labels == ["2quad c=3 CE"]
     assert s["rows"][0]["vs_exact"]["seeds"] == [1] and "2quad c=3 CE" in out
     assert s["rows"][0]["input_division"] is True
+    row = next(line for line in out.splitlines() if line.startswith("| 2quad c=3 CE |"))
+    assert "divides by an input-dependent sum" in out and row.endswith("| yes |")  # its FHE cost, beside its score
     # a variant with no record has no row, and the others keep their own properties
     for f in tmp_path.glob("experiments/variant_compare-*"):
         f.unlink()

@@ -148,14 +148,19 @@ def _fmt_delta(d: dict | None) -> str:
 
 
 def settings_table(rows: list[dict], base: str | None = None) -> str:
-    """Markdown table of ``compare_settings`` rows."""
+    """Markdown table of ``compare_settings`` rows. Rows that carry ``input_division``
+    (variant_compare's) get a column for it: what the variant costs under FHE beside what it scores."""
+    division = any("input_division" in r for r in rows)
     head = ["setting", "seeds", "dev accuracy", "paired Δ vs exact [95% CI] (n)"] + ([f"paired Δ vs {base}"] if base else [])
+    head += ["divides by an input-dependent sum"] if division else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         a = r["accuracy"]
         cells = [r["setting"], " ".join(map(str, r["seeds"])), f"{a['mean']:.2f} ± {a['std']:.2f}", _fmt_delta(r["vs_exact"])]
         if base:
             cells.append(_fmt_delta(r["vs_base"]))
+        if division:
+            cells.append({True: "yes", False: "no (public n only)"}.get(r.get("input_division"), "?"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
