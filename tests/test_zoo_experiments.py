@@ -66,4 +66,14 @@ def test_layer_sensitivity(tiny_bert, tiny_mrpc, tmp_path):
     assert [r["label"] for r in s["swap"]] == ["exact", "exact, layer 0 cgf c=0.5", "exact, layer 1 cgf c=0.5", "cgf c=0.5"]
     assert set(s["trained"]) == {"0", "1"} and "-finetune-exact-L1cgf0.5-s1" in s["trained"]["1"]["records"][0]
     assert s["references"]["CE fine-tune, all exact"] is not None  # the exact run above, same seed
-    assert "layer 1 cgf c=0.5" in out
+    # the table printed is the one a summary marker renders from the record, with each layer's numbers
+    from cgf_bert.records import load_records
+    from cgf_bert.report import render
+    stem = next(tmp_path.glob("experiments/layer_sensitivity-*.json")).stem
+    table = render(f"<!-- table:experiment:{stem} -->\n<!-- /table -->", load_records(tmp_path))
+    assert table.splitlines()[3] in out and "trained with CE, seeds 1" in table
+    ref, layer1 = s["references"]["CE fine-tune, all exact"], s["trained"]["1"]["accuracy"][0]
+    swap1 = s["swap"][2]
+    row = next(line for line in table.splitlines() if line.startswith("| layer 1 |"))
+    assert row == (f"| layer 1 | {swap1['accuracy'] * 100:.2f} ({(swap1['accuracy'] - s['swap'][0]['accuracy']) * 100:+.2f}) "
+                   f"| {swap1['agreement'] * 100:.1f} % | {layer1 * 100:.2f} ({(layer1 - ref) * 100:+.2f}) |")

@@ -12,7 +12,7 @@ from .plots import pyplot, save
 from .precision import DEFAULT as FP32
 from .records import RESULTS_DIR, distill_config, is_benchmark, load_records, record_variant, train_config, variant_label
 from .stats import fmt_pm, mean_std, paired_diff, t_interval
-from .sweeps import settings_table
+from .sweeps import layer_table, settings_table
 
 # Recipe fields that must equal TrainConfig's defaults for a run to enter the main table.
 RECIPE = ("model", "epochs", "lr", "batch_size", "weight_decay", "max_grad_norm", "freeze_embeddings", "max_length", "group_by_length",
@@ -241,16 +241,22 @@ def benchmark_table(name: str):
 TABLES = {"results": results_table, "contrasts": contrasts_table, "precision": precision_table, "runs": runs_table}
 
 
+# An experiment's record -> its markdown table, by experiment name; the default is the settings
+# table of loss_ablation and variant_compare (rows paired against exact).
+EXPERIMENT_TABLES = {"layer_sensitivity": layer_table}
+
+
 def experiment_table(stem: str):
-    """The settings table of one experiment record (``results/experiments/STEM.json``, written by
-    loss_ablation or variant_compare from the run records it names)."""
+    """The table of one experiment record (``results/experiments/STEM.json``): loss_ablation's and
+    variant_compare's settings table, or the experiment's own in ``EXPERIMENT_TABLES``."""
 
     def render(records: list[dict]) -> str:
         found = [r for r in records if Path(r.get("_path", "")).parent.name == "experiments" and Path(r["_path"]).stem == stem]
         if not found:
             return f"(no experiment record {stem}.json)"
         rec = found[0]
-        return f"`{stem}.json` — `{rec['command']}`\n\n" + settings_table(rec["rows"], rec.get("base_label"))
+        table = EXPERIMENT_TABLES.get(stem.split("-")[0], lambda r: settings_table(r["rows"], r.get("base_label")))
+        return f"`{stem}.json` — `{rec['command']}`\n\n" + table(rec)
 
     return render
 

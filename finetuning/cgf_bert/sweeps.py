@@ -165,6 +165,35 @@ def settings_table(rows: list[dict], base: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def layer_table(rec: dict) -> str:
+    """Markdown table of a layer_sensitivity record: per layer, the swap at eval on the exact
+    checkpoint and the CE runs trained so, each against its all-exact reference."""
+    swap, trained, refs = rec["swap"], rec.get("trained", {}), rec["references"]
+    seeds = " ".join(map(str, rec.get("train_seeds", []))) or "(none run)"
+
+    def pts(acc: float | None, ref: float | None) -> str:
+        if acc is None:
+            return "—"
+        return f"{acc * 100:.2f}" + (f" ({(acc - ref) * 100:+.2f})" if ref is not None else "")
+
+    def cell(accs: list[float]) -> str:
+        return pts(mean_std(accs)[0] if accs else None, exact_ce)
+
+    head = ["CGF in", "swap at eval (Δ to all exact)", "agreement with exact", f"trained with CE, seeds {seeds} (Δ to all exact)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    exact_ce = refs.get("CE fine-tune, all exact")
+    ends = {0: ("no layer (all exact)", exact_ce), len(swap) - 1: ("every layer", refs.get("CE fine-tune, all CGF"))}
+    for i, r in enumerate(swap):
+        first = i == 0  # the all-exact reference row shows its own numbers, not a Δ to itself
+        if i in ends:
+            name, ce = ends[i]
+            ce_cell = pts(ce, None if first else exact_ce)
+        else:
+            name, ce_cell = f"layer {i - 1}", cell(trained.get(str(i - 1), {}).get("accuracy", []))
+        lines.append(f"| {name} | {pts(r['accuracy'], None if first else swap[0]['accuracy'])} | {r['agreement'] * 100:.1f} % | {ce_cell} |")
+    return "\n".join(lines)
+
+
 def plot_settings(rows: list[dict], path: str | Path, title: str) -> Path:
     """Each setting's per-seed paired difference to exact (dots) and their mean (bar)."""
     plt = pyplot()

@@ -17,7 +17,7 @@ from cgf_bert.plots import pyplot, save
 from cgf_bert.records import RESULTS_DIR, command_line, repo_relative
 from cgf_bert.softmax import SoftmaxSpec
 from cgf_bert.stats import mean_std
-from cgf_bert.sweeps import find_record, run_or_reuse, save_experiment, swap_at_eval
+from cgf_bert.sweeps import find_record, layer_table, run_or_reuse, save_experiment, swap_at_eval
 
 
 def one_layer(cgf: SoftmaxSpec, i: int) -> SoftmaxSpec:
@@ -60,9 +60,6 @@ def main():
     layers = load_model(args.checkpoint)[0].bert.config.num_hidden_layers
     specs = [EXACT] + [one_layer(cgf, i) for i in range(layers)] + [cgf]
     swap = swap_at_eval(args.checkpoint, specs, cfg)
-    print(f"swap at eval on {args.checkpoint}:")
-    for r in swap:
-        print(f"  {r['label']:>28}: dev accuracy {r['accuracy']:.4f}")
     trained: dict[int, list[float]] = {}
     names: dict[int, list[str]] = {}
     for seed in args.train_seeds:
@@ -74,15 +71,13 @@ def main():
                 for k, spec in (("CE fine-tune, all exact", EXACT), ("CE fine-tune, all CGF", cgf))}
     refs = {"teacher, all exact": swap[0]["accuracy"], "teacher, all CGF at eval": swap[-1]["accuracy"],
             **{k: mean_std([r["best"]["accuracy"] for r in v])[0] if v and all(v) else None for k, v in ref_recs.items()}}
-    if trained:
-        print(f"trained with CE, seeds {args.train_seeds}:")
-        for i in range(layers):
-            print(f"  layer {i} {cgf.label()}: dev accuracy {mean_std(trained[i])[0]:.4f}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     png = plot(swap, trained, refs, f"{args.results_dir}/experiments/layer_sensitivity-{stamp}.png", cgf)
     out = {"command": command_line(), "checkpoint": repo_relative(args.checkpoint), "cgf": cgf.to_json(), "swap": swap,
            "trained": {str(i): {"accuracy": v, "records": names[i]} for i, v in trained.items()}, "train_seeds": args.train_seeds,
            "references": refs, "reference_records": {k: [r["name"] for r in v if r] for k, v in ref_recs.items()}, "plot": repo_relative(png) if png else None}
+    print(f"{cgf.label()} in one layer at a time, dev accuracy (points), swap at eval on {args.checkpoint}:")
+    print(layer_table(out))
     print(f"plot: {png}\nsaved {save_experiment(f'layer_sensitivity-{stamp}', out, args.results_dir)}")
 
 
