@@ -12,7 +12,7 @@ from .plots import pyplot, save
 from .precision import DEFAULT as FP32
 from .records import RESULTS_DIR, distill_config, is_benchmark, load_records, record_variant, train_config, variant_label
 from .stats import fmt_pm, mean_std, paired_diff, t_interval
-from .sweeps import layer_table, settings_table
+from .sweeps import layer_table, markdown_rows, settings_table
 
 # Recipe fields that must equal TrainConfig's defaults for a run to enter the main table.
 RECIPE = ("model", "epochs", "lr", "batch_size", "weight_decay", "max_grad_norm", "freeze_embeddings", "max_length", "group_by_length",
@@ -215,8 +215,7 @@ def runs_table(records: list[dict]) -> str:
 def markdown_table(rows: list[dict], cols: list[str]) -> str:
     """A markdown table of ``rows`` (floats to 3 significant figures)."""
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows])
+    return markdown_rows(cols, [[fmt(r.get(c)) for c in cols] for r in rows])
 
 
 def latest_benchmark(records: list[dict], name: str) -> dict | None:

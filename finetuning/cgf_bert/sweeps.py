@@ -147,28 +147,35 @@ def _fmt_delta(d: dict | None) -> str:
     return f"{d['mean']:+.2f} ± {d['std']:.2f}{ci} ({len(d['seeds'])})"
 
 
+def markdown_rows(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of already formatted cells."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def settings_table(rows: list[dict], base: str | None = None) -> str:
     """Markdown table of ``compare_settings`` rows. Rows that carry ``input_division``
     (variant_compare's) get a column for it: what the variant costs under FHE beside what it scores."""
     division = any("input_division" in r for r in rows)
     head = ["setting", "seeds", "dev accuracy", "paired Δ vs exact [95% CI] (n)"] + ([f"paired Δ vs {base}"] if base else [])
     head += ["divides by an input-dependent sum"] if division else []
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cells = []
     for r in rows:
         a = r["accuracy"]
-        cells = [r["setting"], " ".join(map(str, r["seeds"])), f"{a['mean']:.2f} ± {a['std']:.2f}", _fmt_delta(r["vs_exact"])]
+        row = [r["setting"], " ".join(map(str, r["seeds"])), f"{a['mean']:.2f} ± {a['std']:.2f}", _fmt_delta(r["vs_exact"])]
         if base:
-            cells.append(_fmt_delta(r["vs_base"]))
+            row.append(_fmt_delta(r["vs_base"]))
         if division:
-            cells.append({True: "yes", False: "no (public n only)"}.get(r.get("input_division"), "?"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            row.append({True: "yes", False: "no (public n only)"}.get(r.get("input_division"), "?"))
+        cells.append(row)
+    return markdown_rows(head, cells)
 
 
 def layer_table(rec: dict) -> str:
-    """Markdown table of a layer_sensitivity record: per layer, the swap at eval on the exact
-    checkpoint and the CE runs trained so, each against its all-exact reference."""
-    swap, trained, refs = rec["swap"], rec.get("trained", {}), rec["references"]
+    """Markdown table of a layer_sensitivity record: the swap at eval on the exact checkpoint and
+    the CE runs trained so, per layer, each as a Δ to its all-exact reference (the first row)."""
+    swap, refs = rec["swap"], rec["references"]
+    exact_swap, exact_ce = swap[0]["accuracy"], refs.get("CE fine-tune, all exact")
     seeds = " ".join(map(str, rec.get("train_seeds", []))) or "(none run)"
 
     def pts(acc: float | None, ref: float | None) -> str:
@@ -176,22 +183,18 @@ def layer_table(rec: dict) -> str:
             return "—"
         return f"{acc * 100:.2f}" + (f" ({(acc - ref) * 100:+.2f})" if ref is not None else "")
 
-    def cell(accs: list[float]) -> str:
-        return pts(mean_std(accs)[0] if accs else None, exact_ce)
+    def row(name: str, r: dict, ce: float | None, ref_swap: float | None, ref_ce: float | None) -> list[str]:
+        return [name, pts(r["accuracy"], ref_swap), f"{r['agreement'] * 100:.1f} %", pts(ce, ref_ce)]
+
+    def trained(i: int) -> float | None:
+        accs = rec.get("trained", {}).get(str(i), {}).get("accuracy", [])
+        return mean_std(accs)[0] if accs else None
 
     head = ["CGF in", "swap at eval (Δ to all exact)", "agreement with exact", f"trained with CE, seeds {seeds} (Δ to all exact)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    exact_ce = refs.get("CE fine-tune, all exact")
-    ends = {0: ("no layer (all exact)", exact_ce), len(swap) - 1: ("every layer", refs.get("CE fine-tune, all CGF"))}
-    for i, r in enumerate(swap):
-        first = i == 0  # the all-exact reference row shows its own numbers, not a Δ to itself
-        if i in ends:
-            name, ce = ends[i]
-            ce_cell = pts(ce, None if first else exact_ce)
-        else:
-            name, ce_cell = f"layer {i - 1}", cell(trained.get(str(i - 1), {}).get("accuracy", []))
-        lines.append(f"| {name} | {pts(r['accuracy'], None if first else swap[0]['accuracy'])} | {r['agreement'] * 100:.1f} % | {ce_cell} |")
-    return "\n".join(lines)
+    rows = [row("no layer (all exact)", swap[0], exact_ce, None, None)]
+    rows += [row(f"layer {i}", r, trained(i), exact_swap, exact_ce) for i, r in enumerate(swap[1:-1])]
+    rows += [row("every layer", swap[-1], refs.get("CE fine-tune, all CGF"), exact_swap, exact_ce)]
+    return markdown_rows(head, rows)
 
 
 def plot_settings(rows: list[dict], path: str | Path, title: str) -> Path:
