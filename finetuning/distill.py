@@ -12,18 +12,20 @@ The teacher is ../checkpoints_teacher/teacher.pt; when absent it is fine-tuned o
     python distill.py --softmax cgf_poly --degree 8 --squarings 5
 """
 
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, run_main
 from cgf_bert.config import TEACHER_PATH, DistillConfig, TrainConfig
-from cgf_bert.distributed import is_main
-from cgf_bert.recipes import distill_seeds
-from cgf_bert.records import RESULTS_DIR, variant_label
-from cgf_bert.softmax import SoftmaxSpec
-from cgf_bert.stats import fmt_pm
+from cgf_bert.report.stats import fmt_pm
+from cgf_bert.store.names import variant_label
+from cgf_bert.store.provenance import RESULTS_DIR
+from cgf_bert.train.distributed import is_main
+from cgf_bert.train.recipes import distill_seeds
 
 
 def main():
     p = ArgumentParser(description=__doc__)
-    add_config_args(p, TrainConfig, skip=("seed",), softmax=SoftmaxSpec.make("cgf"))
+    add_config_args(p, TrainConfig, skip=("seed",), approx=Approximations(softmax=softmax_spec("cgf")))
     add_config_args(p, DistillConfig)
     p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=[42], help="one student per seed (default: %(default)s)")
     p.add_argument("--teacher", default=TEACHER_PATH, help="exact-softmax teacher checkpoint (default: %(default)s)")

@@ -9,9 +9,9 @@
 
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, run_main
 from cgf_bert.config import TrainConfig
-from cgf_bert.distributed import is_main
-from cgf_bert.records import RESULTS_DIR
-from cgf_bert.recipes import finetune
+from cgf_bert.store.provenance import RESULTS_DIR
+from cgf_bert.train.distributed import is_main
+from cgf_bert.train.recipes import finetune
 
 
 def main():

@@ -4,8 +4,8 @@
 """
 
 from cgf_bert.cli import ArgumentParser, run_main
-from cgf_bert.records import REPO_ROOT, RESULTS_DIR
-from cgf_bert.report import rebuild
+from cgf_bert.report.summary import rebuild
+from cgf_bert.store.provenance import REPO_ROOT, RESULTS_DIR
 
 
 def main():

@@ -1,8 +1,9 @@
 """Score a checkpoint on MRPC dev (accuracy, F1).
 
-The softmax comes from the checkpoint (per layer where it was trained so); --softmax and its
-parameter flags override it, e.g. to score an exact-softmax model with CGF swapped in, or a
-CGF student with the polynomial exp an encrypted evaluator runs, without training:
+The replaced operations come from the checkpoint (per layer where it was trained so); --softmax
+(--gelu, --layernorm, --pooler) and their parameter flags override them, e.g. to score an
+exact-softmax model with CGF swapped in, or a CGF student with the polynomial exp an encrypted
+evaluator runs, without training:
 
     cd finetuning
     python validate.py                                   # ../checkpoints_teacher/teacher.pt
@@ -12,25 +13,23 @@ CGF student with the polynomial exp an encrypted evaluator runs, without trainin
 
 import json
 
-from cgf_bert.cli import ArgumentParser, SoftmaxFlags, field_type, run_main
+from cgf_bert.cli import ApproxFlags, ArgumentParser, field_type, run_main
 from cgf_bert.config import TEACHER_PATH, TrainConfig
-from cgf_bert.records import RESULTS_DIR
-from cgf_bert.recipes import record_score, score
+from cgf_bert.store.provenance import RESULTS_DIR
+from cgf_bert.train.recipes import record_score, score
 
 
 def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("checkpoint", nargs="?", default=TEACHER_PATH, help="checkpoint to score (default: %(default)s)")
-    SoftmaxFlags.add(p, None)  # no --softmax: the checkpoint's own
+    ApproxFlags.add(p, None)  # no --softmax, --gelu, ...: the checkpoint's own
     p.add_argument("--data-dir", help="folder of GLUE MRPC TSVs (default: $CGF_BERT_DATA_DIR or ../shared/data/mrpc)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--batch-size", type=field_type(TrainConfig, "eval_batch_size"), default=128, help="evaluation batch size (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record goes to RESULTS_DIR/validate/ (default: %(default)s)")
     args = p.parse_args()
-    if args.softmax is None and (args.softmax_layers or any(v is not None for k, v in vars(args).items() if k.startswith("softmax_") and k != "softmax_layers")):
-        p.error("softmax parameters and --softmax-layers override the checkpoint's softmax only together with --softmax")
-    override = SoftmaxFlags.build(args) if SoftmaxFlags.present(args) else None
+    override = ApproxFlags.overrides(args)  # the ops named here; the others as the checkpoint has them
     r = score(args.checkpoint, override, args.data_dir, args.device, args.batch_size)
     record_score(r, args.results_dir)
     if args.json:

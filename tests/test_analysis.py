@@ -12,20 +12,29 @@ import numpy as np
 import pytest
 import torch
 
-from cgf_bert.analysis import (
-    PERCENTILES, analyse, attention_kl, cgf_row_sums, exp_argument, floored, outside, pct_key, strict_json, summarise,
+from cgf_bert.analysis.ranges import (
+    PERCENTILES,
+    analyse,
+    attention_kl,
+    cgf_row_sums,
+    exp_argument,
+    floored,
+    outside,
+    pct_key,
+    strict_json,
+    summarise,
 )
-from cgf_bert.attention import self_attentions
-from cgf_bert.checkpoint import save_checkpoint
-from cgf_bert.data import make_loader
-from cgf_bert.model import build_model
-from cgf_bert.softmax import SoftmaxSpec, cgf_softmax
-from cgf_bert.training import prepare_data
+from cgf_bert.approx.softmax import cgf_softmax, softmax_spec
+from cgf_bert.data.loader import make_loader
+from cgf_bert.model.attention import self_attentions
+from cgf_bert.model.bert import build_model
+from cgf_bert.store.checkpoint import save_checkpoint
+from cgf_bert.train.run import prepare_data
 
 FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
-CGF = SoftmaxSpec.make("cgf", coeff=0.5)
+CGF = softmax_spec("cgf", coeff=0.5)
 # layer 0 runs CGF with its own c = 0.5; layer 1 runs exact, so it shows CGF's argument at the c given to analyse
-MIXED = SoftmaxSpec.make("cgf", coeff=0.5, layers={1: SoftmaxSpec.make("exact")})
+MIXED = softmax_spec("cgf", coeff=0.5, layers={1: softmax_spec("exact")})
 GIVEN_C = 0.7
 
 
@@ -312,6 +321,7 @@ def test_module_end_to_end(checkpoints, tiny_mrpc, tmp_path):
 def run_in_process(monkeypatch, capsys, *argv):
     """The module's main under run_main, in this process: (exit code, stdout, stderr)."""
     from experiments import attention_analysis
+
     from cgf_bert.cli import run_main
 
     monkeypatch.setattr(sys, "argv", ["attention_analysis.py", *map(str, argv)])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cgf_bert.report import render
+from cgf_bert.report.summary import render
 
 FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
 

@@ -6,18 +6,19 @@ import pytest
 import torch
 
 from cgf_bert import CgfBertError
-from cgf_bert.checkpoint import load_model, read_checkpoint, save_checkpoint
-from cgf_bert.model import build_model
-from cgf_bert.softmax import SoftmaxSpec
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.model.bert import build_model
+from cgf_bert.store.checkpoint import load_model, read_checkpoint, save_checkpoint
 
 
 def test_roundtrip_keeps_weights_and_metadata(tiny_bert, tmp_path):
-    spec = SoftmaxSpec.make("cgf", coeff=0.65)
+    spec = softmax_spec("cgf", coeff=0.65)
     model = build_model(str(tiny_bert), spec)
     path = save_checkpoint(tmp_path / "m.pt", model, {"model": str(tiny_bert), "seed": 3, "epoch": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left behind
     loaded, meta = load_model(path)
-    assert meta["seed"] == 3 and meta["softmax"] == spec
+    assert meta["seed"] == 3 and meta["approx"].softmax == spec
     assert loaded.softmax == spec
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
@@ -25,15 +26,15 @@ def test_roundtrip_keeps_weights_and_metadata(tiny_bert, tmp_path):
 
 def test_softmax_override_on_load(tiny_bert, tmp_path):
     path = save_checkpoint(tmp_path / "m.pt", build_model(str(tiny_bert)), {"model": str(tiny_bert)})
-    model, meta = load_model(path, softmax=SoftmaxSpec.make("cgf", coeff=0.4))
-    assert meta["softmax"].name == "exact" and model.softmax.label() == "cgf c=0.4"
+    model, meta = load_model(path, Approximations(softmax=softmax_spec("cgf", coeff=0.4)))
+    assert meta["approx"].softmax.name == "exact" and model.softmax.label() == "cgf c=0.4"
 
 
 def test_per_layer_spec_roundtrip(tiny_bert, tmp_path):
-    spec = SoftmaxSpec.make("cgf", coeff=0.5, layers={1: SoftmaxSpec.make("exact")})
+    spec = softmax_spec("cgf", coeff=0.5, layers={1: softmax_spec("exact")})
     path = save_checkpoint(tmp_path / "m.pt", build_model(str(tiny_bert), spec), {"model": str(tiny_bert)})
     model, meta = load_model(path)
-    assert meta["softmax"] == spec and model.softmax == spec
+    assert meta["approx"].softmax == spec and model.softmax == spec
     assert [layer.attention.self.softmax_spec.name for layer in model.bert.encoder.layer] == ["cgf", "exact"]
 
 
@@ -43,7 +44,7 @@ def test_legacy_checkpoint_format_is_read(tiny_bert, tmp_path):
     meta = '{"format": "cgf-bert/1", "model": "%s", "softmax": "cgf", "coeff": 0.65}' % tiny_bert
     torch.save({"state_dict": sd, "meta": meta}, tmp_path / "old.pt")
     model, meta = load_model(tmp_path / "old.pt")
-    assert model.softmax == SoftmaxSpec.make("cgf", coeff=0.65) and "coeff" not in meta
+    assert model.softmax == softmax_spec("cgf", coeff=0.65) and "coeff" not in meta
 
 
 def test_missing_checkpoint(tmp_path):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from cgf_bert.records import load_records
-from cgf_bert.report import render
+from cgf_bert.report.summary import render
+from cgf_bert.store.records import load_records
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = sorted((REPO / "results").rglob("*.json"))

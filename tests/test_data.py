@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import HEADER_LABELED
 
 from cgf_bert import CgfBertError
-from cgf_bert.data import FEATURES, LengthGroupedSampler, default_data_dir, load_mrpc, load_tokenizer, make_loader, read_mrpc_tsv, tokenize
-
-from conftest import HEADER_LABELED
+from cgf_bert.data.glue import FEATURES, default_data_dir, load_mrpc, read_mrpc_tsv
+from cgf_bert.data.loader import LengthGroupedSampler, load_tokenizer, make_loader, tokenize
 
 
 def test_fixture_folder_loads_with_glue_schema(tiny_mrpc):
@@ -68,7 +68,7 @@ def test_real_mrpc_files_have_glue_sizes():
 def test_real_mrpc_token_lengths():
     """summary.md's length facts: with the embedded model's tokenizer no pair exceeds 104
     tokens (so max_length 128 truncates nothing) and training pairs average about 53 tokens."""
-    from cgf_bert.model import resolve_model
+    from cgf_bert.model.bert import resolve_model
 
     ds = tokenize(load_mrpc(default_data_dir()), load_tokenizer(resolve_model("minilm-l6")))
     lengths = [n for split in ds.values() for n in split["length"]]

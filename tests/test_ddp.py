@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SPECIAL, WORDS, tiny_config, write_mrpc
 from transformers import BertModel, BertTokenizerFast
 
-from cgf_bert import CgfBertError, recipes
-from cgf_bert.checkpoint import read_checkpoint
+from cgf_bert import CgfBertError
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.config import TrainConfig
-from cgf_bert.distributed import Dist, per_process_batch, shard
-from cgf_bert.softmax import SoftmaxSpec
-
-from conftest import SPECIAL, WORDS, tiny_config, write_mrpc
+from cgf_bert.store.checkpoint import read_checkpoint
+from cgf_bert.train import recipes
+from cgf_bert.train.distributed import Dist, per_process_batch, shard
 
 FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
 # float32 weights after 10 AdamW steps. What differs between the runs is only the order in which
@@ -56,7 +57,7 @@ def test_two_gloo_processes_train_the_one_process_weights(no_dropout_bert, tmp_p
     assert ddp["processes"] == 2 and ddp["config"]["batch_size"] == 10
 
     cfg = TrainConfig(model=str(no_dropout_bert), data_dir=str(data), epochs=2, batch_size=10, lr=2e-3,
-                      softmax=SoftmaxSpec.make("cgf", coeff=0.5))
+                      approx=Approximations(softmax=softmax_spec("cgf", coeff=0.5)))
     one = recipes.finetune(cfg, out=tmp_path / "one.pt", results_dir=tmp_path / "one")
     assert "processes" not in one
     a, b = read_checkpoint(tmp_path / "ddp.pt"), read_checkpoint(tmp_path / "one.pt")

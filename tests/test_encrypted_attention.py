@@ -11,15 +11,15 @@ import pytest
 
 pytest.importorskip("desilofhe", reason='the optional FHE library is not installed (pip install -e ".[fhe]")')
 
-from cgf_bert.checkpoint import save_checkpoint  # noqa: E402
-from cgf_bert.model import build_model  # noqa: E402
-from cgf_bert.softmax import SoftmaxSpec  # noqa: E402
+from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.model.bert import build_model
+from cgf_bert.store.checkpoint import save_checkpoint
 
 FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
 
 
 def test_encrypted_layer_matches_plaintext_predictions(tiny_bert, tiny_mrpc, tmp_path):
-    student = save_checkpoint(tmp_path / "s.pt", build_model(str(tiny_bert), SoftmaxSpec.make("cgf", coeff=0.5)), {"model": str(tiny_bert)})
+    student = save_checkpoint(tmp_path / "s.pt", build_model(str(tiny_bert), softmax_spec("cgf", coeff=0.5)), {"model": str(tiny_bert)})
     teacher = save_checkpoint(tmp_path / "t.pt", build_model(str(tiny_bert)), {"model": str(tiny_bert)})
     cmd = [sys.executable, "-m", "experiments.encrypted_attention", str(student), "--teacher", str(teacher), "--layer", "1",
            "--examples", "6", "--exact-examples", "2", "--poly", "6,-8,8,2", "--exact-poly", "4,-4,4,1", "--sum-bound", "2", "32", "--sum-bound", "64", "128",

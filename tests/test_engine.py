@@ -5,11 +5,13 @@ import json
 import pytest
 import torch
 
-from cgf_bert.checkpoint import read_checkpoint
-from cgf_bert.data import load_mrpc, load_tokenizer, make_loader, tokenize
-from cgf_bert.engine import NonFiniteLoss, build_optimizer, ce_step, classification_metrics, fit, freeze_embeddings, set_seed
-from cgf_bert.model import build_model
-from cgf_bert.softmax import SoftmaxSpec
+from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.data.glue import load_mrpc
+from cgf_bert.data.loader import load_tokenizer, make_loader, tokenize
+from cgf_bert.data.tasks import classification_metrics
+from cgf_bert.model.bert import build_model
+from cgf_bert.store.checkpoint import read_checkpoint
+from cgf_bert.train.engine import NonFiniteLoss, build_optimizer, ce_step, fit, freeze_embeddings, set_seed
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def loaders(data):
 def train(tiny_bert, loaders, tmp_path, step=ce_step, epochs=2, seed=0, name="m"):
     set_seed(seed)
     loaders[0].generator.manual_seed(seed)  # a run's shuffles depend on its seed only
-    model = build_model(str(tiny_bert), SoftmaxSpec.make("cgf", coeff=0.5))
+    model = build_model(str(tiny_bert), softmax_spec("cgf", coeff=0.5))
     freeze_embeddings(model)
     opt, sched = build_optimizer(model, 1e-3, epochs * len(loaders[0]))
     res = fit(model, step, *loaders, opt, sched, epochs=epochs, device=torch.device("cpu"),
@@ -43,7 +45,7 @@ def test_fit_keeps_best_epoch_and_logs_jsonl(tiny_bert, loaders, tmp_path):
     best = max(rows, key=lambda r: r["dev"]["accuracy"])  # max() keeps the first on ties, like fit
     assert res.best_epoch == best["epoch"] and res.best == best["dev"]
     _, meta = read_checkpoint(tmp_path / "m.pt")
-    assert meta["epoch"] == res.best_epoch and meta["dev"] == res.best and meta["softmax"] == SoftmaxSpec.make("cgf", coeff=0.5)
+    assert meta["epoch"] == res.best_epoch and meta["dev"] == res.best and meta["approx"].softmax == softmax_spec("cgf", coeff=0.5)
     assert all(not p.requires_grad for p in model.bert.embeddings.parameters())
 
 

@@ -7,13 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.config import DistillConfig, TrainConfig
-from cgf_bert.records import config_json, write_json
-from cgf_bert.softmax import SoftmaxSpec
-from cgf_bert.report import paired_deltas, plot_paired_deltas, reference_groups, render
-from cgf_bert.stats import fmt_pm, mean_std, t_interval
-from cgf_bert.sweeps import find_record
+from cgf_bert.report.stats import fmt_pm, mean_std, t_interval
+from cgf_bert.report.summary import plot_paired_deltas, render
+from cgf_bert.report.tables import paired_deltas, reference_groups
+from cgf_bert.store.records import config_json, write_json
+from cgf_bert.train.sweeps import find_record
 
 FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
 
@@ -47,7 +48,7 @@ def test_coeff_sweep_trains_once_then_reuses_records(tiny_bert, tiny_mrpc, tmp_p
 
 
 def test_records_that_predate_a_setting_are_found_with_its_default(tmp_path):
-    cfg, dcfg = TrainConfig(softmax=SoftmaxSpec.make("cgf", coeff=0.5), seed=42), DistillConfig()
+    cfg, dcfg = TrainConfig(approx=Approximations(softmax=softmax_spec("cgf", coeff=0.5)), seed=42), DistillConfig()
     old = {k: v for k, v in config_json(cfg).items() if k != "compile"}  # made before --compile existed
     old_kd = {k: v for k, v in config_json(dcfg).items() if k != "cache_teacher"}
     write_json(tmp_path / "a-finetune.json", {"name": "a", "script": "finetune", "config": old, "best": {}})
@@ -61,22 +62,22 @@ def test_records_that_predate_a_setting_are_found_with_its_default(tmp_path):
 def test_records_made_before_specs_are_found(tmp_path):
     """A record that held the softmax as a name with the coefficient apart, and the KD
     temperature apart from its term, matches the same run described with specs and terms."""
-    cfg, dcfg = TrainConfig(softmax=SoftmaxSpec.make("cgf", coeff=0.65), seed=7), DistillConfig()
+    cfg, dcfg = TrainConfig(approx=Approximations(softmax=softmax_spec("cgf", coeff=0.65)), seed=7), DistillConfig()
     old = {**config_json(cfg), "softmax": "cgf", "coeff": 0.65}
     old_kd = {"alpha": 0.5, "temperature": 2.0, "beta": 10.0, "init": "pretrained", "cache_teacher": True,
               "terms": [{"loss": "ce", "weight": 0.5}, {"loss": "kd", "weight": 0.5}, {"loss": "hidden_mse", "weight": 10.0}]}
     write_json(tmp_path / "a-distill.json", {"name": "a", "script": "distill", "config": old, "distill": old_kd, "best": {}})
     assert find_record(cfg, dcfg, tmp_path)["name"] == "a"
-    assert find_record(dataclasses.replace(cfg, softmax=SoftmaxSpec.make("cgf", coeff=0.5)), dcfg, tmp_path) is None
+    assert find_record(dataclasses.replace(cfg, approx=Approximations(softmax=softmax_spec("cgf", coeff=0.5))), dcfg, tmp_path) is None
 
 
 def test_exact_vs_cgf_swap_and_paired(tiny_bert, tiny_mrpc, tmp_path):
     common = ["--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--batch-size", 8, "--results-dir", tmp_path]
     module("experiments.exact_vs_cgf", *common, "--swap-coeffs", "--paired", "--coeff", 0.65, "--seeds", 1, 2)
     recs = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
-    assert sorted((r["config"]["softmax"]["name"], r["seed"]) for r in recs) == [("cgf", 1), ("cgf", 2), ("exact", 1), ("exact", 2)]
-    assert {r["config"]["softmax"].get("coeff") for r in recs} == {None, 0.65}
-    exact = next(r for r in recs if r["config"]["softmax"]["name"] == "exact")
+    assert sorted((r["config"]["approx"]["softmax"]["name"], r["seed"]) for r in recs) == [("cgf", 1), ("cgf", 2), ("exact", 1), ("exact", 2)]
+    assert {r["config"]["approx"]["softmax"].get("coeff") for r in recs} == {None, 0.65}
+    exact = next(r for r in recs if r["config"]["approx"]["softmax"]["name"] == "exact")
     out = module("experiments.exact_vs_cgf", *common, "--checkpoint", Path(exact["checkpoint"]).resolve(), "--swap-coeffs", 0.5, 1.0)
     summary = sorted(tmp_path.glob("experiments/exact_vs_cgf-*.json"))[-1]
     rows = json.loads(summary.read_text())["swap"]["rows"]
@@ -122,7 +123,7 @@ def test_paired_deltas_and_their_plot(tmp_path):
         fake("e", "distill", "cgf", 0.5, 2, 0.83, beta=10),  # newer run of seed 2 replaces "d"
         fake("f", "finetune", "cgf", 0.5, 3, 0.75),  # seed 3 has no exact run: no pair
     ]
-    deltas = paired_deltas(reference_groups(recs))
+    deltas = {key.label(): d for key, d in paired_deltas(reference_groups(recs)).items()}  # rows keyed by value, shown by label
     assert set(deltas) == {"cgf c=0.5 KD beta=10 (teacher init)", "cgf c=0.5 CE"}
     kd = deltas["cgf c=0.5 KD beta=10 (teacher init)"]
     assert kd.keys() == {1, 2} and abs(kd[1] + 0.01) < 1e-12 and abs(kd[2] - 0.01) < 1e-12
@@ -166,10 +167,10 @@ def test_seed_statistics():
 
 
 def test_poly_swap_scores_a_cgf_checkpoint_with_polynomial_exps(tiny_bert, tiny_mrpc, tmp_path):
-    from cgf_bert.checkpoint import save_checkpoint
-    from cgf_bert.model import build_model
+    from cgf_bert.model.bert import build_model
+    from cgf_bert.store.checkpoint import save_checkpoint
 
-    ckpt = save_checkpoint(tmp_path / "cgf.pt", build_model(str(tiny_bert), SoftmaxSpec.make("cgf", coeff=0.5)), {"model": str(tiny_bert)})
+    ckpt = save_checkpoint(tmp_path / "cgf.pt", build_model(str(tiny_bert), softmax_spec("cgf", coeff=0.5)), {"model": str(tiny_bert)})
     out = module("experiments.poly_swap", ckpt, "--data-dir", tiny_mrpc, "--settings", "10,-40,20,5", "2,0.5,1,0", "--results-dir", tmp_path)
     (rec_path,) = tmp_path.glob("experiments/poly_swap-*.json")
     rows = json.loads(rec_path.read_text())["rows"]
@@ -198,8 +199,8 @@ def test_a_benchmark_fine_tune_is_neither_reused_nor_tabulated(tmp_path):
 
 
 def test_an_experiment_marker_renders_that_record_s_settings_table(tmp_path):
-    from cgf_bert.records import load_records
-    from cgf_bert.sweeps import compare_settings, settings_table
+    from cgf_bert.report.compare import compare_settings, settings_table
+    from cgf_bert.store.records import load_records
 
     def rec(seed, acc):
         return {"name": f"r{seed}-{acc}", "seed": seed, "best": {"accuracy": acc}}

@@ -7,11 +7,13 @@ import pytest
 
 pytest.importorskip("desilofhe", reason="the FHE extra is not installed (pip install -e '.[fhe]')")
 
-from cgf_bert.fhe import (  # noqa: E402
-    CgfCircuit, ExactCircuit, FheContext, NumpyOps, check_blocks, encrypted_attention, goldschmidt, pack,
-    plan_packing, row_total, rotsum, simulate_attention, times_values, unpack,
-)
-from cgf_bert.polyexp import PolyExp  # noqa: E402
+from cgf_bert.approx.polyexp import PolyExp
+from cgf_bert.approx.reciprocal import goldschmidt
+from cgf_bert.fhe.attention import check_blocks, encrypted_attention, simulate_attention
+from cgf_bert.fhe.circuits import CgfCircuit, ExactCircuit
+from cgf_bert.fhe.context import FheContext
+from cgf_bert.fhe.ops import NumpyOps, rotsum, row_total, times_values
+from cgf_bert.fhe.packing import pack, plan_packing, unpack
 
 WIDTH = 16
 # Depths 9 and 17: a ring of 2^15, desilofhe's smallest with 17 levels (2^14 stops at 7).

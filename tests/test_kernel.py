@@ -8,22 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from cgf_bert.kernel import (
-    EvalLogits, alignment, cka, gradient_fn, k_shot, logistic, lstsq, nested, ntk, solve_all,
-)
-from cgf_bert.model import BertMRPC, bert_from_config
-from cgf_bert.softmax import SoftmaxSpec
-
 from conftest import tiny_config
 from test_experiments import FINETUNING, module
+
+from cgf_bert.analysis.kernel import EvalLogits, alignment, cka, gradient_fn, k_shot, logistic, lstsq, nested, ntk, solve_all
+from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.model.bert import BertMRPC, bert_from_config
 
 CPU = torch.device("cpu")
 
 
 def _model(softmax="cgf"):
     torch.manual_seed(0)
-    spec = SoftmaxSpec.make("cgf", coeff=0.5) if softmax == "cgf" else SoftmaxSpec.make("exact")
+    spec = softmax_spec("cgf", coeff=0.5) if softmax == "cgf" else softmax_spec("exact")
     model = BertMRPC(bert_from_config(tiny_config())).set_softmax(spec).eval()
     model.classifier.weight.data.normal_(0, 0.5)  # a head big enough that the encoder's gradients are not tiny
     return model
@@ -137,11 +134,11 @@ def test_eval_logits_keep_the_last_evaluation():
 
 
 def test_kernel_view_script(tiny_bert, tiny_mrpc, tmp_path):
-    from cgf_bert.checkpoint import save_checkpoint
-    from cgf_bert.model import build_model
+    from cgf_bert.model.bert import build_model
+    from cgf_bert.store.checkpoint import save_checkpoint
 
     a = save_checkpoint(tmp_path / "exact.pt", build_model(str(tiny_bert)), {"model": str(tiny_bert)})
-    b = save_checkpoint(tmp_path / "cgf.pt", build_model(str(tiny_bert), SoftmaxSpec.make("cgf", coeff=0.5)), {"model": str(tiny_bert)})
+    b = save_checkpoint(tmp_path / "cgf.pt", build_model(str(tiny_bert), softmax_spec("cgf", coeff=0.5)), {"model": str(tiny_bert)})
     common = ["--data-dir", tiny_mrpc, "--k-small", 2, "--k-large", 4, "--subsets", 2, "--limit-dev", 10, "--row-chunk", 5]
     module("experiments.kernel_view", "--checkpoint", a, *common, "--out-dir", tmp_path / "first")
     (first,) = (tmp_path / "first").glob("kernel_view-*.json")

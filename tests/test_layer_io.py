@@ -3,17 +3,16 @@ putting back what the layer computed gives the model's own logits."""
 
 import numpy as np
 import torch
-
-from cgf_bert.layer_io import capture_blocks, forward_with_layer_output
-from cgf_bert.model import BertMRPC, bert_from_config
-from cgf_bert.softmax import SoftmaxSpec
-
 from conftest import tiny_config
+
+from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.model.bert import BertMRPC, bert_from_config
+from cgf_bert.model.layer_io import capture_blocks, forward_with_layer_output
 
 
 def _case():
     torch.manual_seed(0)
-    model = BertMRPC(bert_from_config(tiny_config())).set_softmax(SoftmaxSpec.make("cgf", coeff=0.5)).eval()
+    model = BertMRPC(bert_from_config(tiny_config())).set_softmax(softmax_spec("cgf", coeff=0.5)).eval()
     g = torch.Generator().manual_seed(1)
     batch = {"input_ids": torch.randint(5, 25, (3, 9), generator=g), "attention_mask": torch.ones(3, 9, dtype=torch.long),
              "token_type_ids": torch.zeros(3, 9, dtype=torch.long)}

@@ -6,14 +6,15 @@ import math
 
 import pytest
 import torch
-
-from cgf_bert.config import DistillConfig, TrainConfig
-from cgf_bert.losses import LOSSES, LossTerm, kd_preset, linear_cka, needs
-from cgf_bert.model import BertMRPC, bert_from_config
-from cgf_bert.recipes import distill
-from cgf_bert.softmax import SoftmaxSpec
-
 from conftest import tiny_config
+
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.config import DistillConfig, TrainConfig
+from cgf_bert.model.bert import BertMRPC, bert_from_config
+from cgf_bert.objective import LOSSES, LossTerm, kd_preset, needs
+from cgf_bert.train.losses import linear_cka
+from cgf_bert.train.recipes import distill
 
 B, H, T, D, L = 3, 2, 6, 4, 2
 LENGTHS = [6, 4, 2]
@@ -159,7 +160,7 @@ def test_terms_ignore_padding_on_a_tiny_bert():
     """Padding a batch further (masked tokens holding other words) leaves every term unchanged."""
     torch.manual_seed(0)
     teacher = BertMRPC(bert_from_config(tiny_config())).eval()
-    student = BertMRPC(bert_from_config(tiny_config())).set_softmax(SoftmaxSpec.make("cgf", coeff=0.5)).eval()
+    student = BertMRPC(bert_from_config(tiny_config())).set_softmax(softmax_spec("cgf", coeff=0.5)).eval()
     ids = torch.randint(5, 25, (3, 7))
     m = (torch.arange(7)[None, :] < torch.tensor([7, 5, 3])[:, None]).long()
     batch = {"input_ids": ids, "attention_mask": m, "token_type_ids": torch.zeros_like(ids)}
@@ -183,7 +184,7 @@ def test_registered_and_listed():
 
 @pytest.mark.parametrize("cache", [True, False])
 def test_distillation_with_several_terms(tiny_bert, tiny_mrpc, tmp_path, cache):
-    cfg = TrainConfig(model=str(tiny_bert), data_dir=str(tiny_mrpc), epochs=1, batch_size=8, softmax=SoftmaxSpec.make("cgf"))
+    cfg = TrainConfig(model=str(tiny_bert), data_dir=str(tiny_mrpc), epochs=1, batch_size=8, approx=Approximations(softmax=softmax_spec("cgf")))
     extra = (LossTerm.make("attn_kl", 1.0), LossTerm.make("attn_out", 0.1), LossTerm.make("value_rel", 1.0), LossTerm.make("cka_global", 1.0, memory=16))
     dcfg = DistillConfig(terms=kd_preset(0.5, 2.0, 10.0) + extra, cache_teacher=cache)
     rec = distill(cfg, dcfg, tmp_path / "teacher.pt", results_dir=tmp_path / "r")

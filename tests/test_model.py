@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from conftest import tiny_config
 from transformers import BertForSequenceClassification
 
 from cgf_bert import CgfBertError
-from cgf_bert.model import EXACT, BertMRPC, bert_from_config, build_model
-from cgf_bert.softmax import SoftmaxSpec
-
-from conftest import tiny_config
+from cgf_bert.approx.softmax import EXACT_SOFTMAX as EXACT
+from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.model.bert import BertMRPC, bert_from_config, build_model
 
 
 def batch(vocab=25, B=4, T=11, seed=0):
@@ -53,7 +53,7 @@ def test_exact_equals_stock_without_padding(pair):
 def test_cgf_changes_logits_and_exact_restores_them(pair):
     ours, _ = pair
     b = batch()
-    cgf_spec = SoftmaxSpec.make("cgf", coeff=0.5)
+    cgf_spec = softmax_spec("cgf", coeff=0.5)
     with torch.no_grad():
         exact = ours(**b)["logits"]
         cgf = ours.set_softmax(cgf_spec)(**b)["logits"]
@@ -67,8 +67,8 @@ def test_per_layer_softmax(pair):
     exact softmax (its rows sum to 1, CGF rows do not)."""
     ours, _ = pair
     b = batch()
-    cgf = SoftmaxSpec.make("cgf", coeff=0.5)
-    mixed_spec = SoftmaxSpec.make("exact", layers={0: cgf})
+    cgf = softmax_spec("cgf", coeff=0.5)
+    mixed_spec = softmax_spec("exact", layers={0: cgf})
     with torch.no_grad():
         all_cgf = ours.set_softmax(cgf)(**b, needs=("attentions",))["attentions"]
         exact = ours.set_softmax(EXACT)(**b, needs=("attentions",))["attentions"]
@@ -81,13 +81,13 @@ def test_per_layer_softmax(pair):
     assert not torch.allclose(mixed[0].sum(-1)[valid_rows], torch.ones(int(valid_rows.sum())), atol=1e-3)
     assert mixed_spec.label() == "exact, layer 0 cgf c=0.5" and mixed_spec.slug() == "exact-L0cgf0.5"
     with pytest.raises(CgfBertError, match="model has 2 layers"):
-        ours.set_softmax(SoftmaxSpec.make("cgf", layers={2: EXACT}))
+        ours.set_softmax(softmax_spec("cgf", layers={2: EXACT}))
 
 
 def test_cgf_ignores_padding_tokens(pair):
     """Padding a sequence with more masked tokens does not change its CLS logits."""
     ours, _ = pair
-    ours.set_softmax(SoftmaxSpec.make("cgf", coeff=0.65))
+    ours.set_softmax(softmax_spec("cgf", coeff=0.65))
     b = batch(B=1, T=6)
     longer = {k: torch.cat([v, torch.full((1, 4), 0 if k != "input_ids" else 7)], 1) for k, v in b.items()}
     with torch.no_grad():
@@ -96,7 +96,7 @@ def test_cgf_ignores_padding_tokens(pair):
 
 def test_hidden_states_and_gradients(pair):
     ours, _ = pair
-    ours.train().set_softmax(SoftmaxSpec.make("cgf"))
+    ours.train().set_softmax(softmax_spec("cgf"))
     out = ours(**batch(), needs=("hidden", "attentions"))
     assert len(out["hidden"]) == tiny_config().num_hidden_layers + 1  # embeddings + each layer
     assert len(out["attentions"]) == tiny_config().num_hidden_layers
@@ -107,7 +107,7 @@ def test_hidden_states_and_gradients(pair):
 
 
 def test_build_model_from_local_folder(tiny_bert):
-    m = build_model(str(tiny_bert), SoftmaxSpec.make("cgf", coeff=0.7))
+    m = build_model(str(tiny_bert), softmax_spec("cgf", coeff=0.7))
     assert m.softmax.label() == "cgf c=0.7"
 
 
@@ -118,4 +118,4 @@ def test_unknown_model_is_a_clear_error(tmp_path):
 
 def test_unknown_softmax_is_a_clear_error(pair):
     with pytest.raises(CgfBertError, match="unknown softmax"):
-        pair[0].set_softmax(SoftmaxSpec.make("relu"))
+        pair[0].set_softmax(softmax_spec("relu"))

@@ -6,16 +6,20 @@ import dataclasses
 import pytest
 import torch
 
-from cgf_bert import CgfBertError, precision, recipes
-from cgf_bert.attention import tapped
+from cgf_bert import CgfBertError
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.config import TrainConfig
-from cgf_bert.data import load_mrpc, load_tokenizer, make_loader, tokenize
-from cgf_bert.engine import ce_step
-from cgf_bert.model import build_model
-from cgf_bert.precision import autocast, check_precision, cpu_flags
-from cgf_bert.records import config_json, record_variant, train_config
-from cgf_bert.report import is_reference_recipe, precision_table
-from cgf_bert.softmax import SoftmaxSpec
+from cgf_bert.data.glue import load_mrpc
+from cgf_bert.data.loader import load_tokenizer, make_loader, tokenize
+from cgf_bert.model.attention import tapped
+from cgf_bert.model.bert import build_model
+from cgf_bert.report.tables import is_reference_recipe, precision_table
+from cgf_bert.store.names import Variant
+from cgf_bert.store.records import config_json, train_config
+from cgf_bert.train import precision, recipes
+from cgf_bert.train.engine import ce_step
+from cgf_bert.train.precision import autocast, check_precision, cpu_flags
 
 CPU = torch.device("cpu")
 
@@ -37,7 +41,7 @@ def dtypes_seen(model, batch, prec: str) -> tuple[list, torch.Tensor]:
 
 def test_bf16_keeps_cgf_in_float32_and_gives_finite_gradients(tiny_bert, batch):
     torch.manual_seed(0)
-    model = build_model(str(tiny_bert), SoftmaxSpec.make("cgf", coeff=0.5)).train()
+    model = build_model(str(tiny_bert), softmax_spec("cgf", coeff=0.5)).train()
     seen, loss = dtypes_seen(model, batch, "bf16")
     assert seen == [(torch.float32, torch.float32, torch.bfloat16)] * 2  # V is the bf16 projection: autocast is on
     loss.backward()
@@ -46,7 +50,7 @@ def test_bf16_keeps_cgf_in_float32_and_gives_finite_gradients(tiny_bert, batch):
     assert any(g.abs().sum() > 0 for g in grads)
     # the same model under fp32 and the exact softmax under bf16, for contrast
     assert dtypes_seen(model, batch, "fp32")[0] == [(torch.float32,) * 3] * 2
-    model.set_softmax(SoftmaxSpec.make("exact"))
+    model.set_softmax(softmax_spec("exact"))
     assert dtypes_seen(model, batch, "bf16")[0] == [(torch.bfloat16,) * 3] * 2
 
 
@@ -65,16 +69,16 @@ def test_bf16_refused_without_native_bf16(tmp_path):
 def test_bf16_run_is_its_own_recipe(tiny_bert, tiny_mrpc, tmp_path, monkeypatch):
     # Refusal is tested above; here the run must go through on any CPU (PyTorch emulates bf16 where it is not native).
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
-    cfg = TrainConfig(model=str(tiny_bert), data_dir=str(tiny_mrpc), epochs=1, batch_size=8, softmax=SoftmaxSpec.make("cgf", coeff=0.5),
+    cfg = TrainConfig(model=str(tiny_bert), data_dir=str(tiny_mrpc), epochs=1, batch_size=8, approx=Approximations(softmax=softmax_spec("cgf", coeff=0.5)),
                       precision="bf16")
     rec = recipes.finetune(cfg, out=tmp_path / "m.pt", results_dir=tmp_path)
     assert rec["config"]["precision"] == "bf16" and "-finetune-cgf0.5-bf16-s42" in rec["name"]
-    assert rec["epochs"][0]["train"]["loss"] > 0 and record_variant(rec) == "cgf c=0.5 CE, bf16"
+    assert rec["epochs"][0]["train"]["loss"] > 0 and Variant.of_record(rec).label() == "cgf c=0.5 CE, bf16"
     reference = {"script": "finetune", "config": config_json(TrainConfig())}
     old = {**reference, "config": {k: v for k, v in reference["config"].items() if k != "precision"}}  # before the field
-    assert train_config(old).precision == "fp32" and is_reference_recipe(old) and record_variant(old) == "exact"
+    assert train_config(old).precision == "fp32" and is_reference_recipe(old) and Variant.of_record(old).label() == "exact"
     bf16 = {**reference, "config": config_json(dataclasses.replace(TrainConfig(), precision="bf16"))}
-    assert not is_reference_recipe(bf16) and record_variant(bf16) == "exact, bf16"
+    assert not is_reference_recipe(bf16) and Variant.of_record(bf16).label() == "exact, bf16"
 
 
 def test_precision_table_pairs_each_bf16_row_with_its_fp32_runs():
@@ -86,7 +90,7 @@ def test_precision_table_pairs_each_bf16_row_with_its_fp32_runs():
         rec("a", 42, 0.80), rec("b", 7, 0.82), rec("c", 123, 0.81),          # exact, fp32
         rec("d", 42, 0.81, "bf16"), rec("e", 7, 0.80, "bf16"),             # exact, bf16: two seeds in common
         rec("f", 7, 0.70, "bf16", epochs=3),                                # another recipe: left out
-        rec("g", 7, 0.75, "bf16", softmax=SoftmaxSpec.make("cgf", coeff=0.5)),  # bf16 only: nothing to pair, left out
+        rec("g", 7, 0.75, "bf16", approx=Approximations(softmax=softmax_spec("cgf", coeff=0.5))),  # bf16 only: nothing to pair, left out
     ]
     lines = precision_table(records).splitlines()
     assert len(lines) == 3  # header, rule, one row

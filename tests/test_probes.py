@@ -5,24 +5,35 @@ what they say."""
 import json
 
 import torch
-from torch import nn
-
-from cgf_bert.model import BertMRPC, bert_from_config
-from cgf_bert.probes import (
-    LinearMap, Moments, Variant, block_io, cache_dev, embed, encoder_mask, fit_maps, head, nonlinearity, order_steps,
-    relative_residual, run_steps, swap_order, variant_logits, variants,
-)
-from cgf_bert.softmax import SoftmaxSpec
-
 from conftest import tiny_config
 from test_experiments import module
+from torch import nn
+
+from cgf_bert.analysis.probes import (
+    LinearMap,
+    Moments,
+    Variant,
+    block_io,
+    cache_dev,
+    fit_maps,
+    nonlinearity,
+    order_steps,
+    relative_residual,
+    run_steps,
+    swap_order,
+    variant_logits,
+    variants,
+)
+from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.model.bert import BertMRPC, bert_from_config
+from cgf_bert.model.steps import embed, encoder_mask, head
 
 CPU = torch.device("cpu")
 
 
 def _model(softmax="cgf"):
     torch.manual_seed(0)
-    spec = SoftmaxSpec.make("cgf", coeff=0.5) if softmax == "cgf" else SoftmaxSpec.make("exact")
+    spec = softmax_spec("cgf", coeff=0.5) if softmax == "cgf" else softmax_spec("exact")
     return BertMRPC(bert_from_config(tiny_config())).set_softmax(spec).eval()
 
 
@@ -123,11 +134,11 @@ def test_swaps_and_removal():
 
 
 def test_layer_probes_script(tiny_bert, tiny_mrpc, tmp_path):
-    from cgf_bert.checkpoint import save_checkpoint
-    from cgf_bert.model import build_model
+    from cgf_bert.model.bert import build_model
+    from cgf_bert.store.checkpoint import save_checkpoint
 
     a = save_checkpoint(tmp_path / "exact.pt", build_model(str(tiny_bert)), {"model": str(tiny_bert)})
-    b = save_checkpoint(tmp_path / "cgf.pt", build_model(str(tiny_bert), SoftmaxSpec.make("cgf", coeff=0.5)), {"model": str(tiny_bert)})
+    b = save_checkpoint(tmp_path / "cgf.pt", build_model(str(tiny_bert), softmax_spec("cgf", coeff=0.5)), {"model": str(tiny_bert)})
     out = module("experiments.layer_probes", "--checkpoint", a, "--checkpoint", b, "--data-dir", tiny_mrpc,
                  "--limit-train", 20, "--shuffles", 2, "--out-dir", tmp_path / "probes")
     (path,) = (tmp_path / "probes").glob("layer_probes-*.json")

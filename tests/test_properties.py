@@ -18,11 +18,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cgf_bert import CgfBertError
-from cgf_bert import cli
+from cgf_bert import CgfBertError, cli
+from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.approx.spec import OPS, Spec
 from cgf_bert.config import DistillConfig, TrainConfig
-from cgf_bert.data import read_mrpc_tsv
-from cgf_bert.softmax import SoftmaxSpec
+from cgf_bert.data.glue import read_mrpc_tsv
 
 FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
 # Every command a user runs: the step scripts, the experiment modules and the benchmarks.
@@ -104,6 +104,12 @@ def test_every_numeric_option_is_range_checked(target):
     assert not bare, f"{target}: numeric options without a range check: {bare}"
 
 
+def approx_param(action) -> tuple[str, str] | None:
+    """(op, parameter) of an op's parameter flag (dest 'softmax_coeff'), else None."""
+    op_name, _, param = action.dest.partition("_")
+    return (op_name, param) if op_name in OPS and param in cli.op_params(op_name) else None
+
+
 def _values():
     floats = st.floats(allow_nan=True, allow_infinity=True).map(repr)
     ints = st.integers(-(2**70), 2**70).map(str)
@@ -122,8 +128,9 @@ def test_option_values_are_accepted_into_a_valid_config_or_refused_in_one_line(t
     param = action.type.param
     flag = action.option_strings[0] if action.option_strings else None
     argv = base_argv(parser, action)
-    if action.dest.startswith("softmax_"):  # a softmax parameter goes with a kind that declares it
-        argv += ["--softmax", cli.softmax_params()[action.dest.removeprefix("softmax_")][1][0]]
+    op_param = approx_param(action)
+    if op_param:  # an op's parameter goes with a kind that declares it
+        argv += [f"--{op_param[0]}", cli.op_params(op_param[0])[op_param[1]][1][0]]
     count = {None: 1, "?": 1, "*": 1, "+": 1}.get(action.nargs, action.nargs)
     values = [value] + [data.draw(_values(), label="second value")] * (count - 1)  # nargs=2 is LO HI
     # "--opt=value": a value starting with '-' is still this option's value
@@ -145,6 +152,12 @@ def test_option_values_are_accepted_into_a_valid_config_or_refused_in_one_line(t
     if count == 2 and not want[0] < want[1]:  # the one cross-value rule of a pair: LO < HI
         assert code == 2 and lines == [f"{parser.prog}: error: argument {flag}: takes LO HI with LO < HI, got {want[0]:g} {want[1]:g}"], err
         return
+    if code == 2 and op_param:  # a value in range that does not go with the kind's others (lo < hi): refused as parsed
+        kind = cli.op_params(op_param[0])[op_param[1]][1][0]
+        with pytest.raises(CgfBertError) as refused:
+            Spec.make(op_param[0], kind, **{op_param[1]: param.check(values[0])})
+        assert lines == [f"{parser.prog}: error: --{op_param[0]} {kind}: {refused.value}"], err
+        return
     assert code == 0, err
     got = getattr(ns, action.dest)
     got = got[-1] if isinstance(action, (argparse._AppendAction, cli.Interval)) else got  # the last of a repeatable option
@@ -156,8 +169,8 @@ def test_option_values_are_accepted_into_a_valid_config_or_refused_in_one_line(t
         cfg = build_or_refuse(TrainConfig, ns)
         if cfg and action.dest in fields:
             assert getattr(cfg, action.dest) == want
-        if cfg and action.dest.startswith("softmax_"):
-            assert cfg.softmax.values[action.dest.removeprefix("softmax_")] == want
+        if cfg and op_param:
+            assert cfg.approx.specs()[op_param[0]].values[op_param[1]] == want
     if cli.ObjectiveFlags.present(ns):
         assert build_or_refuse(DistillConfig, ns).terms  # the objective's terms build (their own checks pass)
 
@@ -189,7 +202,10 @@ def test_a_bad_value_is_one_line_and_exit_2_in_a_real_run(tmp_path):
 
 def test_help_still_shows_usage_and_every_option():
     text = parser_of("finetune.py").format_help()
-    assert text.startswith("usage: ") and "--coeff COEFF" in text and "python finetune.py --softmax exact" in text
+    assert text.startswith("usage: ") and "--softmax-coeff COEFF" in text and "also --coeff" in text
+    assert "python finetune.py --softmax exact" in text
+    for op_name in ("softmax", "gelu", "layernorm", "pooler"):  # every replaceable op has its group
+        assert f"--{op_name} {{" in text
 
 
 # ---------------------------------------------------------------- the TSV reader
@@ -264,7 +280,7 @@ def scores_and_mask(draw, dtype=torch.float32, bound=1e4):
 
 
 def _cgf(coeff):
-    return SoftmaxSpec.make("cgf", coeff=coeff)
+    return softmax_spec("cgf", coeff=coeff)
 
 
 @FAST

@@ -6,7 +6,6 @@ Selected on purpose: ``pytest -m real``.
 import json
 
 import pytest
-
 from test_scripts import run
 
 pytestmark = pytest.mark.real

@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cgf_bert import CgfBertError, recipes
-from cgf_bert.checkpoint import read_checkpoint
+from cgf_bert import CgfBertError
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.config import DistillConfig, TrainConfig
-from cgf_bert.distributed import Dist
-from cgf_bert.losses import kd_preset
-from cgf_bert.resume import SUFFIX, load_state, restore
-from cgf_bert.softmax import SoftmaxSpec
+from cgf_bert.objective import kd_preset
+from cgf_bert.store.checkpoint import read_checkpoint
+from cgf_bert.train import recipes
+from cgf_bert.train.distributed import Dist
+from cgf_bert.train.resume import SUFFIX, load_state, restore
 
 FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
 STEPS = 6  # steps per epoch: 48 tiny-MRPC training examples in batches of 8
@@ -45,7 +47,7 @@ def interrupt_at(step_fn, call: int):
 def config(tiny_bert, tiny_mrpc, **kw) -> TrainConfig:
     # lr high enough that a tiny random BERT's dev metrics move between epochs
     return TrainConfig(**{"model": str(tiny_bert), "data_dir": str(tiny_mrpc), "epochs": 3, "batch_size": 8, "lr": 2e-3,
-                          "softmax": SoftmaxSpec.make("cgf", coeff=0.5), **kw})
+                          "approx": Approximations(softmax=softmax_spec("cgf", coeff=0.5)), **kw})
 
 
 def without_time(epochs: list[dict]) -> list[dict]:
@@ -100,7 +102,7 @@ def test_finetune_interrupted_twice_and_resumed_equals_uninterrupted(tiny_bert, 
 def test_distill_with_teacher_cache_resumed_equals_uninterrupted(tiny_bert, tiny_mrpc, tmp_path, monkeypatch):
     cfg = config(tiny_bert, tiny_mrpc, epochs=2)
     teacher = tmp_path / "teacher.pt"
-    recipes.finetune(config(tiny_bert, tiny_mrpc, epochs=1, softmax=SoftmaxSpec.make("exact")), out=teacher, results_dir=tmp_path / "t")
+    recipes.finetune(config(tiny_bert, tiny_mrpc, epochs=1, approx=Approximations(softmax=softmax_spec("exact"))), out=teacher, results_dir=tmp_path / "t")
     dcfg = DistillConfig(terms=kd_preset(0.5, 2.0, 10.0), cache_teacher=True)
     reference = recipes.distill(cfg, dcfg, teacher, out=tmp_path / "ref" / "s.pt", results_dir=tmp_path / "ref")
     out, results = tmp_path / "run" / "s.pt", tmp_path / "run" / "results"
@@ -158,9 +160,10 @@ DRIVER = """
 import sys, time
 from pathlib import Path
 import torch
-from cgf_bert import recipes
+from cgf_bert.train import recipes
 from cgf_bert.config import TrainConfig
-from cgf_bert.softmax import SoftmaxSpec
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import softmax_spec
 
 marker, where, model, data, out, results = sys.argv[1:7]
 if where == "step":
@@ -182,7 +185,7 @@ else:
             time.sleep(600)
         return real_save(obj, f, *a, **kw)
     torch.save = save
-cfg = TrainConfig(model=model, data_dir=data, epochs=3, batch_size=8, lr=2e-3, softmax=SoftmaxSpec.make("cgf", coeff=0.5))
+cfg = TrainConfig(model=model, data_dir=data, epochs=3, batch_size=8, lr=2e-3, approx=Approximations(softmax=softmax_spec("cgf", coeff=0.5)))
 recipes.finetune(cfg, out=out, results_dir=results, resume=True)
 """ % {"steps": STEPS}
 

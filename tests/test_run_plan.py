@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.config import TrainConfig
-from cgf_bert.records import config_json, write_json
-from cgf_bert.softmax import SoftmaxSpec
+from cgf_bert.store.records import config_json, write_json
 
 FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
 
@@ -23,7 +24,8 @@ FAKE = '''
 import os, time
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, run_main
 from cgf_bert.config import TrainConfig
-from cgf_bert.records import config_json, run_name, write_json
+from cgf_bert.store.names import run_name
+from cgf_bert.store.records import config_json, write_json
 
 
 def main():
@@ -52,7 +54,7 @@ def plan(tmp_path):
     runs = "".join(f'[[run]]\nscript = "{tmp_path / "fake.py"}"\nargs = ["--seed", "{s}", "--softmax", "cgf"]\n' for s in (1, 2, 3))
     path = tmp_path / "plan.toml"
     path.write_text(f'args = ["--results-dir", "{results}", "--epochs", "2"]\n{runs}')
-    cfg = TrainConfig(epochs=2, seed=1, softmax=SoftmaxSpec.make("cgf"))
+    cfg = TrainConfig(epochs=2, seed=1, approx=Approximations(softmax=softmax_spec("cgf")))
     write_json(results / "old-s1.json", {"name": "old-s1", "script": "finetune", "config": config_json(cfg), "best": {}})
     return path
 

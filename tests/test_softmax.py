@@ -6,8 +6,19 @@ import pytest
 import torch
 
 from cgf_bert import CgfBertError
-from cgf_bert.polyexp import PolyExp
-from cgf_bert.softmax import OUT_OF_RANGE, SOFTMAXES, VARIANCE_COEFF, SoftmaxSpec, _centred, cgf_softmax, exact_softmax, get_softmax
+from cgf_bert.approx.counter import OutsideCounter
+from cgf_bert.approx.polyexp import PolyExp
+from cgf_bert.approx.softmax import (
+    SOFTMAXES,
+    VARIANCE_COEFF,
+    centred,
+    cgf_softmax,
+    exact_softmax,
+    get_softmax,
+    legacy_softmax,
+    parse_softmax,
+    softmax_spec,
+)
 
 
 def reference_cgf(scores, valid, c):
@@ -138,24 +149,24 @@ def test_fused_cgf_gradient(masked):
 
 
 def test_spec_values_labels_and_json():
-    spec = SoftmaxSpec.make("cgf", coeff=0.65)
-    assert spec == SoftmaxSpec.parse("cgf:coeff=0.65") == SoftmaxSpec.from_json({"name": "cgf", "coeff": 0.65})
-    assert spec == SoftmaxSpec.from_json("cgf", 0.65)  # the legacy form: a name, the coefficient apart
-    assert SoftmaxSpec.make("cgf").values == {"coeff": VARIANCE_COEFF}  # defaults filled in
-    assert spec.label() == "cgf c=0.65" and spec.slug() == "cgf0.65" and SoftmaxSpec.make("exact").label() == "exact"
-    assert SoftmaxSpec.from_json(spec.to_json()) == spec
-    mixed = SoftmaxSpec.make("cgf", layers={5: SoftmaxSpec.make("exact")})
-    assert SoftmaxSpec.from_json(mixed.to_json()) == mixed and mixed.for_layer(5).name == "exact" and mixed.for_layer(0) == SoftmaxSpec.make("cgf")
+    spec = softmax_spec("cgf", coeff=0.65)
+    assert spec == parse_softmax("cgf:coeff=0.65") == legacy_softmax({"name": "cgf", "coeff": 0.65})
+    assert spec == legacy_softmax("cgf", 0.65)  # the legacy form: a name, the coefficient apart
+    assert softmax_spec("cgf").values == {"coeff": VARIANCE_COEFF}  # defaults filled in
+    assert spec.label() == "cgf c=0.65" and spec.slug() == "cgf0.65" and softmax_spec("exact").label() == "exact"
+    assert legacy_softmax(spec.to_json()) == spec
+    mixed = softmax_spec("cgf", layers={5: softmax_spec("exact")})
+    assert legacy_softmax(mixed.to_json()) == mixed and mixed.for_layer(5).name == "exact" and mixed.for_layer(0) == softmax_spec("cgf")
     with pytest.raises(CgfBertError, match="softmax 'exact' takes no parameter coeff"):
-        SoftmaxSpec.make("exact", coeff=0.5)
+        softmax_spec("exact", coeff=0.5)
     with pytest.raises(CgfBertError, match="coeff must be finite and >= 0, got nan"):
-        SoftmaxSpec.make("cgf", coeff=float("nan"))
+        softmax_spec("cgf", coeff=float("nan"))
 
 
 def test_kinds_declare_their_properties():
     assert get_softmax("cgf").float32_scores and not get_softmax("exact").float32_scores
     assert get_softmax("exact").input_division and not get_softmax("cgf").input_division
-    poly = SoftmaxSpec.make("cgf_poly", degree=8, squarings=5)
+    poly = softmax_spec("cgf_poly", degree=8, squarings=5)
     assert PolyExp(8, -256, 16, 5).depth == 3 + 1 + 5  # T_8 basis, coefficients, squarings
     assert poly.kind.depth(poly.values) == 3 + PolyExp(8, -256, 16, 5).depth  # + the row statistics
 
@@ -171,20 +182,21 @@ def test_polyexp_matches_exp_inside_its_interval():
 
 def test_cgf_poly_is_cgf_inside_the_interval_and_counts_what_leaves_it():
     scores, valid = random_case()
-    spec = SoftmaxSpec.make("cgf_poly", coeff=0.5, degree=10, exp_lo=-40.0, exp_hi=20.0, squarings=5)
-    OUT_OF_RANGE.reset()
-    got = spec(scores.double(), valid)
+    spec = softmax_spec("cgf_poly", coeff=0.5, degree=10, exp_lo=-40.0, exp_hi=20.0, squarings=5)
+    counter = OutsideCounter()
+    got = spec(scores.double(), valid, counter=counter)
     torch.testing.assert_close(got, cgf_softmax(scores.double(), valid, 0.5), rtol=1e-6, atol=1e-9)
     assert (got[~valid.expand_as(got)] == 0).all()
     # counted over valid keys of real query rows: in self-attention, the rows whose own key is valid
     real = valid & valid.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) if scores.shape[-1] == scores.shape[-2] else valid
-    assert OUT_OF_RANGE.outside == 0 and OUT_OF_RANGE.total == int(real.expand_as(scores).sum())
-    narrow = SoftmaxSpec.make("cgf_poly", exp_lo=-1.0, exp_hi=1.0)
-    x, var, _ = _centred(scores.double(), valid.double())
+    assert counter.result() == {"outside": 0, "entries": int(real.expand_as(scores).sum())}
+    narrow = softmax_spec("cgf_poly", exp_lo=-1.0, exp_hi=1.0)
+    x, var, _ = centred(scores.double(), valid.double())
     arg = (x - 0.5 * var)[valid.expand_as(scores)]
-    OUT_OF_RANGE.reset()
-    narrow(scores.double(), valid)
-    assert OUT_OF_RANGE.outside == int(((arg < -1) | (arg > 1)).sum()) > 0  # counted over valid keys only (Q != K here)
+    counter = OutsideCounter()
+    narrow(scores.double(), valid, counter=counter)
+    assert counter.result()["outside"] == int(((arg < -1) | (arg > 1)).sum()) > 0  # counted over valid keys only (Q != K here)
+    assert OutsideCounter().result() is None  # a fresh counter per call: nothing carried over
 
 
 def test_cgf_poly_counts_real_query_rows_only():
@@ -192,16 +204,16 @@ def test_cgf_poly_counts_real_query_rows_only():
     scores = torch.zeros(1, 1, 4, 4)
     scores[0, 0, 2:, :] = 100.0 * torch.arange(4.0)  # wild rows: 2 is real, 3 is padding
     valid = torch.tensor([True, True, True, False])[None, None, None, :].expand(1, 1, 4, 4)
-    OUT_OF_RANGE.reset()
-    SoftmaxSpec.make("cgf_poly", exp_lo=-8.0, exp_hi=8.0)(scores, valid)
-    assert OUT_OF_RANGE.total == 9  # 3 real rows x 3 valid keys
+    counter = OutsideCounter()
+    softmax_spec("cgf_poly", exp_lo=-8.0, exp_hi=8.0)(scores, valid, counter=counter)
+    assert counter.result()["entries"] == 9  # 3 real rows x 3 valid keys
     # row 2 over its valid keys: scores 0, 100, 200 -> x = -100, 0, 100, var = 6667: every argument near -3333
-    assert OUT_OF_RANGE.outside == 3
+    assert counter.result()["outside"] == 3
 
 
 def test_cgf_poly_trains():
     """Gradients flow through the polynomial (a student can be distilled into it directly)."""
     scores, valid = random_case()
     s = scores.requires_grad_()
-    SoftmaxSpec.make("cgf_poly")(s, valid).sum().backward()
+    softmax_spec("cgf_poly")(s, valid).sum().backward()
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0

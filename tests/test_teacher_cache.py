@@ -3,15 +3,16 @@
 import logging
 
 import torch
-
-from cgf_bert import teacher_cache
-from cgf_bert.data import load_mrpc, load_tokenizer, make_loader, tokenize
-from cgf_bert.losses import kd_preset, make_kd_step
-from cgf_bert.model import BertMRPC, bert_from_config
-from cgf_bert.softmax import SoftmaxSpec
-from cgf_bert.teacher_cache import TeacherCache, cache_bytes, maybe_build
-
 from conftest import tiny_config
+
+from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.data.glue import load_mrpc
+from cgf_bert.data.loader import load_tokenizer, make_loader, tokenize
+from cgf_bert.model.bert import BertMRPC, bert_from_config
+from cgf_bert.objective import kd_preset
+from cgf_bert.train import teacher_cache
+from cgf_bert.train.losses import make_kd_step
+from cgf_bert.train.teacher_cache import TeacherCache, cache_bytes, maybe_build
 
 
 def _setup(tiny_bert, tiny_mrpc):
@@ -50,7 +51,7 @@ def test_cache_matches_live_teacher_in_any_batch(tiny_bert, tiny_mrpc):
 
 def test_cached_kd_step_equals_live_kd_step(tiny_bert, tiny_mrpc):
     tok, ds, teacher = _setup(tiny_bert, tiny_mrpc)
-    student = BertMRPC(bert_from_config(tiny_config())).set_softmax(SoftmaxSpec.make("cgf", coeff=0.5)).eval()
+    student = BertMRPC(bert_from_config(tiny_config())).set_softmax(softmax_spec("cgf", coeff=0.5)).eval()
     terms = kd_preset(alpha=0.5, temperature=2.0, beta=10)
     cache = TeacherCache.build(teacher, ds["train"], tok, torch.device("cpu"), batch_size=16, needs=("hidden",))
     live, cached = make_kd_step(teacher, terms), make_kd_step(None, terms, cache)

@@ -3,10 +3,10 @@ written row by row here: masked keys exactly 0, declared properties, and a short
 
 import pytest
 import torch
-
-from cgf_bert.softmax import SoftmaxSpec, get_softmax
-
 from test_softmax import random_case
+
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import get_softmax, softmax_spec
 
 
 def reference(scores, valid, row):
@@ -38,7 +38,7 @@ PARAM = {"quad2": "shift", "relu_pow": "power"}
 
 @pytest.mark.parametrize("name,value", list(ROWS))
 def test_matches_row_formula_and_masks_exactly(name, value):
-    spec = SoftmaxSpec.make(name, **({PARAM[name]: value} if value is not None else {}))
+    spec = softmax_spec(name, **({PARAM[name]: value} if value is not None else {}))
     scores, valid = random_case(seed=3)
     scores = scores.masked_fill(~valid, 1e4)  # a huge masked score must still give exactly 0
     got = spec(scores, valid)
@@ -51,14 +51,14 @@ def test_matches_row_formula_and_masks_exactly(name, value):
 def test_declared_properties():
     assert not get_softmax("relu_n").input_division  # only the public length divides
     assert get_softmax("quad2").input_division and get_softmax("relu_pow").input_division
-    assert SoftmaxSpec.make("quad2").label() == "2quad c=5" and SoftmaxSpec.make("relu_pow", power=3).slug() == "relupow3"
+    assert softmax_spec("quad2").label() == "2quad c=5" and softmax_spec("relu_pow", power=3).slug() == "relupow3"
 
 
 @pytest.mark.parametrize("name", ["quad2", "relu_n", "relu_pow"])
 def test_variant_trains_a_tiny_bert(name, tiny_bert, tiny_mrpc, tmp_path):
     from cgf_bert.config import TrainConfig
-    from cgf_bert.recipes import finetune
+    from cgf_bert.train.recipes import finetune
 
     rec = finetune(TrainConfig(model=str(tiny_bert), data_dir=str(tiny_mrpc), epochs=1, batch_size=8,
-                               softmax=SoftmaxSpec.make(name)), results_dir=tmp_path)
-    assert rec["config"]["softmax"]["name"] == name and rec["epochs"][0]["train"]["loss"] > 0
+                               approx=Approximations(softmax=softmax_spec(name))), results_dir=tmp_path)
+    assert rec["config"]["approx"]["softmax"]["name"] == name and rec["epochs"][0]["train"]["loss"] > 0

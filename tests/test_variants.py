@@ -7,13 +7,15 @@ import json
 import pytest
 import torch
 
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import SOFTMAXES, exact_softmax, register_softmax, softmax_spec
 from cgf_bert.config import DistillConfig, TrainConfig
-from cgf_bert.losses import LOSSES, LossTerm, kd_preset, register_loss
-from cgf_bert.recipes import distill
-from cgf_bert.records import load_records, record_variant
+from cgf_bert.objective import LOSSES, LossTerm, kd_preset, register_loss
 from cgf_bert.registry import Param
-from cgf_bert.report import render
-from cgf_bert.softmax import SOFTMAXES, SoftmaxSpec, exact_softmax, register_softmax
+from cgf_bert.report.summary import render
+from cgf_bert.store.names import Variant
+from cgf_bert.store.records import load_records
+from cgf_bert.train.recipes import distill
 
 
 @pytest.fixture
@@ -36,18 +38,18 @@ def throwaway():
 @pytest.mark.parametrize("cache", [True, False])
 def test_throwaway_softmax_and_term_run_a_distillation(throwaway, tiny_bert, tiny_mrpc, tmp_path, cache):
     cfg = TrainConfig(model=str(tiny_bert), data_dir=str(tiny_mrpc), epochs=1, batch_size=8,
-                      softmax=SoftmaxSpec.make("test_sharp", scale=3))
+                      approx=Approximations(softmax=softmax_spec("test_sharp", scale=3)))
     dcfg = DistillConfig(terms=kd_preset(0.5, 2.0, 10.0) + (LossTerm.make("test_last_attn", 1.0),), cache_teacher=cache)
     rec = distill(cfg, dcfg, tmp_path / "teacher.pt", results_dir=tmp_path / "r")
     assert "-distill-sharp3-b10-test_last_attn1-pretrained-s42" in rec["name"]
-    assert rec["config"]["softmax"] == {"name": "test_sharp", "scale": 3.0}
+    assert rec["config"]["approx"]["softmax"] == {"name": "test_sharp", "scale": 3.0}
     assert {"loss": "test_last_attn", "weight": 1.0} in rec["distill"]["terms"] and rec["distill"]["teacher_cached"] == cache
     assert set(rec["epochs"][0]["train"]) == {"loss", "ce", "kd", "hidden_mse", "test_last_attn"}
     assert rec["epochs"][0]["train"]["test_last_attn"] > 0
     (stored,) = [r for r in load_records(tmp_path / "r") if r["script"] == "distill"]
     label = "sharp x3 KD beta=10 + test_last_attn=1 (pretrained init)"
-    assert record_variant(stored) == label
+    assert Variant.of_record(stored).label() == label
     table = render("<!-- table:runs -->\n<!-- /table -->", load_records(tmp_path / "r"))
     assert rec["name"] in table
     checkpoint = json.loads(torch.load(rec["checkpoint"], weights_only=True)["meta"])
-    assert checkpoint["softmax"] == {"name": "test_sharp", "scale": 3.0}
+    assert checkpoint["approx"]["softmax"] == {"name": "test_sharp", "scale": 3.0}

@@ -67,8 +67,8 @@ def test_layer_sensitivity(tiny_bert, tiny_mrpc, tmp_path):
     assert set(s["trained"]) == {"0", "1"} and "-finetune-exact-L1cgf0.5-s1" in s["trained"]["1"]["records"][0]
     assert s["references"]["CE fine-tune, all exact"] is not None  # the exact run above, same seed
     # the table printed is the one a summary marker renders from the record, with each layer's numbers
-    from cgf_bert.records import load_records
-    from cgf_bert.report import render
+    from cgf_bert.report.summary import render
+    from cgf_bert.store.records import load_records
     stem = next(tmp_path.glob("experiments/layer_sensitivity-*.json")).stem
     table = render(f"<!-- table:experiment:{stem} -->\n<!-- /table -->", load_records(tmp_path))
     assert table.splitlines()[3] in out and "trained with CE, seeds 1" in table

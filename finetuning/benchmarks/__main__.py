@@ -19,12 +19,13 @@ import time
 
 from cgf_bert.cli import ArgumentParser, number, run_main
 from cgf_bert.config import DEFAULT_MODEL, TrainConfig
-from cgf_bert.engine import resolve_device
-from cgf_bert.precision import PRECISIONS, native_bf16
-from cgf_bert.report import markdown_table
-from cgf_bert.records import RESULTS_DIR, code_version, command_line, machine, uncommitted_files, write_json
-from cgf_bert.recipes import finetune
-from cgf_bert.training import prepare_data
+from cgf_bert.report.tables import markdown_table
+from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine, uncommitted_files
+from cgf_bert.store.records import write_json
+from cgf_bert.train.engine import resolve_device
+from cgf_bert.train.precision import PRECISIONS, native_bf16
+from cgf_bert.train.recipes import finetune
+from cgf_bert.train.run import prepare_data
 
 from . import attention, precision, steps, trainer
 

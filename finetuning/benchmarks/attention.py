@@ -12,9 +12,9 @@ import copy
 import torch
 from transformers import BertConfig, BertModel
 
-from cgf_bert.model import resolve_model
-from cgf_bert.attention import ATTN_IMPLEMENTATION, apply_softmax
-from cgf_bert.softmax import SoftmaxSpec
+from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.model.attention import ATTN_IMPLEMENTATION, apply_softmax
+from cgf_bert.model.bert import resolve_model
 
 from .common import median_seconds
 
@@ -38,7 +38,7 @@ def one_layer_berts(model: str, device: torch.device) -> dict[str, BertModel]:
         cfg._attn_implementation = impl
         m = BertModel(cfg, add_pooling_layer=False)
         if kind:
-            apply_softmax(m, SoftmaxSpec.make(kind))
+            apply_softmax(m, softmax_spec(kind))
         if state is None:
             state = m.state_dict()
         m.load_state_dict(state)

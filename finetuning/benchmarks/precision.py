@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from cgf_bert.engine import ce_step, freeze_embeddings, set_seed
-from cgf_bert.model import build_model
-from cgf_bert.precision import PRECISIONS, native_bf16
-from cgf_bert.softmax import SoftmaxSpec
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.model.bert import build_model
+from cgf_bert.train.engine import ce_step, freeze_embeddings, set_seed
+from cgf_bert.train.precision import PRECISIONS, native_bf16
 
 from .trainer import timed_fit
 
@@ -22,7 +23,7 @@ from .trainer import timed_fit
 def measure(model: str, train, tokenizer, device: torch.device, precision: str, batch_size: int = 16) -> dict:
     """One precision: ms per step and examples/s."""
     set_seed(42)
-    student = build_model(model, SoftmaxSpec.make("cgf", coeff=0.5))
+    student = build_model(model, Approximations(softmax=softmax_spec("cgf", coeff=0.5)))
     freeze_embeddings(student)
     eps = timed_fit(student, ce_step, train, tokenizer, device, batch_size, group_by_length=True, precision=precision)
     native = PRECISIONS[precision] is None or native_bf16(device)

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import torch
 
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.cli import ArgumentParser, number
-from cgf_bert.engine import ce_step, freeze_embeddings, resolve_device, set_seed
-from cgf_bert.losses import kd_preset, make_kd_step, needs
-from cgf_bert.model import build_model
-from cgf_bert.softmax import SoftmaxSpec
-from cgf_bert.training import prepare_data
-from cgf_bert.teacher_cache import TeacherCache
+from cgf_bert.model.bert import build_model
+from cgf_bert.objective import kd_preset, needs
+from cgf_bert.train.engine import ce_step, freeze_embeddings, resolve_device, set_seed
+from cgf_bert.train.losses import make_kd_step
+from cgf_bert.train.run import prepare_data
+from cgf_bert.train.teacher_cache import TeacherCache
 
 from .common import peak_rss_bytes, reset_peak_rss, rss_bytes
 from .trainer import timed_fit
@@ -43,7 +45,7 @@ def measure(mode: str, model: str, examples: int, batch_size: int, device: torch
     reset_peak_rss()
     base = rss_bytes()
     set_seed(42)
-    student = build_model(model, SoftmaxSpec.make("cgf", coeff=0.5))
+    student = build_model(model, Approximations(softmax=softmax_spec("cgf", coeff=0.5)))
     freeze_embeddings(student)
     cache_seconds = None
     if mode in ("ce", COMPILED):

@@ -18,9 +18,9 @@ import torch
 from transformers import BertForSequenceClassification, DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
 from cgf_bert import CgfBertError
-from cgf_bert.engine import build_optimizer, ce_step, fit, freeze_embeddings, set_seed
-from cgf_bert.data import make_loader
-from cgf_bert.model import build_model, resolve_model
+from cgf_bert.data.loader import make_loader
+from cgf_bert.model.bert import build_model, resolve_model
+from cgf_bert.train.engine import build_optimizer, ce_step, fit, freeze_embeddings, set_seed
 
 WARMUP_STEPS = 3  # steps before the clock starts (allocator, lazy initialisation)
 

@@ -3,8 +3,9 @@
 A plain field is one ``--flag`` whose value is checked against the field's range when the
 arguments are parsed. Two fields are values built from a group of flags, read from their
 registries so that a new variant or loss term needs no change here:
-- the softmax spec: ``--softmax NAME``, one flag per parameter any softmax declares (a flag
-  the chosen softmax does not declare is an error), and ``--softmax-layers I=SPEC ...``;
+- the approximations: per replaced op (softmax, GELU, LayerNorm, pooler) ``--OP NAME``, one
+  flag per parameter its kinds declare (``--OP-PARAM``; the softmax's also bare, ``--coeff``; a
+  flag the chosen kind does not declare is an error), and ``--OP-layers I=SPEC ...``;
 - the distillation objective: the preset ``--alpha/--temperature/--beta`` plus ``--loss NAME=WEIGHT``.
 """
 
@@ -21,11 +22,14 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
-from . import CgfBertError
-from .losses import LOSSES, LossTerm, kd_preset
-from .polyexp import PolyExp
-from .registry import Param
-from .softmax import POLY_PARAMS, SOFTMAXES, SoftmaxSpec
+from cgf_bert import CgfBertError
+from cgf_bert.approx.approximations import EXACT, Approximations
+from cgf_bert.approx.polyexp import PolyExp
+from cgf_bert.approx.softmax import POLY_PARAMS
+from cgf_bert.approx.spec import OPS, Spec, op
+from cgf_bert.objective import LOSSES, LossTerm, kd_preset
+from cgf_bert.registry import Param
+from cgf_bert.train import losses  # noqa: F401  (registers the loss terms that --loss names)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -39,6 +43,16 @@ class ArgumentParser(argparse.ArgumentParser):
         if "prog" not in kw and spec is not None and sys.argv[0].endswith("__main__.py"):
             kw["prog"] = f"python -m {spec.name.removesuffix('.__main__')}"  # not '__main__.py' (python -m benchmarks)
         super().__init__(*args, **kw)
+        self.checks: list[Callable[[argparse.Namespace], Any]] = []  # run on the parsed args; a CgfBertError is a parse error
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        for check in self.checks:
+            try:
+                check(parsed)
+            except CgfBertError as e:
+                self.error(str(e))
+        return parsed, rest
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
@@ -158,52 +172,120 @@ def config_from_args(cls, args: argparse.Namespace, **overrides):
     return cls(**{**values, **overrides})
 
 
-# ---------------------------------------------------------------- the softmax spec
+# ---------------------------------------------------------------- the approximations
 
 
-def softmax_params() -> dict[str, tuple[Param, list[str]]]:
-    """Every parameter some softmax declares, with the kinds that declare it."""
-    out: dict[str, tuple[Param, list[str]]] = {}
-    for kind in SOFTMAXES.values():
+def op_params(op_name: str) -> dict[str, tuple[list[Param], list[str]]]:
+    """Every parameter some kind of op ``op_name`` declares: its declarations and the kinds declaring it."""
+    out: dict[str, tuple[list[Param], list[str]]] = {}
+    for kind in op(op_name).kinds.values():
         for p in kind.params:
-            out.setdefault(p.name, (p, []))[1].append(kind.name)
+            decl, kinds = out.setdefault(p.name, ([], []))
+            decl.append(p)
+            kinds.append(kind.name)
     return out
 
 
-class SoftmaxFlags:
-    """``--softmax``, the parameters' flags and ``--softmax-layers`` -> a ``SoftmaxSpec``."""
+def _flag(op_name: str, param: str) -> str:
+    """'--softmax-coeff', '--gelu-degree': each op's parameters in its own namespace."""
+    return f"--{op_name}-{param.replace('_', '-')}"
+
+
+# The softmax parameters that had bare flags before other ops were replaceable keep them
+# (``--coeff``, ``--degree``, ...): committed plans, records' commands and the README use them.
+LEGACY_BARE = {"softmax": ("coeff", "degree", "exp_lo", "exp_hi", "squarings", "shift", "power")}
+
+
+class ApproxFlags:
+    """Per op: ``--OP NAME``, one flag per parameter its kinds declare (``--OP-PARAM``; the
+    softmax's also bare), and ``--OP-layers I=SPEC ...`` where the op is per layer -> ``Approximations``.
+
+    A parameter is range-checked by the chosen kind's own declaration (two kinds may declare
+    one name with different ranges), and one the chosen kind does not declare is an error: both
+    at parse time (``ArgumentParser.parse_known_args`` builds the value once to check it)."""
 
     @staticmethod
-    def add(parser: argparse.ArgumentParser, default: SoftmaxSpec | None) -> None:
-        g = parser.add_argument_group("attention softmax", "the softmax of every layer, its parameters, and per-layer overrides")
-        names = "; ".join(f"{k}: {v.doc}" for k, v in sorted(SOFTMAXES.items()))
-        g.add_argument("--softmax", default=None if default is None else default.name, choices=sorted(SOFTMAXES),
+    def add(parser: argparse.ArgumentParser, default: Approximations | None) -> None:
+        for name in EXACT.specs():  # softmax, gelu, layernorm, pooler
+            ApproxFlags._add_op(parser, OPS[name], None if default is None else default.specs()[name])
+        parser.set_defaults(_approx_default=default)
+        if isinstance(parser, ArgumentParser):
+            parser.checks.append(lambda args: ApproxFlags.build(args) if ApproxFlags.present(args) else None)
+
+    @staticmethod
+    def _add_op(parser, o, default: Spec | None) -> None:
+        g = parser.add_argument_group(f"{o.title} ({o.name})", f"what replaces the {o.title}, its parameters"
+                                      + (" and per-layer overrides" if o.per_layer else ""))
+        names = "; ".join(f"{k}: {v.doc.rstrip('.')}" for k, v in sorted(o.kinds.items()))
+        g.add_argument(f"--{o.name}", dest=o.name, default=None if default is None else default.name, choices=sorted(o.kinds),
                        help=f"{names} (default: %(default)s)")
-        for name, (p, kinds) in softmax_params().items():
-            g.add_argument("--" + name.replace("_", "-"), dest=f"softmax_{name}", type=_type(p), metavar=name.upper(),
-                           help=f"{p.help} ({', '.join(kinds)}; default {p.default:g})")
-        g.add_argument("--softmax-layers", nargs="+", type=_parsed(_layer), metavar="I=SPEC", default=[],
-                       help="layer I runs SPEC instead, e.g. 5=exact or 0=cgf:coeff=0.65 (layers count from 0)")
-        parser.set_defaults(_softmax_default=default)
+        for pname, (decls, kinds) in op_params(o.name).items():
+            bare = "--" + pname.replace("_", "-")
+            # One flag per name: the kinds of an op that share a parameter name share its type and
+            # range (defaults and help may differ), so argparse checks it whichever kind is chosen.
+            if len({(d.type, d.min, d.max, d.above) for d in decls}) > 1:
+                raise CgfBertError(f"{o.name} kinds {kinds} declare {pname!r} with different types or ranges; rename one")
+            kw = {"type": _type(decls[0])}
+            ranges = "; ".join(f"{k}: {d.range_text()}, default {d.default:g}" for k, d in zip(kinds, decls))
+            legacy = pname in LEGACY_BARE.get(o.name, ())
+            also = f"; also {bare}" if legacy else ""
+            g.add_argument(_flag(o.name, pname), dest=f"{o.name}_{pname}", metavar=pname.upper(), help=f"{decls[0].help} ({ranges}{also})", **kw)
+            if legacy:  # its own action, so that an error names the flag as typed
+                g.add_argument(bare, dest=f"{o.name}_{pname}", help=argparse.SUPPRESS, **kw)
+        if o.per_layer:
+            g.add_argument(f"--{o.name}-layers", dest=f"{o.name}_layers", nargs="+", type=_parsed(_layer(o.name)), metavar="I=SPEC",
+                           default=[], help="layer I runs SPEC instead, e.g. 5=exact (layers count from 0)")
 
     @staticmethod
     def present(args: argparse.Namespace) -> bool:
-        return getattr(args, "softmax", None) is not None
+        return "_approx_default" in vars(args) and args._approx_default is not None or ApproxFlags.given(args) != {}
 
     @staticmethod
-    def build(args: argparse.Namespace) -> SoftmaxSpec:
-        default: SoftmaxSpec | None = args._softmax_default
-        given = {n: getattr(args, f"softmax_{n}") for n in softmax_params() if getattr(args, f"softmax_{n}", None) is not None}
-        same = default is not None and default.name == args.softmax  # start from the default's values
-        layers = dict(args.softmax_layers) or (dict(default.layers) if same else {})  # (index, spec) pairs
-        return SoftmaxSpec.make(args.softmax, layers=layers, **{**(default.values if same else {}), **given})
+    def given(args: argparse.Namespace) -> dict[str, bool]:
+        """The ops named or parametrised on the command line."""
+        out = {}
+        for name in OPS:
+            params = [k for k in op_params(name) if getattr(args, f"{name}_{k}", None) is not None]
+            if getattr(args, name, None) is not None or params or getattr(args, f"{name}_layers", None):
+                out[name] = True
+        return out
+
+    @staticmethod
+    def overrides(args: argparse.Namespace) -> dict[str, Spec]:
+        """The specs of the ops given on the command line only (``validate.py``: the rest is the checkpoint's)."""
+        built = ApproxFlags.build(args)
+        return {name: built.specs()[name] for name in ApproxFlags.given(args)}
+
+    @staticmethod
+    def build(args: argparse.Namespace, base: Approximations | None = None) -> Approximations:
+        """The approximations the flags name: the parser's default (or ``base``), each op given replaced."""
+        default: Approximations = base or args._approx_default or EXACT
+        specs = {name: ApproxFlags._build_op(args, name, default.specs()[name]) for name in OPS}
+        return Approximations(**specs)
+
+    @staticmethod
+    def _build_op(args: argparse.Namespace, name: str, default: Spec) -> Spec:
+        kind_name = getattr(args, name, None) or default.name
+        params = {k: getattr(args, f"{name}_{k}") for k in op_params(name) if getattr(args, f"{name}_{k}", None) is not None}
+        if params and getattr(args, name, None) is None and args._approx_default is None:
+            raise CgfBertError(f"{name} parameters ({', '.join(_flag(name, k) for k in params)}) need --{name} with them")
+        same = default.name == kind_name  # start from the default's values
+        layers = dict(getattr(args, f"{name}_layers", None) or []) or (dict(default.layers) if same else {})
+        try:
+            return Spec.make(name, kind_name, layers=layers, **{**(default.values if same else {}), **params})
+        except CgfBertError as e:
+            raise CgfBertError(f"--{name} {kind_name}: {e}") from None
 
 
-def _layer(text: str) -> tuple[int, SoftmaxSpec]:
-    index, eq, spec = text.partition("=")
-    if not eq or not index.strip().isdigit():
-        raise CgfBertError(f"--softmax-layers takes I=SPEC (e.g. 5=exact), got {text!r}")
-    return int(index), SoftmaxSpec.parse(spec)
+def _layer(op_name: str) -> Callable[[str], tuple[int, Spec]]:
+    def layer(text: str) -> tuple[int, Spec]:
+        index, eq, spec = text.partition("=")
+        if not eq or not index.strip().isdigit():
+            raise CgfBertError(f"--{op_name}-layers takes I=SPEC (e.g. 5=exact), got {text!r}")
+        return int(index), Spec.parse(op_name, spec)
+
+    layer.__name__ = f"{op_name}_layer"
+    return layer
 
 
 # ---------------------------------------------------------------- the objective
@@ -245,7 +327,7 @@ def _term(text: str) -> LossTerm:
     return LossTerm.make(name.strip(), weight, **params)
 
 
-SPECIAL = {"softmax": SoftmaxFlags, "objective": ObjectiveFlags}
+SPECIAL = {"approx": ApproxFlags, "objective": ObjectiveFlags}
 
 
 class _Built(Exception):

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, TypeVar
 
-from . import CgfBertError
+from cgf_bert import CgfBertError
 
 T = TypeVar("T")
 

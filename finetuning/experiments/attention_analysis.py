@@ -18,27 +18,38 @@ import numpy as np
 import torch
 
 from cgf_bert import CgfBertError
-from cgf_bert.analysis import (
-    DEFAULT_INTERVALS, PERCENTILES, analyse, attention_maps, format_table, kl_matrix, plot_kl, plot_maps, plot_ranges, strict_json,
+from cgf_bert.analysis.ranges import (
+    DEFAULT_INTERVALS,
+    PERCENTILES,
+    analyse,
+    attention_maps,
+    format_table,
+    kl_matrix,
+    plot_kl,
+    plot_maps,
+    plot_ranges,
+    strict_json,
 )
-from cgf_bert.checkpoint import model_from_checkpoint, read_checkpoint
+from cgf_bert.approx.softmax import VARIANCE_COEFF, parse_softmax
+from cgf_bert.approx.spec import Spec
 from cgf_bert.cli import ArgumentParser, Interval, field_type, number, run_main
 from cgf_bert.config import TEACHER_PATH, TrainConfig
-from cgf_bert.data import make_loader
-from cgf_bert.engine import resolve_device
-from cgf_bert.records import RESULTS_DIR, code_version, command_line, machine, repo_relative, uncommitted_files, write_json
-from cgf_bert.softmax import VARIANCE_COEFF, SoftmaxSpec
-from cgf_bert.model import BertMRPC
-from cgf_bert.teacher import check_teacher
-from cgf_bert.training import prepare_data
+from cgf_bert.data.loader import make_loader
+from cgf_bert.model.bert import BertMRPC
+from cgf_bert.store.checkpoint import model_from_checkpoint, read_checkpoint
+from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine, repo_relative, uncommitted_files
+from cgf_bert.store.records import write_json
+from cgf_bert.train.engine import resolve_device
+from cgf_bert.train.run import prepare_data
+from cgf_bert.train.teacher import check_teacher
 
 OUT_DIR = RESULTS_DIR / "analysis"  # records and plots of this module
 BATCH_SIZE = 32  # dev batches; the (B, 12, T, T) float64 row-sum temporaries stay small at 32
 
 
-def _spec(text: str) -> SoftmaxSpec:
+def _spec(text: str) -> Spec:
     try:
-        return SoftmaxSpec.parse(text)
+        return parse_softmax(text)
     except CgfBertError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -139,10 +150,10 @@ def load_dev(args, model: str):
 
 def score(k: int, path: str, state: dict, meta: dict, args, loader, device, pl: Plotting) -> dict:
     """Checkpoint ``k`` analysed against the teacher, its table printed and its plots drawn: its record entry."""
-    model = model_from_checkpoint(state, meta, path, args.as_softmax)
+    model = model_from_checkpoint(state, meta, path, None if args.as_softmax is None else meta["approx"].replace(softmax=args.as_softmax))
     result = analyse(model, loader, device, args.coeff, args.interval, teacher=pl.teacher, desc=Path(path).name)
     print(f"\n{path} ({result['label']}):\n{format_table(result)}")
-    return {"checkpoint": repo_relative(path), "checkpoint_softmax": meta["softmax"].to_json(),
+    return {"checkpoint": repo_relative(path), "checkpoint_softmax": meta["approx"].softmax.to_json(),
             "scored_as": None if args.as_softmax is None else args.as_softmax.to_json(), "analysis": result,
             "figures": figures(k, path, model, result, pl)}
 

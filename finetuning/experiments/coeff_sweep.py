@@ -9,17 +9,20 @@ a table and a PNG plot with error bars. Runs with an existing record are reused.
 import dataclasses
 import time
 
+from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, number, run_main
 from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
-from cgf_bert.records import RESULTS_DIR, command_line, method_label, repo_relative
-from cgf_bert.softmax import SoftmaxSpec
-from cgf_bert.stats import fmt_pm, mean_std
-from cgf_bert.sweeps import find_record, plot_accuracy_vs_coeff, run_or_reuse, save_experiment
+from cgf_bert.report.compare import plot_accuracy_vs_coeff
+from cgf_bert.report.stats import fmt_pm, mean_std
+from cgf_bert.store.names import method_label
+from cgf_bert.store.provenance import RESULTS_DIR, command_line, repo_relative
+from cgf_bert.store.records import save_experiment
+from cgf_bert.train.sweeps import find_record, run_or_reuse
 
 
 def main():
     p = ArgumentParser(description=__doc__)
-    add_config_args(p, TrainConfig, skip=("softmax", "seed"))
+    add_config_args(p, TrainConfig, skip=("approx", "seed"))
     add_config_args(p, DistillConfig)
     p.add_argument("--coeffs", type=number(float, "coeffs", min=0.0), nargs="+", default=[0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.85], help="coefficients (default: %(default)s)")
     p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=list(SEEDS), help="seeds per coefficient (default: %(default)s)")
@@ -34,12 +37,12 @@ def main():
     names: dict[float, list[str]] = {}
     for c in args.coeffs:
         for seed in args.seeds:
-            spec = SoftmaxSpec.make("cgf", coeff=c)
-            rec = run_or_reuse(dataclasses.replace(cfg, softmax=spec, seed=seed), dcfg, args.teacher, args.results_dir, args.reuse)
+            spec = softmax_spec("cgf", coeff=c)
+            rec = run_or_reuse(dataclasses.replace(cfg, approx=cfg.approx.replace(softmax=spec), seed=seed), dcfg, args.teacher, args.results_dir, args.reuse)
             acc.setdefault(c, []).append(rec["best"]["accuracy"])
             names.setdefault(c, []).append(rec["name"])
     # The exact softmax on the same seeds is the line to reach; drawn only when every seed has a run (never trained here).
-    exact = [find_record(dataclasses.replace(cfg, softmax=EXACT, seed=s), None, args.results_dir) for s in args.seeds]
+    exact = [find_record(dataclasses.replace(cfg, approx=EXACT, seed=s), None, args.results_dir) for s in args.seeds]
     exact_acc = [r["best"]["accuracy"] for r in exact] if all(exact) else None
     method = method_label(dcfg)
     print(f"CGF {method}, dev accuracy over seeds {args.seeds} (points, mean ± std):")

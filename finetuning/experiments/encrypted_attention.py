@@ -23,17 +23,17 @@ import numpy as np
 import torch
 
 from cgf_bert import CgfBertError
-from cgf_bert.checkpoint import load_model
+from cgf_bert.approx.polyexp import PolyExp
+from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.cli import ArgumentParser, Interval, field_type, number, poly_exp, run_main
 from cgf_bert.config import TrainConfig
-from cgf_bert.data import make_loader
-from cgf_bert.engine import resolve_device, set_seed
-from cgf_bert.layer_io import capture_blocks, forward_with_layer_output
-from cgf_bert.polyexp import PolyExp
-from cgf_bert.records import RESULTS_DIR, code_version, command_line, machine, repo_relative, strict_json, write_json
-from cgf_bert.softmax import SoftmaxSpec
-from cgf_bert.training import prepare_data
-
+from cgf_bert.data.loader import make_loader
+from cgf_bert.model.layer_io import capture_blocks, forward_with_layer_output
+from cgf_bert.store.checkpoint import load_model
+from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine, repo_relative
+from cgf_bert.store.records import strict_json, write_json
+from cgf_bert.train.engine import resolve_device, set_seed
+from cgf_bert.train.run import prepare_data
 
 # Why a figure of this record can be non-finite (strict JSON writes null and says so).
 NON_FINITE_REASONS = {
@@ -48,9 +48,12 @@ def fhe():
         import desilofhe  # noqa: F401
     except ImportError:
         raise CgfBertError('encrypted attention needs desilofhe: pip install -e ".[fhe]" (or pip install desilofhe)') from None
-    from cgf_bert import fhe as core
+    from types import SimpleNamespace
 
-    return core
+    from cgf_bert.fhe import attention, circuits, context
+
+    return SimpleNamespace(encrypted_attention=attention.encrypted_attention, CgfCircuit=circuits.CgfCircuit,
+                           ExactCircuit=circuits.ExactCircuit, FheContext=context.FheContext)
 
 
 @dataclass
@@ -146,7 +149,7 @@ def main():
     device = resolve_device("cpu")  # the encrypted part is CPU work; the plaintext model is small
     student, meta = load_model(args.checkpoint)
     spec = student.softmax
-    if spec.name != "cgf" or spec.layers:
+    if spec.name != "cgf" or spec.layers:  # TODO circuits bound to entries
         raise CgfBertError(f"{args.checkpoint} runs {spec.label()}; the encrypted circuit is CGF's (train or swap to plain cgf)")
     if not 0 <= args.layer < student.bert.config.num_hidden_layers:
         raise CgfBertError(f"--layer {args.layer}: the model has layers 0..{student.bert.config.num_hidden_layers - 1}")
@@ -163,8 +166,7 @@ def main():
     # CGF: the student's layer encrypted; the plaintext references are the student itself (real exp)
     # and the student with cgf_poly in this layer (the function the circuit computes).
     cgf_layer = take_layer(student, batches, args.layer)
-    poly_spec = SoftmaxSpec.make("cgf", coeff=coeff, layers={args.layer: SoftmaxSpec.make(
-        "cgf_poly", coeff=coeff, degree=args.poly.degree, exp_lo=args.poly.lo, exp_hi=args.poly.hi, squarings=args.poly.squarings)})
+    poly_spec = softmax_spec("cgf", coeff=coeff, layers={args.layer: spec.with_polynomial(args.poly)})
     poly_logits = torch.cat([student.set_softmax(poly_spec)(**b)["logits"] for b in batches])
     student.set_softmax(spec)
     circuit = core.CgfCircuit(args.poly, coeff=coeff)

@@ -11,16 +11,19 @@
 import dataclasses
 import time
 
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, number, run_main
 from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, TrainConfig
-from cgf_bert.records import RESULTS_DIR, command_line
-from cgf_bert.softmax import SoftmaxSpec
-from cgf_bert.sweeps import paired, plot_accuracy_vs_coeff, run_or_reuse, save_experiment, swap_at_eval
+from cgf_bert.report.compare import paired, plot_accuracy_vs_coeff
+from cgf_bert.store.provenance import RESULTS_DIR, command_line
+from cgf_bert.store.records import save_experiment
+from cgf_bert.train.sweeps import run_or_reuse, swap_at_eval
 
 
 def main():
     p = ArgumentParser(description=__doc__)
-    add_config_args(p, TrainConfig, skip=("seed",), softmax=SoftmaxSpec.make("cgf", coeff=0.65))
+    add_config_args(p, TrainConfig, skip=("seed",), approx=Approximations(softmax=softmax_spec("cgf", coeff=0.65)))
     p.add_argument("--checkpoint", default=TEACHER_PATH, help="exact checkpoint for the swap (default: %(default)s)")
     p.add_argument("--swap-coeffs", type=number(float, "swap-coeffs", min=0.0), nargs="*", default=[0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 1.0],
                    help="CGF coefficients for the swap at eval (default: %(default)s; none to skip)")
@@ -33,7 +36,7 @@ def main():
     out = {"command": command_line()}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.swap_coeffs:
-        specs = [EXACT] + [SoftmaxSpec.make("cgf", coeff=c) for c in args.swap_coeffs]
+        specs = [EXACT.softmax] + [softmax_spec("cgf", coeff=c) for c in args.swap_coeffs]
         rows = swap_at_eval(args.checkpoint, specs, cfg)
         out["swap"] = {"checkpoint": args.checkpoint, "rows": rows}
         print(f"swap at eval, {args.checkpoint}:")
@@ -45,11 +48,11 @@ def main():
     if args.paired:
         ex, cg = [], []
         for seed in args.seeds:
-            ex.append(run_or_reuse(dataclasses.replace(cfg, softmax=EXACT, seed=seed), results_dir=args.results_dir, reuse=args.reuse))
+            ex.append(run_or_reuse(dataclasses.replace(cfg, approx=EXACT, seed=seed), results_dir=args.results_dir, reuse=args.reuse))
             cg.append(run_or_reuse(dataclasses.replace(cfg, seed=seed), results_dir=args.results_dir, reuse=args.reuse))
         d = paired(ex, cg)
-        out["paired"] = {"softmax": cfg.softmax.to_json(), "exact": [r["name"] for r in ex], "cgf": [r["name"] for r in cg], **d}
-        print(f"paired fine-tunes, {cfg.softmax.label()} minus exact (dev accuracy, points):")
+        out["paired"] = {"approx": cfg.approx.to_json(), "exact": [r["name"] for r in ex], "cgf": [r["name"] for r in cg], **d}
+        print(f"paired fine-tunes, {cfg.approx.label()} minus exact (dev accuracy, points):")
         for s, x in zip(d["seeds"], d["diffs"]):
             print(f"  seed {s}: {x * 100:+.2f}")
         print(f"  mean {d['mean'] * 100:+.2f} ± {d['std'] * 100:.2f} over {len(d['seeds'])} seeds")

@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from cgf_bert import CgfBertError
-from cgf_bert.checkpoint import read_checkpoint
+from cgf_bert.analysis.kernel import KernelConfig, compare, load_blocks, plot_kernel_vs_finetune, save_blocks, study
+from cgf_bert.analysis.probes import random_subset
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, run_main
-from cgf_bert.engine import resolve_device
-from cgf_bert.kernel import KernelConfig, compare, load_blocks, plot_kernel_vs_finetune, save_blocks, study
-from cgf_bert.probes import random_subset
-from cgf_bert.records import RESULTS_DIR, code_version, command_line, config_json, machine, repo_relative, uncommitted_files, write_json
-from cgf_bert.training import prepare_data
+from cgf_bert.store.checkpoint import read_checkpoint
+from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine, repo_relative, uncommitted_files
+from cgf_bert.store.records import config_json, write_json
+from cgf_bert.train.engine import resolve_device
+from cgf_bert.train.run import prepare_data
 
 OUT_DIR = RESULTS_DIR / "probes"
 SOLVERS = ("lstsq", "logistic", "linearised")

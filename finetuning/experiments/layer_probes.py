@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 
 from cgf_bert import CgfBertError
-from cgf_bert.checkpoint import load_model
+from cgf_bert.analysis.probes import BLOCKS, ProbeConfig, plot_accuracy, plot_nonlinearity, probe, random_subset
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, run_main
-from cgf_bert.data import make_loader
-from cgf_bert.engine import resolve_device
-from cgf_bert.probes import BLOCKS, ProbeConfig, plot_accuracy, plot_nonlinearity, probe, random_subset
-from cgf_bert.records import RESULTS_DIR, code_version, command_line, config_json, machine, repo_relative, uncommitted_files, write_json
-from cgf_bert.training import prepare_data
+from cgf_bert.data.loader import make_loader
+from cgf_bert.store.checkpoint import load_model
+from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine, repo_relative, uncommitted_files
+from cgf_bert.store.records import config_json, write_json
+from cgf_bert.train.engine import resolve_device
+from cgf_bert.train.run import prepare_data
 
 OUT_DIR = RESULTS_DIR / "probes"  # records and plots of this module and of kernel_view
 
@@ -62,7 +63,7 @@ def main():
     for path, model, meta in models:
         t = time.time()
         result = probe(model, train_loader, dev_loader, device, cfg.ridge, cfg.shuffles, cfg.seed, desc=Path(path).name)
-        entries.append({"checkpoint": repo_relative(path), "name": Path(path).stem, "softmax": meta["softmax"].label(),
+        entries.append({"checkpoint": repo_relative(path), "name": Path(path).stem, "softmax": meta["approx"].label(),
                         "trained": {k: meta.get(k) for k in ("model", "seed", "epoch", "dev", "code_version")},
                         "seconds": round(time.time() - t, 1), "probes": result})
         print_table(entries[-1])

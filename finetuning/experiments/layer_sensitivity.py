@@ -10,22 +10,26 @@ on --train-seeds, next to the all-exact and all-CGF fine-tunes of the same seeds
 import dataclasses
 import time
 
-from cgf_bert.checkpoint import load_model
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.approx.spec import Spec
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, run_main
 from cgf_bert.config import EXACT, TEACHER_PATH, TrainConfig
-from cgf_bert.plots import pyplot, save
-from cgf_bert.records import RESULTS_DIR, command_line, repo_relative
-from cgf_bert.softmax import SoftmaxSpec
-from cgf_bert.stats import mean_std
-from cgf_bert.sweeps import find_record, layer_table, run_or_reuse, save_experiment, swap_at_eval
+from cgf_bert.report.compare import layer_table
+from cgf_bert.report.plots import pyplot, save
+from cgf_bert.report.stats import mean_std
+from cgf_bert.store.checkpoint import load_model
+from cgf_bert.store.provenance import RESULTS_DIR, command_line, repo_relative
+from cgf_bert.store.records import save_experiment
+from cgf_bert.train.sweeps import find_record, run_or_reuse, swap_at_eval
 
 
-def one_layer(cgf: SoftmaxSpec, i: int) -> SoftmaxSpec:
+def one_layer(cgf: Spec, i: int) -> Spec:
     """Exact everywhere but layer ``i``, which runs ``cgf``."""
-    return SoftmaxSpec.make("exact", layers={i: cgf})
+    return softmax_spec("exact", layers={i: cgf})
 
 
-def plot(swap: list[dict], trained: dict[int, list[float]], refs: dict[str, float | None], path: str, cgf: SoftmaxSpec):
+def plot(swap: list[dict], trained: dict[int, list[float]], refs: dict[str, float | None], path: str, cgf: Spec):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     layers = list(range(len(swap) - 2))
@@ -49,26 +53,26 @@ def plot(swap: list[dict], trained: dict[int, list[float]], refs: dict[str, floa
 
 def main():
     p = ArgumentParser(description=__doc__)
-    add_config_args(p, TrainConfig, skip=("seed",), softmax=SoftmaxSpec.make("cgf", coeff=0.5))
+    add_config_args(p, TrainConfig, skip=("seed",), approx=Approximations(softmax=softmax_spec("cgf", coeff=0.5)))
     p.add_argument("--checkpoint", default=TEACHER_PATH, help="exact checkpoint for the swap at eval (default: %(default)s)")
     p.add_argument("--train-seeds", type=field_type(TrainConfig, "seed"), nargs="*", default=[42], help="seeds for the CE runs; none to skip (default: %(default)s)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="train even where a matching record exists")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="run records and the experiment summary (default: %(default)s)")
     args = p.parse_args()
     cfg = config_from_args(TrainConfig, args, seed=(args.train_seeds or [42])[0])
-    cgf = cfg.softmax
+    cgf = cfg.approx.softmax
     layers = load_model(args.checkpoint)[0].bert.config.num_hidden_layers
-    specs = [EXACT] + [one_layer(cgf, i) for i in range(layers)] + [cgf]
+    specs = [EXACT.softmax] + [one_layer(cgf, i) for i in range(layers)] + [cgf]
     swap = swap_at_eval(args.checkpoint, specs, cfg)
     trained: dict[int, list[float]] = {}
     names: dict[int, list[str]] = {}
     for seed in args.train_seeds:
         for i in range(layers):
-            rec = run_or_reuse(dataclasses.replace(cfg, softmax=one_layer(cgf, i), seed=seed), None, None, args.results_dir, args.reuse)
+            rec = run_or_reuse(dataclasses.replace(cfg, approx=cfg.approx.replace(softmax=one_layer(cgf, i)), seed=seed), None, None, args.results_dir, args.reuse)
             trained.setdefault(i, []).append(rec["best"]["accuracy"])
             names.setdefault(i, []).append(rec["name"])
-    ref_recs = {k: [find_record(dataclasses.replace(cfg, softmax=spec, seed=s), None, args.results_dir) for s in args.train_seeds]
-                for k, spec in (("CE fine-tune, all exact", EXACT), ("CE fine-tune, all CGF", cgf))}
+    ref_recs = {k: [find_record(dataclasses.replace(cfg, approx=approx, seed=s), None, args.results_dir) for s in args.train_seeds]
+                for k, approx in (("CE fine-tune, all exact", EXACT), ("CE fine-tune, all CGF", cfg.approx))}
     refs = {"teacher, all exact": swap[0]["accuracy"], "teacher, all CGF at eval": swap[-1]["accuracy"],
             **{k: mean_std([r["best"]["accuracy"] for r in v])[0] if v and all(v) else None for k, v in ref_recs.items()}}
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -12,12 +12,16 @@ A setting is 'recipe' or terms joined by '+': NAME=WEIGHT[,param=value...] (see 
 import dataclasses
 import time
 
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, run_main
 from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
-from cgf_bert.losses import LossTerm
-from cgf_bert.records import RESULTS_DIR, command_line, method_label, repo_relative
-from cgf_bert.softmax import SoftmaxSpec
-from cgf_bert.sweeps import compare_settings, find_record, plot_settings, run_or_reuse, save_experiment, settings_table
+from cgf_bert.objective import LossTerm
+from cgf_bert.report.compare import compare_settings, plot_settings, settings_table
+from cgf_bert.store.names import method_label
+from cgf_bert.store.provenance import RESULTS_DIR, command_line, repo_relative
+from cgf_bert.store.records import save_experiment
+from cgf_bert.train.sweeps import find_record, run_or_reuse
 
 # Weights: 1 for the distribution and CKA terms (their values start near 0.2-1.2 on the pretrained
 # CGF student, like the beta-weighted hidden term's 1.6); 0.1 for attn_out, whose raw MSE starts
@@ -32,7 +36,7 @@ def parse_setting(text: str) -> tuple[LossTerm, ...]:
 
 def main():
     p = ArgumentParser(description=__doc__)
-    add_config_args(p, TrainConfig, skip=("seed",), softmax=SoftmaxSpec.make("cgf", coeff=0.5))  # the student of the results table
+    add_config_args(p, TrainConfig, skip=("seed",), approx=Approximations(softmax=softmax_spec("cgf", coeff=0.5)))  # the student of the results table
     add_config_args(p, DistillConfig)
     p.add_argument("--settings", nargs="+", default=SETTINGS, help="term sets to compare (default: %(default)s)")
     p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=[42, 7, 123], help=f"seeds (default: %(default)s; the main table has {' '.join(map(str, SEEDS))})")
@@ -58,14 +62,14 @@ def main():
     if not groups:
         print("no runs on record for these settings (run without --no-train)")
         return
-    exact = [r for s in args.seeds if (r := find_record(dataclasses.replace(cfg, softmax=EXACT, seed=s), None, args.results_dir))]
+    exact = [r for s in args.seeds if (r := find_record(dataclasses.replace(cfg, approx=EXACT, seed=s), None, args.results_dir))]
     base_label = next(iter(groups)) if "recipe" in settings else None
     rows = compare_settings(groups, exact, base_label)
-    print(f"{cfg.softmax.label()} students, dev accuracy (points), seeds {args.seeds}:")
+    print(f"{cfg.approx.label()} students, dev accuracy (points), seeds {args.seeds}:")
     print(settings_table(rows, base_label))
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    png = plot_settings(rows, f"{args.results_dir}/experiments/loss_ablation-{stamp}.png", f"{cfg.softmax.label()} + KD terms: paired Δ to exact")
-    out = {"command": command_line(), "softmax": cfg.softmax.to_json(), "base": [t.to_json() for t in base.terms],
+    png = plot_settings(rows, f"{args.results_dir}/experiments/loss_ablation-{stamp}.png", f"{cfg.approx.label()} + KD terms: paired Δ to exact")
+    out = {"command": command_line(), "approx": cfg.approx.to_json(), "base": [t.to_json() for t in base.terms],
            "settings": {k: [t.to_json() for t in v] for k, v in settings.items()}, "seeds": args.seeds,
            "exact_records": [r["name"] for r in exact], "base_label": base_label, "rows": rows, "plot": repo_relative(png) if png else None}
     print(f"plot: {png}\nsaved {save_experiment(f'loss_ablation-{stamp}', out, args.results_dir)}")

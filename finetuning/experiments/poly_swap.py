@@ -13,21 +13,22 @@ and the polynomial; P @ V adds one), and the exp arguments that fell outside its
 import time
 
 from cgf_bert import CgfBertError
-from cgf_bert.checkpoint import read_checkpoint
+from cgf_bert.approx.polyexp import PolyExp
+from cgf_bert.approx.spec import Spec
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, poly_exp, run_main
 from cgf_bert.config import TrainConfig
-from cgf_bert.plots import pyplot, save
-from cgf_bert.polyexp import PolyExp
-from cgf_bert.records import RESULTS_DIR, code_version, command_line, repo_relative
-from cgf_bert.softmax import SoftmaxSpec
-from cgf_bert.sweeps import save_experiment, swap_at_eval
+from cgf_bert.report.plots import pyplot, save
+from cgf_bert.store.checkpoint import read_checkpoint
+from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, repo_relative
+from cgf_bert.store.records import save_experiment
+from cgf_bert.train.sweeps import swap_at_eval
 
 DEFAULT_SETTINGS = ["8,-32,32,5", "8,-64,16,6", "8,-128,16,7", "8,-256,16,8", "6,-256,16,8", "4,-256,16,8"]
 
 
-def poly_spec(poly: PolyExp, coeff: float) -> SoftmaxSpec:
-    """A polynomial exp -> the cgf_poly spec at the checkpoint's coefficient."""
-    return SoftmaxSpec.make("cgf_poly", coeff=coeff, degree=poly.degree, exp_lo=poly.lo, exp_hi=poly.hi, squarings=poly.squarings)
+def poly_spec(base: Spec, poly: PolyExp) -> Spec:
+    """The checkpoint's softmax in its polynomial form with exp polynomial ``poly`` (its parameters kept)."""
+    return base.with_polynomial(poly)
 
 
 def plot(rows: list[dict], path: str, title: str):
@@ -58,10 +59,11 @@ def main():
     args = p.parse_args()
     cfg = config_from_args(TrainConfig, args)
     _, meta = read_checkpoint(args.checkpoint)
-    base = meta["softmax"]
-    if base.name != "cgf" or base.layers:
-        raise CgfBertError(f"{args.checkpoint} runs {base.label()}; poly_swap replaces exp in a plain CGF checkpoint")
-    specs = [base] + [poly_spec(s, base.values["coeff"]) for s in args.settings]
+    base = meta["approx"].softmax
+    if base.layers or base.kind.polynomial is None:
+        raise CgfBertError(f"{args.checkpoint} runs {base.label()}; poly_swap replaces exp in a checkpoint whose softmax "
+                           f"has a polynomial form, the same in every layer")
+    specs = [base] + [poly_spec(base, s) for s in args.settings]
     rows = swap_at_eval(args.checkpoint, specs, cfg)
     print(f"{args.checkpoint}: dev accuracy with exp replaced by a polynomial (no training)")
     print(f"  {'softmax':<40} {'depth':>5} {'acc':>7} {'Δ acc':>7} {'agree':>7} {'outside':>10}")

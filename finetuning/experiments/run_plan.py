@@ -36,16 +36,17 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import tomllib
+
 from cgf_bert import CgfBertError
 from cgf_bert.cli import ArgumentParser, ObjectiveFlags, config_from_args, number, parse_for, run_main, script_parser
 from cgf_bert.config import DistillConfig, TrainConfig
-from cgf_bert.records import REPO_ROOT, repo_relative
-from cgf_bert.sweeps import find_record
+from cgf_bert.store.provenance import REPO_ROOT, repo_relative
+from cgf_bert.train.sweeps import find_record
 
 FINETUNING = Path(__file__).resolve().parents[1]  # scripts' paths and commands are relative to it
 LOG_DIR = REPO_ROOT / "logs" / "run_plan"  # one folder per plan, one log per run

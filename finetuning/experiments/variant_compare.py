@@ -10,20 +10,23 @@ fine-tunes of those seeds. Runs with a matching record are reused.
 import dataclasses
 import time
 
+from cgf_bert.approx.softmax import parse_softmax
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, run_main
 from cgf_bert.config import EXACT, TEACHER_PATH, DistillConfig, TrainConfig
-from cgf_bert.records import RESULTS_DIR, command_line, repo_relative, variant_label
-from cgf_bert.softmax import SoftmaxSpec
-from cgf_bert.sweeps import compare_settings, find_record, plot_settings, run_or_reuse, save_experiment, settings_table
+from cgf_bert.report.compare import compare_settings, plot_settings, settings_table
+from cgf_bert.store.names import variant_label
+from cgf_bert.store.provenance import RESULTS_DIR, command_line, repo_relative
+from cgf_bert.store.records import save_experiment
+from cgf_bert.train.sweeps import find_record, run_or_reuse
 
 VARIANTS = ["cgf", "quad2", "relu_n", "relu_pow"]
 
 
 def main():
     p = ArgumentParser(description=__doc__)
-    add_config_args(p, TrainConfig, skip=("seed", "softmax"))
+    add_config_args(p, TrainConfig, skip=("seed", "approx"))
     add_config_args(p, DistillConfig)
-    p.add_argument("--variants", nargs="+", type=SoftmaxSpec.parse, default=[SoftmaxSpec.parse(v) for v in VARIANTS],
+    p.add_argument("--variants", nargs="+", type=parse_softmax, default=[parse_softmax(v) for v in VARIANTS],
                    metavar="SPEC", help=f"softmax specs, NAME[:param=value,...] (default: {' '.join(VARIANTS)})")
     p.add_argument("--methods", nargs="+", choices=("ce", "kd"), default=["ce", "kd"], help="CE fine-tuning, KD, or both (default: %(default)s)")
     p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=[42, 7, 123], help="seeds (default: %(default)s)")
@@ -40,17 +43,17 @@ def main():
             dcfg = kd if method == "kd" else None
             recs = []
             for seed in args.seeds:
-                run = dataclasses.replace(cfg, softmax=spec, seed=seed)
+                run = dataclasses.replace(cfg, approx=cfg.approx.replace(softmax=spec), seed=seed)
                 rec = run_or_reuse(run, dcfg, args.teacher, args.results_dir, args.reuse) if args.train else find_record(run, dcfg, args.results_dir)
                 if rec:
                     recs.append(rec)
             if recs:
-                label = variant_label(dataclasses.replace(cfg, softmax=spec), dcfg)
+                label = variant_label(dataclasses.replace(cfg, approx=cfg.approx.replace(softmax=spec)), dcfg)
                 groups[label], division[label] = recs, spec.kind.input_division
     if not groups:
         print("no runs on record for these variants (run without --no-train)")
         return
-    exact = [r for s in args.seeds if (r := find_record(dataclasses.replace(cfg, softmax=EXACT, seed=s), None, args.results_dir))]
+    exact = [r for s in args.seeds if (r := find_record(dataclasses.replace(cfg, approx=EXACT, seed=s), None, args.results_dir))]
     rows = compare_settings(groups, exact)
     for r in rows:  # by label: a setting with no records has no row
         r["input_division"] = division[r["setting"]]

@@ -1,0 +1,1 @@
+"""Looking inside checkpoints: the ranges an encrypted evaluator must cover, layer probes, the kernel view."""

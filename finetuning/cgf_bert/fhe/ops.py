@@ -1,0 +1,177 @@
+"""Slot operations on ciphertexts or on numpy slot vectors, and the circuit building blocks written on them."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from cgf_bert.fhe.context import FheContext
+
+
+class FheOps:
+    """Slot operations on desilofhe ciphertexts (rescaling and level alignment are automatic)."""
+
+    def __init__(self, ctx: FheContext):
+        self.ctx, self.e, self.rlk = ctx, ctx.engine, ctx.relin_key
+
+    def level(self, x) -> int:
+        return int(x.level)
+
+    def mul_plain(self, x, v: np.ndarray):  # one level
+        return self.e.multiply(x, np.ascontiguousarray(v, dtype=np.float64))
+
+    def add_plain(self, x, v: np.ndarray):
+        return self.e.add(x, np.ascontiguousarray(v, dtype=np.float64))
+
+    def add_const(self, x, c: float):
+        return self.e.add(x, float(c))
+
+    def mul(self, x, y):  # one level
+        return self.e.multiply(x, y, self.rlk)
+
+    def square(self, x):  # one level
+        return self.e.square(x, self.rlk)
+
+    def add(self, x, y):
+        return self.e.add(x, y)
+
+    def sub(self, x, y):
+        return self.e.subtract(x, y)
+
+    def neg(self, x):
+        return self.e.negate(x)
+
+    def rotate(self, x, k: int):
+        """Left rotation: slot ``s`` receives slot ``s + k``."""
+        return x if k == 0 else self.e.rotate(x, self.ctx.rotation_key(k, x.level))
+
+    def cheb_basis(self, t, degree: int) -> list:
+        """``[T_1(t), ..., T_d(t)]``; ``T_i`` costs ``ceil(log2 i)`` levels (desilofhe's own basis)."""
+        # A product with a plaintext array leaves the ciphertext in NTT form, which the basis
+        # refuses; intt converts it (and leaves a coefficient-form ciphertext as it is).
+        return list(self.e.make_chebyshev_basis(self.e.intt(t), degree, self.rlk))
+
+
+class NumpyOps:
+    """The same operations on plain (slots,) float64 vectors: a slot-exact simulation."""
+
+    def level(self, x):
+        return None
+
+    def mul_plain(self, x, v):
+        return x * v
+
+    def add_plain(self, x, v):
+        return x + v
+
+    def add_const(self, x, c):
+        return x + c
+
+    def mul(self, x, y):
+        return x * y
+
+    def square(self, x):
+        return x * x
+
+    def add(self, x, y):
+        return x + y
+
+    def sub(self, x, y):
+        return x - y
+
+    def neg(self, x):
+        return -x
+
+    def rotate(self, x, k):
+        return np.roll(x, -k)  # left rotation, as desilofhe's rotate
+
+    def cheb_basis(self, t, degree):
+        return list(np.polynomial.chebyshev.chebvander(t, degree).T[1:])  # (d, slots)
+
+
+def rotsum(ops, x, width: int):
+    """``log2 W`` left rotate-and-add steps: slot ``r*W`` ends with row r's total (others: garbage)."""
+    step = 1
+    while step < width:
+        x = ops.add(x, ops.rotate(x, step))
+        step *= 2
+    return x
+
+
+def broadcast(ops, x, width: int):
+    """Copy slot ``r*W`` over the row's W slots (right rotations); other slots must be 0."""
+    step = 1
+    while step < width:
+        x = ops.add(x, ops.rotate(x, -step))
+        step *= 2
+    return x
+
+
+def row_total(ops, x, first_weighted: np.ndarray, width: int):
+    """Each row's total times ``first_weighted[r*W]``, in all the row's slots. One level."""
+    return broadcast(ops, ops.mul_plain(rotsum(ops, x, width), first_weighted), width)
+
+
+def chebyshev_series(ops, t, coeffs: Sequence[float], weight: np.ndarray):
+    """``weight * sum_i c_i T_i(t)``: the basis, then one plaintext product per term.
+
+    ``weight`` (slots,) is folded into the coefficients (a plaintext product is needed for
+    them anyway), so a per-slot factor costs no level. Depth ``ceil(log2 d) + 1``.
+    """
+    basis = ops.cheb_basis(t, len(coeffs) - 1)
+    acc = None
+    for c, ti in zip(coeffs[1:], basis):
+        if c != 0.0:
+            term = ops.mul_plain(ti, c * weight)
+            acc = term if acc is None else ops.add(acc, term)
+    return ops.add_plain(acc, coeffs[0] * weight)
+
+
+def repeated_squaring(ops, x, times: int):
+    for _ in range(times):
+        x = ops.square(x)
+    return x
+
+
+def baby_step(width: int, dim: int) -> int:
+    """The power-of-two baby step with the fewest rotations for diagonals ``-(D-1)..W-1``."""
+    def cost(b):
+        return b - 1 + (width - 1) // b - (-(dim - 1) // b)  # babies + giants other than 0
+    return min((2**i for i in range(int(math.log2(width)) + 1)), key=cost)
+
+
+def pv_diagonals(values: np.ndarray, baby: int) -> dict[int, list[tuple[int, np.ndarray]]]:
+    """Plaintexts of P @ V, grouped by giant step: ``{g*B: [(b, rot_{-gB}(M_{gB+b})), ...]}``.
+
+    ``values`` is (R, W, D); ``M_j[r*W + i] = V_r[i + j, i]`` where ``0 <= i + j < W``, ``i < D``.
+    """
+    rows, width, dim = values.shape
+    plan: dict[int, list[tuple[int, np.ndarray]]] = {}
+    for j in range(-(dim - 1), width):
+        i = np.arange(max(0, -j), min(dim, width - j))
+        diag = np.zeros((rows, width))
+        diag[:, i] = values[:, i + j, i]
+        if not diag.any():
+            continue
+        g, b = divmod(j, baby)  # j = g*B + b, 0 <= b < B
+        plan.setdefault(g * baby, []).append((b, np.roll(diag.ravel(), g * baby)))
+    return plan
+
+
+def times_values(ops, p, values: np.ndarray):
+    """P @ V by diagonals, baby-step giant-step; output in slots ``r*W + i``, ``i < D``. One level."""
+    plan = pv_diagonals(values, baby_step(values.shape[1], values.shape[2]))
+    babies = {b: ops.rotate(p, b) for b in sorted({b for terms in plan.values() for b, _ in terms})}
+    out = None
+    for shift, terms in plan.items():
+        inner = None
+        for b, diag in terms:
+            term = ops.mul_plain(babies[b], diag)
+            inner = term if inner is None else ops.add(inner, term)
+        inner = ops.rotate(inner, shift)
+        out = inner if out is None else ops.add(out, inner)
+    return out
+
+

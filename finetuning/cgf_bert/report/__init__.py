@@ -1,0 +1,1 @@
+"""Summary tables, paired statistics and plots, built from the records (never from the training stack)."""

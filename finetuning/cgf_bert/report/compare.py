@@ -1,0 +1,141 @@
+"""Settings compared paired by seed: rows, their markdown tables and plots (experiments' summaries)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from cgf_bert.report.plots import pyplot, save
+from cgf_bert.report.stats import mean_std, paired_diff, t_interval
+
+
+def paired(a: list[dict], b: list[dict]) -> dict[str, Any]:
+    """Per-seed accuracy differences b - a over the seeds both have."""
+    diffs = paired_diff({r["seed"]: r["best"]["accuracy"] for r in b}, {r["seed"]: r["best"]["accuracy"] for r in a})
+    m, sd = mean_std(diffs.values())
+    return {"seeds": list(diffs), "diffs": list(diffs.values()), "mean": m, "std": sd}
+
+
+def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, title: str, hline: float | None = None,
+                           hline_label: str = "exact softmax") -> Path:
+    """PNG of mean dev accuracy vs coefficient with std error bars (one point per coefficient)."""
+    plt = pyplot()
+    cs = sorted(points)
+    stats = [mean_std(points[c]) for c in cs]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(cs, [m * 100 for m, _ in stats], yerr=[s * 100 for _, s in stats], marker="o", capsize=4, label="CGF")
+    if hline is not None:
+        ax.axhline(hline * 100, color="gray", ls="--", label=hline_label)
+    ax.set_xlabel("CGF variance coefficient c")
+    ax.set_ylabel("MRPC dev accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return save(fig, path)
+
+
+def _delta(recs: list[dict], ref: list[dict]) -> dict[str, Any] | None:
+    """Paired accuracy differences ``recs - ref`` (points), their mean, std and 95% interval."""
+    d = paired(ref, recs)
+    if not d["seeds"]:
+        return None
+    ci = t_interval(d["diffs"])
+    return {"seeds": d["seeds"], "diffs": [x * 100 for x in d["diffs"]], "mean": d["mean"] * 100, "std": d["std"] * 100,
+            "ci": [ci[0] * 100, ci[1] * 100] if ci else None}
+
+
+def compare_settings(groups: dict[str, list[dict]], exact: list[dict], base: str | None = None) -> list[dict[str, Any]]:
+    """One row per setting: its seeds and records, dev accuracy (points), the paired difference to
+    the exact fine-tunes of the same seeds and, with ``base``, to that setting."""
+    rows = []
+    for label, recs in groups.items():
+        acc = [r["best"]["accuracy"] * 100 for r in recs]
+        m, sd = mean_std(acc)
+        rows.append({
+            "setting": label, "seeds": [r["seed"] for r in recs], "records": [r["name"] for r in recs],
+            "accuracy": {"per_seed": acc, "mean": m, "std": sd},
+            "vs_exact": _delta(recs, exact),
+            "vs_base": _delta(recs, groups[base]) if base and label != base else None,
+        })
+    return rows
+
+
+def _fmt_delta(d: dict | None) -> str:
+    if not d:
+        return "—"
+    ci = f" [{d['ci'][0]:+.2f}, {d['ci'][1]:+.2f}]" if d["ci"] else ""
+    return f"{d['mean']:+.2f} ± {d['std']:.2f}{ci} ({len(d['seeds'])})"
+
+
+def markdown_rows(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of already formatted cells."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def settings_table(rows: list[dict], base: str | None = None) -> str:
+    """Markdown table of ``compare_settings`` rows. Rows that carry ``input_division``
+    (variant_compare's) get a column for it: what the variant costs under FHE beside what it scores."""
+    division = any("input_division" in r for r in rows)
+    head = ["setting", "seeds", "dev accuracy", "paired Δ vs exact [95% CI] (n)"] + ([f"paired Δ vs {base}"] if base else [])
+    head += ["divides by an input-dependent sum"] if division else []
+    cells = []
+    for r in rows:
+        a = r["accuracy"]
+        row = [r["setting"], " ".join(map(str, r["seeds"])), f"{a['mean']:.2f} ± {a['std']:.2f}", _fmt_delta(r["vs_exact"])]
+        if base:
+            row.append(_fmt_delta(r["vs_base"]))
+        if division:
+            row.append({True: "yes", False: "no (public n only)"}.get(r.get("input_division"), "?"))
+        cells.append(row)
+    return markdown_rows(head, cells)
+
+
+def layer_table(rec: dict) -> str:
+    """Markdown table of a layer_sensitivity record: the swap at eval on the exact checkpoint and
+    the CE runs trained so, per layer, each as a Δ to its all-exact reference (the first row)."""
+    swap, refs = rec["swap"], rec["references"]
+    exact_swap, exact_ce = swap[0]["accuracy"], refs.get("CE fine-tune, all exact")
+    seeds = " ".join(map(str, rec.get("train_seeds", []))) or "(none run)"
+
+    def pts(acc: float | None, ref: float | None) -> str:
+        if acc is None:
+            return "—"
+        return f"{acc * 100:.2f}" + (f" ({(acc - ref) * 100:+.2f})" if ref is not None else "")
+
+    def row(name: str, r: dict, ce: float | None, ref_swap: float | None, ref_ce: float | None) -> list[str]:
+        return [name, pts(r["accuracy"], ref_swap), f"{r['agreement'] * 100:.1f} %", pts(ce, ref_ce)]
+
+    def trained(i: int) -> float | None:
+        accs = rec.get("trained", {}).get(str(i), {}).get("accuracy", [])
+        return mean_std(accs)[0] if accs else None
+
+    head = ["CGF in", "swap at eval (Δ to all exact)", "agreement with exact", f"trained with CE, seeds {seeds} (Δ to all exact)"]
+    rows = [row("no layer (all exact)", swap[0], exact_ce, None, None)]
+    rows += [row(f"layer {i}", r, trained(i), exact_swap, exact_ce) for i, r in enumerate(swap[1:-1])]
+    rows += [row("every layer", swap[-1], refs.get("CE fine-tune, all CGF"), exact_swap, exact_ce)]
+    return markdown_rows(head, rows)
+
+
+def plot_settings(rows: list[dict], path: str | Path, title: str) -> Path:
+    """Each setting's per-seed paired difference to exact (dots) and their mean (bar)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
+    for i, r in enumerate(rows):
+        d = r["vs_exact"]
+        if not d:
+            continue
+        ax.scatter([i] * len(d["diffs"]), d["diffs"], color="tab:blue", alpha=0.6, zorder=3)
+        ax.hlines(d["mean"], i - 0.3, i + 0.3, color="tab:red", lw=2, zorder=4)
+        for s, y in zip(d["seeds"], d["diffs"]):
+            ax.annotate(str(s), (i, y), xytext=(4, 0), textcoords="offset points", fontsize=7, va="center")
+    ax.axhline(0, color="gray", ls="--", lw=1, label="exact fine-tune, same seed")
+    ax.set_xticks(range(len(rows)), [r["setting"] for r in rows], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("dev accuracy − exact, same seed (points)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return save(fig, path)
+
+

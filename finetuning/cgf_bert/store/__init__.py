@@ -1,0 +1,1 @@
+"""What a run leaves behind: atomic writes, checkpoints, run records, provenance, names."""
