@@ -3,7 +3,7 @@ difference z1 - z0 w.r.t. the trainable parameters (embeddings frozen) at each c
 weights, on k-shot MRPC train subsets (k small and large per class, seeded, the small subset
 nested in the large one) against dev: SGD and SignGD kernels, three kernel solvers, and a real
 fine-tune on the same subset beside them; between the first two checkpoints, the CKA of their
-kernels. After Malladi et al. (2023); see cgf_bert/kernel.py for the definitions and the
+kernels. After Malladi et al. (2023); see cgf_bert/analysis/kernel.py for the definitions and the
 chunking. One JSON record, a PNG and the kernel blocks (.npz, float32) in results/probes/.
 
     cd finetuning

@@ -2,7 +2,7 @@
 feed-forward) of each checkpoint: a ridge linear map fitted on MRPC train tokens and its relative
 residual on dev tokens, and dev accuracy with the block replaced by its map, the layer removed,
 adjacent layers swapped and the layers shuffled (no training). After "Of Non-Linearity and
-Commutativity in BERT" (Zhao et al., 2021); see cgf_bert/probes.py for the definitions.
+Commutativity in BERT" (Zhao et al., 2021); see cgf_bert/analysis/probes.py for the definitions.
 One JSON record and two PNGs (all checkpoints side by side) in results/probes/.
 
     cd finetuning

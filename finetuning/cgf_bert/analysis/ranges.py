@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from cgf_bert import CgfBertError
 from cgf_bert.approx.softmax import VARIANCE_COEFF, centred
+from cgf_bert.approx.spec import Spec
 from cgf_bert.data.loader import to_device
 from cgf_bert.model.attention import Tap, self_attentions, tapped
 from cgf_bert.model.bert import BertMRPC
@@ -158,10 +159,25 @@ def _per_head(chunks: list[torch.Tensor], intervals=()) -> tuple[dict, list[dict
     return _distribution(v.reshape(-1), intervals), heads  # then all of them, reordered in place too
 
 
-def _pooled(chunks: list[torch.Tensor]) -> dict:
+def _pooled(chunks: list[torch.Tensor], interval: tuple[float, float, str] | None = None) -> dict:
+    """Summary of the chunks' values; with ``(lo, hi, source)``, the share outside that interval too."""
     v = torch.cat(chunks).numpy()  # (N,)
     chunks.clear()
-    return summarise(v)
+    out = {"outside": {**outside(v, interval[0], interval[1]), "interval_from": interval[2]}} if interval else {}
+    return summarise(v) | out
+
+
+# The polynomial kind whose default interval an exact op's inputs are compared with.
+FIT_OF = {"gelu": "gelu_poly", "layernorm": "ln_poly", "pooler": "tanh_poly"}
+
+
+def op_interval(spec: Spec) -> tuple[float, float, str]:
+    """The interval a layer's op covers: its own polynomial's (a kind that declares one), else the
+    default of the op's polynomial kind (what a swap to it would have to cover)."""
+    if spec.kind.interval is not None:
+        return (*spec.kind.interval(spec.values), spec.label())
+    fit = Spec.make(spec.op, FIT_OF[spec.op])
+    return (*fit.kind.interval(fit.values), f"default {fit.label()}")
 
 
 # ---------------------------------------------------------------- one pass over the data
@@ -190,6 +206,8 @@ class _Pass:
         self.teacher: tuple[torch.Tensor, ...] | None = None  # the teacher's (B, H, T, T) probs per layer, this batch
         self.args, self.row_sums, self.kl = ([[] for _ in range(n)] for _ in range(3))  # chunks (H, n_b)
         self.gelu, self.ln_attention, self.ln_output, self.norms = ([[] for _ in range(n)] for _ in range(4))  # chunks (n_b,)
+        self.pooler: list[torch.Tensor] = []  # chunks (B * hidden,): the pooler's tanh inputs
+        self.approx = None  # the model's Approximations: the intervals its polynomial ops cover
         self.ranges: list[list[tuple[float, float]]] = [[] for _ in range(n)]  # per batch (min, max) of the attention output
         self.floored = [0] * n  # student probabilities the KL took as FLOOR (valid rows and keys)
 
@@ -214,8 +232,10 @@ class _Pass:
 
     @contextmanager
     def hooks(self, bert) -> Any:
-        """Forward hooks on each layer's GELU input and LayerNorm inputs, removed on exit."""
+        """Forward hooks on each layer's GELU input and LayerNorm inputs and on the pooler's tanh input, removed on exit."""
         handles = []
+        if bert.pooler is not None:
+            handles.append(bert.pooler.dense.register_forward_hook(self._pooler))
         for i, layer in enumerate(bert.encoder.layer):
             handles.append(layer.intermediate.dense.register_forward_hook(partial(self._gelu, i)))
             handles.append(layer.attention.output.LayerNorm.register_forward_pre_hook(partial(self._ln, self.ln_attention[i])))
@@ -226,12 +246,21 @@ class _Pass:
             for h in handles:
                 h.remove()
 
+    def _pooler(self, module, inputs, output):
+        self.pooler.append(output.float().flatten().cpu())  # (B * hidden,) the dense output tanh receives
+
     def _gelu(self, i, module, inputs, output):
         self.gelu[i].append(output[self.tokens].float().flatten().cpu())  # (r * intermediate,)
 
     def _ln(self, chunks, module, inputs):
         h = inputs[0].float()  # (B, T, hidden): the residual sum LayerNorm normalises
         chunks.append(h.var(-1, unbiased=False)[self.tokens].cpu())  # (r,) population variance, as LayerNorm divides by
+
+    def _interval(self, op_name: str, i: int | None = None) -> tuple[float, float, str] | None:
+        if self.approx is None:
+            return None
+        spec = self.approx.specs()[op_name]
+        return op_interval(spec if i is None else spec.for_layer(i))
 
     def layers(self, intervals) -> list[dict[str, Any]]:
         """Each layer's summaries (the collected values are freed as they are read)."""
@@ -243,8 +272,9 @@ class _Pass:
         lo, hi = zip(*self.ranges[i])
         out = {
             "layer": i, "coeff": self.coeffs[i], "exp_arg": args, "exp_arg_heads": args_heads,
-            "row_sum": sums, "row_sum_heads": sums_heads, "gelu_input": _pooled(self.gelu[i]),
-            "ln_var_attention": _pooled(self.ln_attention[i]), "ln_var_output": _pooled(self.ln_output[i]),
+            "row_sum": sums, "row_sum_heads": sums_heads, "gelu_input": _pooled(self.gelu[i], self._interval("gelu", i)),
+            "ln_var_attention": _pooled(self.ln_attention[i], self._interval("layernorm", i)),
+            "ln_var_output": _pooled(self.ln_output[i], self._interval("layernorm", i)),
             "attention_output": {"min": min(lo), "max": max(hi), "norm": _pooled(self.norms[i])},
         }
         if self.kl[i]:
@@ -285,6 +315,7 @@ def analyse(
     intervals = [(float(lo), float(hi)) for lo, hi in intervals]
     specs = [m.softmax_spec for m in self_attentions(model.bert)]
     acc = _Pass([float(s.values.get("coeff", coeff)) for s in specs])
+    acc.approx = model.approx
     examples = tokens = 0
     with tapped(model.bert, {i: acc.tap(i) for i in range(len(specs))}), acc.hooks(model.bert):
         for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
@@ -294,8 +325,10 @@ def analyse(
             model(**batch)
             examples, tokens = examples + len(acc.tokens), tokens + int(acc.tokens.sum())
     layers = [{"softmax": s.label(), **layer} for s, layer in zip(specs, acc.layers(intervals))]
-    return {"softmax": model.softmax.to_json(), "label": model.softmax.label(), "coeff": coeff,
-            "intervals": [list(iv) for iv in intervals], "examples": examples, "tokens": tokens, "layers": layers}
+    pooler = _pooled(acc.pooler, acc._interval("pooler")) if acc.pooler else None
+    return {"softmax": model.softmax.to_json(), "approx": model.approx.to_json(), "label": model.approx.label(), "coeff": coeff,
+            "intervals": [list(iv) for iv in intervals], "examples": examples, "tokens": tokens, "layers": layers,
+            "pooler_input": pooler}
 
 
 @torch.no_grad()

@@ -112,8 +112,10 @@ def centred(s: torch.Tensor, mask: torch.Tensor | None):
         x = s - s.mean(dim=-1, keepdim=True)
     else:
         n = mask.sum(dim=-1, keepdim=True)  # (B, 1, Q, 1) public lengths
-        # Zero masked scores before any exp so a huge masked score can't give inf * 0 = nan.
-        x = (s - (s * mask).sum(dim=-1, keepdim=True) / n) * mask
+        # Zero masked scores before any exp: selected, not multiplied by the mask, so that neither a
+        # huge masked score nor a row total that overflows float32 gives inf * 0 = nan (finite
+        # values are the same either way).
+        x = torch.where(mask.bool(), s - (s * mask).sum(dim=-1, keepdim=True) / n, 0.0)
     var = torch.linalg.vecdot(x, x).unsqueeze(-1) / n  # (B, H, Q, 1)
     return x, var, n
 
@@ -203,7 +205,7 @@ CGF_STATS_DEPTH = 3
     slug=lambda p: f"cgfpoly{p['coeff']:g}-d{p['degree']}-{p['exp_lo']:g}_{p['exp_hi']:g}-k{p['squarings']}",
     # the polynomial has mask/n folded into its coefficients (no level); P @ V is the attention's, not the softmax's
     float32_scores=True, input_division=False, depth=lambda p: CGF_STATS_DEPTH + _poly(p).depth, check=_poly,
-    counts_outside=True,
+    counts_outside=True, interval=lambda p: (p["exp_lo"], p["exp_hi"]),
 )
 def cgf_poly_softmax(scores, valid, coeff=VARIANCE_COEFF, degree=8, exp_lo=-256.0, exp_hi=16.0, squarings=8, counter=None) -> torch.Tensor:
     """CGF with exp replaced by the polynomial a CKKS evaluator runs (Chebyshev fit + squarings).
@@ -257,7 +259,7 @@ def _exact_poly(s: torch.Tensor, mask: torch.Tensor | None, poly: PolyExp, bound
     # centring 3 (as CGF's statistics), the polynomial, the linear guess and e0 2, one per
     # Goldschmidt step, and the product with exp 1 (fhe.circuits.ExactCircuit)
     float32_scores=True, depth=lambda p: CGF_STATS_DEPTH + _poly(p).depth + 2 + _exact_poly_iters(p) + 1,
-    check=_exact_poly_check, counts_outside=True,
+    check=_exact_poly_check, counts_outside=True, interval=lambda p: (p["exp_lo"], p["exp_hi"]),
 )
 def exact_poly_softmax(scores, valid, degree=8, exp_lo=-32.0, exp_hi=32.0, squarings=5, sum_lo=32.0, sum_hi=65536.0,
                        tol=1e-4, counter=None) -> torch.Tensor:

@@ -40,6 +40,9 @@ class OpKind:
     # The polynomial form a CKKS evaluator runs, given an exp polynomial: (params, PolyExp) -> Spec
     # (CGF -> cgf_poly); None where the kind is polynomial already or has none.
     polynomial: Callable[[dict, Any], "Spec"] | None = None
+    # The input interval a polynomial kind is fitted on (params -> (lo, hi)): what range analyses
+    # compare the measured inputs with. None where the kind is exact on every input.
+    interval: Callable[[dict], tuple[float, float]] | None = None
     doc: str = ""
 
 

@@ -43,15 +43,16 @@ class ApproxLayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` whose forward is its spec's (set by ``apply``; the weights are the module's own)."""
 
     spec: Spec
+    where: str  # 'attention' or 'output': which of its layer's two LayerNorms
     outside_counter: OutsideCounter | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.spec(x, self.weight, self.bias, self.eps, counter=self.outside_counter)
+        return self.spec(x, self.weight, self.bias, self.eps, self.where, counter=self.outside_counter)
 
 
-def layer_norms(layer: nn.Module) -> tuple[nn.LayerNorm, nn.LayerNorm]:
-    """A BERT layer's LayerNorm after self-attention and after the feed-forward."""
-    return layer.attention.output.LayerNorm, layer.output.LayerNorm
+def layer_norms(layer: nn.Module) -> dict[str, nn.LayerNorm]:
+    """A BERT layer's LayerNorms by where they sit: after self-attention, after the feed-forward."""
+    return {"attention": layer.attention.output.LayerNorm, "output": layer.output.LayerNorm}
 
 
 def _activation(own: nn.Module, spec: Spec) -> nn.Module:
@@ -64,12 +65,12 @@ def _activation(own: nn.Module, spec: Spec) -> nn.Module:
     return act
 
 
-def _layer_norm(ln: nn.LayerNorm, spec: Spec) -> None:
+def _layer_norm(ln: nn.LayerNorm, spec: Spec, where: str) -> None:
     if spec.is_exact:
         ln.__class__ = nn.LayerNorm
         return
     ln.__class__ = ApproxLayerNorm  # same parameters and state dict; only forward differs
-    ln.spec = spec
+    ln.spec, ln.where = spec, where
 
 
 def apply(bert: nn.Module, approx: Approximations) -> None:
@@ -78,8 +79,8 @@ def apply(bert: nn.Module, approx: Approximations) -> None:
     apply_softmax(bert, approx.softmax)
     for layer, gelu, ln in zip(layers, approx.gelu.per_layer(len(layers)), approx.layernorm.per_layer(len(layers))):
         layer.intermediate.intermediate_act_fn = _activation(layer.intermediate.intermediate_act_fn, gelu)
-        for norm in layer_norms(layer):
-            _layer_norm(norm, ln)
+        for where, norm in layer_norms(layer).items():
+            _layer_norm(norm, ln, where)
     if bert.pooler is not None:
         bert.pooler.activation = _activation(bert.pooler.activation, approx.pooler)
 
@@ -88,7 +89,7 @@ def _counted(bert: nn.Module) -> list[nn.Module]:
     """Every module whose spec can count out-of-interval inputs."""
     mods = list(self_attentions(bert))
     for layer in bert.encoder.layer:
-        mods += [layer.intermediate.intermediate_act_fn, *layer_norms(layer)]
+        mods += [layer.intermediate.intermediate_act_fn, *layer_norms(layer).values()]
     if bert.pooler is not None:
         mods.append(bert.pooler.activation)
     return mods

@@ -12,7 +12,7 @@ from cgf_bert.config import PRECISION as FP32
 from cgf_bert.config import TrainConfig
 from cgf_bert.objective import LossTerm, kd_preset
 from cgf_bert.report.compare import markdown_rows
-from cgf_bert.report.stats import fmt_pm, mean_std, paired_diff, t_interval
+from cgf_bert.report.stats import equivalence, fmt_pm, mean_std, paired_diff, t_interval
 from cgf_bert.store.names import Variant
 from cgf_bert.store.records import is_benchmark, train_config
 
@@ -125,13 +125,22 @@ def fmt_interval(diffs: list[float]) -> str:
     return "—" if interval is None else f"[{interval[0] * 100:+.2f}, {interval[1] * 100:+.2f}]"
 
 
+EQUIVALENCE_MARGIN = 1.0  # points of dev accuracy: the match the results claim is tested against it
+
+
+def fmt_equivalence(diffs_points: list[float], margin: float = EQUIVALENCE_MARGIN) -> str:
+    """'yes (p=0.012)', 'no (p=0.31)': both one-sided tests at 5 % reject a gap beyond the margin; '—' below two seeds."""
+    e = equivalence(diffs_points, margin)
+    return "—" if e is None else f"{'yes' if e['equivalent'] else 'no'} (p={e['p']:.2g})"
+
+
 def results_table(records: list[dict]) -> str:
     """Markdown: per variant mean ± std over seeds, and paired difference to exact."""
     groups = reference_groups(records)
     deltas = paired_deltas(groups)
     lines = [
-        "| variant | seeds | dev accuracy | dev F1 | paired Δ acc vs exact (n) | 95% CI of Δ | wall min / run | BERT-base reference acc |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | seeds | dev accuracy | dev F1 | paired Δ acc vs exact (n) | 95% CI of Δ | equivalent within ±1 point? (TOST, 5 %) | wall min / run | BERT-base reference acc |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(groups, key=row_order):
         runs, name = groups[key], key.label()
@@ -141,10 +150,11 @@ def results_table(records: list[dict]) -> str:
         pairs = list(deltas.get(key, {}).values())
         delta = "—" if not pairs else f"{fmt_pm(pairs, digits=2)} ({len(pairs)})"
         ci = fmt_interval(pairs)
+        tost = fmt_equivalence([v * 100 for v in pairs])
         wall = mean_std(run_seconds(r) / 60 for r in runs.values())[0]
         ref = REFERENCE_BERT_BASE.get(key)
         lines.append(
-            f"| {name} | {' '.join(map(str, seeds))} | {fmt_pm(acc)} | {fmt_pm(f1)} | {delta} | {ci} | {wall:.1f} | "
+            f"| {name} | {' '.join(map(str, seeds))} | {fmt_pm(acc)} | {fmt_pm(f1)} | {delta} | {ci} | {tost} | {wall:.1f} | "
             f"{'—' if ref is None else f'{ref * 100:.2f}'} |"
         )
     return "\n".join(lines)
