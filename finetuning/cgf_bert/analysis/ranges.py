@@ -33,10 +33,12 @@ from tqdm.auto import tqdm
 
 from cgf_bert import CgfBertError
 from cgf_bert.approx.softmax import VARIANCE_COEFF, centred
+from cgf_bert.approx.layernorm import WHERE
 from cgf_bert.approx.spec import Spec
 from cgf_bert.data.loader import to_device
 from cgf_bert.model.attention import Tap, self_attentions, tapped
 from cgf_bert.model.bert import BertMRPC
+from cgf_bert.model.replaced import layer_norms
 from cgf_bert.report.plots import pyplot, save
 from cgf_bert.store import records
 
@@ -436,3 +438,42 @@ def plot_maps(teacher: torch.Tensor, student: torch.Tensor, tokens: list[str], p
             ax.set_yticks(range(len(tokens)), tokens, fontsize=4)
     fig.colorbar(im, cax=axes[2], label="attention probability")
     return save(fig, path)
+
+
+# ---------------------------------------------------------------- calibration
+
+
+@torch.no_grad()
+def mean_ln_variances(model: BertMRPC, loader, device: torch.device) -> list[dict[str, float]]:
+    """Per layer, each LayerNorm's input variance (population, as LayerNorm divides by it) averaged
+    over the real tokens of ``loader``: the constants ``ln_affine`` divides by instead."""
+    model.to(device).eval()
+    sums = [{w: 0.0 for w in WHERE} for _ in model.bert.encoder.layer]
+    tokens = {"mask": None, "count": 0}
+
+    def grab(i, where):
+        def hook(module, inputs):
+            var = inputs[0].float().var(-1, unbiased=False)  # (B, T)
+            sums[i][where] += float(var[tokens["mask"]].double().sum())
+        return hook
+
+    handles = [ln.register_forward_pre_hook(grab(i, where))
+               for i, layer in enumerate(model.bert.encoder.layer) for where, ln in layer_norms(layer).items()]
+    try:
+        for batch in tqdm(loader, desc="LayerNorm variances", leave=False, dynamic_ncols=True):
+            batch = to_device(batch, device)
+            tokens["mask"] = batch["attention_mask"].bool()
+            tokens["count"] += int(tokens["mask"].sum())
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [{w: s / tokens["count"] for w, s in layer.items()} for layer in sums]
+
+
+def ln_affine_spec(variances: list[dict[str, float]]) -> Spec:
+    """``ln_affine`` with each layer's own constants (``mean_ln_variances``)."""
+    def one(v: dict[str, float]) -> Spec:
+        return Spec.make("layernorm", "ln_affine", var_attention=v["attention"], var_output=v["output"])
+
+    return Spec.make("layernorm", "ln_affine", layers={i: one(v) for i, v in enumerate(variances)})

@@ -66,3 +66,20 @@ class Approximations:
 
 
 EXACT = Approximations()  # stock BERT: the teacher, and the default
+
+# A BERT layer's linear steps under CKKS, one level each (a product with plaintext weights, then a
+# rescale): the Q/K/V projections, Q K^T (both encrypted), P V, the output projection, and the
+# feed-forward's two dense layers. The affine maps of the polynomials fold into them (no level).
+ATTENTION_LINEAR_DEPTH = 4  # Q/K/V, Q K^T, P V, output projection
+FFN_LINEAR_DEPTH = 2  # the two dense layers
+
+
+def layer_depth(approx: Approximations, i: int) -> dict[str, int | None]:
+    """Layer ``i``'s multiplicative depth from the declared depths: attention (its linear steps and the
+    softmax), each LayerNorm, the feed-forward (its dense layers and the GELU), and the total; None
+    where an op in it is not polynomial (it cannot run under CKKS as it is)."""
+    sm, ln, gelu = (s.for_layer(i).depth for s in (approx.softmax, approx.layernorm, approx.gelu))
+    parts = {"attention": None if sm is None else ATTENTION_LINEAR_DEPTH + sm, "layernorm": ln,
+             "feed_forward": None if gelu is None else FFN_LINEAR_DEPTH + gelu}
+    total = None if None in parts.values() else parts["attention"] + parts["feed_forward"] + 2 * parts["layernorm"]
+    return {**parts, "layer": total}

@@ -217,8 +217,10 @@ def cgf_poly_softmax(scores, valid, coeff=VARIANCE_COEFF, degree=8, exp_lo=-256.
     return _cgf_poly32(scores, valid, float(coeff), poly, counter)
 
 
-def cgf_polynomial(p: dict, poly: PolyExp) -> Spec:
-    """CGF's polynomial form: the same coefficient, exp replaced by ``poly``."""
+def cgf_polynomial(p: dict, poly: PolyExp | None) -> Spec:
+    """CGF's polynomial form: the same coefficient, exp replaced by ``poly`` (None: cgf_poly's default)."""
+    if poly is None:
+        return softmax_spec("cgf_poly", coeff=p["coeff"])
     return softmax_spec("cgf_poly", coeff=p["coeff"], degree=poly.degree, exp_lo=poly.lo, exp_hi=poly.hi, squarings=poly.squarings)
 
 
@@ -272,8 +274,10 @@ def exact_poly_softmax(scores, valid, degree=8, exp_lo=-32.0, exp_hi=32.0, squar
     return _float32(_exact_poly)(scores, valid, _poly(p), (sum_lo, sum_hi), _exact_poly_iters(p), counter)
 
 
-def exact_polynomial(p: dict, poly: PolyExp) -> Spec:
-    """The exact softmax's polynomial form with exp polynomial ``poly`` (the reciprocal's defaults)."""
+def exact_polynomial(p: dict, poly: PolyExp | None) -> Spec:
+    """The exact softmax's polynomial form with exp polynomial ``poly`` (None: exact_poly's default; the reciprocal's defaults)."""
+    if poly is None:
+        return softmax_spec("exact_poly")
     return softmax_spec("exact_poly", degree=poly.degree, exp_lo=poly.lo, exp_hi=poly.hi, squarings=poly.squarings)
 
 

@@ -150,8 +150,9 @@ class Spec:
         extra = {"counter": counter} if self.kind.counts_outside else {}
         return self.kind.fn(*args, **kw, **extra, **self.values)
 
-    def with_polynomial(self, poly) -> "Spec":
-        """The polynomial form of this spec with exp polynomial ``poly`` (every layer), or a clear error."""
+    def with_polynomial(self, poly=None) -> "Spec":
+        """The polynomial form of this spec with exp polynomial ``poly`` (every layer; None: the
+        polynomial kind's default), or a clear error."""
         def one(s: Spec) -> Spec:
             if s.kind.polynomial is None:
                 raise CgfBertError(f"{s.op} {s.label()} has no polynomial form to evaluate with an exp polynomial")

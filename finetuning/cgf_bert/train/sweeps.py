@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from cgf_bert.approx.approximations import Approximations, layer_depth
 from cgf_bert.approx.spec import Spec
 from cgf_bert.config import DistillConfig, TrainConfig
 from cgf_bert.data.loader import make_loader
@@ -56,12 +57,14 @@ def run_or_reuse(cfg: TrainConfig, dcfg: DistillConfig | None = None, teacher: s
     return finetune(cfg, results_dir=results_dir)
 
 
-def swap_at_eval(checkpoint: str | Path, specs: list[Spec], cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Score one checkpoint with each spec in turn in place of its own for that op, no training.
+def swap_at_eval(checkpoint: str | Path, specs: list[Spec | Approximations], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Score one checkpoint with each spec in turn in place of its own for that op (or with each
+    ``Approximations`` in place of all of its own), no training.
 
-    Each row has the dev metrics, the share of dev predictions equal to the first spec's
-    (``agreement``), the CKKS depth where the spec declares it, and for a polynomial the inputs
-    that left its interval (counted over valid entries, never clipped).
+    Each row has the dev metrics, the share of dev predictions equal to the first row's
+    (``agreement``), the CKKS depth where the spec declares it, the deepest encoder layer's depth
+    (``layer_depth``: None while an op is not polynomial), and for a polynomial the inputs that
+    left its interval (counted over valid entries, never clipped).
     """
     device = resolve_device(cfg.device)
     model, meta = load_model(checkpoint)  # loaded once; only the swapped op changes between rows
@@ -70,14 +73,19 @@ def swap_at_eval(checkpoint: str | Path, specs: list[Spec], cfg: TrainConfig) ->
     tokenizer, data = prepare_data(meta["model"], cfg.data_dir, cfg.max_length)
     loader = make_loader(data["validation"], tokenizer, cfg.eval_batch_size)
     rows, first = [], None
+    layers = model.bert.config.num_hidden_layers
     for spec in specs:
-        model.set_approx(own.replace(**{spec.op: spec}))
+        applied = spec if isinstance(spec, Approximations) else own.replace(**{spec.op: spec})
+        model.set_approx(applied)
         with counting(model.bert) as counter:
             logits, labels = predict(model, loader, device)
         preds = logits.argmax(-1)
         first = preds if first is None else first
-        row = {spec.op: spec.to_json(), "label": spec.label(), **logit_metrics(logits, labels),
-               "agreement": float((preds == first).mean()), "depth": spec.depth}
+        depths = [layer_depth(applied, i)["layer"] for i in range(layers)]
+        row = {("approx" if isinstance(spec, Approximations) else spec.op): spec.to_json(), "label": spec.label(),
+               **logit_metrics(logits, labels), "agreement": float((preds == first).mean()),
+               "depth": None if isinstance(spec, Approximations) else spec.depth,
+               "layer_depth": None if None in depths else max(depths)}
         broken = int((~np.isfinite(logits).all(-1)).sum())
         if broken:  # strict JSON has no nan: say what happened instead
             row["loss"] = None

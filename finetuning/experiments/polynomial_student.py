@@ -1,0 +1,100 @@
+"""How much does each polynomial replacement cost a checkpoint, with no training? Swap at eval on MRPC
+dev: the checkpoint's own ops; its softmax in its polynomial form (cgf -> cgf_poly, exact ->
+exact_poly); GELU as gelu_poly and as MPCFormer's quad; LayerNorm as ln_poly and as ln_affine
+(constants calibrated on the teacher's training activations); the pooler's tanh as tanh_poly; and
+every op at once (fully polynomial). Beside each row: dev accuracy, agreement with the
+checkpoint's own predictions, the replaced op's depth and the deepest encoder layer's depth from the
+declared depths (attention + LayerNorm + feed-forward + LayerNorm; '-' while an op is not
+polynomial), and the inputs that left a polynomial's interval. One JSON record and a PNG in
+results/experiments/.
+
+    cd finetuning
+    python -m experiments.polynomial_student ../checkpoints_teacher/teacher.pt
+    python -m experiments.polynomial_student STUDENT.pt --teacher ../checkpoints_teacher/teacher.pt --calibrate-examples 1000
+"""
+
+import time
+from pathlib import Path
+
+from cgf_bert.analysis.ranges import ln_affine_spec, mean_ln_variances
+from cgf_bert.approx.spec import Spec
+from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, number, run_main
+from cgf_bert.config import TEACHER_PATH, TrainConfig
+from cgf_bert.data.loader import make_loader
+from cgf_bert.report.plots import pyplot, save
+from cgf_bert.store.checkpoint import load_model, read_checkpoint
+from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, repo_relative
+from cgf_bert.store.records import save_experiment
+from cgf_bert.train.engine import resolve_device
+from cgf_bert.train.run import prepare_data
+from cgf_bert.train.sweeps import swap_at_eval
+
+
+def settings(own, ln_affine: Spec) -> list:
+    """The rows: the checkpoint's own, each op replaced alone, then all of them (with each LayerNorm kind)."""
+    softmax = own.softmax.with_polynomial()
+    single = [softmax, Spec.make("gelu", "gelu_poly"), Spec.make("gelu", "quad"), Spec.make("layernorm", "ln_poly"),
+              ln_affine, Spec.make("pooler", "tanh_poly")]
+    full = own.replace(softmax=softmax, gelu=Spec.make("gelu", "gelu_poly"), pooler=Spec.make("pooler", "tanh_poly"))
+    return [own, *single, full.replace(layernorm=Spec.make("layernorm", "ln_poly")), full.replace(layernorm=ln_affine)]
+
+
+def plot(results: dict[str, list[dict]], path: str):
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for (name, rows), marker in zip(results.items(), "os^D"):
+        ax.axhline(rows[0]["accuracy"] * 100, color="gray", ls=":", lw=0.8)
+        for r in rows[1:]:
+            x = r["depth"] if r["depth"] is not None else r["layer_depth"]
+            if x is None:
+                continue
+            ax.scatter(x, r["accuracy"] * 100, marker=marker, label=f"{name}: {r['label'][:48]}", zorder=3)
+    ax.set_xlabel("CKKS depth: the replaced op's (one op) or the deepest layer's (every op)")
+    ax.set_ylabel("MRPC dev accuracy (%)")
+    ax.set_title("Polynomial replacements swapped in at eval (dotted: each checkpoint's own ops)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="lower left")
+    return save(fig, path)
+
+
+def main():
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints to score (the teacher, students)")
+    p.add_argument("--teacher", default=TEACHER_PATH, help="exact checkpoint whose training activations calibrate ln_affine (default: %(default)s)")
+    p.add_argument("--calibrate-examples", type=number(int, "calibrate-examples", min=1), default=500,
+                   help="training examples the LayerNorm constants are averaged over (default: %(default)s)")
+    add_config_args(p, TrainConfig, only=("device", "data_dir", "eval_batch_size", "max_length"))
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record and plot go to RESULTS_DIR/experiments/ (default: %(default)s)")
+    args = p.parse_args()
+    cfg = config_from_args(TrainConfig, args)
+    metas = {path: read_checkpoint(path)[1] for path in [args.teacher, *args.checkpoints]}  # every file checked before any work
+    device = resolve_device(cfg.device)
+    teacher, tmeta = load_model(args.teacher)
+    tokenizer, data = prepare_data(tmeta["model"], cfg.data_dir, cfg.max_length, limit=None)
+    train = data["train"].select(range(min(args.calibrate_examples, len(data["train"]))))
+    variances = mean_ln_variances(teacher, make_loader(train, tokenizer, cfg.eval_batch_size), device)
+    ln_affine = ln_affine_spec(variances)
+    results, started = {}, time.time()
+    for path in args.checkpoints:
+        rows = swap_at_eval(path, settings(metas[path]["approx"], ln_affine), cfg)
+        results[Path(path).name] = rows
+        print(f"\n{path} ({rows[0]['label']}): dev accuracy with each replacement swapped in (no training)")
+        print(f"  {'replaced':<72} {'acc':>6} {'Δ acc':>6} {'agree':>6} {'depth':>5} {'layer':>5} {'outside':>9}")
+        for r in rows:
+            o = r.get("out_of_range")
+            outside = f"{o['outside'] / o['entries']:.1e}" if o else "-"
+            dash = lambda v: "-" if v is None else str(v)  # noqa: E731
+            print(f"  {r['label'][:72]:<72} {r['accuracy'] * 100:6.2f} {(r['accuracy'] - rows[0]['accuracy']) * 100:+6.2f} "
+                  f"{r['agreement'] * 100:5.1f}% {dash(r['depth']):>5} {dash(r['layer_depth']):>5} {outside:>9}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    png = plot(results, f"{args.results_dir}/experiments/polynomial_student-{stamp}.png")
+    out = {"command": command_line(), "code_version": code_version(), "teacher": repo_relative(args.teacher),
+           "ln_variances": variances, "calibrate_examples": len(train), "wall_seconds": round(time.time() - started, 1),
+           "checkpoints": {repo_relative(p): {"trained": {k: metas[p].get(k) for k in ("model", "seed", "epoch", "dev", "code_version")},
+                                              "rows": results[Path(p).name]} for p in args.checkpoints},
+           "plot": repo_relative(png)}
+    print(f"plot: {png}\nsaved {save_experiment(f'polynomial_student-{stamp}', out, args.results_dir)}")
+
+
+if __name__ == "__main__":
+    run_main(main)
