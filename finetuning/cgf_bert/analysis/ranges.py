@@ -383,7 +383,24 @@ def format_table(result: dict, interval: int = 0) -> str:
             f"{_g(None if share is None else share * 100) + ' %':>13} {rows:>18} "
             f"{rng['gelu_input']:>17} {rng['ln_var_attention']:>17} {rng['ln_var_output']:>17} {_g(kl, '.3g'):>9}"
         )
+    lines += _outside_lines(result)
     return "\n".join(lines)
+
+
+def _outside_lines(result: dict) -> list[str]:
+    """The GELU, LayerNorm and pooler inputs outside the intervals their (or the default) polynomials cover."""
+    out = []
+    for key, what in (("gelu_input", "GELU inputs"), ("ln_var_attention", "LayerNorm variances after attention"),
+                      ("ln_var_output", "LayerNorm variances after the feed-forward")):
+        shares = [layer[key]["outside"] for layer in result["layers"] if "outside" in layer.get(key, {})]
+        if shares:
+            worst = max(shares, key=lambda s: s["share"] or 0)
+            out.append(f"{what} outside {worst['interval_from']}: at most {_g((worst['share'] or 0) * 100)} % of a layer's")
+    pooler = result.get("pooler_input")
+    if pooler and "outside" in pooler:
+        o = pooler["outside"]
+        out.append(f"pooler tanh inputs {_g(pooler['min'])}..{_g(pooler['max'])}; outside {o['interval_from']}: {_g((o['share'] or 0) * 100)} %")
+    return out
 
 
 # ---------------------------------------------------------------- plots
