@@ -1,15 +1,17 @@
 """One attention layer of a trained checkpoint evaluated under CKKS encryption (desilofhe).
 
 For N real MRPC dev examples (a seeded sample): the layer's scores are computed in plaintext,
-encrypted (many rows per ciphertext), the CGF softmax is evaluated homomorphically (row mean
-and variance by rotations, the polynomial exp, squarings, the public mask and 1/n), multiplied
-by the plaintext V, and decrypted; the decrypted attention output is put back into the
-plaintext model, which finishes the forward pass. Reported: errors against the plaintext CGF
-(real exp) and cgf_poly, depth, ring size, slots, time per ciphertext and per row, and whether
-the predictions equal the plaintext model's on every example. With --teacher, the exact
-softmax (exp without a max, the row sum, a Goldschmidt reciprocal over an assumed bound) runs
-under the same scheme on the teacher's same layer, on the first --exact-examples examples, next
-to CGF on the same examples: the side-by-side of depth, time and error.
+encrypted (many rows per ciphertext), the layer's softmax is evaluated homomorphically in its
+polynomial form with the --poly exp (for CGF: row mean and variance by rotations, the polynomial
+exp, squarings, the public mask and 1/n; ``fhe.circuits`` holds the circuit of each polynomial
+kind), multiplied by the plaintext V, and decrypted; the decrypted attention output is put back
+into the plaintext model, which finishes the forward pass. Reported: errors against the plaintext
+softmax (real exp) and its polynomial form, depth, ring size, slots, time per ciphertext and per
+row, and whether the predictions equal the plaintext model's on every example. With --teacher,
+the teacher's exact softmax in its polynomial form (exp without a max, the row sum, a Goldschmidt
+reciprocal over each assumed --sum-bound) runs under the same scheme on the teacher's same layer,
+on the first --exact-examples examples, next to the student on the same examples: the
+side-by-side of depth, time and error. A checkpoint whose softmax has no circuit is refused.
 
     pip install -e ".[fhe]"      # desilofhe, the optional CKKS library
     cd finetuning
@@ -24,10 +26,11 @@ import torch
 
 from cgf_bert import CgfBertError
 from cgf_bert.approx.polyexp import PolyExp
-from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.approx.spec import Spec
 from cgf_bert.cli import ArgumentParser, Interval, field_type, number, poly_exp, run_main
 from cgf_bert.config import TrainConfig
 from cgf_bert.data.loader import make_loader
+from cgf_bert.fhe.circuits import circuit_for
 from cgf_bert.model.layer_io import capture_blocks, forward_with_layer_output
 from cgf_bert.store.checkpoint import load_model
 from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine, repo_relative
@@ -42,18 +45,26 @@ NON_FINITE_REASONS = {
 }
 
 
-def fhe():
-    """The optional encrypted core (needs desilofhe)."""
+def circuit_of(path: str, spec: Spec, layer: int, poly: PolyExp, **params):
+    """The circuit of checkpoint ``path``'s softmax in ``layer``: its polynomial form with exp ``poly``
+    and ``params`` set (an exact softmax's sum bounds), or one line saying why there is none."""
     try:
-        import desilofhe  # noqa: F401
-    except ImportError:
-        raise CgfBertError('encrypted attention needs desilofhe: pip install -e ".[fhe]" (or pip install desilofhe)') from None
-    from types import SimpleNamespace
+        form = spec.for_layer(layer).with_polynomial(poly)
+        return circuit_for(Spec.make(form.op, form.name, **{**form.values, **params}))
+    except CgfBertError as e:
+        raise CgfBertError(f"{path}: {e}") from None
 
-    from cgf_bert.fhe import attention, circuits, context
 
-    return SimpleNamespace(encrypted_attention=attention.encrypted_attention, CgfCircuit=circuits.CgfCircuit,
-                           ExactCircuit=circuits.ExactCircuit, FheContext=context.FheContext)
+def with_layer(spec: Spec, layer: int, plain: Spec) -> Spec:
+    """``spec`` with layer ``layer`` running ``plain`` instead."""
+    return Spec.make(spec.op, spec.name, layers={**dict(spec.layers), layer: plain}, **spec.values)
+
+
+def context_for(*circuits):
+    """The smallest CKKS context for ``circuits``; a clear error if desilofhe is missing."""
+    from cgf_bert.fhe.context import FheContext  # needs desilofhe
+
+    return FheContext.for_circuits(*circuits)
 
 
 @dataclass
@@ -79,12 +90,16 @@ def width_of(k: int) -> int:
     return max(16, 1 << (k - 1).bit_length())
 
 
-def run_encrypted(core, blocks, circuit, ctx):
+def run_encrypted(blocks, circuit, ctx):
     """Blocks grouped by width (short rows pack more per ciphertext), one report per width."""
+    from cgf_bert.fhe.attention import (
+        encrypted_attention,  # runs on desilofhe ciphertexts
+    )
+
     outs, probs, reports = [None] * len(blocks), [None] * len(blocks), []
     for w in sorted({width_of(s.shape[1]) for s, _, _ in blocks}):
         idx = [i for i, (s, _, _) in enumerate(blocks) if width_of(s.shape[1]) == w]
-        o, p, rep = core.encrypted_attention([blocks[i] for i in idx], circuit, ctx=ctx, width=w)
+        o, p, rep = encrypted_attention([blocks[i] for i in idx], circuit, ctx=ctx, width=w)
         for j, i in enumerate(idx):
             outs[i], probs[i] = o[j], p[j]
         reports.append(rep.as_dict())
@@ -124,16 +139,17 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
     return {"same": int((pa == pb).sum()), "of": len(pa), "max_logit_diff": float((a - b).abs().max())}
 
 
+@torch.no_grad()  # scoped to this call: an in-process caller (a test) keeps its gradients
 def main():
     p = ArgumentParser(description=__doc__)
-    p.add_argument("checkpoint", help="a CGF student checkpoint")
+    p.add_argument("checkpoint", help="a student checkpoint whose softmax has a polynomial form with a circuit (CGF)")
     p.add_argument("--teacher", help="an exact checkpoint: also run the exact softmax under encryption, side by side")
     p.add_argument("--layer", type=number(int, "layer", min=0), default=0, help="the attention layer to encrypt, from 0 (default: %(default)s)")
     p.add_argument("--examples", type=number(int, "examples", min=1), default=64, help="dev examples, a seeded sample (default: %(default)s)")
     p.add_argument("--exact-examples", type=number(int, "exact-examples", min=1), default=4,
                    help="the first K of them for the exact-vs-CGF side-by-side (the exact circuit is slow) (default: %(default)s)")
     p.add_argument("--poly", type=poly_exp, default=PolyExp(8, -32.0, 32.0, 5), metavar="D,LO,HI,K",
-                   help="CGF exp polynomial: degree, interval, squarings (default: 8,-32,32,5)")
+                   help="the student's exp polynomial: degree, interval, squarings (default: 8,-32,32,5)")
     p.add_argument("--exact-poly", type=poly_exp, default=PolyExp(8, -32.0, 32.0, 5), metavar="D,LO,HI,K",
                    help="exp polynomial of the exact circuit, on scores centred by their mean (default: 8,-32,32,5)")
     p.add_argument("--sum-bound", type=number(float, "sum-bound", above=0.0), action=Interval, metavar=("LO", "HI"),
@@ -144,16 +160,14 @@ def main():
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record goes to RESULTS_DIR/fhe/ (default: %(default)s)")
     args = p.parse_args()
     args.sum_bound = args.sum_bound or [(32.0, 65536.0)]
-    core = fhe()
-    torch.set_grad_enabled(False)
     device = resolve_device("cpu")  # the encrypted part is CPU work; the plaintext model is small
     student, meta = load_model(args.checkpoint)
     spec = student.softmax
-    if spec.name != "cgf" or spec.layers:  # TODO circuits bound to entries
-        raise CgfBertError(f"{args.checkpoint} runs {spec.label()}; the encrypted circuit is CGF's (train or swap to plain cgf)")
     if not 0 <= args.layer < student.bert.config.num_hidden_layers:
         raise CgfBertError(f"--layer {args.layer}: the model has layers 0..{student.bert.config.num_hidden_layers - 1}")
-    coeff = spec.values["coeff"]
+    circuit = circuit_of(args.checkpoint, spec, args.layer, args.poly)
+    teacher, exact_circuits = load_teacher(args) if args.teacher else (None, [])  # refused here, before any encryption
+    ctx = context_for(circuit)
     tokenizer, data = prepare_data(meta["model"], args.data_dir, 128)
     set_seed(args.seed)
     dev = data["validation"]
@@ -163,23 +177,20 @@ def main():
               "checkpoint": repo_relative(args.checkpoint), "softmax": spec.to_json(), "layer": args.layer,
               "examples": len(sample), "example_idx": [int(i) for i in sample["idx"]], "seed": args.seed}
 
-    # CGF: the student's layer encrypted; the plaintext references are the student itself (real exp)
-    # and the student with cgf_poly in this layer (the function the circuit computes).
+    # The student's layer encrypted; the plaintext references are the student itself (real exp)
+    # and the student with the circuit's spec in this layer (the function the circuit computes).
     cgf_layer = take_layer(student, batches, args.layer)
-    poly_spec = softmax_spec("cgf", coeff=coeff, layers={args.layer: spec.with_polynomial(args.poly)})
-    poly_logits = torch.cat([student.set_softmax(poly_spec)(**b)["logits"] for b in batches])
+    poly_logits = torch.cat([student.set_softmax(with_layer(spec, args.layer, circuit.spec))(**b)["logits"] for b in batches])
     student.set_softmax(spec)
-    circuit = core.CgfCircuit(args.poly, coeff=coeff)
-    ctx = core.FheContext.for_circuits(circuit)
     start = time.perf_counter()
-    outs, _, reports = run_encrypted(core, cgf_layer.blocks, circuit, ctx)
+    outs, _, reports = run_encrypted(cgf_layer.blocks, circuit, ctx)
     enc_logits = put_back(student, cgf_layer, args.layer, outs)
     record["cgf"] = {"circuit": combine(reports), "per_width": reports, "wall_s": time.perf_counter() - start,
                      "predictions_vs_plaintext_cgf": agreement(enc_logits, cgf_layer.logits),
                      "predictions_vs_plaintext_cgf_poly": agreement(enc_logits, poly_logits)}
 
-    if args.teacher:
-        record["side_by_side"] = side_by_side(core, args, student, cgf_layer, circuit, ctx)
+    if teacher is not None:
+        record["side_by_side"] = side_by_side(args, teacher, exact_circuits, student, cgf_layer, circuit, ctx)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     record, record["non_finite"] = strict_json(record, NON_FINITE_REASONS)
     path = write_json(f"{args.results_dir}/fhe/encrypted_attention-{stamp}.json", record)
@@ -187,12 +198,19 @@ def main():
     print(f"saved {path}")
 
 
-def side_by_side(core, args, student, cgf_layer: Layer, cgf_circuit, cgf_ctx) -> dict:
-    """Exact (teacher) at each assumed row-sum bound and CGF (student) on the same first K examples,
-    each circuit with its own (smallest) context."""
-    teacher, tmeta = load_model(args.teacher)
-    if teacher.softmax.name != "exact" or teacher.softmax.layers:
+def load_teacher(args):
+    """The --teacher model and the circuit of its exact softmax at each --sum-bound; refused unless exact."""
+    teacher, _ = load_model(args.teacher)
+    if not teacher.softmax.is_exact:
         raise CgfBertError(f"--teacher {args.teacher} runs {teacher.softmax.label()}, not the exact softmax")
+    circuits = [circuit_of(args.teacher, teacher.softmax, args.layer, args.exact_poly, sum_lo=lo, sum_hi=hi)
+                for lo, hi in args.sum_bound]
+    return teacher, circuits
+
+
+def side_by_side(args, teacher, exact_circuits, student, cgf_layer: Layer, cgf_circuit, cgf_ctx) -> dict:
+    """Exact (teacher) at each assumed row-sum bound and the student on the same first K examples,
+    each circuit with its own (smallest) context."""
     k = min(args.exact_examples, cgf_layer.logits.shape[0])
     heads = student.bert.config.num_attention_heads
     batches = [{key: v[: k - 16 * i] for key, v in b.items()} for i, b in enumerate(cgf_layer.batches[: (k + 15) // 16])]
@@ -200,12 +218,11 @@ def side_by_side(core, args, student, cgf_layer: Layer, cgf_circuit, cgf_ctx) ->
     sums = np.concatenate([np.exp(s - s.mean(-1, keepdims=True)).sum(-1) for s, _, _ in exact_layer.blocks])
     out = {"examples": k, "teacher": repo_relative(args.teacher),
            "row_sums": {"min": float(sums.min()), "max": float(sums.max()), "rows": int(sums.size)}, "exact": []}
-    for bound in args.sum_bound:
-        exact = core.ExactCircuit(args.exact_poly, sum_bound=tuple(bound))
-        e_outs, _, e_reports = run_encrypted(core, exact_layer.blocks, exact, core.FheContext.for_circuits(exact))
-        out["exact"].append({"sum_bound": list(bound), "circuit": combine(e_reports), "per_width": e_reports,
+    for exact in exact_circuits:
+        e_outs, _, e_reports = run_encrypted(exact_layer.blocks, exact, context_for(exact))
+        out["exact"].append({"sum_bound": list(exact.sum_bound), "circuit": combine(e_reports), "per_width": e_reports,
                              "predictions_vs_plaintext_teacher": agreement(put_back(teacher, exact_layer, args.layer, e_outs), exact_layer.logits)})
-    c_outs, _, c_reports = run_encrypted(core, cgf_layer.blocks[: k * heads], cgf_circuit, cgf_ctx)
+    c_outs, _, c_reports = run_encrypted(cgf_layer.blocks[: k * heads], cgf_circuit, cgf_ctx)
     c_part = Layer(cgf_layer.blocks[: k * heads], cgf_layer.logits[:k], batches)
     out["cgf"] = {"circuit": combine(c_reports), "per_width": c_reports,
                   "predictions_vs_plaintext_cgf": agreement(put_back(student, c_part, args.layer, c_outs), c_part.logits)}
@@ -214,10 +231,10 @@ def side_by_side(core, args, student, cgf_layer: Layer, cgf_circuit, cgf_ctx) ->
 
 def report(rec: dict) -> None:
     print(f"\nlayer {rec['layer']}, {rec['examples']} dev examples, {rec['checkpoint']} ({rec['softmax']})")
-    parts = [("CGF (all examples)", rec["cgf"])]
+    parts = [("student (all examples)", rec["cgf"])]
     if "side_by_side" in rec:
         side = rec["side_by_side"]
-        parts.append((f"CGF (first {side['examples']})", side["cgf"]))
+        parts.append((f"student (first {side['examples']})", side["cgf"]))
         parts += [(f"exact, sums in {e['sum_bound']} (first {side['examples']})", e) for e in side["exact"]]
         print(f"  teacher row sums of exp(s - mean) on those examples: {side['row_sums']['min']:.3g} .. {side['row_sums']['max']:.3g}")
     for name, part in parts:

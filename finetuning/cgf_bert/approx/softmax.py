@@ -232,6 +232,7 @@ EXACT_POLY_PARAMS = (
     Param("sum_lo", float, 32.0, "assumed lower bound of a row's sum of exp(s - mean) (the reciprocal's interval)", above=0.0),
     Param("sum_hi", float, 65536.0, "assumed upper bound of a row's sum of exp(s - mean)", above=0.0),
     Param("tol", float, 1e-4, "relative error of the reciprocal inside the bound (fixes the Goldschmidt steps)", above=0.0, max=0.5),
+    Param("iters", int, 0, "Goldschmidt steps: 0 = the fewest that reach tol inside the bound, else exactly that many", min=0, max=64),
 )
 
 
@@ -241,8 +242,25 @@ def _exact_poly_check(p: dict) -> None:
         raise CgfBertError(f"exact_poly needs sum_lo < sum_hi, got {p['sum_lo']:g} and {p['sum_hi']:g}")
 
 
-def _exact_poly_iters(p: dict) -> int:
-    return goldschmidt_iters((p["sum_lo"], p["sum_hi"]), p["tol"])
+def exact_poly_iters(p: dict) -> int:
+    """The Goldschmidt steps an exact_poly spec's reciprocal runs: ``iters``, or (0) the fewest that reach ``tol``."""
+    return p["iters"] or goldschmidt_iters((p["sum_lo"], p["sum_hi"]), p["tol"])
+
+
+def _reciprocal_depth(iters: int) -> int:
+    """Levels of the reciprocal as ``fhe.circuits.ExactCircuit`` runs it: the linear guess 1; with
+    steps, ``e0 = 1 - alpha S' + beta S'^2`` 2 (a square of a plaintext product), then one per step."""
+    return 2 + iters if iters else 1
+
+
+def _exact_poly_depth(p: dict) -> int:
+    """Centring 3 (as CGF's statistics), the polynomial, the reciprocal, and the product with exp 1."""
+    return CGF_STATS_DEPTH + _poly(p).depth + _reciprocal_depth(exact_poly_iters(p)) + 1
+
+
+def _exact_poly_tag(p: dict, sep: str) -> str:
+    """' it=4' / '-it4' in a label / slug when the steps are fixed, '' when ``tol`` picks them."""
+    return f"{sep}{p['iters']}" if p["iters"] else ""
 
 
 def _exact_poly(s: torch.Tensor, mask: torch.Tensor | None, poly: PolyExp, bound: tuple[float, float], iters: int, counter) -> torch.Tensor:
@@ -256,22 +274,21 @@ def _exact_poly(s: torch.Tensor, mask: torch.Tensor | None, poly: PolyExp, bound
 @SOFTMAX.register(
     "exact_poly", EXACT_POLY_PARAMS,
     label=lambda p: f"exact_poly d={p['degree']} [{p['exp_lo']:g},{p['exp_hi']:g}] k={p['squarings']} "
-                    f"sum [{p['sum_lo']:g},{p['sum_hi']:g}]",
-    slug=lambda p: f"exactpoly-d{p['degree']}-{p['exp_lo']:g}_{p['exp_hi']:g}-k{p['squarings']}-s{p['sum_lo']:g}_{p['sum_hi']:g}",
-    # centring 3 (as CGF's statistics), the polynomial, the linear guess and e0 2, one per
-    # Goldschmidt step, and the product with exp 1 (fhe.circuits.ExactCircuit)
-    float32_scores=True, depth=lambda p: CGF_STATS_DEPTH + _poly(p).depth + 2 + _exact_poly_iters(p) + 1,
-    check=_exact_poly_check, counts_outside=True, interval=lambda p: (p["exp_lo"], p["exp_hi"]),
+                    f"sum [{p['sum_lo']:g},{p['sum_hi']:g}]{_exact_poly_tag(p, ' it=')}",
+    slug=lambda p: f"exactpoly-d{p['degree']}-{p['exp_lo']:g}_{p['exp_hi']:g}-k{p['squarings']}-s{p['sum_lo']:g}_{p['sum_hi']:g}"
+                   f"{_exact_poly_tag(p, '-it')}",
+    float32_scores=True, depth=_exact_poly_depth, check=_exact_poly_check, counts_outside=True,
+    interval=lambda p: (p["exp_lo"], p["exp_hi"]),
 )
 def exact_poly_softmax(scores, valid, degree=8, exp_lo=-32.0, exp_hi=32.0, squarings=5, sum_lo=32.0, sum_hi=65536.0,
-                       tol=1e-4, counter=None) -> torch.Tensor:
+                       tol=1e-4, iters=0, counter=None) -> torch.Tensor:
     """The exact softmax as a CKKS evaluator runs it: polynomial exp of the mean-centred scores, row sum, Goldschmidt reciprocal.
 
     Rows whose sum leaves [sum_lo, sum_hi] get a wrong reciprocal (``reciprocal.goldschmidt``);
     centred scores outside [exp_lo, exp_hi] are counted into ``counter``, never clipped.
     """
-    p = dict(degree=degree, exp_lo=exp_lo, exp_hi=exp_hi, squarings=squarings, sum_lo=sum_lo, sum_hi=sum_hi, tol=tol)
-    return _float32(_exact_poly)(scores, valid, _poly(p), (sum_lo, sum_hi), _exact_poly_iters(p), counter)
+    p = dict(degree=degree, exp_lo=exp_lo, exp_hi=exp_hi, squarings=squarings, sum_lo=sum_lo, sum_hi=sum_hi, tol=tol, iters=iters)
+    return _float32(_exact_poly)(scores, valid, _poly(p), (sum_lo, sum_hi), exact_poly_iters(p), counter)
 
 
 def exact_polynomial(p: dict, poly: PolyExp | None) -> Spec:

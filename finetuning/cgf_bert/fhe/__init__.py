@@ -1,14 +1,18 @@
 """Encrypted (CKKS, ``desilofhe``) evaluation: context, slot operations, packing, circuits, references.
 
-The circuits of one attention layer's softmax and its product with V:
+The circuits of one attention layer's softmax and its product with V. A circuit evaluates a
+softmax kind of the registry (``approx.softmax``) and is built from its spec by
+``circuits.circuit_for(spec)``; its depth is the kind's declaration (``spec.depth``), and each has
+a float64 plaintext reference that computes the same function as the kind's torch softmax:
 
-Two circuits, each with a float64 plaintext reference that computes the same function:
+* ``cgf_poly`` (``CgfCircuit``): the CGF softmax ``exp(s - mu - c*var) * mask / n`` with the
+  polynomial exp of ``polyexp.PolyExp`` (the Chebyshev coefficients of the plaintext softmax),
+  so decrypt(encrypted) matches the torch ``cgf_poly`` to CKKS precision.
+* ``exact_poly`` (``ExactCircuit``): standard softmax without a max: centre by the row mean,
+  polynomial exp, row sum, reciprocal by Goldschmidt iterations on an assumed sum bound, times exp.
 
-* ``CgfCircuit``: the CGF softmax ``exp(s - mu - c*var) * mask / n`` with the polynomial exp of
-  ``polyexp.PolyExp`` (same Chebyshev coefficients as the plaintext ``cgf_poly`` softmax), so
-  decrypt(encrypted) matches the torch ``PolyExp`` to CKKS precision.
-* ``ExactCircuit``: standard softmax without a max: centre by the row mean, polynomial exp,
-  row sum, reciprocal by Goldschmidt iterations on an assumed sum bound, times exp.
+A trained ``cgf`` or ``exact`` softmax reaches its circuit through its polynomial form:
+``circuit_for(spec.with_polynomial(poly))``.
 
 Layout. A row of scores is padded to a power-of-two width ``W`` (>= its number of keys); a
 ciphertext holds ``slots / W`` rows, row ``r`` in slots ``[r*W, (r+1)*W)``. Key masks, ``1/n``
@@ -25,16 +29,18 @@ The output lands in slots ``r*W + i``, ``i < D``. (An encrypted V would use the 
 as ciphertexts: ciphertext products instead of plaintext ones, at the same depth.)
 
 Every circuit is written once against a small set of slot operations, run either on
-ciphertexts (``FheOps``) or on plain numpy slot vectors (``NumpyOps``, rotate = ``np.roll``),
-so the packing and the rotations are testable without encryption.
+ciphertexts (``FheOps``) or on numpy slot vectors that count levels as CKKS consumes them
+(``LevelledNumpyOps``, rotate = ``np.roll``), so the packing, the rotations and the depth are
+testable without encryption.
 
-Depth (levels, no bootstrapping): ``CgfCircuit(PolyExp(8, -32, 32, 5))`` 13, so a ring of 2^15
-(16384 slots, 128 rows of W=128 per ciphertext); ``ExactCircuit`` with the same polynomial and
-a row-sum bound (32, 65536) at relative error 1e-4 (12 Goldschmidt steps) 28, a ring of 2^16.
+Depth (levels, no bootstrapping; the softmax's declared depth plus ``PV_DEPTH`` = 1 for P @ V):
+``cgf_poly`` with ``PolyExp(8, -32, 32, 5)`` 12 + 1, so a ring of 2^15 (16384 slots, 128 rows of
+W=128 per ciphertext); ``exact_poly`` with the same polynomial and a row-sum bound (32, 65536) at
+relative error 1e-4 (12 Goldschmidt steps) 27 + 1, a ring of 2^16.
 
 Usage::
 
-    circuit = CgfCircuit(PolyExp(8, -32, 32, 5), coeff=0.5)
+    circuit = circuit_for(softmax_spec("cgf", coeff=0.5).with_polynomial(PolyExp(8, -32, 32, 5)))
     ctx = FheContext.for_circuits(circuit)  # keys once; reuse it for every layer
     outs, probs, report = encrypted_attention(blocks, circuit, ctx=ctx, width=128)
     print(report.summary())  # levels, times, errors vs cgf_poly / cgf / exact

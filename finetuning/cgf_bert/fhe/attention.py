@@ -11,18 +11,37 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from cgf_bert import CgfBertError
-from cgf_bert.fhe.circuits import CgfCircuit
 from cgf_bert.fhe.context import FheContext
-from cgf_bert.fhe.ops import FheOps, NumpyOps, times_values
-from cgf_bert.fhe.packing import Block, PackedCt, pack, plan_packing, unpack
+from cgf_bert.fhe.ops import PV_DEPTH, FheOps, LevelledNumpyOps, times_values
+from cgf_bert.fhe.packing import PackedCt, pack, plan_packing, unpack
+from cgf_bert.model.layer_io import Block
+
+
+@dataclass(frozen=True)
+class Levels:
+    """The levels of one ciphertext's scores, probabilities and outputs (every ciphertext of a run alike)."""
+
+    scores: int
+    probs: int
+    out: int
+
+    @property
+    def softmax(self) -> int:
+        """Levels the softmax circuit consumed (its kind declares ``spec.depth``)."""
+        return self.scores - self.probs
+
+    @property
+    def pv(self) -> int:
+        """Levels P @ V consumed (``PV_DEPTH``)."""
+        return self.probs - self.out
 
 
 @dataclass
 class FheReport:
     """One encrypted evaluation: sizes, levels, times and errors against the references."""
 
-    circuit: str
-    params: dict
+    circuit: str  # the spec's label
+    spec: dict  # the softmax spec the circuit evaluates (``Spec.to_json``)
     ring_size: int
     slots: int
     width: int
@@ -32,7 +51,8 @@ class FheReport:
     level_in: int
     level_probs: int
     level_out: int
-    depth_planned: int
+    depth_declared: int  # the softmax kind's declared depth (spec.depth)
+    depth_planned: int  # depth_declared + PV_DEPTH: the levels the layer needs
     keygen_s: float  # secret/public/relinearization keys (when the context was made)
     rotation_keygen_s: float  # rotation keys made during this evaluation (not in eval_s)
     rotation_keys: int  # held by the context
@@ -48,20 +68,24 @@ class FheReport:
         return self.level_in - self.level_out
 
     @property
+    def softmax_depth_used(self) -> int:
+        return self.level_in - self.level_probs
+
+    @property
     def total_s(self) -> float:
         return self.encrypt_s + self.eval_s + self.decrypt_s
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "depth_used": self.depth_used, "total_s": self.total_s,
-                "per_ct_s": self.eval_s / max(self.ciphertexts, 1), "per_row_s": self.eval_s / max(self.rows, 1)}
+        return {**asdict(self), "depth_used": self.depth_used, "softmax_depth_used": self.softmax_depth_used,
+                "total_s": self.total_s, "per_ct_s": self.eval_s / max(self.ciphertexts, 1), "per_row_s": self.eval_s / max(self.rows, 1)}
 
     def summary(self) -> str:
         d = self.as_dict()
         lines = [
-            f"{self.circuit} {self.params}: ring 2^{int(math.log2(self.ring_size))} ({self.slots} slots), W={self.width}, "
+            f"{self.circuit}: ring 2^{int(math.log2(self.ring_size))} ({self.slots} slots), W={self.width}, "
             f"{self.rows} rows in {self.blocks} blocks -> {self.ciphertexts} ciphertexts",
-            f"  depth used {self.depth_used} (planned {self.depth_planned}; levels {self.level_in} -> probs "
-            f"{self.level_probs} -> out {self.level_out})",
+            f"  depth used {self.depth_used} (planned {self.depth_planned}: softmax {self.depth_declared} + P @ V "
+            f"{PV_DEPTH}; levels {self.level_in} -> probs {self.level_probs} -> out {self.level_out})",
             f"  keygen {self.keygen_s:.1f} s + rotation keys {self.rotation_keygen_s:.1f} s ({self.rotation_keys} keys, "
             f"{self.key_bytes / 2**30:.2f} GiB of keys)",
             f"  time {self.total_s:.1f} s (encrypt {self.encrypt_s:.1f}, eval {self.eval_s:.1f}, decrypt {self.decrypt_s:.1f}); "
@@ -90,13 +114,15 @@ def check_blocks(blocks: Sequence[Block], width: int) -> list[Block]:
     return out
 
 
-def _run(ops, encrypt, decrypt, blocks, circuit, width, slots, progress, on_ct=None):
-    """Pack, encrypt, evaluate and decrypt every ciphertext; per-block outputs and probabilities."""
+def _run(ops, encrypt, decrypt, blocks, circuit, width, slots, progress):
+    """Pack, encrypt, evaluate and decrypt every ciphertext: per-block outputs and probabilities,
+    the number of ciphertexts, the (encrypt, eval, decrypt) times and the levels."""
     dim = max(v.shape[1] for _, _, v in blocks)
     plan = plan_packing([s.shape[0] for s, _, _ in blocks], slots // width)
     probs = [np.zeros(s.shape) for s, _, _ in blocks]  # (Q, K) each
     outs = [np.zeros((s.shape[0], v.shape[1])) for s, _, v in blocks]  # (Q, D) each
     times = np.zeros(3)  # encrypt, eval, decrypt
+    levels = None
     for placements in tqdm(plan, desc=f"encrypted {circuit.name}", unit="ct", disable=not progress):
         pc = pack(blocks, placements, slots // width, width, dim)
         t0 = time.perf_counter()
@@ -107,60 +133,56 @@ def _run(ops, encrypt, decrypt, blocks, circuit, width, slots, progress, on_ct=N
         t2 = time.perf_counter()
         p_rows, o_rows = decrypt(p).reshape(-1, width) / circuit.prob_scale, decrypt(o).reshape(-1, width)  # (R, W)
         times += (t1 - t0, t2 - t1, time.perf_counter() - t2)
-        if on_ct is not None:
-            on_ct(s, p, o)
+        levels = Levels(ops.level(s), ops.level(p), ops.level(o))
         unpack(p_rows, placements, blocks, probs, lambda b: blocks[b][0].shape[1])
         unpack(o_rows, placements, blocks, outs, lambda b: blocks[b][2].shape[1])
-    return outs, probs, len(plan), times
+    return outs, probs, len(plan), times, levels
 
 
-def simulate_attention(blocks: Sequence[Block], circuit, *, width: int = 128, slots: int = 16384):
-    """The circuit on plain numpy slot vectors (no encryption): (outputs, probabilities) per block."""
+def simulate_attention(blocks: Sequence[Block], circuit, *, width: int = 128, slots: int = 16384, top: int | None = None):
+    """The circuit on numpy slot vectors (no encryption) that count levels as CKKS does:
+    ``(outputs, probabilities, levels)``, one array per block.
+
+    Scores start at level ``top``, by default the levels a context made for the circuit has
+    (``circuit.depth + PV_DEPTH``); a circuit deeper than that fails as it would under CKKS.
+    """
     blocks = check_blocks(blocks, width)
-    outs, probs, _, _ = _run(NumpyOps(), np.asarray, np.asarray, blocks, circuit, width, slots, progress=False)
-    return outs, probs
+    ops, top = LevelledNumpyOps(), circuit.depth + PV_DEPTH if top is None else top
+    outs, probs, _, _, levels = _run(ops, lambda x: ops.encrypt(x, top), ops.decrypt, blocks, circuit, width, slots,
+                                     progress=False)
+    return outs, probs, levels
 
 
-def encrypted_attention(blocks: Sequence[Block], circuit=None, *, ctx: FheContext | None = None, width: int = 128,
+def encrypted_attention(blocks: Sequence[Block], circuit, *, ctx: FheContext | None = None, width: int = 128,
                         progress: bool = True, thread_count: int | None = None):
     """Encrypted softmax and P @ V of one layer: ``(outputs, probabilities, report)``.
 
     ``blocks``: one ``(scores (Q, K), valid (K,), V (K, D))`` per (example, head); rows of a
     block share its V. Returns decrypted outputs (Q, D) and probabilities (Q, K) per block,
     and an ``FheReport`` with levels, times, and errors against the plaintext references.
-    ``circuit`` defaults to ``CgfCircuit()``; ``ctx`` to the smallest context that holds it.
+    ``circuit`` comes from ``circuits.circuit_for(spec)``; ``ctx`` defaults to the smallest context that holds it.
     """
-    circuit = circuit or CgfCircuit()
     blocks = check_blocks(blocks, width)
     ctx = ctx or FheContext.for_circuits(circuit, thread_count=thread_count)
-    if ctx.max_level < circuit.depth:
-        raise CgfBertError(f"circuit depth {circuit.depth} > context max level {ctx.max_level} (no bootstrapping)")
+    if ctx.max_level < circuit.depth + PV_DEPTH:
+        raise CgfBertError(f"softmax depth {circuit.depth} + P @ V {PV_DEPTH} > context max level {ctx.max_level} "
+                           "(no bootstrapping)")
     if ctx.slots < width:
         raise CgfBertError(f"row width {width} > {ctx.slots} slots")
-    levels = {}
     keygen0 = ctx.rotation_keygen_s
-    outs, probs, n_ct, times = _run(FheOps(ctx), ctx.encrypt, ctx.decrypt, blocks, circuit, width, ctx.slots, progress,
-                                    on_ct=lambda s, p, o: levels.update(i=s.level, p=p.level, o=o.level))
+    outs, probs, n_ct, times, levels = _run(FheOps(ctx), ctx.encrypt, ctx.decrypt, blocks, circuit, width, ctx.slots,
+                                            progress)
     report = FheReport(
-        circuit=circuit.name, params=_params(circuit), ring_size=ctx.ring_size, slots=ctx.slots, width=width,
-        blocks=len(blocks), rows=sum(s.shape[0] for s, _, _ in blocks), ciphertexts=n_ct,
-        level_in=levels["i"], level_probs=levels["p"], level_out=levels["o"], depth_planned=circuit.depth,
+        circuit=circuit.spec.label(), spec=circuit.spec.to_json(), ring_size=ctx.ring_size, slots=ctx.slots,
+        width=width, blocks=len(blocks), rows=sum(s.shape[0] for s, _, _ in blocks), ciphertexts=n_ct,
+        level_in=levels.scores, level_probs=levels.probs, level_out=levels.out, depth_declared=circuit.depth,
+        depth_planned=circuit.depth + PV_DEPTH,
         keygen_s=ctx.keygen_s, rotation_keygen_s=ctx.rotation_keygen_s - keygen0,
         rotation_keys=ctx.rotation_key_count, key_bytes=ctx.key_bytes,
         encrypt_s=times[0], eval_s=times[1] - (ctx.rotation_keygen_s - keygen0), decrypt_s=times[2],
     )
     report.errors, report.flagged = attention_errors(blocks, outs, probs, circuit)
     return outs, probs, report
-
-
-def _params(circuit) -> dict:
-    p = circuit.poly
-    d = {"poly": (p.degree, p.lo, p.hi, p.squarings)}
-    if isinstance(circuit, CgfCircuit):
-        d["coeff"] = circuit.coeff
-    else:
-        d.update(sum_bound=circuit.sum_bound, iters=circuit.recip_iters)
-    return d
 
 
 def _stats(dp: list[np.ndarray], do: list[np.ndarray], valid: list[np.ndarray]) -> dict:

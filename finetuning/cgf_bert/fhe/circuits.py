@@ -1,115 +1,101 @@
-"""The encrypted circuits of the attention softmax (CGF, exact), each with its float64 reference."""
+"""The encrypted circuits of the attention softmax, one per polynomial softmax kind, built from its spec.
 
+``CIRCUITS`` maps a softmax kind's name (``approx.softmax``) to the circuit that evaluates it, and
+``circuit_for(spec)`` builds one from a spec. The spec is the circuit's only source of parameters
+and of depth: ``circuit.depth`` is the kind's declared ``spec.depth``, which the tests measure on
+levelled slot vectors (``ops.LevelledNumpyOps``) and under CKKS. Each circuit has a float64
+reference of the function it computes, tested against the torch softmax of its spec.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from cgf_bert import CgfBertError
 from cgf_bert.approx.polyexp import PolyExp
-from cgf_bert.approx.reciprocal import goldschmidt, goldschmidt_iters, linear_guess
+from cgf_bert.approx.reciprocal import goldschmidt, linear_guess
+from cgf_bert.approx.softmax import SOFTMAX, exact_poly_iters
+from cgf_bert.approx.spec import Spec
 from cgf_bert.fhe.ops import broadcast, chebyshev_series, repeated_squaring, rotsum, row_total
 from cgf_bert.fhe.packing import PackedCt
-from cgf_bert.fhe.references import _centre, _poly_depth, _poly_np, _unit_map, cgf_reference, exact_reference
+from cgf_bert.fhe.references import _centre, _poly_np, _unit_map, cgf_argument, cgf_reference, exact_reference
+from cgf_bert.registry import Registry
 
-# ---------------------------------------------------------------------------------------------
-# Context: engine and keys
-
-
+CIRCUITS: Registry[type] = Registry("softmax circuit")  # softmax kind name -> the circuit class that evaluates it
 
 
-# ---------------------------------------------------------------------------------------------
-# Slot operations: the same circuit code runs on ciphertexts or on numpy slot vectors
+def circuit_for(spec: Spec):
+    """The circuit that evaluates ``spec``, one layer's plain softmax spec; a clear error for any other."""
+    if spec.layers:
+        raise CgfBertError(f"softmax {spec.label()} has per-layer overrides; a circuit evaluates one layer's "
+                           "softmax (take spec.for_layer(i))")
+    if spec.op != SOFTMAX.name or spec.name not in CIRCUITS:
+        raise CgfBertError(f"no encrypted circuit evaluates {spec.op} {spec.label()}; the softmax kinds with one: "
+                           f"{', '.join(sorted(CIRCUITS))} (a kind with a polynomial form reaches one by "
+                           "spec.with_polynomial(poly))")
+    return CIRCUITS[spec.name](spec)
 
 
+def evaluates(kind: str):
+    """Class decorator: register the circuit as the evaluator of softmax kind ``kind``, which must declare a depth."""
 
+    def deco(cls):
+        if SOFTMAX.kinds.lookup(kind).depth is None:
+            raise CgfBertError(f"softmax {kind!r} declares no depth; a circuit's depth is its kind's declaration")
+        cls.kind = kind
+        return CIRCUITS.register(kind)(cls)
 
-
-
-# ---------------------------------------------------------------------------------------------
-# Packing (pure numpy)
-
-
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Circuit building blocks (any ops)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Plaintext references. ``scores`` (R, K), ``mask`` (R, K) or (K,) bool; return probs (R, K).
-
-
-
-
-
-
-
-
-
-
-
-
-# ---------------------------------------------------------------------------------------------
-# Circuits
+    return deco
 
 
 @dataclass(frozen=True)
-class CgfCircuit:
-    """Encrypted CGF softmax: ``PolyExp(x - c*var) * mask / n``, ``x = (s - mu) * mask``.
+class SoftmaxCircuit:
+    """A softmax circuit and the spec it evaluates (its only parameters)."""
 
-    Levels: row statistics 3 (``var = E[s^2] - mu^2``, each row total one level; the affine
-    map onto the polynomial's [-1, 1] is folded into the plaintext factors), then the
-    polynomial ``ceil(log2 d) + 1`` with ``mask * n^(-1/2^k)`` folded into its coefficients,
-    ``k`` squarings, and P @ V 1.
-    """
-
-    poly: PolyExp = PolyExp()
-    coeff: float = 0.5
-    name: str = "cgf"
+    spec: Spec
+    kind: ClassVar[str]  # the softmax kind it evaluates (set by ``evaluates``)
+    prob_scale: ClassVar[float] = 1.0  # the probability ciphertext holds prob_scale * p (a public factor)
 
     def __post_init__(self):
-        if self.coeff < 0:
-            raise CgfBertError(f"the CGF coefficient must be >= 0, got {self.coeff}")
+        if self.spec.op != SOFTMAX.name or self.spec.name != self.kind or self.spec.layers:
+            raise CgfBertError(f"{type(self).__name__} evaluates one layer's plain softmax {self.kind!r}, "
+                               f"not {self.spec.op} {self.spec.label()} (circuit_for finds a spec's circuit)")
+
+    @classmethod
+    def from_spec(cls, spec: Spec) -> SoftmaxCircuit:
+        return cls(spec)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def depth(self) -> int:
-        return 3 + _poly_depth(self.poly) + 1
+        """Levels ``probs`` consumes: the kind's declared depth (``P @ V`` takes ``ops.PV_DEPTH`` more)."""
+        return self.spec.depth
 
-    prob_scale = 1.0  # the probability ciphertext holds p itself
+    @property
+    def poly(self) -> PolyExp:
+        v = self.spec.values
+        return PolyExp(v["degree"], v["exp_lo"], v["exp_hi"], v["squarings"])
+
+
+@evaluates("cgf_poly")
+class CgfCircuit(SoftmaxCircuit):
+    """Encrypted CGF softmax: ``PolyExp(x - c*var) * mask / n``, ``x = (s - mu) * mask``.
+
+    Row statistics take 3 levels (``var = E[s^2] - mu^2``, each row total one level; the affine
+    map onto the polynomial's [-1, 1] is folded into the plaintext factors), then the polynomial
+    with ``mask * n^(-1/2^k)`` folded into its coefficients, and its ``k`` squarings.
+    """
+
+    @property
+    def coeff(self) -> float:
+        return self.spec.values["coeff"]
 
     def probs(self, ops, s, pc: PackedCt):
         """Encrypted scores (slots,) -> encrypted probabilities (slots,)."""
@@ -126,10 +112,8 @@ class CgfCircuit:
         return repeated_squaring(ops, chebyshev_series(ops, t, self.poly.coeffs, weight), self.poly.squarings)
 
     def argument(self, scores, mask) -> np.ndarray:
-        """``x - c*var`` (R, K), the polynomial's input."""
-        m, n, mu, x = _centre(scores, mask)
-        var = (scores * scores * m).sum(axis=-1, keepdims=True) / n - mu * mu  # as the circuit: E[s^2] - mu^2
-        return x - self.coeff * var
+        """``x - c*var`` (R, K), the polynomial's input, as the torch ``cgf_poly`` computes it."""
+        return cgf_argument(scores, mask, self.coeff)
 
     def reference(self, scores, mask) -> np.ndarray:
         """The circuit in float64: the plaintext ``cgf_poly`` softmax."""
@@ -137,6 +121,7 @@ class CgfCircuit:
         return _poly_np(self.poly, self.argument(scores, mask)) * m / m.sum(axis=-1, keepdims=True)
 
     def references(self, scores, mask) -> dict[str, np.ndarray]:
+        """The circuit's own function first, then CGF with the real exp and the exact softmax."""
         return {"cgf_poly": self.reference(scores, mask), "cgf": cgf_reference(scores, mask, self.coeff),
                 "exact": exact_reference(scores, mask)}
 
@@ -147,15 +132,13 @@ class CgfCircuit:
         return out.any(axis=-1), {"args_outside_poly": int(out.sum())}
 
 
-@dataclass(frozen=True)
-class ExactCircuit:
+@evaluates("exact_poly")
+class ExactCircuit(SoftmaxCircuit):
     """Encrypted softmax without a max: ``E = PolyExp(x) * mask``, ``x = (s - mu) * mask``, then
-    ``E / sum(E)`` with the reciprocal by Goldschmidt on ``sum_bound`` (bounds on the row sum of
-    ``exp(s - mu)`` over valid keys; rows outside it get a wrong reciprocal, see ``goldschmidt``).
+    ``E / sum(E)`` with the reciprocal by Goldschmidt on the spec's ``[sum_lo, sum_hi]`` (bounds on
+    the row sum of ``exp(s - mu)`` over valid keys; rows outside get a wrong reciprocal, see
+    ``goldschmidt``), with ``iters`` steps or the fewest that reach ``tol``.
 
-    ``iters=None`` picks the fewest iterations with relative error <= ``tol`` inside the bound.
-    Levels: centring 3, polynomial ``ceil(log2 d) + 1 + k`` (the mask folded into its
-    coefficients), linear guess 1, ``e0`` 1, ``iters``, the product with ``E`` 1, and P @ V 1.
     CKKS error is absolute (about 1e-8 here), so the circuit keeps every value far from 0:
     Goldschmidt runs on ``S' = S / hi`` in ``[r, 1]`` with ``y ~ hi / S``, and the probability
     ciphertext holds ``hi * p`` (``prob_scale``, a public factor: P @ V folds ``1/hi`` into V's
@@ -163,26 +146,14 @@ class ExactCircuit:
     ``E / hi`` in the ciphertext instead costs about three digits.
     """
 
-    poly: PolyExp = PolyExp()
-    sum_bound: tuple[float, float] = (32.0, 65536.0)
-    iters: int | None = None
-    tol: float = 1e-4
-    name: str = "exact"
-
-    def __post_init__(self):
-        lo, hi = self.sum_bound
-        if not 0 < lo < hi:
-            raise CgfBertError(f"the row-sum bound must be 0 < lo < hi, got {self.sum_bound}")
+    @property
+    def sum_bound(self) -> tuple[float, float]:
+        v = self.spec.values
+        return v["sum_lo"], v["sum_hi"]
 
     @property
     def recip_iters(self) -> int:
-        if self.iters is not None:
-            return self.iters
-        return goldschmidt_iters(self.sum_bound, self.tol)
-
-    @property
-    def depth(self) -> int:
-        return 3 + _poly_depth(self.poly) + 2 + self.recip_iters + 1 + 1
+        return exact_poly_iters(self.spec.values)
 
     @property
     def prob_scale(self) -> float:
@@ -207,13 +178,15 @@ class ExactCircuit:
         noisy ciphertexts before the squarings amplify it).
         """
         alpha, beta = linear_guess(self.sum_bound)
-        hi = self.sum_bound[1]
+        hi, iters = self.sum_bound[1], self.recip_iters
         y = ops.add_plain(ops.mul_plain(total, -beta / hi * first), alpha * first)  # 0 off slot r*W
+        if not iters:
+            return y  # the linear guess alone: e0 is never needed
         quad = ops.square(ops.mul_plain(total, math.sqrt(beta) / hi * first))  # beta S'^2
         e = ops.add(ops.add_plain(ops.mul_plain(total, -alpha / hi * first), first), quad)  # 0 off slot r*W
-        for i in range(self.recip_iters):
+        for i in range(iters):
             y = ops.add(y, ops.mul(y, e))
-            if i + 1 < self.recip_iters:
+            if i + 1 < iters:
                 e = ops.square(e)
         return y
 
@@ -223,40 +196,21 @@ class ExactCircuit:
         return (np.exp(x) * m).sum(axis=-1)
 
     def reference(self, scores, mask) -> np.ndarray:
-        """The circuit in float64: same polynomial, same Goldschmidt steps."""
+        """The circuit in float64: same polynomial, same Goldschmidt steps (the plaintext ``exact_poly`` softmax)."""
         m, _, _, x = _centre(scores, mask)
         e = _poly_np(self.poly, x) * m
         return e * goldschmidt(e.sum(axis=-1, keepdims=True), self.sum_bound, self.recip_iters)
 
     def references(self, scores, mask) -> dict[str, np.ndarray]:
+        """The circuit's own function first, then the exact softmax."""
         return {"exact_circuit": self.reference(scores, mask), "exact": exact_reference(scores, mask)}
 
     def flagged_rows(self, scores, mask) -> tuple[np.ndarray, dict]:
-        """(R,) rows whose true row sum leaves ``sum_bound`` or with a centred score outside
-        the polynomial's [lo, hi], and the counts of each."""
+        """(R,) rows whose true row sum leaves the bound or with a centred score outside the
+        polynomial's [lo, hi], and the counts of each."""
         total, (lo, hi) = self.row_sums(scores, mask), self.sum_bound
         m, _, _, x = _centre(scores, mask)
         out = ((x < self.poly.lo) | (x > self.poly.hi)) & (m > 0)
         sums = (total < lo) | (total > hi)
         return sums | out.any(axis=-1), {"sums_below": int((total < lo).sum()), "sums_above": int((total > hi).sum()),
                                          "args_outside_poly": int(out.sum())}
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation and report
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

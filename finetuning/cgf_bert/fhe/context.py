@@ -6,6 +6,11 @@ import time
 
 import numpy as np
 
+from cgf_bert import CgfBertError
+from cgf_bert.fhe.ops import PV_DEPTH
+
+MISSING = 'encrypted evaluation needs desilofhe, the optional CKKS library: pip install -e ".[fhe]" (or pip install desilofhe)'
+
 
 class FheContext:
     """A desilofhe CKKS engine with its secret, public and relinearization keys, made once.
@@ -21,7 +26,10 @@ class FheContext:
     """
 
     def __init__(self, max_level: int, *, thread_count: int | None = None, mode: str = "cpu"):
-        import desilofhe  # optional dependency
+        try:
+            import desilofhe  # optional dependency: imported only when a context is made
+        except ImportError:
+            raise CgfBertError(MISSING) from None
 
         start = time.perf_counter()
         self.engine = desilofhe.Engine(max_level=max_level, mode=mode, thread_count=thread_count)
@@ -34,8 +42,8 @@ class FheContext:
 
     @classmethod
     def for_circuits(cls, *circuits, **kw) -> "FheContext":
-        """The smallest context whose levels hold every circuit (the ring follows from the depth)."""
-        return cls(max(c.depth for c in circuits), **kw)
+        """The smallest context whose levels hold every circuit's softmax and P @ V (the ring follows from the depth)."""
+        return cls(max(c.depth for c in circuits) + PV_DEPTH, **kw)
 
     @property
     def slots(self) -> int:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from cgf_bert.fhe.context import FheContext
+from cgf_bert import CgfBertError
+
+if TYPE_CHECKING:  # context.py imports PV_DEPTH from here
+    from cgf_bert.fhe.context import FheContext
+
+PV_DEPTH = 1  # levels of P @ V (``times_values``: one plaintext product per diagonal), after the softmax's own
 
 
 class FheOps:
@@ -91,6 +97,75 @@ class NumpyOps:
         return list(np.polynomial.chebyshev.chebvander(t, degree).T[1:])  # (d, slots)
 
 
+@dataclass(frozen=True)
+class Levelled:
+    """A simulated ciphertext: its slot values and the level CKKS would have left it at."""
+
+    slots: np.ndarray  # (slots,) float64
+    level: int
+
+
+class LevelledNumpyOps:
+    """``NumpyOps`` on ``Levelled`` values, consuming levels as CKKS (desilofhe) does.
+
+    A product (with a plaintext or a ciphertext) or a square lands one level below its deeper
+    operand; additions align to the lower level; constants and rotations are free; the Chebyshev
+    basis puts ``T_i`` ``ceil(log2 i)`` levels below its argument. A result below level 0 is an
+    error, as it is under CKKS without bootstrapping. So a circuit's depth is measured, not trusted.
+    """
+
+    def __init__(self):
+        self.np = NumpyOps()
+
+    @staticmethod
+    def encrypt(slots: np.ndarray, level: int) -> Levelled:
+        return Levelled(np.asarray(slots, dtype=np.float64), level)
+
+    @staticmethod
+    def decrypt(x: Levelled) -> np.ndarray:
+        return x.slots
+
+    def level(self, x: Levelled) -> int:
+        return x.level
+
+    @staticmethod
+    def _at(slots: np.ndarray, level: int) -> Levelled:
+        if level < 0:
+            raise CgfBertError("the circuit needs more levels than the simulated ciphertext had (no bootstrapping)")
+        return Levelled(slots, level)
+
+    def mul_plain(self, x, v):
+        return self._at(self.np.mul_plain(x.slots, v), x.level - 1)
+
+    def add_plain(self, x, v):
+        return self._at(self.np.add_plain(x.slots, v), x.level)
+
+    def add_const(self, x, c):
+        return self._at(self.np.add_const(x.slots, c), x.level)
+
+    def mul(self, x, y):
+        return self._at(self.np.mul(x.slots, y.slots), min(x.level, y.level) - 1)
+
+    def square(self, x):
+        return self._at(self.np.square(x.slots), x.level - 1)
+
+    def add(self, x, y):
+        return self._at(self.np.add(x.slots, y.slots), min(x.level, y.level))
+
+    def sub(self, x, y):
+        return self._at(self.np.sub(x.slots, y.slots), min(x.level, y.level))
+
+    def neg(self, x):
+        return self._at(self.np.neg(x.slots), x.level)
+
+    def rotate(self, x, k):
+        return self._at(self.np.rotate(x.slots, k), x.level)
+
+    def cheb_basis(self, t, degree):
+        basis = self.np.cheb_basis(t.slots, degree)  # T_1 .. T_d
+        return [self._at(ti, t.level - (i - 1).bit_length()) for i, ti in enumerate(basis, start=1)]  # ceil(log2 i)
+
+
 def rotsum(ops, x, width: int):
     """``log2 W`` left rotate-and-add steps: slot ``r*W`` ends with row r's total (others: garbage)."""
     step = 1
@@ -161,7 +236,7 @@ def pv_diagonals(values: np.ndarray, baby: int) -> dict[int, list[tuple[int, np.
 
 
 def times_values(ops, p, values: np.ndarray):
-    """P @ V by diagonals, baby-step giant-step; output in slots ``r*W + i``, ``i < D``. One level."""
+    """P @ V by diagonals, baby-step giant-step; output in slots ``r*W + i``, ``i < D``. ``PV_DEPTH`` levels."""
     plan = pv_diagonals(values, baby_step(values.shape[1], values.shape[2]))
     babies = {b: ops.rotate(p, b) for b in sorted({b for terms in plan.values() for b, _ in terms})}
     out = None

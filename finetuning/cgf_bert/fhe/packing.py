@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-Block = tuple  # (scores (Q, K) float64, valid (K,) bool, V (K, D) float64): one (example, head)
+from cgf_bert.model.layer_io import Block
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Plaintext float64 references of what the circuits compute."""
+"""Plaintext float64 references of what the circuits compute. ``scores`` (R, K), ``mask`` (R, K) or (K,) bool; probs (R, K)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,11 @@ import numpy as np
 import torch
 
 from cgf_bert.approx.polyexp import PolyExp
-from cgf_bert.approx.reciprocal import goldschmidt  # noqa: F401  (the circuits' reciprocal)
 
 
 def _unit_map(poly: PolyExp) -> tuple[float, float]:
     """``(a, b)`` with ``to_unit(x) = a*x - b``."""
     return 2.0 / (poly.hi - poly.lo), (poly.lo + poly.hi) / (poly.hi - poly.lo)
-
-
-def _poly_depth(poly: PolyExp) -> int:
-    """Levels of ``chebyshev_series`` (basis + coefficient products) and the squarings."""
-    return poly.depth
 
 
 def _poly_np(poly: PolyExp, x: np.ndarray) -> np.ndarray:
@@ -25,17 +19,25 @@ def _poly_np(poly: PolyExp, x: np.ndarray) -> np.ndarray:
 
 
 def _centre(scores, mask):
+    """(mask as floats (R, K), n (R, 1), row mean of the valid scores (R, 1), centred scores, masked entries 0)."""
     m = np.broadcast_to(np.asarray(mask, dtype=np.float64), scores.shape)
     n = m.sum(axis=-1, keepdims=True)
     mu = (scores * m).sum(axis=-1, keepdims=True) / n
     return m, n, mu, (scores - mu) * m
 
 
+def cgf_argument(scores, mask, coeff: float) -> np.ndarray:
+    """``x - c*var`` (R, K), CGF's exp argument, with ``var`` the mean of the centred squares as the
+    torch softmaxes compute it (``softmax.centred``). The circuit forms ``E[s^2] - mu^2`` instead:
+    the same number in exact arithmetic, one level less (``CgfCircuit.probs``)."""
+    _, n, _, x = _centre(scores, mask)
+    return x - coeff * (x * x).sum(axis=-1, keepdims=True) / n
+
+
 def cgf_reference(scores, mask, coeff: float = 0.5) -> np.ndarray:
     """The CGF softmax with the real exp."""
-    m, n, _, x = _centre(scores, mask)
-    var = (x * x).sum(axis=-1, keepdims=True) / n
-    return np.exp(x - coeff * var) * m / n
+    m = np.broadcast_to(np.asarray(mask, dtype=np.float64), scores.shape)
+    return np.exp(cgf_argument(scores, mask, coeff)) * m / m.sum(axis=-1, keepdims=True)
 
 
 def exact_reference(scores, mask) -> np.ndarray:
