@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ WORDS = "the a cat dog sat ran on under mat rug big small red blue house car qui
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 HEADER_LABELED = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
 HEADER_TEST = "index\t#1 ID\t#2 ID\t#1 String\t#2 String"
+FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
 
 
 def tiny_config(vocab_size: int = len(SPECIAL) + len(WORDS)) -> BertConfig:
@@ -71,3 +74,29 @@ def write_mrpc(folder: Path, n_train: int = 48, n_dev: int = 24, n_test: int = 1
 @pytest.fixture(scope="session")
 def tiny_mrpc(tmp_path_factory) -> Path:
     return write_mrpc(tmp_path_factory.mktemp("mrpc"))
+
+
+def run_script(monkeypatch, capsys, target: str, *argv) -> tuple[int, str, str]:
+    """A step script (``"validate.py"``) or module (``"experiments.poly_swap"``) run in this
+    process as its command line would run it: its ``main`` under ``run_main``, from
+    ``finetuning/``, with ``sys.argv`` (and so the recorded command) set. (exit code, stdout, stderr).
+
+    What a subprocess adds (a fresh interpreter, the exit status the shell sees) is tested once
+    per script by its end-to-end test; the rest call this and skip the seconds of start-up."""
+    from cgf_bert.cli import run_main
+
+    name = target.removesuffix(".py")
+    module = importlib.import_module(name)  # finetuning/ is on sys.path (pyproject: pythonpath)
+    script = target if target.endswith(".py") else Path(module.__file__).name
+    monkeypatch.chdir(FINETUNING)
+    monkeypatch.setattr(sys, "argv", [script, *map(str, argv)])
+    # command_line() reads a module run's name from __main__.__spec__, as ``python -m`` sets it
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", None if target.endswith(".py") else module.__spec__)
+    capsys.readouterr()  # what ran before is not this script's output
+    code = 0
+    try:
+        run_main(module.main)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -1,5 +1,6 @@
 """One checkpoint format: atomic, self-describing, never executes pickled code."""
 
+import json
 import os
 
 import pytest
@@ -9,7 +10,7 @@ from cgf_bert import CgfBertError
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.model.bert import build_model
-from cgf_bert.store.checkpoint import load_model, read_checkpoint, save_checkpoint
+from cgf_bert.store.checkpoint import FORMAT, load_model, read_checkpoint, save_checkpoint
 
 
 def test_roundtrip_keeps_weights_and_metadata(tiny_bert, tmp_path):
@@ -24,10 +25,38 @@ def test_roundtrip_keeps_weights_and_metadata(tiny_bert, tmp_path):
         assert torch.equal(a, b), k
 
 
+def sharpened(model):
+    """``model`` with attention sharp and a classifier large enough that softmax kinds give
+    visibly different logits."""
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.query.weight *= 20
+            layer.attention.self.key.weight *= 20
+        model.classifier.weight *= 100
+    return model.eval()
+
+
+def logits(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 25, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))["logits"]
+
+
 def test_softmax_override_on_load(tiny_bert, tmp_path):
-    path = save_checkpoint(tmp_path / "m.pt", build_model(str(tiny_bert)), {"model": str(tiny_bert)})
-    model, meta = load_model(path, Approximations(softmax=softmax_spec("cgf", coeff=0.4)))
-    assert meta["approx"].softmax.name == "exact" and model.softmax.label() == "cgf c=0.4"
+    """An exact checkpoint loaded as CGF c=0.4 computes what a CGF c=0.4 model with its weights computes."""
+    exact = sharpened(build_model(str(tiny_bert)))
+    path = save_checkpoint(tmp_path / "m.pt", exact, {"model": str(tiny_bert)})
+    cgf = softmax_spec("cgf", coeff=0.4)
+    model, meta = load_model(path, Approximations(softmax=cgf))
+    assert meta["approx"].softmax.name == "exact"  # the checkpoint's own, untouched by the override
+    direct = build_model(str(tiny_bert), cgf).eval()
+    direct.load_state_dict(exact.state_dict())
+    torch.testing.assert_close(logits(model.eval()), logits(direct), rtol=0, atol=0)
+    assert not torch.allclose(logits(model), logits(exact), atol=1e-3)
+    assert [layer.attention.self.softmax_spec for layer in model.bert.encoder.layer] == [cgf, cgf]
 
 
 def test_per_layer_spec_roundtrip(tiny_bert, tmp_path):
@@ -38,13 +67,29 @@ def test_per_layer_spec_roundtrip(tiny_bert, tmp_path):
     assert [layer.attention.self.softmax_spec.name for layer in model.bert.encoder.layer] == ["cgf", "exact"]
 
 
-def test_legacy_checkpoint_format_is_read(tiny_bert, tmp_path):
-    """Checkpoints written before softmax specs ("cgf-bert/1": a name and a coefficient) still load."""
-    sd = build_model(str(tiny_bert)).state_dict()
-    meta = '{"format": "cgf-bert/1", "model": "%s", "softmax": "cgf", "coeff": 0.65}' % tiny_bert
-    torch.save({"state_dict": sd, "meta": meta}, tmp_path / "old.pt")
-    model, meta = load_model(tmp_path / "old.pt")
-    assert model.softmax == softmax_spec("cgf", coeff=0.65) and "coeff" not in meta
+@pytest.mark.parametrize("fmt, softmax_meta, expected", [
+    # "cgf-bert/1": the softmax a kind's name, CGF's coefficient apart (or absent: the default 0.5)
+    ("cgf-bert/1", {"softmax": "cgf", "coeff": 0.65}, softmax_spec("cgf", coeff=0.65)),
+    ("cgf-bert/1", {"softmax": "cgf"}, softmax_spec("cgf", coeff=0.5)),
+    ("cgf-bert/1", {"softmax": "exact", "coeff": 0.5}, softmax_spec("exact")),
+    # "cgf-bert/2": the softmax's spec, per-layer overrides included; every other op exact
+    ("cgf-bert/2", {"softmax": {"name": "cgf", "coeff": 0.6, "layers": {"1": {"name": "exact"}}}},
+     softmax_spec("cgf", coeff=0.6, layers={1: softmax_spec("exact")})),
+])
+def test_older_checkpoint_formats_load_with_their_softmax(fmt, softmax_meta, expected, tiny_bert, tmp_path):
+    """Checkpoints written before Approximations still load, run their softmax, and save as today's format."""
+    model = sharpened(build_model(str(tiny_bert)))
+    meta = {"format": fmt, "model": str(tiny_bert), "seed": 3, **softmax_meta}
+    torch.save({"state_dict": model.state_dict(), "meta": json.dumps(meta)}, tmp_path / "old.pt")
+    loaded, meta = load_model(tmp_path / "old.pt")
+    assert meta["approx"] == Approximations(softmax=expected) and loaded.approx == meta["approx"]
+    assert "coeff" not in meta and "softmax" not in meta and meta["seed"] == 3
+    direct = build_model(str(tiny_bert), expected).eval()
+    direct.load_state_dict(model.state_dict())
+    torch.testing.assert_close(logits(loaded.eval()), logits(direct), rtol=0, atol=0)
+    again = save_checkpoint(tmp_path / "new.pt", loaded, meta)
+    assert json.loads(torch.load(again, weights_only=True)["meta"])["format"] == FORMAT
+    assert read_checkpoint(again)[1]["approx"] == meta["approx"]
 
 
 def test_missing_checkpoint(tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import tiny_config
-from transformers import BertForSequenceClassification
+from transformers import BertForSequenceClassification, BertModel
 
 from cgf_bert import CgfBertError
 from cgf_bert.approx.softmax import EXACT_SOFTMAX as EXACT
@@ -107,8 +107,21 @@ def test_hidden_states_and_gradients(pair):
 
 
 def test_build_model_from_local_folder(tiny_bert):
-    m = build_model(str(tiny_bert), softmax_spec("cgf", coeff=0.7))
-    assert m.softmax.label() == "cgf c=0.7"
+    """The folder's weights, as transformers itself reads them, each layer running the spec given;
+    exact, the logits of stock ``BertForSequenceClassification`` loaded from the same folder."""
+    cgf = softmax_spec("cgf", coeff=0.7)
+    m = build_model(str(tiny_bert), cgf).eval()
+    folder = BertModel.from_pretrained(tiny_bert).state_dict()
+    ours = m.bert.state_dict()
+    assert ours.keys() == folder.keys() and all(torch.equal(ours[k], folder[k]) for k in folder)
+    assert [layer.attention.self.softmax_spec for layer in m.bert.encoder.layer] == [cgf, cgf]
+    stock = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, attn_implementation="eager").eval()
+    stock.classifier.load_state_dict(m.classifier.state_dict())
+    b = batch()
+    with torch.no_grad():
+        cgf_logits = m(**b)["logits"]
+        torch.testing.assert_close(m.set_softmax(EXACT)(**b)["logits"], stock(**b).logits, rtol=0, atol=1e-5)
+        assert not torch.equal(cgf_logits, stock(**b).logits)
 
 
 def test_unknown_model_is_a_clear_error(tmp_path):

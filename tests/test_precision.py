@@ -18,7 +18,9 @@ from cgf_bert.report.tables import is_reference_recipe, precision_table
 from cgf_bert.store.names import Variant
 from cgf_bert.store.records import config_json, train_config
 from cgf_bert.train import precision, recipes
-from cgf_bert.train.engine import ce_step
+from cgf_bert.store.checkpoint import read_checkpoint
+from cgf_bert.train.engine import ce_step, evaluate
+from cgf_bert.train.run import prepare_data
 from cgf_bert.train.precision import autocast, check_precision, cpu_flags
 
 CPU = torch.device("cpu")
@@ -69,11 +71,27 @@ def test_bf16_refused_without_native_bf16(tmp_path):
 def test_bf16_run_is_its_own_recipe(tiny_bert, tiny_mrpc, tmp_path, monkeypatch):
     # Refusal is tested above; here the run must go through on any CPU (PyTorch emulates bf16 where it is not native).
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512_bf16"})
-    cfg = TrainConfig(model=str(tiny_bert), data_dir=str(tiny_mrpc), epochs=1, batch_size=8, approx=Approximations(softmax=softmax_spec("cgf", coeff=0.5)),
+    autocast_in_steps = []
+
+    def step(model, batch):  # the recipe's CE step, noting the autocast it runs under
+        autocast_in_steps.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return ce_step(model, batch)
+
+    monkeypatch.setattr(recipes, "ce_step", step)
+    spec = softmax_spec("cgf", coeff=0.5)
+    cfg = TrainConfig(model=str(tiny_bert), data_dir=str(tiny_mrpc), epochs=1, batch_size=8, approx=Approximations(softmax=spec),
                       precision="bf16")
     rec = recipes.finetune(cfg, out=tmp_path / "m.pt", results_dir=tmp_path)
     assert rec["config"]["precision"] == "bf16" and "-finetune-cgf0.5-bf16-s42" in rec["name"]
-    assert rec["epochs"][0]["train"]["loss"] > 0 and Variant.of_record(rec).label() == "cgf c=0.5 CE, bf16"
+    assert autocast_in_steps == [torch.bfloat16] * 6  # every training step (48 examples / 8), none in fp32
+    # the weights stay float32, and the recorded dev figure is theirs in float32 (evaluation never autocasts)
+    state_dict, _ = read_checkpoint(tmp_path / "m.pt")
+    assert {v.dtype for k, v in state_dict.items() if v.is_floating_point()} == {torch.float32}
+    model = build_model(str(tiny_bert), spec)
+    model.load_state_dict(state_dict)
+    tok, data = prepare_data(str(tiny_bert), str(tiny_mrpc), 128)
+    assert rec["best"] == evaluate(model, make_loader(data["validation"], tok, 128), CPU)
+    assert Variant.of_record(rec).label() == "cgf c=0.5 CE, bf16"
     reference = {"script": "finetune", "config": config_json(TrainConfig())}
     old = {**reference, "config": {k: v for k, v in reference["config"].items() if k != "precision"}}  # before the field
     assert train_config(old).precision == "fp32" and is_reference_recipe(old) and Variant.of_record(old).label() == "exact"

@@ -1,5 +1,10 @@
 """Each step script end to end on a tiny random BERT and a tiny MRPC folder (seconds), and
-bad input: one line on stderr, non-zero exit, no traceback."""
+bad input: one line on stderr, exit code 2, no traceback.
+
+One run of each script goes through a process of its own (``run``: the interpreter, the exit
+status a shell sees, the recorded command); the other cases call the script's ``main`` in this
+process (``conftest.run_script``), which tests the same code without the start-up. Scores are
+checked against models built here directly, not against the labels the scripts print."""
 
 import json
 import os
@@ -9,9 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_mrpc
+from conftest import FINETUNING, run_script, write_mrpc
+from transformers import BertForSequenceClassification
 
-FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
+from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.data.loader import make_loader
+from cgf_bert.model.bert import build_model
+from cgf_bert.store.checkpoint import read_checkpoint, save_checkpoint
+from cgf_bert.train.engine import evaluate
+from cgf_bert.train.run import prepare_data
+
+CPU = torch.device("cpu")
 
 
 def run(script, *args, check=True, timeout=600):
@@ -22,6 +35,13 @@ def run(script, *args, check=True, timeout=600):
     return p
 
 
+def in_process(monkeypatch, capsys, script, *args):
+    """``script``'s JSON output, run in this process; it must succeed."""
+    code, out, err = run_script(monkeypatch, capsys, script, *args)
+    assert code == 0, err
+    return json.loads(out) if "--json" in map(str, args) else out
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_bert, tiny_mrpc, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
@@ -29,6 +49,35 @@ def trained(tiny_bert, tiny_mrpc, tmp_path_factory):
     p = run("finetune.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 2, "--batch-size", 8,
             "--softmax", "cgf", "--coeff", 0.65, "--seed", 5, "-o", ckpt, "--results-dir", out / "results")
     return ckpt, out / "results", p.stdout
+
+
+@pytest.fixture(scope="module")
+def dev(tiny_bert, tiny_mrpc):
+    """The tiny dev split as one loader (24 examples, one batch)."""
+    tokenizer, data = prepare_data(str(tiny_bert), str(tiny_mrpc), 128)
+    return make_loader(data["validation"], tokenizer, 128)
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny_bert, tmp_path_factory):
+    """A CGF c=0.65 checkpoint whose attention is sharp and whose classifier is large, so that
+    the softmax a model runs moves its dev loss well past rounding (a trained tiny model's
+    logits sit near 0 whatever its softmax)."""
+    torch.manual_seed(1)
+    model = build_model(str(tiny_bert), softmax_spec("cgf", coeff=0.65))
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:
+            layer.attention.self.query.weight *= 20
+            layer.attention.self.key.weight *= 20
+        model.classifier.weight.normal_(0.0, 3.0)
+    return save_checkpoint(tmp_path_factory.mktemp("sharp") / "sharp.pt", model, {"model": str(tiny_bert)})
+
+
+def reference_dev(tiny_bert, state_dict, approx, dev) -> dict:
+    """Dev metrics of the checkpoint's weights in a model built here with ``approx``."""
+    model = build_model(str(tiny_bert), approx)
+    model.load_state_dict(state_dict)
+    return evaluate(model, dev, CPU)
 
 
 def test_finetune_writes_checkpoint_and_record(trained, tiny_mrpc):
@@ -55,85 +104,108 @@ def test_validate_reproduces_training_accuracy_exactly(trained, tiny_mrpc):
     assert r["approx"]["softmax"] == {"name": "cgf", "coeff": 0.65} and r["label"] == "cgf c=0.65"
     (vrec,) = (results / "validate").glob("*.json")
     assert json.loads(vrec.read_text())["dev"] == r["dev"]
-    assert r["dev"]["accuracy"] == rec["best"]["accuracy"]
-    assert r["dev"]["f1"] == rec["best"]["f1"]
+    assert r["dev"] == rec["best"]  # the saved best epoch, evaluated afresh: loss, accuracy and F1 to the bit
 
 
-def test_validate_softmax_override(trained, tiny_mrpc, tmp_path):
-    ckpt, _, _ = trained
-    r = json.loads(run("validate.py", ckpt, "--data-dir", tiny_mrpc, "--softmax", "exact", "--json", "--results-dir", tmp_path).stdout)
+def test_validate_softmax_override_scores_the_stock_model(sharp, tiny_bert, tiny_mrpc, dev, tmp_path, monkeypatch, capsys):
+    """``--softmax exact`` on a CGF checkpoint scores its weights in stock transformers BERT."""
+    ckpt = sharp
+    r = in_process(monkeypatch, capsys, "validate.py", ckpt, "--data-dir", tiny_mrpc, "--softmax", "exact", "--json", "--results-dir", tmp_path)
     assert r["approx"]["softmax"] == {"name": "exact"} and r["trained"]["approx"]["softmax"] == {"name": "cgf", "coeff": 0.65}
+    state_dict, _ = read_checkpoint(ckpt)
+    stock = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, attn_implementation="eager").eval()
+    stock.load_state_dict(state_dict)
+    (batch,) = dev
+    with torch.no_grad():
+        logits = stock(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids")}).logits  # (24, 2)
+    assert r["dev"]["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, batch["labels"]).item(), rel=1e-5)
+    assert r["dev"]["accuracy"] == pytest.approx((logits.argmax(-1) == batch["labels"]).sum().item() / len(batch["labels"]))
+    as_trained = reference_dev(tiny_bert, state_dict, softmax_spec("cgf", coeff=0.65), dev)
+    assert abs(r["dev"]["loss"] - as_trained["loss"]) > 1e-3  # the override took effect: CGF scores these weights otherwise
 
 
-def test_validate_per_layer_override_and_spec_errors(trained, tiny_mrpc, tmp_path):
-    ckpt, _, _ = trained
-    r = json.loads(run("validate.py", ckpt, "--data-dir", tiny_mrpc, "--softmax", "cgf", "--coeff", 0.65, "--softmax-layers", "1=exact",
-                       "--json", "--results-dir", tmp_path).stdout)
-    assert r["label"] == "cgf c=0.65, layer 1 exact" and r["approx"]["softmax"]["layers"] == {"1": {"name": "exact"}}
-    p = run("validate.py", ckpt, "--data-dir", tiny_mrpc, "--softmax", "exact", "--coeff", 0.5, "--results-dir", tmp_path, check=False)
+def test_validate_per_layer_override_and_spec_errors(sharp, tiny_bert, tiny_mrpc, dev, tmp_path, monkeypatch, capsys):
+    ckpt = sharp
+    r = in_process(monkeypatch, capsys, "validate.py", ckpt, "--data-dir", tiny_mrpc, "--softmax", "cgf", "--coeff", 0.65,
+                   "--softmax-layers", "1=exact", "--json", "--results-dir", tmp_path)
+    mixed = softmax_spec("cgf", coeff=0.65, layers={1: softmax_spec("exact")})
+    assert r["approx"]["softmax"] == mixed.to_json()
+    state_dict, _ = read_checkpoint(ckpt)
+    assert r["dev"] == reference_dev(tiny_bert, state_dict, mixed, dev)
+    for other in (mixed.plain(), softmax_spec("exact")):  # each layer's softmax counts
+        assert abs(r["dev"]["loss"] - reference_dev(tiny_bert, state_dict, other, dev)["loss"]) > 1e-4
     # refused as the arguments are parsed: one line in the parser's form, nothing run
-    assert p.returncode == 2 and p.stderr.strip() == "validate.py: error: --softmax exact: softmax 'exact' takes no parameter coeff (its parameters: none)"
-    p = run("validate.py", ckpt, "--data-dir", tiny_mrpc, "--softmax", "cgf", "--softmax-layers", "7=exact", "--results-dir", tmp_path, check=False)
-    assert_clean_error(p, "model has 2 layers")
+    code, _, err = run_script(monkeypatch, capsys, "validate.py", ckpt, "--data-dir", tiny_mrpc, "--softmax", "exact", "--coeff", 0.5,
+                              "--results-dir", tmp_path)
+    assert code == 2 and err.strip() == "validate.py: error: --softmax exact: softmax 'exact' takes no parameter coeff (its parameters: none)"
+    code, _, err = run_script(monkeypatch, capsys, "validate.py", ckpt, "--data-dir", tiny_mrpc, "--softmax", "cgf", "--softmax-layers", "7=exact",
+                              "--results-dir", tmp_path)
+    assert_clean_error(code, err, "model has 2 layers")
+    assert len(list((tmp_path / "validate").glob("*.json"))) == 1  # the first run's; the refused ones wrote nothing
 
 
-def test_per_layer_student_roundtrips_through_checkpoint_and_validate(tiny_bert, tiny_mrpc, tmp_path):
+def test_per_layer_student_roundtrips_through_checkpoint_and_validate(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, capsys):
     """Trained with CGF in layer 0 and exact in layer 1: the checkpoint says so, and validate.py
     scores it with that placement and reproduces the training figure."""
     ckpt = tmp_path / "mixed.pt"
-    p = run("finetune.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--batch-size", 8, "--softmax", "cgf",
-            "--softmax-layers", "1=exact", "-o", ckpt, "--results-dir", tmp_path / "r")
+    in_process(monkeypatch, capsys, "finetune.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--batch-size", 8,
+               "--softmax", "cgf", "--softmax-layers", "1=exact", "-o", ckpt, "--results-dir", tmp_path / "r")
     (rec_path,) = (tmp_path / "r").glob("*.json")
     rec = json.loads(rec_path.read_text())
     assert rec["config"]["approx"]["softmax"] == {"name": "cgf", "coeff": 0.5, "layers": {"1": {"name": "exact"}}}
     assert "-finetune-cgf0.5-L1exact-s42" in rec["name"]
-    r = json.loads(run("validate.py", ckpt, "--data-dir", tiny_mrpc, "--json", "--results-dir", tmp_path).stdout)
-    assert r["label"] == "cgf c=0.5, layer 1 exact" and r["dev"]["accuracy"] == rec["best"]["accuracy"]
+    assert read_checkpoint(ckpt)[1]["approx"].softmax == softmax_spec("cgf", coeff=0.5, layers={1: softmax_spec("exact")})
+    r = in_process(monkeypatch, capsys, "validate.py", ckpt, "--data-dir", tiny_mrpc, "--json", "--results-dir", tmp_path)
+    assert r["label"] == "cgf c=0.5, layer 1 exact" and r["dev"] == rec["best"]
 
 
-def assert_clean_error(p, *needles):
-    assert p.returncode != 0
-    lines = p.stderr.strip().splitlines()
-    assert "Traceback" not in p.stderr, p.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+def assert_clean_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     for n in needles:
         assert n in lines[0], lines[0]
 
 
-def test_missing_checkpoint(tmp_path, tiny_mrpc):
-    assert_clean_error(run("validate.py", tmp_path / "none.pt", "--data-dir", tiny_mrpc, "--results-dir", tmp_path, check=False), "not found")
+def test_missing_checkpoint_end_to_end(tmp_path, tiny_mrpc):
+    p = run("validate.py", tmp_path / "none.pt", "--data-dir", tiny_mrpc, "--results-dir", tmp_path, check=False)
+    assert_clean_error(p.returncode, p.stderr, "not found")
+    assert not (tmp_path / "validate").exists()
 
 
-def test_random_bytes_checkpoint(tmp_path, tiny_mrpc):
+def test_random_bytes_checkpoint(tmp_path, tiny_mrpc, monkeypatch, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(os.urandom(10_000))
-    assert_clean_error(run("validate.py", junk, "--data-dir", tiny_mrpc, "--results-dir", tmp_path, check=False), "not a readable")
+    code, _, err = run_script(monkeypatch, capsys, "validate.py", junk, "--data-dir", tiny_mrpc, "--results-dir", tmp_path)
+    assert_clean_error(code, err, "not a readable")
 
 
-def test_malformed_tsv(tmp_path, tiny_bert):
+def test_malformed_tsv(tmp_path, tiny_bert, monkeypatch, capsys):
     folder = write_mrpc(tmp_path / "mrpc")
     lines = (folder / "dev.tsv").read_text(encoding="utf-8").splitlines()
     lines[4] = lines[4].replace("\t", " ", 1)
     (folder / "dev.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    p = run("finetune.py", "--model", tiny_bert, "--data-dir", folder, "--epochs", 1, "-o", tmp_path / "x.pt",
-            "--results-dir", tmp_path / "r", check=False)
-    assert_clean_error(p, "dev.tsv:5:")
-    assert not (tmp_path / "x.pt").exists()
+    code, _, err = run_script(monkeypatch, capsys, "finetune.py", "--model", tiny_bert, "--data-dir", folder, "--epochs", 1,
+                              "-o", tmp_path / "x.pt", "--results-dir", tmp_path / "r")
+    assert_clean_error(code, err, "dev.tsv:5:")
+    assert not (tmp_path / "x.pt").exists() and not (tmp_path / "r").exists()
 
 
-def test_empty_data_folder(tmp_path, tiny_bert):
+def test_empty_data_folder(tmp_path, tiny_bert, monkeypatch, capsys):
     (tmp_path / "empty").mkdir()
-    p = run("finetune.py", "--model", tiny_bert, "--data-dir", tmp_path / "empty", "-o", tmp_path / "x.pt",
-            "--results-dir", tmp_path / "r", check=False)
-    assert_clean_error(p, "lacks train.tsv")
+    code, _, err = run_script(monkeypatch, capsys, "finetune.py", "--model", tiny_bert, "--data-dir", tmp_path / "empty",
+                              "-o", tmp_path / "x.pt", "--results-dir", tmp_path / "r")
+    assert_clean_error(code, err, "lacks train.tsv")
 
 
-def test_unknown_model(tmp_path, tiny_mrpc):
-    p = run("finetune.py", "--model", tmp_path / "no-bert", "--data-dir", tiny_mrpc, "--results-dir", tmp_path / "r", check=False)
-    assert_clean_error(p, "cannot load")
+def test_unknown_model(tmp_path, tiny_mrpc, monkeypatch, capsys):
+    code, _, err = run_script(monkeypatch, capsys, "finetune.py", "--model", tmp_path / "no-bert", "--data-dir", tiny_mrpc,
+                              "--results-dir", tmp_path / "r")
+    assert_clean_error(code, err, "cannot load")
 
 
-def test_distill_trains_teacher_once_then_students_per_seed(tiny_bert, tiny_mrpc, tmp_path):
+def test_distill_trains_teacher_once_then_students_per_seed(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, capsys):
     teacher = tmp_path / "teacher.pt"
     common = ["--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--batch-size", 8,
               "--teacher", teacher, "--results-dir", tmp_path / "r"]
@@ -148,24 +220,24 @@ def test_distill_trains_teacher_once_then_students_per_seed(tiny_bert, tiny_mrpc
         assert {"loss": "hidden_mse", "weight": 10.0} in r["distill"]["terms"] and "-distill-cgf0.5-b10-teacher-s" in r["name"]
         assert set(r["epochs"][0]["train"]) == {"loss", "ce", "kd", "hidden_mse"}
         assert r["distill"]["teacher_cached"] and Path(r["checkpoint"]).parent == Path(os.environ["CGF_BERT_CHECKPOINT_DIR"])
+        assert r["command"].startswith("distill.py ")
     mtime = teacher.stat().st_mtime
-    p = run("distill.py", *common, "--seeds", 3, "--beta", 0, "--no-cache-teacher")  # default init: pretrained
+    in_process(monkeypatch, capsys, "distill.py", *common, "--seeds", 3, "--beta", 0, "--no-cache-teacher")  # default init: pretrained
     assert teacher.stat().st_mtime == mtime  # reused, not retrained
     rec = max((json.loads(x.read_text()) for x in (tmp_path / "r").glob("*distill*.json")), key=lambda r: r["name"])
     assert set(rec["epochs"][0]["train"]) == {"loss", "ce", "kd"} and not rec["distill"]["teacher_cached"]
-    assert rec["distill"]["init"] == "pretrained"
+    assert rec["distill"]["init"] == "pretrained" and rec["seed"] == 3
 
 
-def test_distill_rejects_a_cgf_teacher(trained, tiny_bert, tiny_mrpc, tmp_path):
+def test_distill_rejects_a_cgf_teacher_end_to_end(trained, tiny_bert, tiny_mrpc, tmp_path):
     ckpt, _, _ = trained  # a CGF checkpoint
     p = run("distill.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--teacher", ckpt, "--results-dir", tmp_path, check=False)
-    assert_clean_error(p, "a teacher must be exact")
+    assert_clean_error(p.returncode, p.stderr, "a teacher must be exact")
+    assert not any(tmp_path.iterdir())
 
 
-def test_distill_rejects_a_teacher_of_another_model(tiny_bert, tiny_mrpc, tmp_path):
-    from cgf_bert.model.bert import build_model
-    from cgf_bert.store.checkpoint import save_checkpoint
-
+def test_distill_rejects_a_teacher_of_another_model(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, capsys):
     t = save_checkpoint(tmp_path / "t.pt", build_model(str(tiny_bert)), {"model": "bert-base-uncased"})
-    p = run("distill.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--teacher", t, "--results-dir", tmp_path, check=False)
-    assert_clean_error(p, "fine-tuned from 'bert-base-uncased'")
+    code, _, err = run_script(monkeypatch, capsys, "distill.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--teacher", t,
+                              "--results-dir", tmp_path / "r")
+    assert_clean_error(code, err, "fine-tuned from 'bert-base-uncased'")
