@@ -44,7 +44,7 @@ def kinds():
         return torch.relu(x)
 
     @LAYERNORM.register("test_rms")
-    def rms(x, weight, bias, eps):
+    def rms(x, weight, bias, eps, where):
         """LayerNorm without the mean subtraction (a throwaway kind)."""
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight + bias
 
@@ -89,7 +89,7 @@ def test_exact_specs_keep_the_models_own_modules_and_stock_logits(kinds, model):
     and the logits of stock ``BertForSequenceClassification`` with the same weights."""
     layers = model.bert.encoder.layer
     own = [layer.intermediate.intermediate_act_fn for layer in layers] + [model.bert.pooler.activation]
-    norms = [n for layer in layers for n in layer_norms(layer)] + [model.bert.embeddings.LayerNorm]
+    norms = [n for layer in layers for n in layer_norms(layer).values()] + [model.bert.embeddings.LayerNorm]
     replaced = Approximations(softmax=softmax_spec("cgf"), gelu=gelu("test_relu"), layernorm=layernorm("test_rms"),
                               pooler=Spec.make("pooler", "test_clip"))
     model.set_approx(replaced)
@@ -126,7 +126,7 @@ def test_gelu_kind_runs_in_the_layers_it_is_placed_in(kinds, model):
 def test_layernorm_kind_replaces_each_layers_norms_and_keeps_the_embedding_one(kinds, model):
     b = batch()
     model.set_approx(EXACT.replace(layernorm=layernorm("test_rms", {0: layernorm("exact")})))
-    (l0a, l0b), (l1a, l1b) = (layer_norms(layer) for layer in model.bert.encoder.layer)
+    (l0a, l0b), (l1a, l1b) = (tuple(layer_norms(layer).values()) for layer in model.bert.encoder.layer)
     emb = model.bert.embeddings.LayerNorm
     seen = io_of([l0a, l0b, l1a, l1b, emb], model, b)
     for norm, (x, y) in zip([l0a, l0b, emb], [seen[0], seen[1], seen[4]]):  # exact: mean and variance
@@ -201,7 +201,7 @@ def test_replaced_ops_train_and_are_scored_again_from_the_checkpoint(kinds, tiny
     assert rec["best"] == reference_dev(tiny_bert, state_dict, approx, dev)  # the record's dev figure, evaluated afresh
     loaded, _ = load_model(tmp_path / "m.pt")
     assert [type(layer.intermediate.intermediate_act_fn).__name__ for layer in loaded.bert.encoder.layer] == ["Activation"] * 2
-    assert [type(n).__name__ for layer in loaded.bert.encoder.layer for n in layer_norms(layer)] == ["ApproxLayerNorm"] * 2 + ["LayerNorm"] * 2
+    assert [type(n).__name__ for layer in loaded.bert.encoder.layer for n in layer_norms(layer).values()] == ["ApproxLayerNorm"] * 2 + ["LayerNorm"] * 2
     stock = BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     stock.load_state_dict(state_dict, strict=True)  # the same keys and shapes as stock BERT's
     code, out, err = run_script(monkeypatch, capsys, "validate.py", tmp_path / "m.pt", "--data-dir", tiny_mrpc, "--json", "--results-dir", tmp_path)
