@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_script
 
 from cgf_bert.analysis.ranges import (
     PERCENTILES,
@@ -320,18 +321,7 @@ def test_module_end_to_end(checkpoints, tiny_mrpc, tmp_path):
 
 def run_in_process(monkeypatch, capsys, *argv):
     """The module's main under run_main, in this process: (exit code, stdout, stderr)."""
-    from experiments import attention_analysis
-
-    from cgf_bert.cli import run_main
-
-    monkeypatch.setattr(sys, "argv", ["attention_analysis.py", *map(str, argv)])
-    code = 0
-    try:
-        run_main(attention_analysis.main)
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_script(monkeypatch, capsys, "experiments.attention_analysis", *argv)
 
 
 def test_as_softmax_scores_the_teacher_as_the_cgf_student(checkpoints, tiny_mrpc, tmp_path, monkeypatch, capsys):

@@ -1,4 +1,7 @@
-"""Experiment modules and the summary builder, end to end on the tiny model."""
+"""Experiment modules and the summary builder, end to end on the tiny model.
+
+Each module's first run here is a process of its own (``module``); its reruns and refusals call
+its ``main`` in this process (``in_process``: the same code, without the start-up)."""
 
 import dataclasses
 import json
@@ -6,6 +9,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import run_script
 
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.softmax import softmax_spec
@@ -26,7 +31,14 @@ def module(name, *args):
     return p.stdout
 
 
-def test_coeff_sweep_trains_once_then_reuses_records(tiny_bert, tiny_mrpc, tmp_path):
+def in_process(monkeypatch, capsys, name, *args):
+    """``name``'s stdout, its main run in this process; it must succeed."""
+    code, out, err = run_script(monkeypatch, capsys, name, *args)
+    assert code == 0, err[-3000:]
+    return out
+
+
+def test_coeff_sweep_trains_once_then_reuses_records(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, capsys):
     args = ["--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--batch-size", 8,
             "--coeffs", 0.5, 0.7, "--seeds", 1, "--results-dir", tmp_path]
     out = module("experiments.coeff_sweep", *args)
@@ -36,11 +48,10 @@ def test_coeff_sweep_trains_once_then_reuses_records(tiny_bert, tiny_mrpc, tmp_p
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert "no exact run on every seed" in out
     # with an exact run of the same seed on record, the sweep draws it as the line to reach (and trains nothing)
-    subprocess.run([sys.executable, "finetune.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", "1", "--batch-size", "8",
-                    "--seed", "1", "--results-dir", tmp_path], cwd=FINETUNING, check=True, capture_output=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    in_process(monkeypatch, capsys, "finetune.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--batch-size", 8,
+               "--seed", 1, "--results-dir", tmp_path)
     (exact,) = [json.loads(p.read_text()) for p in tmp_path.glob("*-finetune-exact-s1.json")]
-    out = module("experiments.coeff_sweep", *args)
+    out = in_process(monkeypatch, capsys, "experiments.coeff_sweep", *args)
     assert len(list(tmp_path.glob("*.json"))) == 3  # nothing retrained
     summary = json.loads(sorted(tmp_path.glob("experiments/coeff_sweep-*.json"))[-1].read_text())
     assert summary["exact_accuracy"] == [exact["best"]["accuracy"]] and summary["exact_records"] == [exact["name"]]
@@ -71,14 +82,15 @@ def test_records_made_before_specs_are_found(tmp_path):
     assert find_record(dataclasses.replace(cfg, approx=Approximations(softmax=softmax_spec("cgf", coeff=0.5))), dcfg, tmp_path) is None
 
 
-def test_exact_vs_cgf_swap_and_paired(tiny_bert, tiny_mrpc, tmp_path):
+def test_exact_vs_cgf_swap_and_paired(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, capsys):
     common = ["--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--batch-size", 8, "--results-dir", tmp_path]
     module("experiments.exact_vs_cgf", *common, "--swap-coeffs", "--paired", "--coeff", 0.65, "--seeds", 1, 2)
     recs = [json.loads(p.read_text()) for p in tmp_path.glob("*.json")]
     assert sorted((r["config"]["approx"]["softmax"]["name"], r["seed"]) for r in recs) == [("cgf", 1), ("cgf", 2), ("exact", 1), ("exact", 2)]
     assert {r["config"]["approx"]["softmax"].get("coeff") for r in recs} == {None, 0.65}
     exact = next(r for r in recs if r["config"]["approx"]["softmax"]["name"] == "exact")
-    out = module("experiments.exact_vs_cgf", *common, "--checkpoint", Path(exact["checkpoint"]).resolve(), "--swap-coeffs", 0.5, 1.0)
+    out = in_process(monkeypatch, capsys, "experiments.exact_vs_cgf", *common, "--checkpoint", Path(exact["checkpoint"]).resolve(),
+                     "--swap-coeffs", 0.5, 1.0)
     summary = sorted(tmp_path.glob("experiments/exact_vs_cgf-*.json"))[-1]
     rows = json.loads(summary.read_text())["swap"]["rows"]
     assert [r["label"] for r in rows] == ["exact", "cgf c=0.5", "cgf c=1"]
@@ -166,7 +178,7 @@ def test_seed_statistics():
     assert fmt_pm([0.8, 0.82]) == "81.00 ± 1.41" and fmt_pm([]) == "—" and fmt_pm([0.8]) == "80.00"
 
 
-def test_poly_swap_scores_a_cgf_checkpoint_with_polynomial_exps(tiny_bert, tiny_mrpc, tmp_path):
+def test_poly_swap_scores_a_cgf_checkpoint_with_polynomial_exps(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, capsys):
     from cgf_bert.model.bert import build_model
     from cgf_bert.store.checkpoint import save_checkpoint
 
@@ -180,9 +192,8 @@ def test_poly_swap_scores_a_cgf_checkpoint_with_polynomial_exps(tiny_bert, tiny_
     assert rows[1]["accuracy"] == rows[0]["accuracy"] and rows[1]["agreement"] == 1.0 and rows[1]["depth"] == 3 + (4 + 1 + 5)
     assert rows[1]["out_of_range"]["outside"] == 0 and rows[2]["out_of_range"]["outside"] > 0
     assert "cgf_poly c=0.5 d=10" in out and len(list(tmp_path.glob("experiments/poly_swap-*.png"))) == 1
-    p = subprocess.run([sys.executable, "-m", "experiments.poly_swap", ckpt, "--settings", "8,-32,32"], cwd=FINETUNING,
-                       capture_output=True, text=True)
-    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+    code, _, err = run_script(monkeypatch, capsys, "experiments.poly_swap", ckpt, "--settings", "8,-32,32")
+    assert code == 2 and err.strip().splitlines() == [
         "poly_swap.py: error: argument --settings: takes DEGREE,LO,HI,SQUARINGS (e.g. 8,-32,32,5), got '8,-32,32'"]
 
 

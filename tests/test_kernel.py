@@ -2,14 +2,12 @@
 analytic Gram, the chunked kernel is the plain Jacobian's, and the solvers fit a separable set."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
-from test_experiments import FINETUNING, module
+from conftest import run_script, tiny_config
+from test_experiments import in_process, module
 
 from cgf_bert.analysis.kernel import EvalLogits, alignment, cka, gradient_fn, k_shot, logistic, lstsq, nested, ntk, solve_all
 from cgf_bert.approx.softmax import softmax_spec
@@ -133,7 +131,7 @@ def test_eval_logits_keep_the_last_evaluation():
     torch.testing.assert_close(hook.result(), torch.cat([a, b]).detach())
 
 
-def test_kernel_view_script(tiny_bert, tiny_mrpc, tmp_path):
+def test_kernel_view_script(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, capsys):
     from cgf_bert.model.bert import build_model
     from cgf_bert.store.checkpoint import save_checkpoint
 
@@ -142,7 +140,7 @@ def test_kernel_view_script(tiny_bert, tiny_mrpc, tmp_path):
     common = ["--data-dir", tiny_mrpc, "--k-small", 2, "--k-large", 4, "--subsets", 2, "--limit-dev", 10, "--row-chunk", 5]
     module("experiments.kernel_view", "--checkpoint", a, *common, "--out-dir", tmp_path / "first")
     (first,) = (tmp_path / "first").glob("kernel_view-*.json")
-    out = module("experiments.kernel_view", "--checkpoint", b, "--reuse", first, *common, "--out-dir", tmp_path / "probes")
+    out = in_process(monkeypatch, capsys, "experiments.kernel_view", "--checkpoint", b, "--reuse", first, *common, "--out-dir", tmp_path / "probes")
     (path,) = (tmp_path / "probes").glob("kernel_view-*.json")
     rec = json.loads(path.read_text())
     assert [e["softmax"] for e in rec["checkpoints"]] == ["exact", "cgf c=0.5"]
@@ -153,6 +151,5 @@ def test_kernel_view_script(tiny_bert, tiny_mrpc, tmp_path):
     assert runs[0]["fine_tune"]["steps"] == 1 and set(runs[0]["kernels"]) == {"sgd", "sign"}
     assert len(rec["comparison"]) == 4 and rec["data"]["dev_examples"] == 10
     assert (tmp_path / "probes" / Path(rec["figure"]).name).exists() and "fine-tune" in out
-    p = subprocess.run([sys.executable, "-m", "experiments.kernel_view", "--checkpoint", b, "--reuse", first, *map(str, common),
-                        "--ridge", "0.5"], cwd=FINETUNING, capture_output=True, text=True)
-    assert p.returncode == 2 and "ran with other settings (ridge)" in p.stderr
+    code, _, err = run_script(monkeypatch, capsys, "experiments.kernel_view", "--checkpoint", b, "--reuse", first, *common, "--ridge", 0.5)
+    assert code == 2 and "ran with other settings (ridge)" in err and len(err.strip().splitlines()) == 1

@@ -1,5 +1,8 @@
 """The sweep queue (experiments.run_plan): skips runs that have a record, runs the rest N at a
-time, fails a run with its log named, restarts cleanly after a kill, prints commands."""
+time, fails a run with its log named, restarts cleanly after a kill, prints commands.
+
+The runs are processes of their own in every test (that is the queue's job); the runner itself
+is a process of its own where it is killed, and elsewhere runs in this process (``run_plan``)."""
 
 import json
 import os
@@ -10,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_script
 
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.softmax import softmax_spec
@@ -59,17 +63,29 @@ def plan(tmp_path):
     return path
 
 
-def run_plan(*args, env=None, **kw):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "experiments.run_plan", *map(str, args)], cwd=FINETUNING, capture_output=True,
-                          text=True, env=env, timeout=600, **kw)
+@pytest.fixture
+def run_plan(monkeypatch, capsys):
+    """``run_plan(*args, env={...})``: the runner's main in this process, the runs' environment
+    extended with ``env``; its exit code, stdout and stderr as a finished process's."""
+
+    def run(*args, env=None):
+        for k, v in {"HF_HUB_OFFLINE": "1", **(env or {})}.items():
+            monkeypatch.setenv(k, v)
+        handler = signal.getsignal(signal.SIGTERM)  # the runner makes SIGTERM stop its runs; not pytest's
+        try:
+            code, out, err = run_script(monkeypatch, capsys, "experiments.run_plan", *args)
+        finally:
+            signal.signal(signal.SIGTERM, handler)
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
 
 
 def seeds_recorded(results: Path) -> list[int]:
     return sorted(json.loads(p.read_text())["config"]["seed"] for p in results.glob("*.json"))
 
 
-def test_print_commands_lists_the_runs_without_a_record(plan, tmp_path):
+def test_print_commands_lists_the_runs_without_a_record(plan, tmp_path, run_plan):
     p = run_plan(plan, "--print-commands")
     assert p.returncode == 0, p.stderr
     fake, results = tmp_path / "fake.py", tmp_path / "results"
@@ -77,7 +93,7 @@ def test_print_commands_lists_the_runs_without_a_record(plan, tmp_path):
     assert seeds_recorded(results) == [1]  # nothing ran
 
 
-def test_runs_the_rest_two_at_a_time_then_skips_everything(plan, tmp_path):
+def test_runs_the_rest_two_at_a_time_then_skips_everything(plan, tmp_path, run_plan):
     p = run_plan(plan, "--workers", 2, "--cores", 4, "--log-dir", tmp_path / "logs")
     assert p.returncode == 0, p.stderr
     out = p.stdout
@@ -90,7 +106,7 @@ def test_runs_the_rest_two_at_a_time_then_skips_everything(plan, tmp_path):
     assert seeds_recorded(tmp_path / "results") == [1, 2, 3]
 
 
-def test_a_failed_run_is_named_with_its_log_and_the_others_finish(plan, tmp_path):
+def test_a_failed_run_is_named_with_its_log_and_the_others_finish(plan, tmp_path, run_plan):
     p = run_plan(plan, "--workers", 2, "--log-dir", tmp_path / "logs", env={"FAKE_FAIL_SEED": "2"})
     assert p.returncode == 1
     assert f"FAIL  [2] exit code 1 after" in p.stdout and f"log: {tmp_path / 'logs' / '002.log'}" in p.stdout
@@ -99,9 +115,10 @@ def test_a_failed_run_is_named_with_its_log_and_the_others_finish(plan, tmp_path
     assert seeds_recorded(tmp_path / "results") == [1, 3]
 
 
-def test_a_plan_killed_midway_restarts_cleanly(plan, tmp_path):
+def test_a_plan_killed_midway_restarts_cleanly(plan, tmp_path, run_plan):
     """Kill the runner and its runs (one process group, as Ctrl-C or a lost job would) while
-    both runs are under way: no record appears; the same command then runs exactly those two."""
+    both runs are under way: no record appears; the same command then runs exactly those two.
+    (The runner's end-to-end run: a process of its own, as a shell starts it.)"""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FAKE_SLEEP": "60"}
     proc = subprocess.Popen([sys.executable, "-m", "experiments.run_plan", str(plan), "--workers", "2", "--log-dir", str(tmp_path / "logs")],
                             cwd=FINETUNING, stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
@@ -122,14 +139,14 @@ def test_a_plan_killed_midway_restarts_cleanly(plan, tmp_path):
     assert seeds_recorded(tmp_path / "results") == [1, 2, 3]
 
 
-def test_a_bad_flag_in_any_run_stops_the_plan_before_it_starts(plan, tmp_path):
+def test_a_bad_flag_in_any_run_stops_the_plan_before_it_starts(plan, tmp_path, run_plan):
     plan.write_text(plan.read_text() + '[[run]]\nscript = "finetune.py"\nargs = ["--lr", "nan"]\n')
     p = run_plan(plan, "--log-dir", tmp_path / "logs")
     assert p.returncode == 2 and not (tmp_path / "logs").exists()
     assert p.stderr == f"error: {plan}: run 4: finetune.py: error: argument --lr: must be finite and > 0, got 'nan'\n"
 
 
-def test_the_real_finetune_script_is_matched_to_its_record(tiny_bert, tiny_mrpc, tmp_path):
+def test_the_real_finetune_script_is_matched_to_its_record(tiny_bert, tiny_mrpc, tmp_path, run_plan):
     """finetune.py itself on the tiny model: run once, then found by its record (a JSON plan)."""
     results = tmp_path / "results"
     plan = tmp_path / "plan.json"

@@ -1,11 +1,12 @@
 """loss_ablation, variant_compare and layer_sensitivity end to end on the tiny model: they train what
-is missing, reuse what is on record, and write their summary and plot."""
+is missing, reuse what is on record, and write their summary and plot. Each module's first run is
+a process of its own; the runs that set up or repeat one call the scripts in this process."""
 
 import json
 import subprocess
 import sys
 
-from test_experiments import FINETUNING, module
+from test_experiments import FINETUNING, in_process, module
 
 
 def common(tiny_bert, tiny_mrpc, tmp_path):
@@ -19,7 +20,7 @@ def summary(tmp_path, name):
     return json.loads(path.read_text())
 
 
-def test_loss_ablation(tiny_bert, tiny_mrpc, tmp_path):
+def test_loss_ablation(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, capsys):
     args = [*common(tiny_bert, tiny_mrpc, tmp_path), "--teacher", tmp_path / "teacher.pt", "--seeds", 1,
             "--settings", "recipe", "attn_kl=1+cka_inter=0.5"]
     out = module("experiments.loss_ablation", *args)
@@ -31,16 +32,18 @@ def test_loss_ablation(tiny_bert, tiny_mrpc, tmp_path):
     assert [r["setting"] for r in s["rows"]] == ["KD beta=10 (pretrained init)", "+ attn_kl=1+cka_inter=0.5"]
     # the teacher, fine-tuned here on seed 1 because none existed, is the exact run it pairs with
     assert s["rows"][1]["vs_base"]["seeds"] == [1] and s["rows"][0]["vs_exact"]["seeds"] == [1]
-    module("experiments.loss_ablation", *args, "--no-train")
+    in_process(monkeypatch, capsys, "experiments.loss_ablation", *args, "--no-train")
     assert len(list(tmp_path.glob("*-distill-*.json"))) == 2  # reused, nothing retrained
+    # the experiment modules' refusal, end to end: exit 2, one line naming the valid terms
     bad = subprocess.run([sys.executable, "-m", "experiments.loss_ablation", "--settings", "attn_kk=1"], cwd=FINETUNING, capture_output=True, text=True)
     assert bad.returncode == 2 and "attn_kl" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and bad.stderr.startswith("error: unknown loss 'attn_kk'"), bad.stderr
 
 
-def test_variant_compare(tiny_bert, tiny_mrpc, tmp_path):
+def test_variant_compare(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, capsys):
     base = [*common(tiny_bert, tiny_mrpc, tmp_path), "--seeds", 1, "--methods", "ce"]
     args = [*base, "--variants", "quad2:shift=3"]
-    subprocess.run([sys.executable, "finetune.py", *map(str, common(tiny_bert, tiny_mrpc, tmp_path)), "--seed", "1"], cwd=FINETUNING, check=True, capture_output=True)
+    in_process(monkeypatch, capsys, "finetune.py", *common(tiny_bert, tiny_mrpc, tmp_path), "--seed", 1)
     out = module("experiments.variant_compare", *args)
     s = summary(tmp_path, "variant_compare")
     labels = [r["setting"] for r in s["rows"]]
@@ -52,15 +55,14 @@ def test_variant_compare(tiny_bert, tiny_mrpc, tmp_path):
     # a variant with no record has no row, and the others keep their own properties
     for f in tmp_path.glob("experiments/variant_compare-*"):
         f.unlink()
-    module("experiments.variant_compare", *base, "--variants", "relu_n", "quad2:shift=3", "--no-train")
+    in_process(monkeypatch, capsys, "experiments.variant_compare", *base, "--variants", "relu_n", "quad2:shift=3", "--no-train")
     s = summary(tmp_path, "variant_compare")
     assert [(r["setting"], r["input_division"]) for r in s["rows"]] == [("2quad c=3 CE", True)]
 
 
-def test_layer_sensitivity(tiny_bert, tiny_mrpc, tmp_path):
+def test_layer_sensitivity(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, capsys):
     ckpt = tmp_path / "exact.pt"
-    subprocess.run([sys.executable, "finetune.py", *map(str, common(tiny_bert, tiny_mrpc, tmp_path)), "--seed", "1", "-o", ckpt],
-                   cwd=FINETUNING, check=True, capture_output=True)
+    in_process(monkeypatch, capsys, "finetune.py", *common(tiny_bert, tiny_mrpc, tmp_path), "--seed", 1, "-o", ckpt)
     out = module("experiments.layer_sensitivity", *common(tiny_bert, tiny_mrpc, tmp_path), "--checkpoint", ckpt, "--train-seeds", 1)
     s = summary(tmp_path, "layer_sensitivity")
     assert [r["label"] for r in s["swap"]] == ["exact", "exact, layer 0 cgf c=0.5", "exact, layer 1 cgf c=0.5", "cgf c=0.5"]
