@@ -42,7 +42,7 @@ def register_loss(name: str, needs: tuple[str, ...] = ("logits",), params: tuple
     """Decorator: register ``fn`` as loss term ``name``."""
 
     def deco(fn):
-        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        doc = ((fn.__doc__ or "").strip().splitlines() or [""])[0]
         LOSSES[name] = LossKind(name, fn, frozenset(needs), tuple(params), uses_teacher, stateful, doc)
         return fn
 

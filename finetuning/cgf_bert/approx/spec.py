@@ -60,7 +60,7 @@ class Op:
         """Decorator: register ``fn`` as kind ``name`` of this op, with its parameters and properties."""
 
         def deco(fn):
-            doc = (fn.__doc__ or "").strip().splitlines()[0]
+            doc = ((fn.__doc__ or "").strip().splitlines() or [""])[0]
             self.kinds[name] = OpKind(self.name, name, fn, tuple(params), doc=doc, **props)
             return fn
 
