@@ -19,9 +19,12 @@ PRECISIONS = ("fp32", "bf16")  # training precisions (train.precision maps them 
 PRECISION = "fp32"  # the results table's precision; bf16 is a different recipe
 
 
-def _f(default, help: str, **kw):
+def flag_field(default, help: str, **kw):
     """A dataclass field whose ``help`` becomes the CLI flag's help text (``min``/``max``: its range)."""
     return field(default=default, metadata={"help": help, **kw})
+
+
+_f = flag_field  # short, for the many fields below
 
 
 @dataclass(frozen=True)

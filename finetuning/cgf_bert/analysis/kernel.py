@@ -33,6 +33,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 from tqdm.auto import tqdm
 
+from cgf_bert.config import flag_field as _f  # a config field with its flag's help
 from cgf_bert.data.loader import to_device
 from cgf_bert.model.steps import encoder_mask
 
@@ -311,8 +312,6 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------- settings
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cgf_bert.config import flag_field as _f  # a config field with its flag's help
 from cgf_bert.data.loader import to_device
 from cgf_bert.data.tasks import classification_metrics
 from cgf_bert.model.bert import BertMRPC
@@ -335,8 +336,6 @@ def plot_accuracy(entries: list[dict], path: str | Path) -> Path:
 # ---------------------------------------------------------------- settings and data
 
 
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass(frozen=True)

@@ -43,12 +43,11 @@ def _fit_params(what: str, degree: int, lo: float, hi: float, why: str) -> tuple
     )
 
 
-def _fit_label(name: str):
-    return lambda p: f"{name} d={p['degree']} [{p['lo']:g},{p['hi']:g}]"
-
-
-def _fit_slug(name: str):
-    return lambda p: f"{name}{p['degree']}_{p['lo']:g}_{p['hi']:g}"
+def _fit_kind(fn: str, name: str, slug: str) -> dict:
+    """The registry properties every Chebyshev-fit kind shares: label, slug, depth, interval, check, counting."""
+    return dict(label=lambda p: f"{name} d={p['degree']} [{p['lo']:g},{p['hi']:g}]",
+                slug=lambda p: f"{slug}{p['degree']}_{p['lo']:g}_{p['hi']:g}", depth=lambda p: _fit(fn, p).depth,
+                interval=lambda p: (p["lo"], p["hi"]), check=lambda p: _fit(fn, p), counts_outside=True, input_division=False)
 
 
 @GELU.register("exact")
@@ -62,8 +61,7 @@ def exact_gelu(x: torch.Tensor) -> torch.Tensor:
     # [-18, 25]: the MRPC dev range of every layer's GELU inputs in the teacher and the CGF student is
     # [-17, 24] (results/analysis/attention_analysis-20261125-040918.json); degree 64 is within 1.3e-3 there.
     _fit_params("GELU", 64, -18.0, 25.0, "inputs outside are counted, never clipped"),
-    label=_fit_label("gelu_poly"), slug=_fit_slug("gelupoly"), depth=lambda p: _fit("gelu", p).depth, interval=lambda p: (p["lo"], p["hi"]),
-    check=lambda p: _fit("gelu", p), counts_outside=True, input_division=False,
+    **_fit_kind("gelu", "gelu_poly", "gelupoly"),
 )
 def gelu_poly(x: torch.Tensor, degree: int = 64, lo: float = -18.0, hi: float = 25.0, counter=None) -> torch.Tensor:
     """GELU by its Chebyshev interpolant on [lo, hi] (what CKKS runs)."""
@@ -85,8 +83,7 @@ def exact_tanh(x: torch.Tensor) -> torch.Tensor:
 @POOLER.register(
     "tanh_poly",
     _fit_params("tanh", 32, -6.0, 6.0, "the pooler's inputs; outside are counted, never clipped"),
-    label=_fit_label("tanh_poly"), slug=_fit_slug("tanhpoly"), depth=lambda p: _fit("tanh", p).depth, interval=lambda p: (p["lo"], p["hi"]),
-    check=lambda p: _fit("tanh", p), counts_outside=True, input_division=False,
+    **_fit_kind("tanh", "tanh_poly", "tanhpoly"),
 )
 def tanh_poly(x: torch.Tensor, degree: int = 32, lo: float = -6.0, hi: float = 6.0, counter=None) -> torch.Tensor:
     """tanh by its Chebyshev interpolant on [lo, hi]."""
