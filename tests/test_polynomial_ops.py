@@ -46,6 +46,31 @@ def test_gelu_poly_default_is_close_on_the_measured_range_and_counts_what_leaves
     assert spec.depth == 7  # ceil(log2 64) + 1
 
 
+@pytest.mark.parametrize("lo, hi, degree", [(-18.0, 25.0, 64), (-48.0, 48.0, 128)])
+def test_the_tabulated_fit_is_the_polynomial_to_float32_rounding_and_so_is_its_gradient(lo, hi, degree):
+    # reference: the same Chebyshev series by numpy in float64 (Clenshaw of this module not involved)
+    import numpy as np
+
+    fit = ChebyshevFit("gelu", degree, lo, hi)
+    series = np.polynomial.chebyshev.Chebyshev(fit.coeffs, domain=[lo, hi])
+    x = torch.linspace(lo - 0.5, hi + 0.5, 200_001)  # a little outside too: Clenshaw's values there
+    xg = x.clone().requires_grad_()
+    y = fit.tabulated(xg)
+    y.sum().backward()
+    inside = ((x >= lo) & (x <= hi)).numpy()
+    xs = x.double().numpy()[inside]
+    scale = np.abs(series(xs)).max()
+    assert np.abs(y.detach().double().numpy()[inside] - series(xs)).max() <= 4 * 2**-23 * scale  # a few float32 ulps of the outputs
+    assert np.abs(xg.grad.double().numpy()[inside] - series.deriv()(xs)).max() <= 1e-3 * np.abs(series.deriv()(xs)).max()
+    assert torch.equal(y.detach()[~inside], fit(x)[~inside])  # outside: Clenshaw's own float32 values, not the table
+    assert torch.isnan(fit.tabulated(torch.tensor([float("nan"), 0.0])))[0]  # nan stays nan, not a table entry
+
+
+def test_gelu_poly_in_float64_is_clenshaw_itself():
+    x = torch.linspace(-18, 25, 1001, dtype=torch.float64)
+    assert torch.equal(Spec.make("gelu", "gelu_poly")(x), ChebyshevFit("gelu", 64, -18.0, 25.0)(x))
+
+
 def test_quad_is_mpcformers_formula():
     x = torch.tensor([-2.0, 0.0, 1.0, 3.0])
     torch.testing.assert_close(Spec.make("gelu", "quad")(x), torch.tensor([0.5, 0.5, 0.875, 2.375]))

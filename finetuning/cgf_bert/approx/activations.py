@@ -28,11 +28,12 @@ def _fit(fn: str, p: dict) -> ChebyshevFit:
         raise CgfBertError(str(e)) from None
 
 
-def _fitted(fn: str, x: torch.Tensor, p: dict, counter) -> torch.Tensor:
+def _fitted(fn: str, x: torch.Tensor, p: dict, counter, tabulated: bool = False) -> torch.Tensor:
     fit = _fit(fn, p)
     if counter is not None:
         counter.add(x.detach(), fit.lo, fit.hi)
-    return fit(x)
+    # float64 is the references' dtype: Clenshaw itself there; the table elsewhere, where asked
+    return fit.tabulated(x) if tabulated and x.dtype != torch.float64 else fit(x)
 
 
 def _fit_params(what: str, degree: int, lo: float, hi: float, why: str) -> tuple[Param, ...]:
@@ -65,7 +66,8 @@ def exact_gelu(x: torch.Tensor) -> torch.Tensor:
 )
 def gelu_poly(x: torch.Tensor, degree: int = 64, lo: float = -18.0, hi: float = 25.0, counter=None) -> torch.Tensor:
     """GELU by its Chebyshev interpolant on [lo, hi] (what CKKS runs)."""
-    return _fitted("gelu", x, dict(degree=degree, lo=lo, hi=hi), counter)
+    # the table, not Clenshaw: the feed-forward's inner states are the widest tensors of the model
+    return _fitted("gelu", x, dict(degree=degree, lo=lo, hi=hi), counter, tabulated=True)
 
 
 @GELU.register("quad", label=lambda p: "quad", slug=lambda p: "quad", depth=lambda p: 1, input_division=False)

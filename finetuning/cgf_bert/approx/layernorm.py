@@ -54,7 +54,7 @@ LN_POLY_PARAMS = (
     # (results/analysis/attention_analysis-20261125-040918.json); a CGF student's layer 0 reaches 5.3e4.
     Param("var_lo", float, 0.1, "lower end of the variance interval (v = var + eps)", above=0.0),
     Param("var_hi", float, 130.0, "upper end of the variance interval; variances outside are counted, never clipped", above=0.0),
-    Param("newton", int, 3, "Newton steps y <- y (3 - v y^2) / 2 after the polynomial's first guess", min=0, max=8),
+    Param("newton", int, 3, "Newton steps y <- y (3 - v y^2) / 2 after the polynomial's first guess", min=0, max=16),
 )
 
 

@@ -232,7 +232,9 @@ def _train_epoch(net, train_step, loader, optimizer, scheduler, device, epoch, e
         values = distributed.global_values({"loss": loss.detach(), **terms}, weight, d)
         if not math.isfinite(values["loss"]):
             kept = f"the best checkpoint so far (epoch {result.best_epoch}) is kept" if result.best_epoch else "no checkpoint was written"
-            raise NonFiniteLoss(f"loss is {values['loss']} at epoch {epoch}, step {step}; {kept}. Try a lower --lr or --coeff.")
+            bad = ", ".join(k for k, v in terms.items() if not math.isfinite(values[k]))
+            raise NonFiniteLoss(f"loss is {values['loss']} at epoch {epoch}, step {step}{f' (not finite: {bad})' if bad else ''}; {kept}. "
+                                "Try a lower --lr or --coeff, or wider intervals for the polynomial ops.")
         optimizer.zero_grad(set_to_none=True)
         (loss if weight == 1.0 else loss * weight).backward()  # DDP averages over processes: weights make it the batch mean
         if max_grad_norm > 0:
