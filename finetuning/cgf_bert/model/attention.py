@@ -41,8 +41,9 @@ def attention_forward(
     if scaling is None:
         scaling = query.size(-1) ** -0.5
     if spec.kind.float32_scores:
+        dtype = torch.promote_types(query.dtype, torch.float32)  # at least float32: float64 stays float64
         with torch.autocast(device_type=query.device.type, enabled=False):
-            scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * scaling  # (B, H, Q, K)
+            scores = torch.matmul(query.to(dtype), key.to(dtype).transpose(2, 3)) * scaling  # (B, H, Q, K)
     else:
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, Q, K)
     probs = spec(scores, attention_mask, counter=getattr(module, "outside_counter", None))  # a counter only while counting

@@ -1,0 +1,515 @@
+"""The whole student as one CKKS circuit: every encoder layer, the pooler and the classifier, on slot operations.
+
+Protocol. The client tokenizes, embeds (the embedding tables and their LayerNorm are public: they
+run in the clear at the client) and encrypts the embedding output; the server holds every other
+weight in plaintext, evaluates the circuit below on the ciphertext and returns the encrypted
+logits; only the client decrypts. Every non-linear op is the polynomial the checkpoint's spec
+declares (``cgf_poly`` or ``exact_poly``, ``gelu_poly``/``quad``, ``ln_poly``/``ln_affine``,
+``tanh_poly``): the plaintext reference is the same model in torch with those specs.
+
+Layout (``TokenLayout``): token-major rows. Row ``t`` of a ciphertext holds token ``t``'s features
+in slots ``[t*W, t*W + d)`` (``W`` a power of two >= hidden, the rest 0), ``rows = slots / W``
+tokens per ciphertext (64 at desilofhe's 32,768 bootstrappable slots and W = 512). A vector wider
+than W (the feed-forward's 1,536) is several ciphertexts, one W-wide block of columns each.
+
+- Linear layers (plaintext weights): each block pair by its diagonals, baby-step giant-step
+  (``ops.times_values`` with one matrix shared by every row; one level). The affine maps of the
+  polynomials that follow (onto Chebyshev's [-1, 1]) and the attention's 1/sqrt(d_head) fold into
+  the weights: no level.
+- Q K^T, both encrypted, by key offsets: ciphertext ``r`` is ``Q * rot(K, r*W)`` summed over each
+  head's d_head slots, so slot ``t*W + h*d_head`` holds head h's score of query t against key
+  ``(t + r) mod rows``. A row's statistics (mean, variance, the exact softmax's total) are sums
+  over the offsets: additions, no rotations. One level for the product.
+- The softmax runs elementwise on the offsets' ciphertexts with its spec's polynomial exp.
+- P V, V encrypted: ``sum_r bcast(p_r) * rot(V, r*W)``, ``bcast`` copying each head's probability
+  over its d_head slots (rotations). One level.
+- LayerNorm: row totals by rotations (``log2 W``), a plaintext 1/d on the first slot of each row
+  and its broadcast; the variance as ``E[x^2] - mean^2``; then the kind's own work.
+
+Bootstrapping (``Refresher``): before each step a ciphertext whose level is below what the step
+consumes is bootstrapped, scaled into [-1, 1] by a public bound first (bounds calibrated on
+training examples, ``calibrate``). Each stage's levels, bootstraps and operations are counted
+(``StageLog``); on ``LevelledNumpyOps`` the same circuit runs on numpy slot vectors, so the plan
+(where the bootstraps fall, how many) and the result are known before anything is encrypted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from cgf_bert import CgfBertError
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.chebyshev import ChebyshevFit
+from cgf_bert.approx.polyexp import PolyExp
+from cgf_bert.approx.reciprocal import linear_guess
+from cgf_bert.approx.softmax import exact_poly_iters
+from cgf_bert.fhe.ops import LevelledNumpyOps, Levelled, baby_step, broadcast, chebyshev_series, repeated_squaring, rotsum
+from cgf_bert.fhe.references import _unit_map
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """``rows`` tokens of ``width`` slots per ciphertext (width a power of two)."""
+
+    slots: int
+    width: int
+
+    def __post_init__(self):
+        if self.width & (self.width - 1) or self.slots % self.width:
+            raise CgfBertError(f"a token row must be a power-of-two width dividing the slots, got {self.width} of {self.slots}")
+
+    @classmethod
+    def for_model(cls, slots: int, hidden: int) -> "TokenLayout":
+        return cls(slots, 1 << (hidden - 1).bit_length())
+
+    @property
+    def rows(self) -> int:
+        return self.slots // self.width
+
+    def blocks(self, dim: int) -> int:
+        return -(-dim // self.width)
+
+    def pack(self, x: np.ndarray) -> list[np.ndarray]:
+        """(T, dim) -> one (slots,) vector per W-wide block of columns (rows past T and columns past dim 0)."""
+        t, dim = x.shape
+        if t > self.rows:
+            raise CgfBertError(f"{t} tokens do not fit a ciphertext of {self.rows} rows of {self.width} slots")
+        out = []
+        for b in range(self.blocks(dim)):
+            v = np.zeros((self.rows, self.width))
+            cols = x[:, b * self.width:(b + 1) * self.width]
+            v[:t, :cols.shape[1]] = cols
+            out.append(v.ravel())
+        return out
+
+    def unpack(self, vs: list[np.ndarray], t: int, dim: int) -> np.ndarray:
+        return np.concatenate([v.reshape(self.rows, self.width) for v in vs], axis=1)[:t, :dim]
+
+    def tile(self, row: np.ndarray) -> np.ndarray:
+        """A (width,) pattern repeated on every row."""
+        return np.tile(row, self.rows)
+
+
+def row_matmul(ops, x, matrix: np.ndarray, lay: TokenLayout, rows: np.ndarray):
+    """Every row of ``x`` times one plaintext ``matrix`` (in <= W, out <= W): ``y[t, i] = rows[t] *
+    sum_k x[t, k] M[k, i]`` by the diagonals ``j = k - i`` (zero where ``k`` leaves the row, so no
+    row reads its neighbour), baby-step giant-step as ``ops.times_values``. One level."""
+    W = lay.width
+    full = np.zeros((W, W))
+    full[:matrix.shape[0], :matrix.shape[1]] = matrix
+    dim = matrix.shape[1]
+    baby = baby_step(W, dim)
+    plan: dict[int, list] = {}
+    for j in range(-(dim - 1), W):
+        i = np.arange(max(0, -j), min(dim, W - j))
+        pattern = np.zeros(W)
+        pattern[i] = full[i + j, i]
+        if pattern.any():
+            g, b = divmod(j, baby)
+            plan.setdefault(g * baby, []).append((b, pattern))
+    babies = {b: ops.rotate(x, b) for b in sorted({b for terms in plan.values() for b, _ in terms})}
+    out = None
+    for shift, terms in plan.items():
+        inner = None
+        for b, pattern in terms:
+            term = ops.mul_plain(babies[b], np.roll(np.outer(rows, pattern).ravel(), shift))
+            inner = term if inner is None else ops.add(inner, term)
+        inner = ops.rotate(inner, shift)
+        out = inner if out is None else ops.add(out, inner)
+    return out
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+@dataclass
+class StageLog:
+    """Per stage (e.g. 'layer 0 / softmax'): seconds, operations, bootstraps, level in and out."""
+
+    stages: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    current: str = "input"
+
+    def count(self, what: str, n: float = 1.0):
+        self.stages[self.current][what] += n
+
+    def table(self) -> list[dict]:
+        return [{"stage": k, **{m: (round(v, 3) if isinstance(v, float) and not v.is_integer() else int(v)) for m, v in d.items()}}
+                for k, d in self.stages.items()]
+
+
+class Counted:
+    """Slot operations that count themselves into a ``StageLog`` (what each stage costs in ops)."""
+
+    COUNTED = ("mul", "square", "mul_plain", "rotate", "cheb_basis")
+
+    def __init__(self, ops, log: StageLog):
+        self.ops, self.log = ops, log
+
+    def __getattr__(self, name):
+        fn = getattr(self.ops, name)
+        if name not in self.COUNTED:
+            return fn
+
+        def counted(*a, **kw):
+            if name == "rotate" and a[1] == 0:
+                return fn(*a, **kw)
+            start = time.perf_counter()
+            out = fn(*a, **kw)
+            self.log.count(name)
+            self.log.count("seconds", time.perf_counter() - start)
+            return out
+
+        return counted
+
+
+class Refresher:
+    """Bootstraps a ciphertext when a step needs more levels than it has left.
+
+    ``ops.bootstrap(x, bound)`` scales by ``1/bound`` into the bootstrap's input range, refreshes
+    and scales back; ``bounds`` maps a call site to its public bound. With ``record=True`` every
+    site's largest |value| is recorded instead (calibration, numpy ops only); a value beyond its
+    bound is counted in ``overflows`` (the result would be wrong under CKKS), never hidden.
+    """
+
+    def __init__(self, ops, log: StageLog, top: int, bounds: dict[str, float] | None = None, record: bool = False):
+        self.ops, self.log, self.top = ops, log, top
+        self.bounds, self.record = dict(bounds or {}), record
+        self.seen: dict[str, float] = {}
+        self.overflows: dict[str, float] = {}
+
+    def __call__(self, x, need: int, site: str):
+        if need > self.top:
+            raise CgfBertError(f"{site} needs {need} levels in one step, more than the {self.top} a bootstrap gives")
+        if self.ops.level(x) >= need:
+            return x
+        peak = float(np.abs(self.ops.peek(x)).max()) if hasattr(self.ops, "peek") else None
+        if peak is not None:
+            self.seen[site] = max(self.seen.get(site, 0.0), peak)
+        bound = self.bounds.get(site)
+        if bound is None:
+            if not self.record:
+                raise CgfBertError(f"no bootstrap bound for {site!r}: calibrate first (encoder.calibrate)")
+            bound = max(peak, 1e-12)
+        if peak is not None and peak > bound:
+            self.overflows[site] = max(self.overflows.get(site, 0.0), peak / bound)
+        self.log.count("bootstraps")
+        start = time.perf_counter()
+        out = self.ops.bootstrap(x, bound)
+        self.log.count("bootstrap_seconds", time.perf_counter() - start)
+        return out
+
+
+class SimulatedCkks(LevelledNumpyOps):
+    """``LevelledNumpyOps`` with encryption at ``top`` levels and a bootstrap that restores ``top``
+    (the values unchanged: the simulation tests the circuit and its plan, not CKKS noise)."""
+
+    def __init__(self, slots: int, top: int):
+        super().__init__()
+        self.slots, self.top = slots, top
+
+    def encrypt(self, v: np.ndarray) -> Levelled:
+        return Levelled(np.asarray(v, dtype=np.float64), self.top)
+
+    def peek(self, x: Levelled) -> np.ndarray:
+        return x.slots
+
+    def bootstrap(self, x: Levelled, bound: float) -> Levelled:
+        return Levelled(x.slots, self.top)
+
+
+# --------------------------------------------------------------------------- the model's weights
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A BertMRPC's plaintext weights, as (in, out) matrices."""
+
+    layers: list
+    pooler: tuple
+    classifier: tuple
+    heads: int
+    hidden: int
+    eps: float
+
+    @classmethod
+    def of(cls, model) -> "Weights":
+        bert = model.bert
+        lin = lambda m: (_np(m.weight).T, _np(m.bias))  # noqa: E731
+        layers = []
+        for layer in bert.encoder.layer:
+            a = layer.attention
+            layers.append(dict(q=lin(a.self.query), k=lin(a.self.key), v=lin(a.self.value), o=lin(a.output.dense),
+                               ln1=(_np(a.output.LayerNorm.weight), _np(a.output.LayerNorm.bias)),
+                               up=lin(layer.intermediate.dense), down=lin(layer.output.dense),
+                               ln2=(_np(layer.output.LayerNorm.weight), _np(layer.output.LayerNorm.bias))))
+        return cls(layers, lin(bert.pooler.dense), lin(model.classifier), bert.config.num_attention_heads,
+                   bert.config.hidden_size, float(bert.config.layer_norm_eps))
+
+
+# --------------------------------------------------------------------------- the circuit
+
+
+def _unit(lo: float, hi: float) -> tuple[float, float]:
+    """``(A, B)``: ``t = A*x + B`` maps [lo, hi] onto [-1, 1]."""
+    return 2.0 / (hi - lo), -(lo + hi) / (hi - lo)
+
+
+class EncoderCircuit:
+    """The student's forward pass on one example's packed embedding output (see the module doc)."""
+
+    def __init__(self, weights: Weights, approx: Approximations, layout: TokenLayout):
+        for op, spec in approx.specs().items():
+            for i, s in enumerate(spec.per_layer(len(weights.layers))):
+                if s.depth is None:
+                    raise CgfBertError(f"{op} {s.label()} (layer {i}) is not a polynomial: no CKKS circuit evaluates it "
+                                       "(replace it by its polynomial kind, e.g. --softmax cgf_poly, --gelu gelu_poly)")
+        self.w, self.approx, self.lay = weights, approx, layout
+        if weights.hidden > layout.width:
+            raise CgfBertError(f"hidden size {weights.hidden} is wider than a token row ({layout.width} slots)")
+        self.dh = weights.hidden // weights.heads
+        self._plans: dict = {}
+
+    # -- building blocks
+
+    def linear(self, ops, xs: list, wb: tuple, scale: float = 1.0, shift: float = 0.0) -> list:
+        """``(x W + b) * scale + shift`` on W-wide blocks, rows past the example's tokens set to 0 (the
+        row mask rides on the diagonals and the bias: no level). One level."""
+        w, b = wb
+        lay, W = self.lay, self.lay.width
+        rows = (np.arange(lay.rows) < self._n).astype(np.float64)
+        out = []
+        for o in range(lay.blocks(w.shape[1])):
+            acc = None
+            cols = slice(o * W, (o + 1) * W)
+            for i, x in enumerate(xs):
+                block = w[i * W:(i + 1) * W, cols] * scale
+                if block.any():
+                    term = row_matmul(ops, x, block, lay, rows)
+                    acc = term if acc is None else ops.add(acc, term)
+            bias = np.zeros(W)
+            bo = b[cols] * scale + shift
+            bias[:len(bo)] = bo
+            out.append(ops.add_plain(acc, np.outer(rows, bias).ravel()))
+        return out
+
+    def row_mean(self, ops, x, dim: int, factor: float = 1.0):
+        """``factor * mean`` over each row's ``dim`` features, in every slot of the row. One level."""
+        first = np.zeros(self.lay.width)
+        first[0] = factor / dim
+        return broadcast(ops, ops.mul_plain(rotsum(ops, x, self.lay.width), self.lay.tile(first)), self.lay.width)
+
+    def layernorm(self, ops, boot, x, spec, wb: tuple, site: str):
+        """The spec's LayerNorm over ``hidden`` features of each row (``ln_poly`` or ``ln_affine``)."""
+        gamma, beta = (np.pad(v, (0, self.lay.width - len(v))) for v in wb)
+        d, p = self.w.hidden, spec.values
+        x = ops.add_plain(boot(x, 2, f"{site} input"), self._pad)  # rows past the tokens: variance 1, not 0
+        mean = self.row_mean(ops, x, d)
+        cw = ops.mul_plain(ops.sub(x, mean), self.lay.tile(gamma))  # (x - mean) * gamma
+        if spec.name == "ln_affine":
+            var = p["var_attention"] if site.endswith("ln1") else p["var_output"]
+            return ops.add_plain(ops.mul_plain(cw, np.full(self.lay.slots, (var + self.w.eps) ** -0.5)), self.lay.tile(beta))
+        fit = ChebyshevFit("rsqrt", p["degree"], p["var_lo"], p["var_hi"])
+        A, B = _unit(fit.lo, fit.hi)
+        sq = ops.square(x)
+
+        def scaled_var(f: float):  # f * (E[x^2] - mean^2) at 2 levels below x
+            return ops.sub(self.row_mean(ops, sq, d, f), ops.square(self.row_mean(ops, x, d, math.sqrt(f))))
+
+        t = ops.add_const(scaled_var(A), A * self.w.eps + B)  # the variance on [-1, 1]
+        half_v = ops.add_const(scaled_var(0.5), 0.5 * self.w.eps)  # v / 2, for Newton
+        t = boot(t, fit.depth, f"{site} rsqrt input")
+        y = chebyshev_series(ops, t, fit.coeffs, np.ones(self.lay.slots))
+        for _ in range(p["newton"]):  # y <- y (1.5 - (v/2) y^2): three levels
+            y, half_v = boot(y, 3, f"{site} newton y"), boot(half_v, 3, f"{site} newton v")
+            y = ops.mul(y, ops.add_const(ops.neg(ops.mul(ops.mul(half_v, y), y)), 1.5))
+        y, cw = boot(y, 1, f"{site} rsqrt"), boot(cw, 1, f"{site} centred")
+        return ops.add_plain(ops.mul(cw, y), self.lay.tile(beta))
+
+    def activation(self, ops, boot, t, spec, site: str):
+        """GELU or the pooler's tanh on an input already mapped onto the fit's [-1, 1] (or raw for quad)."""
+        if spec.name == "quad":
+            t = boot(t, 1, site)
+            return ops.add_plain(ops.add(ops.mul_plain(ops.square(t), np.full(self.lay.slots, 0.125)), ops.mul_plain(t, np.full(self.lay.slots, 0.25))), 0.5 * np.ones(self.lay.slots))
+        fit = self._fit(spec)
+        t = boot(t, fit.depth, site)
+        return chebyshev_series(ops, t, fit.coeffs, np.ones(self.lay.slots))
+
+    @staticmethod
+    def _fit(spec) -> ChebyshevFit:
+        fn = {"gelu_poly": "gelu", "tanh_poly": "tanh"}[spec.name]
+        return ChebyshevFit(fn, spec.values["degree"], spec.values["lo"], spec.values["hi"])
+
+    def _map_of(self, spec) -> tuple[float, float]:
+        """The affine map folded into the linear layer before an activation: onto the fit's [-1, 1]."""
+        if spec.name == "quad":
+            return 1.0, 0.0
+        fit = self._fit(spec)
+        return _unit(fit.lo, fit.hi)
+
+    # -- attention
+
+    def _offset_masks(self, n: int) -> dict[int, np.ndarray]:
+        """{offset r: slot mask}: 1 at slot ``t*W + h*d_head`` where query t < n and key (t + r) mod rows < n."""
+        lay, rows = self.lay, self.lay.rows
+        masks = {}
+        for r in range(rows):
+            t = np.arange(n)
+            ok = t[(t + r) % rows < n]
+            if not len(ok):
+                continue
+            m = np.zeros((rows, lay.width))
+            m[np.ix_(ok, np.arange(self.w.heads) * self.dh)] = 1.0
+            masks[r] = m.ravel()
+        return masks
+
+    def attention(self, ops, boot, x, i: int, n: int, log: StageLog):
+        lw, W, sm = self.w.layers[i], self.lay.width, self.approx.softmax.for_layer(i)
+        poly = PolyExp(sm.values["degree"], sm.values["exp_lo"], sm.values["exp_hi"], sm.values["squarings"])
+        log.current = f"layer {i} / Q K V"
+        x = boot(x, min(self._score_need(sm, poly) + 1, boot.top), f"layer {i} input")  # Q and K then need no bootstrap
+        (q,) = self.linear(ops, [x], lw["q"], scale=1.0 / math.sqrt(self.dh))
+        (k,) = self.linear(ops, [x], lw["k"])
+        (v,) = self.linear(ops, [x], lw["v"])
+        q, k = boot(q, self._score_need(sm, poly), f"layer {i} q"), boot(k, self._score_need(sm, poly), f"layer {i} k")
+        log.current = f"layer {i} / Q K^T"
+        masks = self._offset_masks(n)
+        scores = {r: rotsum(ops, ops.mul(q, ops.rotate(k, r * W)), self.dh) for r in masks}
+        log.current = f"layer {i} / softmax"
+        probs, scale = (self._cgf if sm.name == "cgf_poly" else self._exact)(ops, boot, scores, masks, n, sm, poly, i)
+        log.current = f"layer {i} / P V"
+        v = boot(v, 1, f"layer {i} v")
+        out = None
+        for r, p in probs.items():
+            p = boot(p, 1, f"layer {i} probs")
+            term = ops.mul(broadcast(ops, p, self.dh), ops.rotate(v, r * W))
+            out = term if out is None else ops.add(out, term)
+        log.current = f"layer {i} / output"
+        out = boot(out, 1, f"layer {i} context")
+        (o,) = self.linear(ops, [out], lw["o"], scale=1.0 / scale)
+        return o
+
+    def _score_need(self, sm, poly: PolyExp) -> int:
+        """Levels Q and K need so that no offset's ciphertext is bootstrapped before P V: the product,
+        the statistics (CGF's two levels; exact's one, then its product with the reciprocal), the
+        exp, and P V."""
+        return min(1 + 2 + poly.depth + 1, self._top)
+
+    def _cgf(self, ops, boot, scores, masks, n, sm, poly, i):
+        """CGF: ``PolyExp(s - mu - c var) * mask / n`` per offset; mu and var are sums over the offsets."""
+        a, b = _unit_map(poly)
+        c = sm.values["coeff"]
+        total = lambda f: self._sum(ops, {r: ops.mul_plain(s, masks[r] * f) for r, s in scores.items()})  # noqa: E731
+        amu, gmu = total(a / n), total(math.sqrt(a * c) / n)  # a mu, sqrt(a c) mu
+        sq = self._sum(ops, {r: ops.square(ops.mul_plain(s, masks[r] * math.sqrt(a * c / n))) for r, s in scores.items()})
+        shared = ops.add(ops.sub(sq, ops.square(gmu)), amu)  # a c var + a mu, 2 levels below the scores
+        weight_of = lambda r: masks[r] * (1.0 / n) ** (0.5**poly.squarings)  # noqa: E731
+        probs = {}
+        for r, s in scores.items():
+            t = ops.add_const(ops.sub(ops.mul_plain(s, masks[r] * a), shared), -b)  # to_unit(s - mu - c var)
+            t = boot(t, poly.depth, f"layer {i} exp input")
+            probs[r] = repeated_squaring(ops, chebyshev_series(ops, t, poly.coeffs, weight_of(r)), poly.squarings)
+        return probs, 1.0
+
+    def _exact(self, ops, boot, scores, masks, n, sm, poly, i):
+        """The exact softmax as CKKS runs it: ``PolyExp(s - mu)`` per offset, the total over the offsets,
+        its reciprocal by Goldschmidt on [sum_lo, sum_hi] (probabilities held as ``hi * p``)."""
+        a, b = _unit_map(poly)
+        mu = self._sum(ops, {r: ops.mul_plain(s, masks[r] * (a / n)) for r, s in scores.items()})  # a mu
+        es = {}
+        for r, s in scores.items():
+            t = ops.add_const(ops.sub(ops.mul_plain(s, masks[r] * a), mu), -b)
+            t = boot(t, poly.depth, f"layer {i} exp input")
+            es[r] = repeated_squaring(ops, chebyshev_series(ops, t, poly.coeffs, masks[r]), poly.squarings)
+        total = self._sum(ops, es)
+        first = (sum(masks.values()) > 0).astype(np.float64)
+        lo, hi = sm.values["sum_lo"], sm.values["sum_hi"]
+        alpha, beta = linear_guess((lo, hi))
+        iters = exact_poly_iters(sm.values)
+        total = boot(total, 2, f"layer {i} row total")
+        y = ops.add_plain(ops.mul_plain(total, -beta / hi * first), alpha * first)
+        if iters:
+            e = ops.add(ops.add_plain(ops.mul_plain(total, -alpha / hi * first), first),
+                        ops.square(ops.mul_plain(total, math.sqrt(beta) / hi * first)))
+            for it in range(iters):
+                y, e = boot(y, 1, f"layer {i} reciprocal y"), boot(e, 2, f"layer {i} reciprocal e")
+                y = ops.add(y, ops.mul(y, e))
+                if it + 1 < iters:
+                    e = ops.square(e)
+        y = boot(y, 1, f"layer {i} reciprocal")
+        return {r: ops.mul(boot(e_, 1, f"layer {i} exp"), y) for r, e_ in es.items()}, hi
+
+    @staticmethod
+    def _sum(ops, xs: dict):
+        out = None
+        for x in xs.values():
+            out = x if out is None else ops.add(out, x)
+        return out
+
+    # -- the whole forward
+
+    def forward(self, ops, boot, x, n: int, log: StageLog):
+        """Encrypted embedding output (one ciphertext) -> encrypted logits (slots 0 and 1 of row 0)."""
+        if n > self.lay.rows:
+            raise CgfBertError(f"{n} tokens do not fit a ciphertext of {self.lay.rows} token rows")
+        self._n, self._top = n, boot.top
+        pad = np.zeros((self.lay.rows, self.lay.width))
+        pad[n:, :self.w.hidden] = np.where(np.arange(self.w.hidden) % 2, -1.0, 1.0)  # mean 0, variance 1
+        self._pad = pad.ravel()
+        L = len(self.w.layers)
+        lns, gelus = self.approx.layernorm.per_layer(L), self.approx.gelu.per_layer(L)
+        for i, lw in enumerate(self.w.layers):
+            h = ops.add(self.attention(ops, boot, x, i, n, log), x)
+            log.current = f"layer {i} / LayerNorm 1"
+            h = self.layernorm(ops, boot, boot(h, 1, f"layer {i} ln1"), lns[i], lw["ln1"], f"layer {i} ln1")
+            log.current = f"layer {i} / feed-forward"
+            A, B = self._map_of(gelus[i])
+            up = self.linear(ops, [boot(h, 1, f"layer {i} ffn input")], lw["up"], scale=A, shift=B)
+            act = [self.activation(ops, boot, u, gelus[i], f"layer {i} gelu") for u in up]
+            act = [boot(a, 1, f"layer {i} gelu out") for a in act]
+            down = self.linear(ops, act, lw["down"])[0]
+            log.current = f"layer {i} / LayerNorm 2"
+            x = self.layernorm(ops, boot, boot(ops.add(down, h), 1, f"layer {i} ln2"), lns[i], lw["ln2"], f"layer {i} ln2")
+        log.current = "pooler + classifier"
+        A, B = self._map_of(self.approx.pooler)
+        (pooled,) = self.linear(ops, [boot(x, 1, "pooler input")], self.w.pooler, scale=A, shift=B)
+        pooled = boot(self.activation(ops, boot, pooled, self.approx.pooler, "pooler tanh"), 1, "pooler out")
+        (logits,) = self.linear(ops, [pooled], self.w.classifier)
+        return logits
+
+
+# --------------------------------------------------------------------------- running it
+
+
+def embed(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> np.ndarray:
+    """The client's part: the embedding output (T, hidden) of one unpadded example, float64."""
+    bert = model.bert
+    with torch.no_grad():
+        e = bert.embeddings(input_ids=input_ids[None], token_type_ids=token_type_ids[None])
+    return _np(e[0])
+
+
+def reference_logits(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> np.ndarray:
+    """The plaintext reference: the model itself (its specs' polynomial forms), float64, one example."""
+    m = model.to(torch.float64)
+    with torch.no_grad():
+        out = m(input_ids=input_ids[None], attention_mask=torch.ones_like(input_ids)[None], token_type_ids=token_type_ids[None])
+    return _np(out["logits"][0])
+
+
+def run(circuit: EncoderCircuit, ops, boot: Refresher, emb: np.ndarray, log: StageLog) -> np.ndarray:
+    """Encrypt ``emb`` (T, hidden), run the circuit, decrypt the two logits."""
+    (x,) = [ops.encrypt(v) for v in circuit.lay.pack(emb)]
+    logits = circuit.forward(ops, boot, x, emb.shape[0], log)
+    return ops.decrypt(logits)[:2]

@@ -1,0 +1,130 @@
+"""The whole student as one CKKS circuit (``fhe.encoder``), on numpy slot vectors that count levels.
+
+The reference is independent of the circuit: the torch model itself in float64 with the same
+polynomial specs (``BertMRPC`` through transformers' BertModel), on a tiny random BERT.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cgf_bert import CgfBertError
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.spec import Spec
+from cgf_bert.fhe import encoder as E
+from cgf_bert.model.bert import build_model
+
+POLY = Approximations(softmax=Spec.make("softmax", "cgf_poly"), gelu=Spec.make("gelu", "gelu_poly"),
+                      layernorm=Spec.make("layernorm", "ln_poly", var_lo=0.01, var_hi=10.0, newton=4),
+                      pooler=Spec.make("pooler", "tanh_poly"))
+CHEAP = Approximations(softmax=Spec.make("softmax", "exact_poly", sum_lo=0.5, sum_hi=64.0, iters=6),
+                       gelu=Spec.make("gelu", "quad"), layernorm=Spec.make("layernorm", "ln_affine", var_attention=0.5, var_output=2.0),
+                       pooler=Spec.make("pooler", "tanh_poly"))
+
+
+def _model(tiny_bert, approx, seed=1):
+    torch.manual_seed(seed)
+    model = build_model(str(tiny_bert), approx).eval().double()
+    model.classifier.weight.data.normal_(0, 1.0)  # logits of order 1, not 1e-3: a meaningful tolerance
+    return model
+
+
+def _example(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 20, (n,), generator=g)
+    ids[0] = 2  # [CLS]
+    return ids, (torch.arange(n) >= n // 2).long()
+
+
+def _simulate(model, approx, n, top, slots=1024, bounds=None, record=True):
+    ids, tt = _example(n)
+    lay = E.TokenLayout.for_model(slots, model.bert.config.hidden_size)
+    circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
+    log = E.StageLog()
+    sim = E.SimulatedCkks(lay.slots, top)
+    boot = E.Refresher(sim, log, top, bounds=bounds, record=record)
+    out = E.run(circuit, E.Counted(sim, log), boot, E.embed(model, ids, tt), log)
+    return out, E.reference_logits(model, ids, tt), log, boot
+
+
+@pytest.mark.parametrize("approx", [POLY, CHEAP], ids=["cgf_poly+gelu_poly+ln_poly", "exact_poly+quad+ln_affine"])
+@pytest.mark.parametrize("n", [7, 32])  # 32 tokens: every row of the 1,024-slot ciphertext, every key offset
+def test_the_circuit_computes_the_models_logits(tiny_bert, approx, n):
+    model = _model(tiny_bert, approx)
+    out, ref, log, _ = _simulate(model, approx, n, top=10_000)
+    assert np.abs(ref).max() > 0.1
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-13)
+    assert not any(d.get("bootstraps") for d in log.stages.values())  # enough levels: nothing to refresh
+
+
+def test_with_17_levels_it_bootstraps_where_the_levels_run_out_and_computes_the_same(tiny_bert):
+    model = _model(tiny_bert, POLY)
+    out, ref, log, boot = _simulate(model, POLY, 9, top=17)
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-13)
+    assert sum(d.get("bootstraps", 0) for d in log.stages.values()) >= 2 * 4  # ln_poly's depth exceeds 17 alone
+    assert set(boot.seen)  # every site that bootstrapped recorded its largest value (the calibration)
+
+
+def test_levels_each_stage_consumes_are_the_declared_depths(tiny_bert):
+    """LayerNorm and GELU as the registry declares them; the softmax's offsets in this layout."""
+    model = _model(tiny_bert, POLY)
+    circuit = E.EncoderCircuit(E.Weights.of(model), POLY, E.TokenLayout.for_model(1024, 32))
+    circuit._n, circuit._top = 5, 10_000
+    circuit._pad = np.zeros(1024)
+    sim = E.SimulatedCkks(1024, 1000)
+    log = E.StageLog()
+    boot = E.Refresher(sim, log, 1000, record=True)
+    x = sim.encrypt(np.random.default_rng(0).normal(size=1024))
+    ln = POLY.layernorm.for_layer(0)
+    y = circuit.layernorm(sim, boot, x, ln, (np.ones(32), np.zeros(32)), "layer 0 ln1")
+    assert 1000 - y.level == ln.depth
+    g = circuit.activation(sim, boot, x, POLY.gelu, "gelu")
+    assert 1000 - g.level == POLY.gelu.depth
+
+
+def test_a_non_polynomial_op_is_refused_before_any_work(tiny_bert):
+    model = _model(tiny_bert, POLY)
+    with pytest.raises(CgfBertError, match="gelu exact .*not a polynomial"):
+        E.EncoderCircuit(E.Weights.of(model), POLY.replace(gelu=Spec.make("gelu", "exact")), E.TokenLayout.for_model(1024, 32))
+
+
+def test_a_value_beyond_its_bootstrap_bound_is_counted_and_a_missing_bound_refused(tiny_bert):
+    model = _model(tiny_bert, POLY)
+    _, _, _, calibrated = _simulate(model, POLY, 9, top=17)
+    tight = {site: peak / 4 for site, peak in calibrated.seen.items()}
+    _, _, _, boot = _simulate(model, POLY, 9, top=17, bounds=tight, record=False)
+    assert boot.overflows and min(boot.overflows.values()) > 1.0
+    with pytest.raises(CgfBertError, match="no bootstrap bound"):
+        _simulate(model, POLY, 9, top=17, bounds={}, record=False)
+
+
+def test_a_long_example_and_a_too_narrow_row_are_refused():
+    lay = E.TokenLayout.for_model(1024, 32)
+    with pytest.raises(CgfBertError, match="do not fit"):
+        lay.pack(np.zeros((33, 32)))
+    with pytest.raises(CgfBertError, match="power-of-two"):
+        E.TokenLayout(1024, 48)
+
+
+def test_row_matmul_is_each_row_times_the_matrix_and_rows_past_the_tokens_are_zero():
+    lay = E.TokenLayout(256, 16)
+    rng = np.random.default_rng(1)
+    x, m = rng.normal(size=(16, 16)), rng.normal(size=(12, 10))
+    x[:, 12:] = 0.0
+    rows = (np.arange(16) < 11).astype(float)
+    out = E.row_matmul(E.SimulatedCkks(256, 5), E.SimulatedCkks(256, 5).encrypt(x.ravel()), m, lay, rows)
+    got = out.slots.reshape(16, 16)
+    np.testing.assert_allclose(got[:11, :10], x[:11, :12] @ m, atol=1e-12)
+    assert not got[11:].any() and not got[:, 10:].any() and out.level == 4
+
+
+def test_a_float64_model_forms_its_cgf_scores_in_float64(tiny_bert):
+    """``float32_scores`` means at least float32: it once cast float64 scores down (1e-7 off the circuit)."""
+    model = _model(tiny_bert, POLY)
+    seen = []
+    model.bert.encoder.layer[0].attention.self.tap = lambda module, scores, *rest: seen.append(scores.dtype)
+    ids, tt = _example(5)
+    model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], token_type_ids=tt[None])
+    assert seen == [torch.float64]
