@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from cgf_bert import CgfBertError
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.spec import Spec
@@ -128,3 +127,28 @@ def test_a_float64_model_forms_its_cgf_scores_in_float64(tiny_bert):
     ids, tt = _example(5)
     model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], token_type_ids=tt[None])
     assert seen == [torch.float64]
+
+
+def test_encrypted_inference_runs_a_student_and_the_teacher_and_records_the_stages(tiny_bert, tiny_mrpc, tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from cgf_bert.approx.softmax import softmax_spec
+    from cgf_bert.store.checkpoint import save_checkpoint
+    from experiments import encrypted_inference
+
+    torch.manual_seed(0)
+    paths = [save_checkpoint(tmp_path / f"{name}.pt", build_model(str(tiny_bert), approx), {"model": str(tiny_bert), "seed": 0})
+             for name, approx in (("student", Approximations(softmax=softmax_spec("cgf"))), ("teacher", Approximations()))]
+    monkeypatch.setattr(sys, "argv", ["encrypted_inference.py", *map(str, paths), "--examples", "2", "--calibrate", "2",
+                                      "--data-dir", str(tiny_mrpc), "--results-dir", str(tmp_path)])
+    encrypted_inference.main()
+    (record,) = tmp_path.glob("fhe/encrypted_inference-*.json")
+    student, teacher = json.loads(record.read_text())["results"]
+    assert student["label"].startswith("cgf_poly") and teacher["label"].startswith("exact_poly")
+    for res in (student, teacher):
+        assert len(res["examples"]) == 2 and all(ex["bootstraps"] > 0 for ex in res["examples"])
+        assert {"Q K V", "Q K^T", "softmax", "P V", "LayerNorm 1", "feed-forward"} <= set(res["per_example_mean_by_stage"])
+    assert all(ex["same_prediction"] and ex["max_abs_error"] < 1e-9 for ex in student["examples"])
+    # the exact softmax's reciprocal costs bootstraps CGF's softmax does not
+    assert teacher["per_example_mean_by_stage"]["softmax"].get("bootstraps", 0) > student["per_example_mean_by_stage"]["softmax"].get("bootstraps", 0)

@@ -49,7 +49,15 @@ from cgf_bert.approx.chebyshev import ChebyshevFit
 from cgf_bert.approx.polyexp import PolyExp
 from cgf_bert.approx.reciprocal import linear_guess
 from cgf_bert.approx.softmax import exact_poly_iters
-from cgf_bert.fhe.ops import LevelledNumpyOps, Levelled, baby_step, broadcast, chebyshev_series, repeated_squaring, rotsum
+from cgf_bert.fhe.ops import (
+    Levelled,
+    LevelledNumpyOps,
+    baby_step,
+    broadcast,
+    chebyshev_series,
+    repeated_squaring,
+    rotsum,
+)
 from cgf_bert.fhe.references import _unit_map
 
 # --------------------------------------------------------------------------- layout
@@ -67,7 +75,7 @@ class TokenLayout:
             raise CgfBertError(f"a token row must be a power-of-two width dividing the slots, got {self.width} of {self.slots}")
 
     @classmethod
-    def for_model(cls, slots: int, hidden: int) -> "TokenLayout":
+    def for_model(cls, slots: int, hidden: int) -> TokenLayout:
         return cls(slots, 1 << (hidden - 1).bit_length())
 
     @property
@@ -149,6 +157,7 @@ class Counted:
     """Slot operations that count themselves into a ``StageLog`` (what each stage costs in ops)."""
 
     COUNTED = ("mul", "square", "mul_plain", "rotate", "cheb_basis")
+    COSTED = ("mul", "square", "mul_plain", "rotate", "bootstraps")  # what a cost table prices
 
     def __init__(self, ops, log: StageLog):
         self.ops, self.log = ops, log
@@ -163,7 +172,10 @@ class Counted:
                 return fn(*a, **kw)
             start = time.perf_counter()
             out = fn(*a, **kw)
-            self.log.count(name)
+            if name == "cheb_basis":  # T_2 .. T_d: one ciphertext product each
+                self.log.count("mul", a[1] - 1)
+            else:
+                self.log.count(name)
             self.log.count("seconds", time.perf_counter() - start)
             return out
 
@@ -244,9 +256,9 @@ class Weights:
     eps: float
 
     @classmethod
-    def of(cls, model) -> "Weights":
+    def of(cls, model) -> Weights:
         bert = model.bert
-        lin = lambda m: (_np(m.weight).T, _np(m.bias))  # noqa: E731
+        lin = lambda m: (_np(m.weight).T, _np(m.bias))
         layers = []
         for layer in bert.encoder.layer:
             a = layer.attention
@@ -410,11 +422,11 @@ class EncoderCircuit:
         """CGF: ``PolyExp(s - mu - c var) * mask / n`` per offset; mu and var are sums over the offsets."""
         a, b = _unit_map(poly)
         c = sm.values["coeff"]
-        total = lambda f: self._sum(ops, {r: ops.mul_plain(s, masks[r] * f) for r, s in scores.items()})  # noqa: E731
+        total = lambda f: self._sum(ops, {r: ops.mul_plain(s, masks[r] * f) for r, s in scores.items()})
         amu, gmu = total(a / n), total(math.sqrt(a * c) / n)  # a mu, sqrt(a c) mu
         sq = self._sum(ops, {r: ops.square(ops.mul_plain(s, masks[r] * math.sqrt(a * c / n))) for r, s in scores.items()})
         shared = ops.add(ops.sub(sq, ops.square(gmu)), amu)  # a c var + a mu, 2 levels below the scores
-        weight_of = lambda r: masks[r] * (1.0 / n) ** (0.5**poly.squarings)  # noqa: E731
+        weight_of = lambda r: masks[r] * (1.0 / n) ** (0.5**poly.squarings)
         probs = {}
         for r, s in scores.items():
             t = ops.add_const(ops.sub(ops.mul_plain(s, masks[r] * a), shared), -b)  # to_unit(s - mu - c var)

@@ -1,0 +1,88 @@
+"""Seconds per CKKS operation with desilofhe's bootstrappable engine on this machine: the cost table
+``experiments.encrypted_inference --costs`` prices its stage counts with.
+
+Measured at the top level (17) on full 2^15-slot ciphertexts, each the median of --repeat runs:
+a product of two ciphertexts with relinearization (``mul``), a square, a product with a
+plaintext vector including its encoding (``mul_plain``, what the circuit does per diagonal) and
+with one encoded beforehand, a rotation with a fixed-step key, and one bootstrap (``--key small``:
+desilofhe's small bootstrap key with its roll key; ``medium``: the bootstrap key, about 16 GB).
+Key generation times and sizes are recorded beside them.
+
+    cd finetuning
+    python -m experiments.ckks_costs --key small
+"""
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+from cgf_bert import CgfBertError
+from cgf_bert.cli import ArgumentParser, number, run_main
+from cgf_bert.fhe.context import MISSING
+from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine
+from cgf_bert.store.records import write_json
+
+
+def timed(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--key", choices=("small", "medium"), default="small", help="bootstrap key (default: %(default)s)")
+    p.add_argument("--repeat", type=number(int, "repeat", min=1), default=5, help="runs per operation (bootstrap: 1; default: %(default)s)")
+    p.add_argument("--threads", type=number(int, "threads", min=1), default=None, help="desilofhe threads (default: the library's)")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record goes to RESULTS_DIR/fhe/ (default: %(default)s)")
+    args = p.parse_args()
+    try:
+        import desilofhe
+    except ImportError:
+        raise CgfBertError(MISSING) from None
+    import torch
+
+    keygen = {}
+    t = time.perf_counter()
+    e = desilofhe.Engine(bootstrap=True, mode="cpu", thread_count=args.threads)
+    sk = e.create_secret_key()
+    pk, rlk, ck = e.create_public_key(sk), e.create_relinearization_key(sk), e.create_conjugation_key(sk)
+    keygen["engine, secret, public, relinearization and conjugation keys"] = time.perf_counter() - t
+    t = time.perf_counter()
+    rot = e.create_fixed_rotation_key(sk, 512)
+    keygen["one fixed rotation key"] = time.perf_counter() - t
+    x = np.random.default_rng(0).uniform(-1, 1, e.slot_count)
+    c = e.encrypt(x, pk)
+    plain = e.encode(x)
+    seconds = {"mul": timed(lambda: e.multiply(c, c, rlk), args.repeat), "square": timed(lambda: e.square(c, rlk), args.repeat),
+               "mul_plain": timed(lambda: e.multiply(c, x), args.repeat),
+               "mul_plain_encoded": timed(lambda: e.multiply(c, plain), args.repeat),
+               "rotate": timed(lambda: e.rotate(c, rot), args.repeat)}
+    print({k: round(v, 3) for k, v in seconds.items()}, flush=True)
+    t = time.perf_counter()
+    if args.key == "small":
+        keys = (rlk, ck, e.create_roll_key(sk), e.create_small_bootstrap_key(sk))
+    else:
+        keys = (rlk, ck, e.create_bootstrap_key(sk, size="medium"))
+    keygen[f"{args.key} bootstrap key"] = time.perf_counter() - t
+    low = e.level_down(c, 3)
+    t = time.perf_counter()
+    b = e.bootstrap(low, *keys)
+    seconds["bootstraps"] = time.perf_counter() - t
+    error = float(np.abs(e.decrypt(b, sk) - x).max())
+    out = {"command": command_line(), "code_version": code_version(), "machine": machine(torch.device("cpu")),
+           "slots": int(e.slot_count), "max_level": int(e.max_level), "bootstrap_key": args.key, "bootstrap_from_level": 3,
+           "bootstrap_level_after": int(b.level), "bootstrap_max_error": error, "seconds": seconds,
+           "keygen_seconds": keygen, "key_bytes": {k: int(getattr(v, "nbytes", 0)) for k, v in
+                                                   zip(("relinearization", "conjugation", "bootstrap"), (rlk, ck, keys[-1]))}}
+    print(f"{seconds}\nbootstrap: level {b.level} after, max error {error:.1e}")
+    name = f"ckks_costs-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    print(f"saved {write_json(Path(args.results_dir) / 'fhe' / name, out)}")
+
+
+if __name__ == "__main__":
+    run_main(main)
