@@ -81,6 +81,10 @@ def test_levels_each_stage_consumes_are_the_declared_depths(tiny_bert):
     assert 1000 - y.level == ln.depth
     g = circuit.activation(sim, boot, x, POLY.gelu, "gelu")
     assert 1000 - g.level == POLY.gelu.depth
+    for op, spec in (("layernorm", CHEAP.layernorm), ("gelu", CHEAP.gelu)):
+        y = circuit.layernorm(sim, boot, x, spec, (np.ones(32), np.zeros(32)), "layer 0 ln1") if op == "layernorm" else \
+            circuit.activation(sim, boot, x, spec, "gelu")
+        assert 1000 - y.level == spec.depth, spec.label()
 
 
 def test_a_non_polynomial_op_is_refused_before_any_work(tiny_bert):
@@ -152,3 +156,32 @@ def test_encrypted_inference_runs_a_student_and_the_teacher_and_records_the_stag
     assert all(ex["same_prediction"] and ex["max_abs_error"] < 1e-9 for ex in student["examples"])
     # the exact softmax's reciprocal costs bootstraps CGF's softmax does not
     assert teacher["per_example_mean_by_stage"]["softmax"].get("bootstraps", 0) > student["per_example_mean_by_stage"]["softmax"].get("bootstraps", 0)
+
+
+needs_fhe = pytest.mark.skipif(__import__("importlib").util.find_spec("desilofhe") is None,
+                               reason="desilofhe (the optional fhe extra) is not installed")
+
+
+@needs_fhe
+def test_under_real_encryption_the_circuit_gives_the_models_logits(tiny_bert):
+    """One tiny layer under CKKS (ring 2^15, 17 levels, the client refreshing where levels run out)."""
+    from cgf_bert.fhe.context import FheContext
+
+    cheap = Approximations(softmax=Spec.make("softmax", "cgf_poly", degree=4, exp_lo=-16.0, exp_hi=16.0, squarings=2),
+                           gelu=Spec.make("gelu", "quad"), layernorm=Spec.make("layernorm", "ln_affine", var_attention=0.5, var_output=2.0),
+                           pooler=Spec.make("pooler", "tanh_poly", degree=4))
+    model = _model(tiny_bert, cheap)
+    model.bert.encoder.layer = model.bert.encoder.layer[:1]
+    ids, tt = _example(6)
+    ctx = FheContext(17, thread_count=2)
+    ops = E.CkksOps(ctx)
+    lay = E.TokenLayout.for_model(ctx.slots, 32)
+    circuit = E.EncoderCircuit(E.Weights.of(model), cheap, lay)
+    log = E.StageLog()
+    calibrate = E.Refresher(E.SimulatedCkks(lay.slots, ops.top), E.StageLog(), ops.top, record=True)
+    E.run(circuit, E.SimulatedCkks(lay.slots, ops.top), calibrate, E.embed(model, ids, tt), calibrate.log)
+    boot = E.Refresher(ops, log, ops.top, bounds={k: 2 * v for k, v in calibrate.seen.items()})
+    out = E.run(circuit, E.Counted(ops, log), boot, E.embed(model, ids, tt), log)
+    ref = E.reference_logits(model, ids, tt)
+    np.testing.assert_allclose(out, ref, atol=1e-3 * np.abs(ref).max())
+    assert sum(d.get("bootstraps", 0) for d in log.stages.values()) == sum(calibrate.log.stages[k].get("bootstraps", 0) for k in calibrate.log.stages)

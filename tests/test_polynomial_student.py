@@ -18,7 +18,7 @@ def test_layer_depth_adds_the_declared_depths():
     full = Approximations(softmax=softmax_spec("cgf_poly"), gelu=Spec.make("gelu", "quad"),
                           layernorm=Spec.make("layernorm", "ln_affine"), pooler=Spec.make("pooler", "tanh_poly"))
     d = layer_depth(full, 0)
-    assert d == {"attention": 4 + 3 + 4 + 8, "layernorm": 1, "feed_forward": 2 + 1, "layer": 19 + 3 + 2}
+    assert d == {"attention": 4 + 3 + 4 + 8, "layernorm": 2, "feed_forward": 2 + 1, "layer": 19 + 3 + 2 * 2}
     assert layer_depth(Approximations(), 0)["layer"] is None  # exact ops are not polynomial
 
 

@@ -88,7 +88,8 @@ VAR = dict(above=0.0)
      Param("var_output", float, 1.0, "the constant the LayerNorm after the feed-forward divides by (its sqrt)", **VAR)),
     label=lambda p: f"ln_affine v=({p['var_attention']:.3g},{p['var_output']:.3g})",
     slug=lambda p: f"lnaffine{p['var_attention']:.3g}_{p['var_output']:.3g}",
-    depth=lambda p: 1, input_division=False,  # the mean only: the division is by a public constant
+    # the mean (1), then the centred input times gamma / sqrt(constant) (1): the division is by a public constant
+    depth=lambda p: 2, input_division=False,
 )
 def ln_affine(x, weight, bias, eps, where="output", var_attention=1.0, var_output=1.0) -> torch.Tensor:
     """LayerNorm with the variance replaced by a per-layer constant (calibrated on the teacher, then trained): affine, no division.

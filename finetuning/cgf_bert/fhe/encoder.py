@@ -50,6 +50,7 @@ from cgf_bert.approx.polyexp import PolyExp
 from cgf_bert.approx.reciprocal import linear_guess
 from cgf_bert.approx.softmax import exact_poly_iters
 from cgf_bert.fhe.ops import (
+    FheOps,
     Levelled,
     LevelledNumpyOps,
     baby_step,
@@ -237,6 +238,32 @@ class SimulatedCkks(LevelledNumpyOps):
         return Levelled(x.slots, self.top)
 
 
+class CkksOps(FheOps):
+    """The slot operations on desilofhe ciphertexts, with the client's refresh in place of a bootstrap.
+
+    ``bootstrap`` here is interactive: the ciphertext goes back to the client, who decrypts it and
+    encrypts it again at the top level (one round trip, counted as a bootstrap in the stage log and
+    reported as interactive). It is what lets the circuit run under real encryption on a ring
+    without bootstrapping keys; the non-interactive bootstrap (desilofhe's
+    ``Engine(bootstrap=True)`` and its keys) takes the same place in the circuit.
+    """
+
+    interactive = True
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.top = ctx.max_level - 1  # desilofhe makes no rotation key at an engine's very top level
+
+    def encrypt(self, v: np.ndarray):
+        return self.e.level_down(self.ctx.encrypt(v), self.top)
+
+    def decrypt(self, x) -> np.ndarray:
+        return self.ctx.decrypt(x)
+
+    def bootstrap(self, x, bound: float):
+        return self.encrypt(self.decrypt(x))
+
+
 # --------------------------------------------------------------------------- the model's weights
 
 
@@ -271,6 +298,9 @@ class Weights:
 
 
 # --------------------------------------------------------------------------- the circuit
+
+
+QUAD_SCALE = math.sqrt(0.125)  # quad's input scaled so that 0.125 x^2 is a bare square
 
 
 def _unit(lo: float, hi: float) -> tuple[float, float]:
@@ -328,10 +358,10 @@ class EncoderCircuit:
         d, p = self.w.hidden, spec.values
         x = ops.add_plain(boot(x, 2, f"{site} input"), self._pad)  # rows past the tokens: variance 1, not 0
         mean = self.row_mean(ops, x, d)
-        cw = ops.mul_plain(ops.sub(x, mean), self.lay.tile(gamma))  # (x - mean) * gamma
-        if spec.name == "ln_affine":
+        if spec.name == "ln_affine":  # (x - mean) * gamma / sqrt(constant + eps): two levels
             var = p["var_attention"] if site.endswith("ln1") else p["var_output"]
-            return ops.add_plain(ops.mul_plain(cw, np.full(self.lay.slots, (var + self.w.eps) ** -0.5)), self.lay.tile(beta))
+            return ops.add_plain(ops.mul_plain(ops.sub(x, mean), self.lay.tile(gamma) * (var + self.w.eps) ** -0.5), self.lay.tile(beta))
+        cw = ops.mul_plain(ops.sub(x, mean), self.lay.tile(gamma))  # (x - mean) * gamma, beside the variance
         fit = ChebyshevFit("rsqrt", p["degree"], p["var_lo"], p["var_hi"])
         A, B = _unit(fit.lo, fit.hi)
         sq = ops.square(x)
@@ -351,9 +381,9 @@ class EncoderCircuit:
 
     def activation(self, ops, boot, t, spec, site: str):
         """GELU or the pooler's tanh on an input already mapped onto the fit's [-1, 1] (or raw for quad)."""
-        if spec.name == "quad":
+        if spec.name == "quad":  # t = x / sqrt(8), folded into the layer before: 0.125 x^2 = t^2, one level
             t = boot(t, 1, site)
-            return ops.add_plain(ops.add(ops.mul_plain(ops.square(t), np.full(self.lay.slots, 0.125)), ops.mul_plain(t, np.full(self.lay.slots, 0.25))), 0.5 * np.ones(self.lay.slots))
+            return ops.add_plain(ops.add(ops.square(t), ops.mul_plain(t, np.full(self.lay.slots, 0.25 / QUAD_SCALE))), np.full(self.lay.slots, 0.5))
         fit = self._fit(spec)
         t = boot(t, fit.depth, site)
         return chebyshev_series(ops, t, fit.coeffs, np.ones(self.lay.slots))
@@ -366,7 +396,7 @@ class EncoderCircuit:
     def _map_of(self, spec) -> tuple[float, float]:
         """The affine map folded into the linear layer before an activation: onto the fit's [-1, 1]."""
         if spec.name == "quad":
-            return 1.0, 0.0
+            return QUAD_SCALE, 0.0
         fit = self._fit(spec)
         return _unit(fit.lo, fit.hi)
 
