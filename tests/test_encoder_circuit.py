@@ -185,3 +185,27 @@ def test_under_real_encryption_the_circuit_gives_the_models_logits(tiny_bert):
     ref = E.reference_logits(model, ids, tt)
     np.testing.assert_allclose(out, ref, atol=1e-3 * np.abs(ref).max())
     assert sum(d.get("bootstraps", 0) for d in log.stages.values()) == sum(calibrate.log.stages[k].get("bootstraps", 0) for k in calibrate.log.stages)
+
+
+@needs_fhe
+@pytest.mark.real  # about 12 GB of keys and a few minutes per bootstrap on two cores: selected on purpose (-m real)
+def test_with_real_bootstraps_the_circuit_gives_the_models_logits(tiny_bert):
+    cheap = Approximations(softmax=Spec.make("softmax", "cgf_poly", degree=4, exp_lo=-16.0, exp_hi=16.0, squarings=2),
+                           gelu=Spec.make("gelu", "quad"), layernorm=Spec.make("layernorm", "ln_affine", var_attention=0.5, var_output=2.0),
+                           pooler=Spec.make("pooler", "tanh_poly", degree=4))
+    model = _model(tiny_bert, cheap)
+    model.bert.encoder.layer = model.bert.encoder.layer[:1]
+    ids, tt = _example(6)
+    ops = E.BootstrapOps("small", thread_count=2)
+    lay = E.TokenLayout.for_model(ops.slots, 32)
+    circuit = E.EncoderCircuit(E.Weights.of(model), cheap, lay)
+    sim = E.SimulatedCkks(lay.slots, ops.top, reserve=ops.reserve)
+    plan = E.Refresher(sim, E.StageLog(), ops.top, record=True)
+    E.run(circuit, sim, plan, E.embed(model, ids, tt), plan.log)
+    log = E.StageLog()
+    boot = E.Refresher(ops, log, ops.top, bounds={k: 2 * v for k, v in plan.seen.items()})
+    out = E.run(circuit, E.Counted(ops, log), boot, E.embed(model, ids, tt), log)
+    ref = E.reference_logits(model, ids, tt)
+    np.testing.assert_allclose(out, ref, atol=1e-3 * np.abs(ref).max())
+    booted = sum(d.get("bootstraps", 0) for d in log.stages.values())
+    assert booted >= 1 and booted == sum(d.get("bootstraps", 0) for d in plan.log.stages.values())

@@ -199,9 +199,9 @@ class Refresher:
         self.overflows: dict[str, float] = {}
 
     def __call__(self, x, need: int, site: str):
-        if need > self.top:
+        if need > self.top - getattr(self.ops, "reserve", 0):
             raise CgfBertError(f"{site} needs {need} levels in one step, more than the {self.top} a bootstrap gives")
-        if self.ops.level(x) >= need:
+        if self.ops.level(x) - getattr(self.ops, "reserve", 0) >= need:
             return x
         peak = float(np.abs(self.ops.peek(x)).max()) if hasattr(self.ops, "peek") else None
         if peak is not None:
@@ -224,9 +224,9 @@ class SimulatedCkks(LevelledNumpyOps):
     """``LevelledNumpyOps`` with encryption at ``top`` levels and a bootstrap that restores ``top``
     (the values unchanged: the simulation tests the circuit and its plan, not CKKS noise)."""
 
-    def __init__(self, slots: int, top: int):
+    def __init__(self, slots: int, top: int, reserve: int = 0):
         super().__init__()
-        self.slots, self.top = slots, top
+        self.slots, self.top, self.reserve = slots, top, reserve  # reserve: levels a bootstrap takes first (BootstrapOps)
 
     def encrypt(self, v: np.ndarray) -> Levelled:
         return Levelled(np.asarray(v, dtype=np.float64), self.top)
@@ -262,6 +262,58 @@ class CkksOps(FheOps):
 
     def bootstrap(self, x, bound: float):
         return self.encrypt(self.decrypt(x))
+
+
+class BootstrapOps(FheOps):
+    """The slot operations on desilofhe's bootstrappable engine (2^15 slots, 17 levels), with real,
+    non-interactive bootstraps: ``x / bound`` into the bootstrap's input range (one level, so
+    ``reserve`` = 1), the bootstrap (back to 17), then ``* bound`` (16 = ``top``).
+
+    Keys (made once, ``keygen_s`` and ``key_bytes`` say what they cost): the relinearization and
+    conjugation keys, one rotation key for every step (fixed keys for the ~150 steps a layer
+    rotates by would not fit 24 GB at this ring), and the small bootstrap key with its roll key
+    (``key="small"``, about 6 GB) or the medium bootstrap key (about 16 GB, three times faster).
+    """
+
+    interactive = False
+    reserve = 1
+
+    def __init__(self, key: str = "small", thread_count: int | None = None, mode: str = "cpu"):
+        try:
+            import desilofhe
+        except ImportError:
+            from cgf_bert.fhe.context import MISSING
+
+            raise CgfBertError(MISSING) from None
+        start = time.perf_counter()
+        e = desilofhe.Engine(bootstrap=True, mode=mode, thread_count=thread_count)
+        sk = e.create_secret_key()
+        self.e, self.secret_key, self.public_key = e, sk, e.create_public_key(sk)
+        self.rlk, self.conj_key, self.rotation_key = e.create_relinearization_key(sk), e.create_conjugation_key(sk), e.create_rotation_key(sk)
+        if key == "small":
+            self.boot_keys = (e.create_roll_key(sk), e.create_small_bootstrap_key(sk))
+        else:
+            self.boot_keys = (e.create_bootstrap_key(sk, size=key),)
+        self.keygen_s = time.perf_counter() - start
+        self.top, self.slots = int(e.max_level) - 1, int(e.slot_count)
+
+    @property
+    def key_bytes(self) -> int:
+        keys = (self.public_key, self.rlk, self.conj_key, self.rotation_key, *self.boot_keys)
+        return int(sum(getattr(k, "nbytes", 0) for k in keys))
+
+    def rotate(self, x, k: int):
+        return x if k == 0 else self.e.rotate(x, self.rotation_key, k)
+
+    def encrypt(self, v: np.ndarray):
+        return self.e.level_down(self.e.encrypt(np.ascontiguousarray(v, dtype=np.float64), self.public_key), self.top)
+
+    def decrypt(self, x) -> np.ndarray:
+        return np.asarray(self.e.decrypt(x, self.secret_key))
+
+    def bootstrap(self, x, bound: float):
+        scaled = self.e.multiply(x, 1.0 / bound)
+        return self.e.multiply(self.e.bootstrap(scaled, self.rlk, self.conj_key, *self.boot_keys), float(bound))
 
 
 # --------------------------------------------------------------------------- the model's weights
