@@ -19,6 +19,7 @@ import logging
 import runpy
 import sys
 import typing
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,9 +45,13 @@ class ArgumentParser(argparse.ArgumentParser):
             kw["prog"] = f"python -m {spec.name.removesuffix('.__main__')}"  # not '__main__.py' (python -m benchmarks)
         super().__init__(*args, **kw)
         self.checks: list[Callable[[argparse.Namespace], Any]] = []  # run on the parsed args; a CgfBertError is a parse error
+        self.add_argument("--verbose", action="store_true",
+                          help="show the libraries' warnings (pyarrow's, transformers'...), hidden by default")
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, rest = super().parse_known_args(args, namespace)
+        if not parsed.verbose:
+            quiet_libraries()
         for check in self.checks:
             try:
                 check(parsed)
@@ -56,6 +61,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
+def quiet_libraries() -> None:
+    """Hide warnings raised outside this package (pyarrow's FutureWarning at every distillation
+    start, transformers' notices): the progress bars and the epoch lines are the output."""
+    warnings.filterwarnings("ignore", module=r"^(?!cgf_bert|experiments|__main__)")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
 
 
 def _type(param: Param) -> Callable[[str], Any]:
