@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cgf_bert.approx.polyexp import PolyExp
@@ -91,3 +92,20 @@ def test_encrypted_layer_matches_plaintext_predictions(tiny_bert, tiny_mrpc, tmp
     assert inside["circuit"]["depth_used"] > side["cgf"]["circuit"]["depth_used"]
     assert "predictions equal on 6/6" in p.stdout
 
+
+
+def test_the_exp_interval_is_fitted_to_the_measured_arguments():
+    from experiments.encrypted_attention import fitted_poly
+
+    assert fitted_poly(np.array([-196.3, 0.0, 12.9])) == PolyExp(8, -256.0, 16.0, 8)  # layer 0's range: cgf_poly's default
+    assert fitted_poly(np.array([-21.6, 7.7])) == PolyExp(8, -32.0, 16.0, 5)  # 5 % of margin: 7.7 -> 8.1 -> 16
+    assert fitted_poly(np.array([-0.1, 0.1])) == PolyExp(8, -8.0, 2.0, 3)  # at least [-8, 2]
+
+
+@needs_fhe
+def test_a_given_interval_the_arguments_leave_is_refused_before_any_encryption(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, capsys):
+    student = checkpoint(tiny_bert, tmp_path / "s.pt", softmax_spec("cgf"))
+    code, err = run_in_process(monkeypatch, capsys, student, "--poly", "4,-0.001,0.001,0", "--examples", "4",
+                               "--data-dir", tiny_mrpc, "--results-dir", tmp_path)
+    assert code == 2 and "--poly 4,-0.001,0.001,0" in err and "fall outside" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "fhe").exists()

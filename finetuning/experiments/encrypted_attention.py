@@ -18,6 +18,7 @@ side-by-side of depth, time and error. A checkpoint whose softmax has no circuit
     python -m experiments.encrypted_attention ../checkpoints/STUDENT.pt --teacher ../checkpoints_teacher/teacher.pt
 """
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -27,13 +28,26 @@ import torch
 from cgf_bert import CgfBertError
 from cgf_bert.approx.polyexp import PolyExp
 from cgf_bert.approx.spec import Spec
-from cgf_bert.cli import ArgumentParser, Interval, field_type, number, poly_exp, run_main
+from cgf_bert.cli import (
+    ArgumentParser,
+    Interval,
+    field_type,
+    number,
+    poly_exp,
+    run_main,
+)
 from cgf_bert.config import TrainConfig
 from cgf_bert.data.loader import make_loader
 from cgf_bert.fhe.circuits import circuit_for
 from cgf_bert.model.layer_io import capture_blocks, forward_with_layer_output
 from cgf_bert.store.checkpoint import load_model
-from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine, repo_relative
+from cgf_bert.store.provenance import (
+    RESULTS_DIR,
+    code_version,
+    command_line,
+    machine,
+    repo_relative,
+)
 from cgf_bert.store.records import strict_json, write_json
 from cgf_bert.train.engine import resolve_device, set_seed
 from cgf_bert.train.run import prepare_data
@@ -55,9 +69,51 @@ def circuit_of(path: str, spec: Spec, layer: int, poly: PolyExp, **params):
         raise CgfBertError(f"{path}: {e}") from None
 
 
+def exp_arguments(circuit, blocks) -> np.ndarray:
+    """Every valid exp argument the circuit's polynomial sees on ``blocks`` (CGF's ``x - c var``; the
+    exact circuit's mean-centred scores)."""
+    args = []
+    for scores, valid, _ in blocks:
+        m = np.broadcast_to(np.asarray(valid, bool), scores.shape)
+        x = circuit.argument(scores, valid) if hasattr(circuit, "argument") else scores - (scores * m).sum(-1, keepdims=True) / m.sum(-1, keepdims=True)
+        args.append(x[m])
+    return np.concatenate(args)
+
+
+def fitted_poly(args: np.ndarray, degree: int = 8) -> PolyExp:
+    """Degree ``degree`` on the measured range, each end widened to the next power of two (at least
+    [-8, 2]), with the squarings that bring the fitted interval to width 2 or less: [-256, 16] gets
+    8, as cgf_poly's default."""
+    lo = -(2.0 ** max(3, math.ceil(math.log2(max(-float(args.min()), 1.0) * 1.05))))
+    hi = 2.0 ** max(1, math.ceil(math.log2(max(float(args.max()), 1.0) * 1.05)))
+    return PolyExp(degree, lo, hi, max(0, math.ceil(math.log2((hi - lo) / 2.0))))
+
+
+def checked_poly(given: PolyExp | None, args: np.ndarray, flag: str, where: str) -> PolyExp:
+    """``given``, refused if any argument leaves its interval; else the fit to the measured range."""
+    if given is None:
+        return fitted_poly(args)
+    out = int(((args < given.lo) | (args > given.hi)).sum())
+    if out:
+        raise CgfBertError(f"{flag} {given.degree},{given.lo:g},{given.hi:g},{given.squarings}: {out} of {args.size} exp arguments of "
+                           f"{where} fall outside [{given.lo:g}, {given.hi:g}] (measured {args.min():.3g} .. {args.max():.3g}); "
+                           f"leave {flag} out to fit the interval to the measured range")
+    return given
+
+
 def with_layer(spec: Spec, layer: int, plain: Spec) -> Spec:
     """``spec`` with layer ``layer`` running ``plain`` instead."""
     return Spec.make(spec.op, spec.name, layers={**dict(spec.layers), layer: plain}, **spec.values)
+
+
+def require_fhe() -> None:
+    """The optional CKKS library, checked before any data loads."""
+    from cgf_bert.fhe.context import MISSING
+
+    try:
+        import desilofhe  # noqa: F401
+    except ImportError:
+        raise CgfBertError(MISSING) from None
 
 
 def context_for(*circuits):
@@ -148,10 +204,12 @@ def main():
     p.add_argument("--examples", type=number(int, "examples", min=1), default=64, help="dev examples, a seeded sample (default: %(default)s)")
     p.add_argument("--exact-examples", type=number(int, "exact-examples", min=1), default=4,
                    help="the first K of them for the exact-vs-CGF side-by-side (the exact circuit is slow) (default: %(default)s)")
-    p.add_argument("--poly", type=poly_exp, default=PolyExp(8, -32.0, 32.0, 5), metavar="D,LO,HI,K",
-                   help="the student's exp polynomial: degree, interval, squarings (default: 8,-32,32,5)")
-    p.add_argument("--exact-poly", type=poly_exp, default=PolyExp(8, -32.0, 32.0, 5), metavar="D,LO,HI,K",
-                   help="exp polynomial of the exact circuit, on scores centred by their mean (default: 8,-32,32,5)")
+    p.add_argument("--poly", type=poly_exp, default=None, metavar="D,LO,HI,K",
+                   help="the student's exp polynomial: degree, interval, squarings (default: degree 8 on the interval "
+                        "measured on the sampled examples' layer, see fitted_poly); arguments outside it are refused")
+    p.add_argument("--exact-poly", type=poly_exp, default=None, metavar="D,LO,HI,K",
+                   help="exp polynomial of the exact circuit, on scores centred by their mean (default: fitted to the "
+                        "teacher's measured range, as --poly); arguments outside it are refused")
     p.add_argument("--sum-bound", type=number(float, "sum-bound", above=0.0), action=Interval, metavar=("LO", "HI"),
                    help="assumed bounds of the exact circuit's row sums of exp(s - mean); repeat for one exact run "
                         "per bound (default: 32 65536). Rows outside a bound are counted and their error reported")
@@ -165,21 +223,27 @@ def main():
     spec = student.softmax
     if not 0 <= args.layer < student.bert.config.num_hidden_layers:
         raise CgfBertError(f"--layer {args.layer}: the model has layers 0..{student.bert.config.num_hidden_layers - 1}")
-    circuit = circuit_of(args.checkpoint, spec, args.layer, args.poly)
-    teacher, exact_circuits = load_teacher(args) if args.teacher else (None, [])  # refused here, before any encryption
-    ctx = context_for(circuit)
+    circuit_of(args.checkpoint, spec, args.layer, PolyExp())  # a softmax without a circuit: refused before any data loads
+    require_fhe()
+    teacher = load_teacher(args) if args.teacher else None
     tokenizer, data = prepare_data(meta["model"], args.data_dir, 128)
     set_seed(args.seed)
     dev = data["validation"]
     sample = dev.select(sorted(np.random.default_rng(args.seed).choice(len(dev), min(args.examples, len(dev)), replace=False).tolist()))
     batches = list(make_loader(sample, tokenizer, 16))
+    # The exp intervals come from this layer's measured arguments (or are checked against them), before any encryption.
+    cgf_layer = take_layer(student, batches, args.layer)
+    probe = circuit_of(args.checkpoint, spec, args.layer, PolyExp())
+    args.poly = checked_poly(args.poly, exp_arguments(probe, cgf_layer.blocks), "--poly", f"layer {args.layer} of {args.checkpoint}")
+    circuit = circuit_of(args.checkpoint, spec, args.layer, args.poly)
+    exact_circuits = exact_circuits_for(args, teacher, batches) if teacher is not None else []
+    ctx = context_for(circuit)
     record = {"command": command_line(), "code_version": code_version(), "device": machine(device),
               "checkpoint": repo_relative(args.checkpoint), "softmax": spec.to_json(), "layer": args.layer,
               "examples": len(sample), "example_idx": [int(i) for i in sample["idx"]], "seed": args.seed}
 
     # The student's layer encrypted; the plaintext references are the student itself (real exp)
     # and the student with the circuit's spec in this layer (the function the circuit computes).
-    cgf_layer = take_layer(student, batches, args.layer)
     poly_logits = torch.cat([student.set_softmax(with_layer(spec, args.layer, circuit.spec))(**b)["logits"] for b in batches])
     student.set_softmax(spec)
     start = time.perf_counter()
@@ -191,6 +255,7 @@ def main():
 
     if teacher is not None:
         record["side_by_side"] = side_by_side(args, teacher, exact_circuits, student, cgf_layer, circuit, ctx)
+    record["poly"] = {"student": vars_of(args.poly), "exact": vars_of(args.exact_poly) if teacher is not None else None}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     record, record["non_finite"] = strict_json(record, NON_FINITE_REASONS)
     path = write_json(f"{args.results_dir}/fhe/encrypted_attention-{stamp}.json", record)
@@ -199,13 +264,26 @@ def main():
 
 
 def load_teacher(args):
-    """The --teacher model and the circuit of its exact softmax at each --sum-bound; refused unless exact."""
+    """The --teacher model; refused unless its softmax is exact."""
     teacher, _ = load_model(args.teacher)
     if not teacher.softmax.is_exact:
         raise CgfBertError(f"--teacher {args.teacher} runs {teacher.softmax.label()}, not the exact softmax")
-    circuits = [circuit_of(args.teacher, teacher.softmax, args.layer, args.exact_poly, sum_lo=lo, sum_hi=hi)
-                for lo, hi in args.sum_bound]
-    return teacher, circuits
+    return teacher
+
+
+def exact_circuits_for(args, teacher, batches) -> list:
+    """The circuit of the teacher's exact softmax at each --sum-bound, its exp interval measured on the
+    side-by-side's examples (or --exact-poly, checked against them)."""
+    k = min(args.exact_examples, sum(b["input_ids"].shape[0] for b in batches))
+    probe = circuit_of(args.teacher, teacher.softmax, args.layer, PolyExp())
+    blocks = take_layer(teacher, _first(batches, k), args.layer).blocks
+    args.exact_poly = checked_poly(args.exact_poly, exp_arguments(probe, blocks), "--exact-poly", f"layer {args.layer} of {args.teacher}")
+    return [circuit_of(args.teacher, teacher.softmax, args.layer, args.exact_poly, sum_lo=lo, sum_hi=hi) for lo, hi in args.sum_bound]
+
+
+def _first(batches, k: int) -> list:
+    """The batches cut to their first ``k`` examples (batches of 16)."""
+    return [{key: v[: k - 16 * i] for key, v in b.items()} for i, b in enumerate(batches[: (k + 15) // 16])]
 
 
 def side_by_side(args, teacher, exact_circuits, student, cgf_layer: Layer, cgf_circuit, cgf_ctx) -> dict:
@@ -213,7 +291,7 @@ def side_by_side(args, teacher, exact_circuits, student, cgf_layer: Layer, cgf_c
     each circuit with its own (smallest) context."""
     k = min(args.exact_examples, cgf_layer.logits.shape[0])
     heads = student.bert.config.num_attention_heads
-    batches = [{key: v[: k - 16 * i] for key, v in b.items()} for i, b in enumerate(cgf_layer.batches[: (k + 15) // 16])]
+    batches = _first(cgf_layer.batches, k)
     exact_layer = take_layer(teacher, batches, args.layer)
     sums = np.concatenate([np.exp(s - s.mean(-1, keepdims=True)).sum(-1) for s, _, _ in exact_layer.blocks])
     out = {"examples": k, "teacher": repo_relative(args.teacher),
@@ -244,6 +322,10 @@ def report(rec: dict) -> None:
         print(f"  {name}: depth {ci['depth_used']}, ring 2^{int(np.log2(ci['ring_size']))}, {ci['ciphertexts']} ct, "
               f"{ci['eval_s']:.1f} s ({ci['per_ct_s']:.2f} s/ct, {1e3 * ci['per_row_s']:.1f} ms/row); probs {errs}; "
               f"predictions equal on {agree['same']}/{agree['of']}; out of bounds {ci['flagged']}")
+
+
+def vars_of(poly: PolyExp) -> dict:
+    return {"degree": poly.degree, "lo": poly.lo, "hi": poly.hi, "squarings": poly.squarings}
 
 
 def _g(x) -> str:
