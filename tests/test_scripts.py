@@ -242,3 +242,18 @@ def test_distill_rejects_a_teacher_of_another_model(tiny_bert, tiny_mrpc, tmp_pa
     code, _, err = run_script(monkeypatch, capsys, "distill.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--teacher", t,
                               "--results-dir", tmp_path / "r")
     assert_clean_error(code, err, "fine-tuned from 'bert-base-uncased'")
+
+
+@pytest.mark.parametrize("script,where", [("finetune.py", "-o"), ("finetune.py", "--results-dir"), ("distill.py", "--results-dir")])
+def test_an_output_path_that_cannot_be_created_is_refused_before_any_work(tiny_bert, tiny_mrpc, tmp_path, script, where):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args = ["--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--results-dir", tmp_path / "results"]
+    args += ["-o", blocker / "x.pt"] if where == "-o" else []
+    args = [a if a != tmp_path / "results" or where != "--results-dir" else blocker / "results" for a in args]
+    if script == "distill.py":
+        args += ["--teacher", tmp_path / "teacher.pt"]
+    p = run(script, *args, check=False)
+    assert p.returncode == 2 and "cannot be created" in p.stderr and where.split("/")[0] in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and "epoch" not in p.stdout + p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a-file"]  # nothing written, no teacher trained

@@ -39,3 +39,29 @@ def remove_leftovers(path: str | Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def check_writable(paths: dict[str, str | Path], folders: dict[str, str | Path] = {}) -> None:  # noqa: B006 (read only)
+    """Refuse, before any work and without writing anything, a file or folder a run could not create.
+
+    ``paths`` are files (``-o`` checkpoint), ``folders`` directories the run writes into (results,
+    checkpoints); each is named by its option in the error. A path can be created when its first
+    existing ancestor is a writable folder (and the path, if it exists, is of the right kind and writable).
+    """
+    from cgf_bert import CgfBertError
+
+    for option, path, is_dir in [*((o, p, False) for o, p in paths.items()), *((o, p, True) for o, p in folders.items())]:
+        p = Path(path)
+        if p.exists():
+            if p.is_dir() != is_dir:
+                raise CgfBertError(f"{option} {p}: is {'a file' if is_dir else 'a folder'}, not {'a folder' if is_dir else 'a file'}")
+            if not os.access(p, os.W_OK):
+                raise CgfBertError(f"{option} {p}: not writable")
+            continue
+        parent = p.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise CgfBertError(f"{option} {p}: cannot be created, {parent} is a file")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise CgfBertError(f"{option} {p}: cannot be created, {parent} is not writable")

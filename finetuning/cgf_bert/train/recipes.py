@@ -20,16 +20,22 @@ from cgf_bert.config import DistillConfig, TrainConfig
 from cgf_bert.data.loader import make_loader
 from cgf_bert.model.bert import BertMRPC, build_model
 from cgf_bert.model.replaced import counting
+from cgf_bert.store.atomic import check_writable
 from cgf_bert.store.checkpoint import load_model
 from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine, repo_relative
 from cgf_bert.store.records import write_json
 from cgf_bert.train.engine import ce_step, evaluate, resolve_device, set_seed
 from cgf_bert.train.losses import make_kd_step
-from cgf_bert.train.run import prepare_data, train
+from cgf_bert.train.run import checkpoint_dir, prepare_data, train
 from cgf_bert.train.teacher import load_teacher, prepare_teacher
 from cgf_bert.train.teacher_cache import TeacherCache
 
 log = logging.getLogger(__name__)
+
+
+def _check_outputs(out, results_dir) -> None:
+    """Every path the run will write (checkpoint, its training state beside it, metrics, record) creatable, before any work."""
+    check_writable({"-o/--out": out} if out else {}, {"--results-dir": results_dir, **({} if out else {"checkpoint folder": checkpoint_dir()})})
 
 
 def finetune(cfg: TrainConfig, out: str | Path | None = None, results_dir: str | Path = RESULTS_DIR,
@@ -37,6 +43,7 @@ def finetune(cfg: TrainConfig, out: str | Path | None = None, results_dir: str |
     """CE fine-tuning of a pretrained BERT with the softmax in ``cfg`` (teacher or CGF baseline).
 
     ``resume``: continue the run from its saved state (``training.train``)."""
+    _check_outputs(out, results_dir)
     data = prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit, cfg.task)  # bad data fails before any work
     set_seed(cfg.seed)
     model = build_model(cfg.model, cfg.approx)
@@ -85,6 +92,7 @@ def distill_seeds(cfg: TrainConfig, dcfg: DistillConfig, seeds: list[int], teach
     returns its record, one that never saved a state starts afresh."""
     if isinstance(resume, (str, Path)) and len(seeds) > 1:
         raise CgfBertError("--resume STATE names one run's state; with several --seeds give --resume alone")
+    _check_outputs(out, results_dir)
     # An existing teacher is read (once) and checked before any data work, so a wrong one fails fast.
     loaded = load_teacher(teacher_path, cfg.model) if Path(teacher_path).exists() else None
     data = prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit, cfg.task)
