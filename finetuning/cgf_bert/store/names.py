@@ -55,17 +55,17 @@ def run_name(script: str, cfg: TrainConfig, dcfg: DistillConfig | None = None) -
     task = "" if cfg.task == TASK else f"-{cfg.task}"
     method = "" if dcfg is None else f"-{objective_slug(dcfg.terms)}-{dcfg.init}"
     precision = "" if cfg.precision == PRECISION else f"-{cfg.precision}"
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{script}{task}-{_capped(cfg.approx.slug())}{method}{precision}-s{cfg.seed}"
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{script}{task}-{capped(cfg.approx.slug())}{method}{precision}-s{cfg.seed}"
 
 
 SLUG_MAX = 120  # file systems cap a name at 255 bytes; the longest suffix (.metrics.jsonl, .state.pt) and the rest fit
 
 
-def _capped(slug: str) -> str:
+def capped(slug: str, limit: int = SLUG_MAX) -> str:
     """The slug itself when short; else its start and a hash of the whole (six per-layer LayerNorm
     constants make a slug of 250 characters). The record holds the full spec either way."""
-    if len(slug) <= SLUG_MAX:
+    if len(slug) <= limit:
         return slug
-    return f"{slug[:SLUG_MAX - 9]}-{hashlib.sha256(slug.encode()).hexdigest()[:8]}"
+    return f"{slug[:limit - 9]}-{hashlib.sha256(slug.encode()).hexdigest()[:8]}"
 
 

@@ -22,6 +22,7 @@ from cgf_bert.model.bert import BertMRPC, build_model
 from cgf_bert.model.replaced import counting
 from cgf_bert.store.atomic import check_writable
 from cgf_bert.store.checkpoint import load_model
+from cgf_bert.store.names import capped
 from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine, repo_relative
 from cgf_bert.store.records import write_json
 from cgf_bert.train.engine import ce_step, evaluate, resolve_device, set_seed
@@ -133,7 +134,7 @@ def score(
 
 def record_score(result: dict[str, Any], results_dir: str | Path = RESULTS_DIR) -> Path:
     """A validate run's record, in ``results_dir/validate/`` (kept out of the training tables)."""
-    slug = Approximations.from_json(result["approx"]).slug()
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-validate-{Path(result['checkpoint']).stem}-{slug}"
+    what = f"{Path(result['checkpoint']).stem}-{Approximations.from_json(result['approx']).slug()}"
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-validate-{capped(what, 200)}"  # a name fits the file system's 255 bytes
     rec = {"name": name, "script": "validate", "command": command_line(), "code_version": code_version(), **result}
     return write_json(Path(results_dir) / "validate" / f"{name}.json", rec)
