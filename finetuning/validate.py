@@ -39,7 +39,7 @@ def main():
     print(f"{args.checkpoint}: {r['label']}: dev accuracy {d['accuracy']:.4f}, F1 {d['f1']:.4f}, loss {d['loss']:.4f}")
     if "out_of_range" in r:
         o = r["out_of_range"]
-        print(f"  exp arguments outside the polynomial's interval: {o['outside']} of {o['entries']} ({o['outside'] / o['entries']:.2e})")
+        print(f"  inputs outside their polynomial's interval (every polynomial op): {o['outside']} of {o['entries']} ({o['outside'] / o['entries']:.2e})")
     if "dev" in t:
         print(f"  recorded at training (epoch {t['epoch']}): accuracy {t['dev']['accuracy']:.4f}, F1 {t['dev']['f1']:.4f}")
 
