@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from conftest import run_script
 
 from cgf_bert.approx.approximations import Approximations
@@ -142,6 +143,11 @@ def test_paired_deltas_and_their_plot(tmp_path):
     assert deltas["cgf c=0.5 CE"] == {}
     png = plot_paired_deltas(recs, tmp_path / "p.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
+    import matplotlib.image
+
+    img = matplotlib.image.imread(png)[..., :3]
+    border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+    assert (border > 0.99).all()  # nothing touches the canvas's edge: no title, label or tick is clipped
     assert plot_paired_deltas(recs[2:], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 from cgf_bert.report.compare import layer_table, settings_table
 from cgf_bert.report.plots import pyplot, save
-from cgf_bert.report.stats import mean_std
+from cgf_bert.report.stats import mean_std, t_interval
 from cgf_bert.report.tables import (
+    EQUIVALENCE_MARGIN,
     benchmark_table,
     contrasts_table,
     paired_deltas,
@@ -21,34 +23,60 @@ from cgf_bert.report.tables import (
 from cgf_bert.store.provenance import RESULTS_DIR
 from cgf_bert.store.records import load_records
 
+FAMILIES = ("CGF, CE", "CGF, distilled", "polynomial students", "other softmaxes", "per-layer placement")
 
-def plot_paired_deltas(records: list[dict], path: str | Path, target: float = -0.005) -> Path | None:
-    """PNG: each variant's per-seed paired difference to exact (dots, labelled by seed) and their mean.
 
-    A picture of the results table's Δ column that shows the spread the ± hides; None when no
-    variant has a seed in common with the exact row yet.
-    """
-    deltas = {n: d for n, d in paired_deltas(reference_groups(records)).items() if d}
+def family(key) -> str:
+    """The forest plot's group of a row: what kind of comparison it is."""
+    a = key.approx
+    if a.softmax.layers or a.softmax.is_exact:
+        return "per-layer placement"
+    if any(op != "softmax" for op in a.replaced()):
+        return "polynomial students"
+    if a.softmax.name not in ("cgf", "cgf_poly"):
+        return "other softmaxes"
+    return "CGF, CE" if key.method is None else "CGF, distilled"
+
+
+def plot_paired_deltas(records: list[dict], path: str | Path, margin: float = EQUIVALENCE_MARGIN) -> Path | None:
+    """PNG, a forest plot: each row's paired difference to exact, the mean with its 95 % t interval,
+    the seeds as faint points and n beside it; rows grouped by family and ordered by mean within
+    each, the equivalence margin shaded. None when no row shares a seed with the exact row yet."""
+    deltas = {k: d for k, d in paired_deltas(reference_groups(records)).items() if d}
     if not deltas:
         return None
     plt = pyplot()
-    names = sorted(deltas, key=row_order, reverse=True)  # first row at the top
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(names) + 2.0))
-    for y, name in enumerate(names):
-        seeds, vals = zip(*deltas[name].items())
-        pts = [v * 100 for v in vals]
-        ax.scatter(pts, [y] * len(pts), color="tab:blue", alpha=0.6, zorder=3, label="one seed" if y == 0 else None)
-        # Seed labels cycle through four heights in x order, so that tied or close points stay legible.
-        for i, (x, s) in enumerate(sorted(zip(pts, seeds))):
-            ax.annotate(str(s), (x, y), textcoords="offset points", xytext=(0, (6, -13, 14, -21)[i % 4]), ha="center", fontsize=7, color="tab:blue")
-        ax.plot([mean_std(pts)[0]], [y], marker="D", color="black", ms=7, ls="", zorder=4, label="mean" if y == 0 else None)
+    rows: list = []  # (y label, family, key) top to bottom, a None key for a family header
+    for fam in FAMILIES:
+        keys = sorted((k for k in deltas if family(k) == fam), key=lambda k: -mean_std([v for v in deltas[k].values()])[0])
+        if keys:
+            rows += [(fam, fam, None)] + [(k.label(), fam, k) for k in keys]
+    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.6))
+    ax.axvspan(-margin, margin, color="tab:green", alpha=0.12, lw=0, label=f"equivalence margin (±{margin:g} point)")
     ax.axvline(0, color="gray", lw=1)
-    ax.axvline(target * 100, color="tab:red", ls="--", lw=1, label=f"target ({target * 100:+.1f} points)")
-    ax.set_yticks(range(len(names)), [f"{n.label()} (n={len(deltas[n])})" for n in names])
-    ax.set_xlabel("dev accuracy minus the exact run of the same seed (points)")
-    ax.set_title("CGF vs exact softmax, paired by seed (MRPC dev)")
+    ys = list(range(len(rows)))[::-1]
+    for y, (_, _, key) in zip(ys, rows):
+        if key is None:
+            continue
+        pts = [v * 100 for v in deltas[key].values()]
+        mean = mean_std(pts)[0]
+        ci = t_interval(pts)
+        ax.scatter(pts, [y] * len(pts), s=12, color="tab:blue", alpha=0.35, lw=0, zorder=2)
+        if ci is not None:
+            ax.plot(ci, [y, y], color="black", lw=1.4, zorder=3)
+        ax.plot([mean], [y], marker="D", color="black", ms=5, zorder=4)
+        ax.annotate(f"n={len(pts)}", (1.005, y), xycoords=("axes fraction", "data"), va="center", fontsize=7, color="dimgray")
+    labels = [textwrap.shorten(t, 95, placeholder=" ...") for t, _, _ in rows]
+    ax.set_yticks(ys, labels, fontsize=7)
+    for tick, (_, _, key) in zip(ax.get_yticklabels(), rows):
+        if key is None:
+            tick.set_fontweight("bold")
+            tick.set_fontsize(8)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_xlabel("dev accuracy minus the exact run of the same seed (points): mean, 95 % interval, seeds", fontsize=8)
+    ax.set_title("Paired differences to the exact fine-tune, MRPC dev", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)
+    ax.legend(loc="lower left", fontsize=7, frameon=False)
     return save(fig, path)
 
 
