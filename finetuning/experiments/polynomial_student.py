@@ -32,8 +32,9 @@ from cgf_bert.train.sweeps import swap_at_eval
 
 def settings(own, ln_affine: Spec) -> list:
     """The rows: the checkpoint's own, each op replaced alone, then all of them (with each LayerNorm kind)."""
-    softmax = own.softmax.with_polynomial()
-    single = [softmax, Spec.make("gelu", "gelu_poly"), Spec.make("gelu", "quad"), Spec.make("layernorm", "ln_poly"),
+    polynomial = own.softmax.depth is not None  # a cgf_poly student: its softmax is the circuit's already
+    softmax = own.softmax if polynomial else own.softmax.with_polynomial()
+    single = [*([] if polynomial else [softmax]), Spec.make("gelu", "gelu_poly"), Spec.make("gelu", "quad"), Spec.make("layernorm", "ln_poly"),
               ln_affine, Spec.make("pooler", "tanh_poly")]
     full = own.replace(softmax=softmax, gelu=Spec.make("gelu", "gelu_poly"), pooler=Spec.make("pooler", "tanh_poly"))
     return [own, *single, full.replace(layernorm=Spec.make("layernorm", "ln_poly")), full.replace(layernorm=ln_affine)]
