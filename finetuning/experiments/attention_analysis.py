@@ -115,12 +115,15 @@ class Plotting:
     layer: int  # of the attention maps, from 0
     example_idx: int
     stem: str  # path prefix of the PNGs
+    teacher_path: str = ""  # the teacher's checkpoint, to name its series
 
 
 def figures(k: int, path: str, student: BertMRPC, result: dict, pl: Plotting) -> dict:
     """The three PNGs of checkpoint ``k``; the maps show the head of ``pl.layer`` with the largest mean KL."""
     name, label = Path(path).name, result["label"]
-    ranges = plot_ranges(pl.tresult, result, pl.interval, f"{pl.stem}-{k}-ranges.png", f"{name}: CGF exp argument per layer")
+    same = Path(path).resolve() == Path(pl.teacher_path).resolve()
+    ranges = plot_ranges(pl.tresult, result, pl.interval, f"{pl.stem}-{k}-ranges.png", f"{name}: CGF exp argument per layer",
+                         names=(f"teacher {Path(pl.teacher_path).name}", f"{name}" + (" (the teacher itself)" if same else "")))
     heat = plot_kl(result, f"{pl.stem}-{k}-kl.png", f"{name} ({label}): KL(teacher || student) per row")
     kl = kl_matrix(result)[pl.layer]  # (H,)
     head = int(np.argmax(np.where(np.isnan(kl), -np.inf, kl)))  # inf (a zero student probability) counts as largest
@@ -171,7 +174,7 @@ def main():
           f"{tresult['examples']} dev examples, {tresult['tokens']} tokens:\n{format_table(tresult)}")
     stem = str(Path(args.out_dir) / f"attention_analysis-{time.strftime('%Y%m%d-%H%M%S')}")
     pl = Plotting(teacher, tresult, example, tokenizer.convert_ids_to_tokens(example["input_ids"][0].tolist()),
-                  args.interval[0], layer, args.map_example, stem)
+                  args.interval[0], layer, args.map_example, stem, args.teacher)
     entries = [score(k, path, state, meta, args, loader, device, pl) for k, (path, state, meta) in enumerate(students)]
     record = {
         "command": command_line(), "code_version": code_version(), "uncommitted_files": uncommitted_files(),

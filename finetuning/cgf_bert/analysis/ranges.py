@@ -406,17 +406,19 @@ def _outside_lines(result: dict) -> list[str]:
 # ---------------------------------------------------------------- plots
 
 
-def plot_ranges(teacher: dict, student: dict, interval: tuple[float, float], path: str | Path, title: str) -> Path:
-    """Per-layer exp-argument bars, teacher and student side by side: min..max thin, p1..p99
-    thick; the interval the polynomial exp is fitted on drawn as dashed lines."""
+def plot_ranges(teacher: dict, student: dict, interval: tuple[float, float], path: str | Path, title: str,
+                names: tuple[str, str] = ("teacher", "checkpoint")) -> Path:
+    """Per-layer exp-argument bars, teacher and checkpoint side by side: min..max thin, p1..p99
+    thick; the interval the polynomial exp is fitted on drawn as dashed lines. ``names`` say which
+    model each series is (the teacher's figure compares the teacher with itself: its legend says so)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for offset, result, colour, who in ((-0.15, teacher, "tab:blue", "teacher"), (0.15, student, "tab:orange", "student")):
+    for offset, result, colour, who in ((-0.15, teacher, "tab:blue", names[0]), (0.15, student, "tab:orange", names[1])):
         xs = [layer["layer"] + offset for layer in result["layers"]]
         stats = [layer["exp_arg"] for layer in result["layers"]]
         ax.vlines(xs, [s["min"] for s in stats], [s["max"] for s in stats], colors=colour, lw=1)
         ax.vlines(xs, [s["p1"] for s in stats], [s["p99"] for s in stats], colors=colour, lw=7,
-                  label=f"{who}: {result['label']} (c={_coeffs(result)})")
+                  label=f"{who}: {result['label']}, scored as CGF c={_coeffs(result)}")
     for k, y in enumerate(interval):
         ax.axhline(y, color="tab:red", ls="--", lw=0.8, label=f"interval [{interval[0]:g}, {interval[1]:g}]" if k == 0 else None)
     ax.set_xticks(range(len(teacher["layers"])))
