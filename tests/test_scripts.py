@@ -257,3 +257,10 @@ def test_an_output_path_that_cannot_be_created_is_refused_before_any_work(tiny_b
     assert p.returncode == 2 and "cannot be created" in p.stderr and where.split("/")[0] in p.stderr, p.stderr
     assert len(p.stderr.strip().splitlines()) == 1 and "epoch" not in p.stdout + p.stderr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a-file"]  # nothing written, no teacher trained
+
+
+def test_a_max_length_past_the_models_positions_is_refused_before_the_first_step(tiny_bert, tiny_mrpc, tmp_path):
+    p = run("finetune.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--max-length", 100,
+            "-o", tmp_path / "x.pt", "--results-dir", tmp_path / "results", check=False)
+    assert p.returncode == 2 and "--max-length 100" in p.stderr and "64 position embeddings" in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1 and not any(tmp_path.iterdir())

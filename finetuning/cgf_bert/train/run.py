@@ -57,6 +57,13 @@ def test_predictions(model: BertMRPC, data: DatasetDict, tokenizer, device, batc
     return {str(i): int(p) for i, p in zip(data["test"]["idx"], logits.argmax(-1))}
 
 
+def check_model(cfg: TrainConfig, model: BertMRPC) -> None:
+    """Options the loaded model must be able to honour, checked before the first step."""
+    positions = model.bert.config.max_position_embeddings
+    if cfg.max_length > positions:
+        raise CgfBertError(f"--max-length {cfg.max_length}: the model {cfg.model!r} has {positions} position embeddings")
+
+
 def train(
     cfg: TrainConfig,
     model: BertMRPC,
@@ -78,6 +85,7 @@ def train(
     that state file); a finished run's record is returned as it is. Under torchrun every process
     calls this and gets the record; only rank 0 writes.
     """
+    check_model(cfg, model)
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
     d = distributed.setup(device)
