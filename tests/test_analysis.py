@@ -365,3 +365,66 @@ def test_the_range_plot_names_each_series_by_the_model_it_is(tmp_path, monkeypat
     ranges.plot_ranges(result, result, (-8.0, 8.0), tmp_path / "r.png", "t", names=("teacher t.pt", "t.pt (the teacher itself)"))
     texts = legends[0]
     assert texts[0].startswith("teacher t.pt:") and texts[1].startswith("t.pt (the teacher itself):") and texts[0] != texts[1]
+
+
+def test_norm_shares_equal_a_loop_over_every_query_and_key(tiny_bert):
+    """Kobayashi et al.'s ||alpha_ij f(x_j)||, with f(x_j) = the head's value vector times its slice of W_O, by loops."""
+    from cgf_bert.analysis.norms import KINDS, norm_shares
+    from cgf_bert.approx.softmax import softmax_spec
+    from cgf_bert.model.bert import build_model
+
+    torch.manual_seed(0)
+    model = build_model(str(tiny_bert), softmax_spec("cgf")).eval().double()
+    ids = torch.tensor([[2, 7, 8, 3, 9, 3, 0], [2, 10, 11, 12, 3, 13, 3]])
+    mask = (ids != 0).long()
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    got = norm_shares(model, [batch], torch.device("cpu"), cls_id=2, sep_id=3)
+    out = model(**batch, needs=("attentions", "values"))
+    heads, rows = model.bert.config.num_attention_heads, int(mask.sum())
+    want = {"weight": torch.zeros(2, heads, 3, dtype=torch.float64), "norm": torch.zeros(2, heads, 3, dtype=torch.float64)}
+    kind_of = lambda t: 0 if t == 2 else 1 if t == 3 else 2  # noqa: E731
+    for layer in range(2):
+        wo = model.bert.encoder.layer[layer].attention.output.dense.weight.double()
+        for b in range(2):
+            for h in range(heads):
+                dh = out["values"][layer].shape[-1]
+                for i in range(7):
+                    if not mask[b, i]:
+                        continue
+                    w, n = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+                    for j in range(7):
+                        if not mask[b, j]:
+                            continue
+                        a = out["attentions"][layer][b, h, i, j]
+                        f = wo[:, h * dh:(h + 1) * dh] @ out["values"][layer][b, h, j]
+                        w[kind_of(int(ids[b, j]))] += a
+                        n[kind_of(int(ids[b, j]))] += (a * f).norm()
+                    want["weight"][layer, h] += w / w.sum() / rows
+                    want["norm"][layer, h] += n / n.sum() / rows
+    for what in want:
+        torch.testing.assert_close(got[what], want[what], rtol=1e-9, atol=1e-12)
+    assert len(KINDS) == 3 and torch.allclose(got["norm"].sum(-1), torch.ones(2, heads, dtype=torch.float64))
+
+
+def test_attention_norms_runs_end_to_end_and_records_both_models(tiny_bert, tiny_mrpc, tmp_path, monkeypatch):
+    import json
+    import sys
+
+    from cgf_bert.approx.approximations import Approximations
+    from cgf_bert.approx.softmax import softmax_spec
+    from cgf_bert.model.bert import build_model
+    from cgf_bert.store.checkpoint import save_checkpoint
+    from experiments import attention_norms
+
+    torch.manual_seed(0)
+    paths = [save_checkpoint(tmp_path / f"{n}.pt", build_model(str(tiny_bert), a), {"model": str(tiny_bert), "seed": 0})
+             for n, a in (("teacher", Approximations()), ("student", Approximations(softmax=softmax_spec("cgf"))))]
+    monkeypatch.setattr(sys, "argv", ["attention_norms.py", str(paths[1]), "--teacher", str(paths[0]),
+                                      "--data-dir", str(tiny_mrpc), "--results-dir", str(tmp_path)])
+    attention_norms.main()
+    (record,) = tmp_path.glob("analysis/attention_norms-*.json")
+    res = json.loads(record.read_text())["results"]
+    assert set(res) == {"teacher teacher", "student"}
+    for r in res.values():
+        norm = torch.tensor(r["norm"], dtype=torch.float64)
+        assert norm.shape == (2, 4, 3) and torch.allclose(norm.sum(-1), torch.ones(2, 4, dtype=torch.float64))
