@@ -424,7 +424,7 @@ def test_attention_norms_runs_end_to_end_and_records_both_models(tiny_bert, tiny
     attention_norms.main()
     (record,) = tmp_path.glob("analysis/attention_norms-*.json")
     res = json.loads(record.read_text())["results"]
-    assert set(res) == {"teacher teacher", "student"}
+    assert set(res) == {"teacher", "1: cgf c=0.5"}
     for r in res.values():
         norm = torch.tensor(r["norm"], dtype=torch.float64)
         assert norm.shape == (2, 4, 3) and torch.allclose(norm.sum(-1), torch.ones(2, 4, dtype=torch.float64))

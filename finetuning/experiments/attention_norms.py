@@ -35,12 +35,13 @@ def plot(results: dict[str, dict], path: str) -> Path:
     """Per model: heatmaps (layer x head) of the share to [CLS] and to [SEP], by weight and by norm."""
     plt = pyplot()
     names = list(results)
-    fig, axes = plt.subplots(len(names), 4, figsize=(13, 2.6 * len(names)), squeeze=False)
+    fig, axes = plt.subplots(len(names), 4, figsize=(13, 2.6 * len(names)), squeeze=False, layout="constrained")
+    top = max(float(np.max(np.asarray(res[w])[:, :, :2])) for res in results.values() for w in ("weight", "norm"))
     for r, name in enumerate(names):
         for c, (what, kind) in enumerate([(w, k) for k in ("cls", "sep") for w in ("weight", "norm")]):
             m = np.asarray(results[name][what])[:, :, KINDS.index(kind)]
-            im = axes[r][c].imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-            axes[r][c].set_title(f"{name[:28]}: {kind} by {what}", fontsize=8)
+            im = axes[r][c].imshow(m, vmin=0, vmax=top, cmap="viridis", aspect="auto")
+            axes[r][c].set_title(f"{name[:40]}: [{kind.upper()}] by {what}", fontsize=8)
             axes[r][c].set_xlabel("head", fontsize=7)
             axes[r][c].set_ylabel("layer", fontsize=7)
     fig.colorbar(im, ax=axes, shrink=0.8, label="mean share of a query row")
@@ -64,7 +65,7 @@ def main():
     for path in paths:
         model, meta = load_model(path)
         shares = norm_shares(model, loader, device, tokenizer.cls_token_id, tokenizer.sep_token_id)
-        name = f"{'teacher ' if path == args.teacher else ''}{Path(path).stem}"
+        name = "teacher" if path == args.teacher else f"{len(results)}: {model.approx.label()}"
         results[name] = {"checkpoint": repo_relative(path), "label": model.approx.label(),
                          **{what: s.tolist() for what, s in shares.items()}}
         print(f"\n{name} ({model.approx.label()}): mean share of a query row over heads, by weight | by norm")

@@ -16,7 +16,8 @@ def pyplot():
 
 def save(fig, path: str | Path) -> Path:
     """Write ``fig`` as a PNG at ``path`` (folders made as needed) and free it."""
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # a figure with its own (constrained) layout keeps it
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.15)  # every label inside the canvas
