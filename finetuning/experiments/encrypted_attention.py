@@ -224,8 +224,8 @@ def main():
     if not 0 <= args.layer < student.bert.config.num_hidden_layers:
         raise CgfBertError(f"--layer {args.layer}: the model has layers 0..{student.bert.config.num_hidden_layers - 1}")
     circuit_of(args.checkpoint, spec, args.layer, PolyExp())  # a softmax without a circuit: refused before any data loads
-    require_fhe()
     teacher = load_teacher(args) if args.teacher else None
+    require_fhe()
     tokenizer, data = prepare_data(meta["model"], args.data_dir, 128)
     set_seed(args.seed)
     dev = data["validation"]
