@@ -41,7 +41,8 @@ def plot(results: dict[str, dict], path: str) -> Path:
         for c, (what, kind) in enumerate([(w, k) for k in ("cls", "sep") for w in ("weight", "norm")]):
             m = np.asarray(results[name][what])[:, :, KINDS.index(kind)]
             im = axes[r][c].imshow(m, vmin=0, vmax=top, cmap="viridis", aspect="auto")
-            axes[r][c].set_title(f"{name[:40]}: [{kind.upper()}] by {what}", fontsize=8)
+            axes[r][c].set_title(f"{name[:22]}: [{kind.upper()}] by {what}", fontsize=8)
+            axes[r][c].set_xticks(range(m.shape[1]))
             axes[r][c].set_xlabel("head", fontsize=7)
             axes[r][c].set_ylabel("layer", fontsize=7)
     fig.colorbar(im, ax=axes, shrink=0.8, label="mean share of a query row")
