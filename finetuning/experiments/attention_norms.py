@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from cgf_bert.analysis.norms import KINDS, norm_shares
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, run_main
 from cgf_bert.config import TEACHER_PATH, TrainConfig
@@ -64,7 +63,7 @@ def main():
     loader = make_loader(data["validation"], tokenizer, cfg.eval_batch_size)
     started, results = time.time(), {}
     for path in paths:
-        model, meta = load_model(path)
+        model, _ = load_model(path)
         shares = norm_shares(model, loader, device, tokenizer.cls_token_id, tokenizer.sep_token_id)
         name = "teacher" if path == args.teacher else f"{len(results)}: {model.approx.label()}"
         results[name] = {"checkpoint": repo_relative(path), "label": model.approx.label(),

@@ -17,7 +17,6 @@ from cgf_bert.report.tables import (
     precision_table,
     reference_groups,
     results_table,
-    row_order,
     runs_table,
 )
 from cgf_bert.store.provenance import RESULTS_DIR

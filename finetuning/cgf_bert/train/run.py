@@ -23,10 +23,25 @@ from cgf_bert.model.bert import BertMRPC, resolve_model
 from cgf_bert.store.atomic import remove_leftovers
 from cgf_bert.store.checkpoint import load_model
 from cgf_bert.store.names import run_name
-from cgf_bert.store.provenance import REPO_ROOT, RESULTS_DIR, code_version, command_line, machine, repo_relative, uncommitted_files
+from cgf_bert.store.provenance import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    code_version,
+    command_line,
+    machine,
+    repo_relative,
+    uncommitted_files,
+)
 from cgf_bert.store.records import config_json, write_json
 from cgf_bert.train import distributed
-from cgf_bert.train.engine import TrainStep, build_optimizer, fit, freeze_embeddings, predict, resolve_device
+from cgf_bert.train.engine import (
+    TrainStep,
+    build_optimizer,
+    fit,
+    freeze_embeddings,
+    predict,
+    resolve_device,
+)
 from cgf_bert.train.precision import check_precision
 from cgf_bert.train.resume import SUFFIX, RunState, load_state, save_finished
 
