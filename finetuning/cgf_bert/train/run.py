@@ -72,11 +72,14 @@ def test_predictions(model: BertMRPC, data: DatasetDict, tokenizer, device, batc
     return {str(i): int(p) for i, p in zip(data["test"]["idx"], logits.argmax(-1))}
 
 
-def check_model(cfg: TrainConfig, model: BertMRPC) -> None:
-    """Options the loaded model must be able to honour, checked before the first step."""
+def check_model(cfg: TrainConfig, model: BertMRPC, data) -> None:
+    """Options the loaded model must be able to honour, checked before the first step: the
+    longest tokenized example (cut at --max-length) must fit the model's position embeddings."""
     positions = model.bert.config.max_position_embeddings
-    if cfg.max_length > positions:
-        raise CgfBertError(f"--max-length {cfg.max_length}: the model {cfg.model!r} has {positions} position embeddings")
+    longest = max(max(split["length"]) if "length" in split.column_names else max(map(len, split["input_ids"])) for split in data.values())
+    if longest > positions:
+        raise CgfBertError(f"--max-length {cfg.max_length}: examples of up to {longest} tokens, but the model {cfg.model!r} "
+                           f"has {positions} position embeddings (give --max-length {positions} or less)")
 
 
 def train(
@@ -100,7 +103,6 @@ def train(
     that state file); a finished run's record is returned as it is. Under torchrun every process
     calls this and gets the record; only rank 0 writes.
     """
-    check_model(cfg, model)
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)
     d = distributed.setup(device)
@@ -110,6 +112,7 @@ def train(
     if "finished" in (state.loaded or {}):
         return finished_record(state)
     tokenizer, data = data or prepare_data(cfg.model, cfg.data_dir, cfg.max_length, cfg.limit, cfg.task)
+    check_model(cfg, model, data)
     _setup_model(model, cfg, d)
     train_loader = make_loader(data["train"], tokenizer, cfg.batch_size, shuffle=True, seed=cfg.seed, group_by_length=cfg.group_by_length)
     eval_loader = make_loader(data["validation"], tokenizer, cfg.eval_batch_size)
