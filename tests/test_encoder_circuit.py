@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from cgf_bert import CgfBertError
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.spec import Spec
@@ -39,12 +40,8 @@ def _example(n: int, seed: int = 0):
 
 def _simulate(model, approx, n, top, slots=1024, bounds=None, record=True):
     ids, tt = _example(n)
-    lay = E.TokenLayout.for_model(slots, model.bert.config.hidden_size)
-    circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
-    log = E.StageLog()
-    sim = E.SimulatedCkks(lay.slots, top)
-    boot = E.Refresher(sim, log, top, bounds=bounds, record=record)
-    out = E.run(circuit, E.Counted(sim, log), boot, E.embed(model, ids, tt), log)
+    circuit = E.EncoderCircuit(E.Weights.of(model), approx, E.TokenLayout.for_model(slots, model.bert.config.hidden_size))
+    out, log, boot = E.simulate(circuit, E.embed(model, ids, tt), top, bounds=bounds, record=record)
     return out, E.reference_logits(model, ids, tt), log, boot
 
 
@@ -162,50 +159,39 @@ needs_fhe = pytest.mark.skipif(__import__("importlib").util.find_spec("desilofhe
                                reason="desilofhe (the optional fhe extra) is not installed")
 
 
+# A tiny layer cheap enough to encrypt: low-degree polynomials, quad GELU, ln_affine.
+ONE_LAYER = Approximations(softmax=Spec.make("softmax", "cgf_poly", degree=4, exp_lo=-16.0, exp_hi=16.0, squarings=2),
+                           gelu=Spec.make("gelu", "quad"), layernorm=Spec.make("layernorm", "ln_affine", var_attention=0.5, var_output=2.0),
+                           pooler=Spec.make("pooler", "tanh_poly", degree=4))
+
+
+def _encrypted_matches_the_model(tiny_bert, ops):
+    """The tiny one-layer model under ``ops``: logits within 1e-3 of the model's, bootstraps where the plan put them."""
+    model = _model(tiny_bert, ONE_LAYER)
+    model.bert.encoder.layer = model.bert.encoder.layer[:1]
+    ids, tt = _example(6)
+    emb = E.embed(model, ids, tt)
+    circuit = E.EncoderCircuit(E.Weights.of(model), ONE_LAYER, E.TokenLayout.for_model(ops.slots, 32))
+    reserve = getattr(ops, "reserve", 0)
+    bounds = E.calibrate(circuit, [emb], ops.top, reserve)
+    _, plan, _ = E.simulate(circuit, emb, ops.top, reserve, bounds=bounds)
+    log = E.StageLog()
+    out = E.run(circuit, E.Counted(ops, log), E.Refresher(ops, log, ops.top, bounds=bounds), emb, log)
+    ref = E.reference_logits(model, ids, tt)
+    np.testing.assert_allclose(out, ref, atol=1e-3 * np.abs(ref).max())
+    booted = sum(d.get("bootstraps", 0) for d in log.stages.values())
+    assert booted >= 1 and booted == sum(d.get("bootstraps", 0) for d in plan.stages.values())
+
+
 @needs_fhe
 def test_under_real_encryption_the_circuit_gives_the_models_logits(tiny_bert):
     """One tiny layer under CKKS (ring 2^15, 17 levels, the client refreshing where levels run out)."""
     from cgf_bert.fhe.context import FheContext
 
-    cheap = Approximations(softmax=Spec.make("softmax", "cgf_poly", degree=4, exp_lo=-16.0, exp_hi=16.0, squarings=2),
-                           gelu=Spec.make("gelu", "quad"), layernorm=Spec.make("layernorm", "ln_affine", var_attention=0.5, var_output=2.0),
-                           pooler=Spec.make("pooler", "tanh_poly", degree=4))
-    model = _model(tiny_bert, cheap)
-    model.bert.encoder.layer = model.bert.encoder.layer[:1]
-    ids, tt = _example(6)
-    ctx = FheContext(17, thread_count=2)
-    ops = E.CkksOps(ctx)
-    lay = E.TokenLayout.for_model(ctx.slots, 32)
-    circuit = E.EncoderCircuit(E.Weights.of(model), cheap, lay)
-    log = E.StageLog()
-    calibrate = E.Refresher(E.SimulatedCkks(lay.slots, ops.top), E.StageLog(), ops.top, record=True)
-    E.run(circuit, E.SimulatedCkks(lay.slots, ops.top), calibrate, E.embed(model, ids, tt), calibrate.log)
-    boot = E.Refresher(ops, log, ops.top, bounds={k: 2 * v for k, v in calibrate.seen.items()})
-    out = E.run(circuit, E.Counted(ops, log), boot, E.embed(model, ids, tt), log)
-    ref = E.reference_logits(model, ids, tt)
-    np.testing.assert_allclose(out, ref, atol=1e-3 * np.abs(ref).max())
-    assert sum(d.get("bootstraps", 0) for d in log.stages.values()) == sum(calibrate.log.stages[k].get("bootstraps", 0) for k in calibrate.log.stages)
+    _encrypted_matches_the_model(tiny_bert, E.CkksOps(FheContext(17, thread_count=2)))
 
 
 @needs_fhe
 @pytest.mark.real  # about 12 GB of keys and a few minutes per bootstrap on two cores: selected on purpose (-m real)
 def test_with_real_bootstraps_the_circuit_gives_the_models_logits(tiny_bert):
-    cheap = Approximations(softmax=Spec.make("softmax", "cgf_poly", degree=4, exp_lo=-16.0, exp_hi=16.0, squarings=2),
-                           gelu=Spec.make("gelu", "quad"), layernorm=Spec.make("layernorm", "ln_affine", var_attention=0.5, var_output=2.0),
-                           pooler=Spec.make("pooler", "tanh_poly", degree=4))
-    model = _model(tiny_bert, cheap)
-    model.bert.encoder.layer = model.bert.encoder.layer[:1]
-    ids, tt = _example(6)
-    ops = E.BootstrapOps("small", thread_count=2)
-    lay = E.TokenLayout.for_model(ops.slots, 32)
-    circuit = E.EncoderCircuit(E.Weights.of(model), cheap, lay)
-    sim = E.SimulatedCkks(lay.slots, ops.top, reserve=ops.reserve)
-    plan = E.Refresher(sim, E.StageLog(), ops.top, record=True)
-    E.run(circuit, sim, plan, E.embed(model, ids, tt), plan.log)
-    log = E.StageLog()
-    boot = E.Refresher(ops, log, ops.top, bounds={k: 2 * v for k, v in plan.seen.items()})
-    out = E.run(circuit, E.Counted(ops, log), boot, E.embed(model, ids, tt), log)
-    ref = E.reference_logits(model, ids, tt)
-    np.testing.assert_allclose(out, ref, atol=1e-3 * np.abs(ref).max())
-    booted = sum(d.get("bootstraps", 0) for d in log.stages.values())
-    assert booted >= 1 and booted == sum(d.get("bootstraps", 0) for d in plan.log.stages.values())
+    _encrypted_matches_the_model(tiny_bert, E.BootstrapOps("small", thread_count=2))

@@ -39,6 +39,7 @@ from cgf_bert.cli import (
 from cgf_bert.config import TrainConfig
 from cgf_bert.data.loader import make_loader
 from cgf_bert.fhe.circuits import circuit_for
+from cgf_bert.fhe.references import _centre
 from cgf_bert.model.layer_io import capture_blocks, forward_with_layer_output
 from cgf_bert.store.checkpoint import load_model
 from cgf_bert.store.provenance import (
@@ -75,7 +76,7 @@ def exp_arguments(circuit, blocks) -> np.ndarray:
     args = []
     for scores, valid, _ in blocks:
         m = np.broadcast_to(np.asarray(valid, bool), scores.shape)
-        x = circuit.argument(scores, valid) if hasattr(circuit, "argument") else scores - (scores * m).sum(-1, keepdims=True) / m.sum(-1, keepdims=True)
+        x = circuit.argument(scores, valid) if hasattr(circuit, "argument") else _centre(scores, valid)[3]
         args.append(x[m])
     return np.concatenate(args)
 

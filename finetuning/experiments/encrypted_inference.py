@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.spec import Spec
 from cgf_bert.cli import (
@@ -84,7 +85,7 @@ def polynomial_form(approx: Approximations, model, calibration) -> Approximation
     """Each op the circuit cannot run replaced by its polynomial kind (the checkpoint's own kept)."""
     out = approx
     for op, spec in POLYNOMIAL.items():
-        if spec.op == op and getattr(approx, op).depth is None:
+        if getattr(approx, op).depth is None:
             out = out.replace(**{op: spec})
     if approx.softmax.depth is None:
         form = approx.softmax.with_polynomial()
@@ -104,15 +105,6 @@ def examples_of(split, rows: int, count: int) -> list[tuple[torch.Tensor, torch.
         if len(out) == count:
             break
     return out
-
-
-def simulate(circuit, model, ids, tt, bounds=None, record=False):
-    log = E.StageLog()
-    sim = E.SimulatedCkks(circuit.lay.slots, TOP)
-    boot = E.Refresher(sim, log, TOP, bounds=bounds, record=record)
-    start = time.perf_counter()
-    logits = E.run(circuit, E.Counted(sim, log), boot, E.embed(model, ids, tt), log)
-    return logits, log, boot, time.perf_counter() - start
 
 
 def cost_table(path: str) -> dict:
@@ -142,16 +134,14 @@ def evaluate(path: str, args, data) -> dict:
     approx = polynomial_form(meta["approx"], model, calibration) if args.polynomial else meta["approx"]
     model.set_approx(approx)
     circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
-    bounds: dict[str, float] = {}
-    for ids, tt in calibration:
-        _, _, boot, _ = simulate(circuit, model, ids, tt, record=True)
-        for site, peak in boot.seen.items():
-            bounds[site] = max(bounds.get(site, 0.0), 2.0 * peak)
+    bounds = E.calibrate(circuit, (E.embed(model, ids, tt) for ids, tt in calibration), TOP)
     rows, stages = [], {}
     for k, (ids, tt, label) in enumerate(examples_of(data["validation"], lay.rows, args.examples)):
         with counting(model.bert) as counter:
             ref = E.reference_logits(model, ids, tt)
-        got, log, boot, wall = simulate(circuit, model, ids, tt, bounds=bounds)
+        start = time.perf_counter()
+        got, log, boot = E.simulate(circuit, E.embed(model, ids, tt), TOP, bounds=bounds)
+        wall = time.perf_counter() - start
         table = log.table()
         for r in table:
             agg = stages.setdefault(stage_kind(r["stage"]), {})

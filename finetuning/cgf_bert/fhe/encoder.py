@@ -55,6 +55,7 @@ from cgf_bert.fhe.ops import (
     LevelledNumpyOps,
     baby_step,
     broadcast,
+    bsgs,
     chebyshev_series,
     repeated_squaring,
     rotsum,
@@ -124,16 +125,8 @@ def row_matmul(ops, x, matrix: np.ndarray, lay: TokenLayout, rows: np.ndarray):
         if pattern.any():
             g, b = divmod(j, baby)
             plan.setdefault(g * baby, []).append((b, pattern))
-    babies = {b: ops.rotate(x, b) for b in sorted({b for terms in plan.values() for b, _ in terms})}
-    out = None
-    for shift, terms in plan.items():
-        inner = None
-        for b, pattern in terms:
-            term = ops.mul_plain(babies[b], np.roll(np.outer(rows, pattern).ravel(), shift))
-            inner = term if inner is None else ops.add(inner, term)
-        inner = ops.rotate(inner, shift)
-        out = inner if out is None else ops.add(out, inner)
-    return out
+    groups = ((shift, [(b, np.roll(np.outer(rows, pattern).ravel(), shift)) for b, pattern in terms]) for shift, terms in plan.items())
+    return bsgs(ops, x, groups, {b for terms in plan.values() for b, _ in terms})  # each group's plaintexts made when reached
 
 
 # --------------------------------------------------------------------------- accounting
@@ -253,6 +246,7 @@ class CkksOps(FheOps):
     def __init__(self, ctx):
         super().__init__(ctx)
         self.top = ctx.max_level - 1  # desilofhe makes no rotation key at an engine's very top level
+        self.slots = ctx.slots
 
     def encrypt(self, v: np.ndarray):
         return self.e.level_down(self.ctx.encrypt(v), self.top)
@@ -607,3 +601,22 @@ def run(circuit: EncoderCircuit, ops, boot: Refresher, emb: np.ndarray, log: Sta
     (x,) = [ops.encrypt(v) for v in circuit.lay.pack(emb)]
     logits = circuit.forward(ops, boot, x, emb.shape[0], log)
     return ops.decrypt(logits)[:2]
+
+
+def simulate(circuit: EncoderCircuit, emb: np.ndarray, top: int, reserve: int = 0, bounds: dict | None = None,
+             record: bool = False) -> tuple[np.ndarray, StageLog, Refresher]:
+    """``run`` on ``SimulatedCkks`` with ``top`` levels after a bootstrap: the plan and the logits."""
+    log = StageLog()
+    sim = SimulatedCkks(circuit.lay.slots, top, reserve)
+    boot = Refresher(sim, log, top, bounds=bounds, record=record)
+    return run(circuit, Counted(sim, log), boot, emb, log), log, boot
+
+
+def calibrate(circuit: EncoderCircuit, embeddings, top: int, reserve: int = 0, margin: float = 2.0) -> dict[str, float]:
+    """The public bootstrap bounds: ``margin`` times the largest |value| each site refreshes, over the
+    embedding outputs of calibration examples (training data, never the examples scored)."""
+    bounds: dict[str, float] = {}
+    for emb in embeddings:
+        for site, peak in simulate(circuit, emb, top, reserve, record=True)[2].seen.items():
+            bounds[site] = max(bounds.get(site, 0.0), margin * peak)
+    return bounds

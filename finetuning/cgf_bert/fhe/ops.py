@@ -235,18 +235,23 @@ def pv_diagonals(values: np.ndarray, baby: int) -> dict[int, list[tuple[int, np.
     return plan
 
 
-def times_values(ops, p, values: np.ndarray):
-    """P @ V by diagonals, baby-step giant-step; output in slots ``r*W + i``, ``i < D``. ``PV_DEPTH`` levels."""
-    plan = pv_diagonals(values, baby_step(values.shape[1], values.shape[2]))
-    babies = {b: ops.rotate(p, b) for b in sorted({b for terms in plan.values() for b, _ in terms})}
+def bsgs(ops, x, groups, babies: set[int]):
+    """``sum_g rot_g(sum_b M_{g,b} * rot_b(x))``: the baby rotations of ``x`` once each, then per giant
+    step ``g`` its plaintext products and one rotation. ``groups`` yields ``(g, [(b, M), ...])``
+    (a generator may make each group's plaintexts as it is reached). One level."""
+    rotated = {b: ops.rotate(x, b) for b in sorted(babies)}
     out = None
-    for shift, terms in plan.items():
+    for shift, terms in groups:
         inner = None
-        for b, diag in terms:
-            term = ops.mul_plain(babies[b], diag)
+        for b, plain in terms:
+            term = ops.mul_plain(rotated[b], plain)
             inner = term if inner is None else ops.add(inner, term)
         inner = ops.rotate(inner, shift)
         out = inner if out is None else ops.add(out, inner)
     return out
 
 
+def times_values(ops, p, values: np.ndarray):
+    """P @ V by diagonals, baby-step giant-step; output in slots ``r*W + i``, ``i < D``. ``PV_DEPTH`` levels."""
+    plan = pv_diagonals(values, baby_step(values.shape[1], values.shape[2]))
+    return bsgs(ops, p, plan.items(), {b for terms in plan.values() for b, _ in terms})

@@ -41,7 +41,7 @@ def remove_leftovers(path: str | Path) -> list[Path]:
     return stale
 
 
-def check_writable(paths: dict[str, str | Path], folders: dict[str, str | Path] = {}) -> None:  # noqa: B006 (read only)
+def check_writable(paths: dict[str, str | Path], folders: dict[str, str | Path] | None = None) -> None:
     """Refuse, before any work and without writing anything, a file or folder a run could not create.
 
     ``paths`` are files (``-o`` checkpoint), ``folders`` directories the run writes into (results,
@@ -50,7 +50,7 @@ def check_writable(paths: dict[str, str | Path], folders: dict[str, str | Path] 
     """
     from cgf_bert import CgfBertError
 
-    for option, path, is_dir in [*((o, p, False) for o, p in paths.items()), *((o, p, True) for o, p in folders.items())]:
+    for option, path, is_dir in [*((o, p, False) for o, p in paths.items()), *((o, p, True) for o, p in (folders or {}).items())]:
         p = Path(path)
         if p.exists():
             if p.is_dir() != is_dir:
