@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from cgf_bert import CgfBertError
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.spec import Spec
+from cgf_bert.fhe import backends as B
 from cgf_bert.fhe import encoder as E
 from cgf_bert.model.bert import build_model
 
@@ -69,7 +69,7 @@ def test_levels_each_stage_consumes_are_the_declared_depths(tiny_bert):
     circuit = E.EncoderCircuit(E.Weights.of(model), POLY, E.TokenLayout.for_model(1024, 32))
     circuit._n, circuit._top = 5, 10_000
     circuit._pad = np.zeros(1024)
-    sim = E.SimulatedCkks(1024, 1000)
+    sim = B.SimulatedCkks(1024, 1000)
     log = E.StageLog()
     boot = E.Refresher(sim, log, 1000, record=True)
     x = sim.encrypt(np.random.default_rng(0).normal(size=1024))
@@ -114,7 +114,7 @@ def test_row_matmul_is_each_row_times_the_matrix_and_rows_past_the_tokens_are_ze
     x, m = rng.normal(size=(16, 16)), rng.normal(size=(12, 10))
     x[:, 12:] = 0.0
     rows = (np.arange(16) < 11).astype(float)
-    out = E.row_matmul(E.SimulatedCkks(256, 5), E.SimulatedCkks(256, 5).encrypt(x.ravel()), m, lay, rows)
+    out = E.row_matmul(B.SimulatedCkks(256, 5), B.SimulatedCkks(256, 5).encrypt(x.ravel()), m, lay, rows)
     got = out.slots.reshape(16, 16)
     np.testing.assert_allclose(got[:11, :10], x[:11, :12] @ m, atol=1e-12)
     assert not got[11:].any() and not got[:, 10:].any() and out.level == 4
@@ -188,10 +188,55 @@ def test_under_real_encryption_the_circuit_gives_the_models_logits(tiny_bert):
     """One tiny layer under CKKS (ring 2^15, 17 levels, the client refreshing where levels run out)."""
     from cgf_bert.fhe.context import FheContext
 
-    _encrypted_matches_the_model(tiny_bert, E.CkksOps(FheContext(17, thread_count=2)))
+    _encrypted_matches_the_model(tiny_bert, B.CkksOps(FheContext(17, thread_count=2)))
 
 
 @needs_fhe
 @pytest.mark.real  # about 12 GB of keys and a few minutes per bootstrap on two cores: selected on purpose (-m real)
 def test_with_real_bootstraps_the_circuit_gives_the_models_logits(tiny_bert):
-    _encrypted_matches_the_model(tiny_bert, E.BootstrapOps("small", thread_count=2))
+    _encrypted_matches_the_model(tiny_bert, B.BootstrapOps("small", thread_count=2))
+
+
+def _cli(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, *flags) -> dict:
+    """encrypted_inference on a tiny CGF student, the record it writes."""
+    import json
+    import sys
+
+    from cgf_bert.approx.softmax import softmax_spec
+    from cgf_bert.store.checkpoint import save_checkpoint
+    from experiments import encrypted_inference
+
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "student.pt", build_model(str(tiny_bert), Approximations(softmax=softmax_spec("cgf"))),
+                           {"model": str(tiny_bert), "seed": 0})
+    monkeypatch.setattr(sys, "argv", ["encrypted_inference.py", str(path), "--examples", "1", "--calibrate", "2",
+                                      "--data-dir", str(tiny_mrpc), "--results-dir", str(tmp_path), *flags])
+    encrypted_inference.main()
+    (record,) = tmp_path.glob("fhe/encrypted_inference-*.json")
+    return json.loads(record.read_text())
+
+
+def test_a_partial_run_is_the_model_cut_to_its_first_layers(tiny_bert, tiny_mrpc, tmp_path, monkeypatch):
+    """--layers 1: the circuit runs layer 0, the pooler and the classifier; the reference is the model cut the same way,
+    and the error after the layer is reported against the plaintext layer."""
+    from experiments.encrypted_inference import truncated
+
+    rec = _cli(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, "--layers", "1")
+    (res,) = rec["results"]
+    (ex,) = res["examples"]
+    assert res["layers"] == 1 and [e["layer"] for e in ex["per_layer"]] == [0]
+    assert ex["per_layer"][0]["max_abs_error"] < 1e-9 and ex["max_abs_error"] < 1e-9
+    full = _model(tiny_bert, Approximations(softmax=Spec.make("softmax", "cgf_poly")))
+    cut = truncated(_model(tiny_bert, Approximations(softmax=Spec.make("softmax", "cgf_poly"))), 1)
+    ids, tt = _example(6)
+    assert not np.allclose(E.reference_logits(full, ids, tt), E.reference_logits(cut, ids, tt))  # a different model, honestly
+
+
+@needs_fhe
+def test_the_command_runs_under_ckks_with_interactive_refreshes(tiny_bert, tiny_mrpc, tmp_path, monkeypatch):
+    rec = _cli(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, "--layers", "1", "--backend", "interactive", "--threads", "2")
+    (ex,) = rec["results"][0]["examples"]
+    assert rec["keys"]["interactive"] is True and rec["backend"] == "interactive"
+    assert ex["same_prediction"] and ex["max_abs_error"] < 1e-3 * np.abs(ex["reference_logits"]).max()
+    assert ex["per_layer"][0]["max_abs_error"] < 1e-3 * ex["per_layer"][0]["max_abs_value"]
+    assert ex["wall_seconds"] > 0 and sum(s.get("bootstraps", 0) for s in ex["stages"]) == ex["bootstraps"]

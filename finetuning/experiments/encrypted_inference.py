@@ -1,12 +1,21 @@
 """The whole student under CKKS: every encoder layer, the pooler and the classifier as one circuit
 (``cgf_bert.fhe.encoder``), the client encrypting the embedding output and decrypting the logits.
 
-This module runs the circuit on numpy slot vectors that count CKKS levels (``--backend sim``): the
-slot layout, every rotation and product, the level of every ciphertext and the bootstraps are
-those of the encrypted run, and the logits are compared with the plaintext reference (the model
-in float64 with its polynomial specs). What the simulation does not have is CKKS noise and time:
-the stage table counts operations and bootstraps, and with ``--costs FILE`` (seconds per
-operation, measured by ``python -m experiments.ckks_costs``) prices them. Operations that are
+Backends (``--backend``):
+
+- ``sim`` (default): numpy slot vectors that count CKKS levels. The slot layout, every rotation and
+  product, the level of every ciphertext and the bootstraps are those of the encrypted run; what
+  it does not have is CKKS noise and time: the stage table counts operations, and ``--costs FILE``
+  (seconds per operation, measured by ``python -m experiments.ckks_costs``) prices them.
+- ``interactive``: desilofhe ciphertexts, the client decrypting and re-encrypting where the levels
+  run out (counted as bootstraps, reported as interactive).
+- ``bootstrap``: desilofhe's bootstrappable engine, real non-interactive bootstraps (small key:
+  about 10 GB of keys, a few minutes per bootstrap on two cores; ``--layers`` and
+  ``--max-tokens`` keep a run short). The simulated plan is printed first; after each layer the
+  output is decrypted (a measurement only) and its error against the plaintext layer reported.
+
+The logits are compared with the plaintext reference (the model in float64 with its polynomial
+specs). Operations that are
 not polynomial (an exact softmax, erf GELU, LayerNorm, tanh) are replaced by their polynomial
 kinds first (``--polynomial``, on by default): ``exact`` -> ``exact_poly`` with the row-sum bound
 measured on the calibration examples, GELU -> ``gelu_poly``, LayerNorm -> ``ln_poly``, tanh ->
@@ -19,6 +28,7 @@ interval in the reference.
 
     cd finetuning
     python -m experiments.encrypted_inference ../checkpoints/STUDENT.pt ../checkpoints_teacher/teacher.pt --examples 8
+    python -m experiments.encrypted_inference ../checkpoints/STUDENT.pt --backend bootstrap --layers 1 --examples 1 --max-tokens 24
 """
 
 import argparse
@@ -28,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
+from cgf_bert import CgfBertError
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.spec import Spec
 from cgf_bert.cli import (
@@ -39,6 +49,7 @@ from cgf_bert.cli import (
     run_main,
 )
 from cgf_bert.config import TrainConfig
+from cgf_bert.fhe import backends as B
 from cgf_bert.fhe import encoder as E
 from cgf_bert.model.attention import self_attentions
 from cgf_bert.model.replaced import counting
@@ -126,59 +137,144 @@ def price(table: list[dict], costs: dict | None) -> float | None:
     return sum(row.get(op, 0) * costs[op] for row in table for op in E.Counted.COSTED)
 
 
-def evaluate(path: str, args, data) -> dict:
+def make_backend(args):
+    """None for the simulation; else the encrypted backend, its keys made once for every checkpoint."""
+    if args.backend == "sim":
+        return None
+    if args.backend == "interactive":
+        from cgf_bert.fhe.context import FheContext
+
+        ops = B.CkksOps(FheContext(TOP + 1, thread_count=args.threads))
+    else:
+        print(f"making the keys ({args.key} bootstrap key; the small one takes about 30 s and 10 GB with its rotation key)...", flush=True)
+        ops = B.BootstrapOps(args.key, thread_count=args.threads)
+    if ops.slots != SLOTS:
+        raise CgfBertError(f"the {args.backend} backend has {ops.slots} slots, the layout is planned for {SLOTS}")
+    return ops
+
+
+def truncated(model, layers: int | None):
+    """The model cut to its first ``layers`` encoder layers (then the pooler and classifier), the reference of a partial run."""
+    if layers is None:
+        return model
+    if layers > len(model.bert.encoder.layer):
+        raise CgfBertError(f"--layers {layers}: the model has {len(model.bert.encoder.layer)} encoder layers")
+    model.bert.encoder.layer = model.bert.encoder.layer[:layers]
+    model.bert.config.num_hidden_layers = layers
+    return model
+
+
+def summed(table: list[dict]) -> dict:
+    out: dict = {}
+    for r in table:
+        agg = out.setdefault(stage_kind(r["stage"]), {})
+        for key, v in r.items():
+            if key != "stage":
+                agg[key] = agg.get(key, 0) + v
+    return out
+
+
+def evaluate(path: str, args, data, ops=None) -> dict:
     model, meta = load_model(path)
-    model = model.eval().double()
+    model = truncated(model.eval().double(), args.layers)
     lay = E.TokenLayout.for_model(SLOTS, model.bert.config.hidden_size)
+    top, reserve = (TOP, 0) if ops is None else (ops.top, ops.reserve)
     calibration = [(i, t) for i, t, _ in examples_of(data["train"], lay.rows, args.calibrate)]
     approx = polynomial_form(meta["approx"], model, calibration) if args.polynomial else meta["approx"]
     model.set_approx(approx)
     circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
-    bounds = E.calibrate(circuit, (E.embed(model, ids, tt) for ids, tt in calibration), TOP)
+    bounds = E.calibrate(circuit, (E.embed(model, ids, tt) for ids, tt in calibration), top, reserve)
     rows, stages = [], {}
-    for k, (ids, tt, label) in enumerate(examples_of(data["validation"], lay.rows, args.examples)):
+    limit = min(lay.rows, args.max_tokens or lay.rows)
+    chosen = examples_of(data["validation"], limit, args.examples)
+    if not chosen:
+        raise CgfBertError(f"no dev example has at most {limit} tokens")
+    if len(chosen) < args.examples:
+        print(f"  only {len(chosen)} dev examples have at most {limit} tokens", flush=True)
+    for k, (ids, tt, label) in enumerate(chosen):
         with counting(model.bert) as counter:
-            ref = E.reference_logits(model, ids, tt)
+            ref, hidden = E.reference(model, ids, tt)
+        emb = E.embed(model, ids, tt)
         start = time.perf_counter()
-        got, log, boot = E.simulate(circuit, E.embed(model, ids, tt), TOP, bounds=bounds)
+        planned: list[dict] = []
+        got, log, boot = E.simulate(circuit, emb, top, reserve, bounds=bounds,
+                                    probe=E.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
         table = log.table()
-        for r in table:
-            agg = stages.setdefault(stage_kind(r["stage"]), {})
-            for key, v in r.items():
-                if key != "stage":
-                    agg[key] = agg.get(key, 0) + v / args.examples
-        outside = counter.result()
-        rows.append({"tokens": len(ids), "label": label, "reference_logits": ref.tolist(), "circuit_logits": got.tolist(),
-                     "max_abs_error": float(np.abs(got - ref).max()), "same_prediction": bool(got.argmax() == ref.argmax()),
-                     "bootstraps": int(sum(r.get("bootstraps", 0) for r in table)), "bound_overflows": boot.overflows,
-                     "poly_inputs_outside": outside, "simulation_seconds": round(wall, 1),
-                     "projected_seconds": price(table, args.costs), "stages": table})
-        print(f"  example {k}: {len(ids)} tokens, logits {np.round(got, 4)} vs {np.round(ref, 4)} (max error {rows[-1]['max_abs_error']:.1e}), "
-              f"{rows[-1]['bootstraps']} bootstraps" + (f", {len(boot.overflows)} bound overflows" if boot.overflows else ""), flush=True)
+        plan = {kind: d.get("bootstraps", 0) for kind, d in summed(table).items()}
+        row = {"tokens": len(ids), "label": label, "reference_logits": ref.tolist(), "simulated_logits": got.tolist(),
+               "bootstraps": int(sum(plan.values())), "bootstrap_plan": plan, "bound_overflows": boot.overflows,
+               "poly_inputs_outside": counter.result(), "simulation_seconds": round(wall, 1),
+               "projected_seconds": price(table, args.costs)}
+        print(f"  example {k}: {len(ids)} tokens; plan: {row['bootstraps']} bootstraps ("
+              + ", ".join(f"{kind} {b}" for kind, b in plan.items() if b) + ")"
+              + (f", projected {row['projected_seconds'] / 60:.0f} min" if args.costs else ""), flush=True)
+        if ops is not None:
+            table, got, per_layer = encrypted(circuit, ops, bounds, emb, hidden)
+            row.update(encrypted_logits=got.tolist(), per_layer=per_layer, wall_seconds=round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1))
+        else:
+            per_layer = planned
+        row.update(max_abs_error=float(np.abs(got - ref).max()), same_prediction=bool(got.argmax() == ref.argmax()), stages=table)
+        row.setdefault("per_layer", per_layer)
+        for kind, d in summed(table).items():
+            agg = stages.setdefault(kind, {})
+            for key, v in d.items():
+                agg[key] = agg.get(key, 0) + v / len(chosen)
+        rows.append(row)
+        print(f"  example {k}: logits {np.round(got, 4)} vs {np.round(ref, 4)} (max error {row['max_abs_error']:.1e})"
+              + (f", {len(boot.overflows)} bound overflows" if boot.overflows else ""), flush=True)
     return {"checkpoint": repo_relative(path), "trained": {k: meta.get(k) for k in ("seed", "epoch", "dev", "code_version")},
-            "approx": approx.to_json(), "label": approx.label(), "layout": {"slots": lay.slots, "width": lay.width, "rows": lay.rows},
+            "approx": approx.to_json(), "label": approx.label(), "layers": len(model.bert.encoder.layer),
+            "layout": {"slots": lay.slots, "width": lay.width, "rows": lay.rows},
             "calibration_examples": len(calibration), "bounds": bounds, "examples": rows,
             "per_example_mean_by_stage": {k: {m: round(v, 2) for m, v in d.items()} for k, d in stages.items()}}
 
 
-def plot(results: list[dict], path: str):
+def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list) -> tuple[list[dict], np.ndarray, list[dict]]:
+    """One example through ``ops``: the measured stage table, the decrypted logits, the error after each layer."""
+    log, per_layer, start = E.StageLog(), [], time.perf_counter()
+    measure = E.layer_errors(circuit, ops, hidden, per_layer)
+
+    def probe(i, x):
+        measure(i, x)
+        e = per_layer[-1]
+        print(f"    layer {i}: {time.perf_counter() - start:.0f} s so far, max abs error {e['max_abs_error']:.1e} "
+              f"(largest value {e['max_abs_value']:.1f})", flush=True)
+
+    got = E.run(circuit, E.Counted(ops, log), E.Refresher(ops, log, ops.top, bounds=bounds), emb, log, probe)
+    return log.table(), got, per_layer
+
+
+def plot(results: list[dict], path: str, measured: bool):
+    """Bootstraps and time (measured, or ciphertext products in the simulation) per stage; the error after each layer."""
     plt = pyplot()
     kinds = list(results[0]["per_example_mean_by_stage"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
     width = 0.8 / len(results)
     for j, res in enumerate(results):
         st = res["per_example_mean_by_stage"]
         x = np.arange(len(kinds)) + j * width
         axes[0].bar(x, [st.get(k, {}).get("bootstraps", 0) for k in kinds], width, label=res["label"][:60])
-        axes[1].bar(x, [st.get(k, {}).get("mul", 0) + st.get(k, {}).get("square", 0) for k in kinds], width)
-    for ax, title in zip(axes, ("bootstraps per example", "ciphertext products per example")):
+        if measured:
+            axes[1].bar(x, [(st.get(k, {}).get("seconds", 0) + st.get(k, {}).get("bootstrap_seconds", 0)) / 60 for k in kinds], width)
+        else:
+            axes[1].bar(x, [st.get(k, {}).get("mul", 0) + st.get(k, {}).get("square", 0) for k in kinds], width)
+        for n, ex in enumerate(res["examples"]):
+            layers = [e["layer"] for e in ex["per_layer"]]
+            errs = [max(e["max_abs_error"], 1e-17) for e in ex["per_layer"]]
+            axes[2].plot(layers, errs, "o-", color=f"C{j}", alpha=0.6, label=res["label"][:40] if n == 0 else None)
+    titles = ("bootstraps per example", "minutes per example (measured)" if measured else "ciphertext products per example")
+    for ax, title in zip(axes, titles):
         ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
+    axes[2].set_yscale("log")
+    axes[2].set_xlabel("encoder layer")
+    axes[2].set_title("max abs error of the layer's output vs plaintext", fontsize=10)
+    axes[2].grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle("The whole encoder as one CKKS circuit (slot simulation): cost by stage, all layers", fontsize=10)
-    fig.tight_layout()
+    kind = "CKKS" if measured else "slot simulation"
+    fig.suptitle(f"The encoder as one CKKS circuit ({kind}): cost by stage, all layers", fontsize=10)
     return save(fig, path)
 
 
@@ -191,7 +287,16 @@ def main():
     p.add_argument("--no-polynomial", dest="polynomial", action="store_false",
                    help="refuse a checkpoint whose ops are not all polynomial instead of replacing them by their polynomial kinds")
     p.add_argument("--costs", type=cost_table, help="seconds per operation (a record of experiments.ckks_costs) to price the stages")
-    p.add_argument("--backend", choices=("sim",), default="sim", help="sim: numpy slot vectors that count CKKS levels (default)")
+    p.add_argument("--backend", choices=("sim", "interactive", "bootstrap"), default="sim",
+                   help="sim: numpy slot vectors that count CKKS levels (default); interactive: CKKS, the client refreshing "
+                        "ciphertexts where levels run out; bootstrap: CKKS with desilofhe's non-interactive bootstraps")
+    p.add_argument("--key", choices=("small", "medium"), default="small",
+                   help="bootstrap key of --backend bootstrap: small (about 6 GB, slower bootstraps) or medium (about 16 GB) (default: %(default)s)")
+    p.add_argument("--threads", type=number(int, "threads", min=1), help="desilofhe's threads (default: the library's)")
+    p.add_argument("--layers", type=number(int, "layers", min=1),
+                   help="run only the first N encoder layers, then the pooler and classifier (the reference is the model cut the same way)")
+    p.add_argument("--max-tokens", type=number(int, "max-tokens", min=2),
+                   help="score only dev examples of at most this many tokens (default: those that fit a ciphertext)")
     add_config_args(p, TrainConfig, only=("data_dir", "max_length"))
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record and plot go to RESULTS_DIR/fhe/ (default: %(default)s)")
     args = p.parse_args()
@@ -199,19 +304,26 @@ def main():
     metas = {c: read_checkpoint(c)[1] for c in args.checkpoints}  # every file checked before any work
     _, data = prepare_data(next(iter(metas.values()))["model"], cfg.data_dir, cfg.max_length)
     started, results = time.time(), []
+    ops = make_backend(args)
+    keys = None if ops is None else {"keygen_seconds": round(getattr(ops, "keygen_s", 0.0), 1), "key_bytes": getattr(ops, "key_bytes", None),
+                                     "interactive": ops.interactive}
     for path in args.checkpoints:
         print(f"{path}:", flush=True)
-        results.append(evaluate(path, args, data))
+        results.append(evaluate(path, args, data, ops))
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png")
+    png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None)
     out = {"command": command_line(), "code_version": code_version(), "machine": machine(torch.device("cpu")), "backend": args.backend,
-           "levels_after_bootstrap": TOP, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
+           "keys": keys, "levels_after_bootstrap": TOP if ops is None else ops.top, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
            "results": results, "plot": repo_relative(png)}
     for res in results:
         ok = sum(r["same_prediction"] for r in res["examples"])
         err = max(r["max_abs_error"] for r in res["examples"])
         boots = np.mean([r["bootstraps"] for r in res["examples"]])
-        print(f"{res['label']}: predictions equal on {ok}/{len(res['examples'])}, max logit error {err:.1e}, {boots:.0f} bootstraps per example")
+        over = sum(bool(r["bound_overflows"]) for r in res["examples"])
+        what = {"sim": "slot simulation, no CKKS noise", "interactive": "CKKS, interactive refreshes", "bootstrap": "CKKS, non-interactive"}[args.backend]
+        print(f"{res['label']} [{what}; {res['layers']} encoder layers]: predictions equal on {ok}/{len(res['examples'])}, "
+              f"max logit error {err:.1e}, {boots:.0f} bootstraps per example"
+              + (f"; {over} examples overflowed a bootstrap bound (under CKKS those values are wrong)" if over else ""))
     print(f"plot: {png}\nsaved {write_json(Path(args.results_dir) / 'fhe' / f'encrypted_inference-{stamp}.json', out)}")
 
 

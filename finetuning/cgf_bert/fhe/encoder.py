@@ -49,10 +49,8 @@ from cgf_bert.approx.chebyshev import ChebyshevFit
 from cgf_bert.approx.polyexp import PolyExp
 from cgf_bert.approx.reciprocal import linear_guess
 from cgf_bert.approx.softmax import exact_poly_iters
+from cgf_bert.fhe.backends import SimulatedCkks
 from cgf_bert.fhe.ops import (
-    FheOps,
-    Levelled,
-    LevelledNumpyOps,
     baby_step,
     broadcast,
     bsgs,
@@ -211,103 +209,6 @@ class Refresher:
         out = self.ops.bootstrap(x, bound)
         self.log.count("bootstrap_seconds", time.perf_counter() - start)
         return out
-
-
-class SimulatedCkks(LevelledNumpyOps):
-    """``LevelledNumpyOps`` with encryption at ``top`` levels and a bootstrap that restores ``top``
-    (the values unchanged: the simulation tests the circuit and its plan, not CKKS noise)."""
-
-    def __init__(self, slots: int, top: int, reserve: int = 0):
-        super().__init__()
-        self.slots, self.top, self.reserve = slots, top, reserve  # reserve: levels a bootstrap takes first (BootstrapOps)
-
-    def encrypt(self, v: np.ndarray) -> Levelled:
-        return Levelled(np.asarray(v, dtype=np.float64), self.top)
-
-    def peek(self, x: Levelled) -> np.ndarray:
-        return x.slots
-
-    def bootstrap(self, x: Levelled, bound: float) -> Levelled:
-        return Levelled(x.slots, self.top)
-
-
-class CkksOps(FheOps):
-    """The slot operations on desilofhe ciphertexts, with the client's refresh in place of a bootstrap.
-
-    ``bootstrap`` here is interactive: the ciphertext goes back to the client, who decrypts it and
-    encrypts it again at the top level (one round trip, counted as a bootstrap in the stage log and
-    reported as interactive). It is what lets the circuit run under real encryption on a ring
-    without bootstrapping keys; the non-interactive bootstrap (desilofhe's
-    ``Engine(bootstrap=True)`` and its keys) takes the same place in the circuit.
-    """
-
-    interactive = True
-
-    def __init__(self, ctx):
-        super().__init__(ctx)
-        self.top = ctx.max_level - 1  # desilofhe makes no rotation key at an engine's very top level
-        self.slots = ctx.slots
-
-    def encrypt(self, v: np.ndarray):
-        return self.e.level_down(self.ctx.encrypt(v), self.top)
-
-    def decrypt(self, x) -> np.ndarray:
-        return self.ctx.decrypt(x)
-
-    def bootstrap(self, x, bound: float):
-        return self.encrypt(self.decrypt(x))
-
-
-class BootstrapOps(FheOps):
-    """The slot operations on desilofhe's bootstrappable engine (2^15 slots, 17 levels), with real,
-    non-interactive bootstraps: ``x / bound`` into the bootstrap's input range (one level, so
-    ``reserve`` = 1), the bootstrap (back to 17), then ``* bound`` (16 = ``top``).
-
-    Keys (made once, ``keygen_s`` and ``key_bytes`` say what they cost): the relinearization and
-    conjugation keys, one rotation key for every step (fixed keys for the ~150 steps a layer
-    rotates by would not fit 24 GB at this ring), and the small bootstrap key with its roll key
-    (``key="small"``, about 6 GB) or the medium bootstrap key (about 16 GB, three times faster).
-    """
-
-    interactive = False
-    reserve = 1
-
-    def __init__(self, key: str = "small", thread_count: int | None = None, mode: str = "cpu"):
-        try:
-            import desilofhe
-        except ImportError:
-            from cgf_bert.fhe.context import MISSING
-
-            raise CgfBertError(MISSING) from None
-        start = time.perf_counter()
-        e = desilofhe.Engine(bootstrap=True, mode=mode, thread_count=thread_count)
-        sk = e.create_secret_key()
-        self.e, self.secret_key, self.public_key = e, sk, e.create_public_key(sk)
-        self.rlk, self.conj_key, self.rotation_key = e.create_relinearization_key(sk), e.create_conjugation_key(sk), e.create_rotation_key(sk)
-        if key == "small":
-            self.boot_keys = (e.create_roll_key(sk), e.create_small_bootstrap_key(sk))
-        else:
-            self.boot_keys = (e.create_bootstrap_key(sk, size=key),)
-        self.keygen_s = time.perf_counter() - start
-        self.top, self.slots = int(e.max_level) - 1, int(e.slot_count)
-
-    @property
-    def key_bytes(self) -> int:
-        keys = (self.public_key, self.rlk, self.conj_key, self.rotation_key, *self.boot_keys)
-        return int(sum(getattr(k, "nbytes", 0) for k in keys))
-
-    def rotate(self, x, k: int):
-        return x if k == 0 else self.e.rotate(x, self.rotation_key, k)
-
-    def encrypt(self, v: np.ndarray):
-        return self.e.level_down(self.e.encrypt(np.ascontiguousarray(v, dtype=np.float64), self.public_key), self.top)
-
-    def decrypt(self, x) -> np.ndarray:
-        return np.asarray(self.e.decrypt(x, self.secret_key))
-
-    def bootstrap(self, x, bound: float):
-        scaled = self.e.multiply(x, 1.0 / bound)
-        return self.e.multiply(self.e.bootstrap(scaled, self.rlk, self.conj_key, *self.boot_keys), float(bound))
 
 
 # --------------------------------------------------------------------------- the model's weights
@@ -479,8 +380,8 @@ class EncoderCircuit:
         log.current = f"layer {i} / P V"
         v = boot(v, 1, f"layer {i} v")
         out = None
-        for r, p in probs.items():
-            p = boot(p, 1, f"layer {i} probs")
+        for r in list(probs):
+            p = boot(probs.pop(r), 1, f"layer {i} probs")
             term = ops.mul(broadcast(ops, p, self.dh), ops.rotate(v, r * W))
             out = term if out is None else ops.add(out, term)
         log.current = f"layer {i} / output"
@@ -504,7 +405,8 @@ class EncoderCircuit:
         shared = ops.add(ops.sub(sq, ops.square(gmu)), amu)  # a c var + a mu, 2 levels below the scores
         weight_of = lambda r: masks[r] * (1.0 / n) ** (0.5**poly.squarings)
         probs = {}
-        for r, s in scores.items():
+        for r in list(scores):  # each offset's scores freed once used: the memory of one set of offsets, not two
+            s = scores.pop(r)
             t = ops.add_const(ops.sub(ops.mul_plain(s, masks[r] * a), shared), -b)  # to_unit(s - mu - c var)
             t = boot(t, poly.depth, f"layer {i} exp input")
             probs[r] = repeated_squaring(ops, chebyshev_series(ops, t, poly.coeffs, weight_of(r)), poly.squarings)
@@ -516,7 +418,8 @@ class EncoderCircuit:
         a, b = _unit_map(poly)
         mu = self._sum(ops, {r: ops.mul_plain(s, masks[r] * (a / n)) for r, s in scores.items()})  # a mu
         es = {}
-        for r, s in scores.items():
+        for r in list(scores):
+            s = scores.pop(r)
             t = ops.add_const(ops.sub(ops.mul_plain(s, masks[r] * a), mu), -b)
             t = boot(t, poly.depth, f"layer {i} exp input")
             es[r] = repeated_squaring(ops, chebyshev_series(ops, t, poly.coeffs, masks[r]), poly.squarings)
@@ -536,7 +439,7 @@ class EncoderCircuit:
                 if it + 1 < iters:
                     e = ops.square(e)
         y = boot(y, 1, f"layer {i} reciprocal")
-        return {r: ops.mul(boot(e_, 1, f"layer {i} exp"), y) for r, e_ in es.items()}, hi
+        return {r: ops.mul(boot(es.pop(r), 1, f"layer {i} exp"), y) for r in list(es)}, hi
 
     @staticmethod
     def _sum(ops, xs: dict):
@@ -547,8 +450,9 @@ class EncoderCircuit:
 
     # -- the whole forward
 
-    def forward(self, ops, boot, x, n: int, log: StageLog):
-        """Encrypted embedding output (one ciphertext) -> encrypted logits (slots 0 and 1 of row 0)."""
+    def forward(self, ops, boot, x, n: int, log: StageLog, probe=None):
+        """Encrypted embedding output (one ciphertext) -> encrypted logits (slots 0 and 1 of row 0).
+        ``probe(i, x)``, if given, sees layer i's output ciphertext (a measurement, not the protocol)."""
         if n > self.lay.rows:
             raise CgfBertError(f"{n} tokens do not fit a ciphertext of {self.lay.rows} token rows")
         self._n, self._top = n, boot.top
@@ -569,6 +473,8 @@ class EncoderCircuit:
             down = self.linear(ops, act, lw["down"])[0]
             log.current = f"layer {i} / LayerNorm 2"
             x = self.layernorm(ops, boot, boot(ops.add(down, h), 1, f"layer {i} ln2"), lns[i], lw["ln2"], f"layer {i} ln2")
+            if probe is not None:
+                probe(i, x)
         log.current = "pooler + classifier"
         A, B = self._map_of(self.approx.pooler)
         (pooled,) = self.linear(ops, [boot(x, 1, "pooler input")], self.w.pooler, scale=A, shift=B)
@@ -588,28 +494,46 @@ def embed(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> np.nd
     return _np(e[0])
 
 
-def reference_logits(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> np.ndarray:
-    """The plaintext reference: the model itself (its specs' polynomial forms), float64, one example."""
+def reference(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The plaintext reference: the model itself (its specs' polynomial forms), float64, one example:
+    the logits and each encoder layer's output (T, hidden)."""
     m = model.to(torch.float64)
     with torch.no_grad():
-        out = m(input_ids=input_ids[None], attention_mask=torch.ones_like(input_ids)[None], token_type_ids=token_type_ids[None])
-    return _np(out["logits"][0])
+        out = m(input_ids=input_ids[None], attention_mask=torch.ones_like(input_ids)[None], token_type_ids=token_type_ids[None],
+                needs=("hidden",))
+    return _np(out["logits"][0]), [_np(h[0]) for h in out["hidden"][1:]]
 
 
-def run(circuit: EncoderCircuit, ops, boot: Refresher, emb: np.ndarray, log: StageLog) -> np.ndarray:
-    """Encrypt ``emb`` (T, hidden), run the circuit, decrypt the two logits."""
+def reference_logits(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> np.ndarray:
+    return reference(model, input_ids, token_type_ids)[0]
+
+
+def run(circuit: EncoderCircuit, ops, boot: Refresher, emb: np.ndarray, log: StageLog, probe=None) -> np.ndarray:
+    """Encrypt ``emb`` (T, hidden), run the circuit, decrypt the two logits (``probe`` as ``forward``'s)."""
     (x,) = [ops.encrypt(v) for v in circuit.lay.pack(emb)]
-    logits = circuit.forward(ops, boot, x, emb.shape[0], log)
+    logits = circuit.forward(ops, boot, x, emb.shape[0], log, probe)
     return ops.decrypt(logits)[:2]
 
 
+def layer_errors(circuit: EncoderCircuit, ops, hidden: list[np.ndarray], into: list[dict]):
+    """A ``probe`` that decrypts each layer's output (the client's key: a measurement only) and appends
+    its max and mean abs error against the reference's ``hidden[i]`` to ``into``."""
+    def probe(i: int, x):
+        want = hidden[i]
+        got = circuit.lay.unpack([ops.decrypt(x)], *want.shape)
+        err = np.abs(got - want)
+        into.append({"layer": i, "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean()),
+                     "max_abs_value": float(np.abs(want).max()), "level": int(ops.level(x))})
+    return probe
+
+
 def simulate(circuit: EncoderCircuit, emb: np.ndarray, top: int, reserve: int = 0, bounds: dict | None = None,
-             record: bool = False) -> tuple[np.ndarray, StageLog, Refresher]:
+             record: bool = False, probe=None) -> tuple[np.ndarray, StageLog, Refresher]:
     """``run`` on ``SimulatedCkks`` with ``top`` levels after a bootstrap: the plan and the logits."""
     log = StageLog()
     sim = SimulatedCkks(circuit.lay.slots, top, reserve)
     boot = Refresher(sim, log, top, bounds=bounds, record=record)
-    return run(circuit, Counted(sim, log), boot, emb, log), log, boot
+    return run(circuit, Counted(sim, log), boot, emb, log, probe), log, boot
 
 
 def calibrate(circuit: EncoderCircuit, embeddings, top: int, reserve: int = 0, margin: float = 2.0) -> dict[str, float]:

@@ -40,6 +40,8 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     had a softmax alone: every other op was exact).
     """
     path = Path(path)
+    if path.is_dir():
+        return read_exported(path)
     if not path.is_file():
         raise CgfBertError(f"checkpoint not found: {path}")
     try:
@@ -52,6 +54,23 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if "softmax" in meta:
         meta["approx"] = EXACT.replace(softmax=legacy_softmax(meta.pop("softmax"), meta.pop("coeff", None))).to_json()
     meta["approx"] = Approximations.from_json(meta["approx"])
+    return state_dict, meta
+
+
+def read_exported(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, meta) of a folder written by ``cgf_bert.hub.export``: its model.safetensors and the
+    checkpoint metadata in its config.json, the folder itself as the base model (it holds the config)."""
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        state_dict = load_file(folder / "model.safetensors")
+    except (OSError, ValueError) as e:
+        raise CgfBertError(f"{folder} is not an exported cgf-bert folder (config.json and model.safetensors: {type(e).__name__})") from None
+    if config.get("model_type") != "cgf_bert" or "cgf_bert" not in config:
+        raise CgfBertError(f"{folder}: config.json has model_type {config.get('model_type')!r}, not an exported cgf-bert student")
+    meta = dict(config["cgf_bert"].get("checkpoint", {}))
+    meta.update(base_model=meta.get("model"), model=str(folder), approx=Approximations.from_json(config["cgf_bert"]["approx"]))
     return state_dict, meta
 
 

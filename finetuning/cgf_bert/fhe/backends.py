@@ -1,0 +1,113 @@
+"""The backends the encoder circuit runs on: the same slot operations on numpy vectors that count
+levels (``SimulatedCkks``), on desilofhe ciphertexts with the client refreshing them
+(``CkksOps``, interactive) and on desilofhe's bootstrappable engine (``BootstrapOps``).
+
+Each has ``top`` (the level a fresh or refreshed ciphertext starts at), ``slots``, ``encrypt``,
+``decrypt`` and ``bootstrap(x, bound)``; ``reserve`` is the levels a bootstrap takes first.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from cgf_bert import CgfBertError
+from cgf_bert.fhe.ops import FheOps, Levelled, LevelledNumpyOps
+
+
+class SimulatedCkks(LevelledNumpyOps):
+    """``LevelledNumpyOps`` with encryption at ``top`` levels and a bootstrap that restores ``top``
+    (the values unchanged: the simulation tests the circuit and its plan, not CKKS noise)."""
+
+    def __init__(self, slots: int, top: int, reserve: int = 0):
+        super().__init__()
+        self.slots, self.top, self.reserve = slots, top, reserve  # reserve: levels a bootstrap takes first (BootstrapOps)
+
+    def encrypt(self, v: np.ndarray) -> Levelled:
+        return Levelled(np.asarray(v, dtype=np.float64), self.top)
+
+    def peek(self, x: Levelled) -> np.ndarray:
+        return x.slots
+
+    def bootstrap(self, x: Levelled, bound: float) -> Levelled:
+        return Levelled(x.slots, self.top)
+
+
+class CkksOps(FheOps):
+    """The slot operations on desilofhe ciphertexts, with the client's refresh in place of a bootstrap.
+
+    ``bootstrap`` here is interactive: the ciphertext goes back to the client, who decrypts it and
+    encrypts it again at the top level (one round trip, counted as a bootstrap in the stage log and
+    reported as interactive). It is what lets the circuit run under real encryption on a ring
+    without bootstrapping keys; the non-interactive bootstrap (desilofhe's
+    ``Engine(bootstrap=True)`` and its keys) takes the same place in the circuit.
+    """
+
+    interactive = True
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.top = ctx.max_level - 1  # desilofhe makes no rotation key at an engine's very top level
+        self.slots = ctx.slots
+
+    def encrypt(self, v: np.ndarray):
+        return self.e.level_down(self.ctx.encrypt(v), self.top)
+
+    def decrypt(self, x) -> np.ndarray:
+        return self.ctx.decrypt(x)
+
+    def bootstrap(self, x, bound: float):
+        return self.encrypt(self.decrypt(x))
+
+
+class BootstrapOps(FheOps):
+    """The slot operations on desilofhe's bootstrappable engine (2^15 slots, 17 levels), with real,
+    non-interactive bootstraps: ``x / bound`` into the bootstrap's input range (one level, so
+    ``reserve`` = 1), the bootstrap (back to 17), then ``* bound`` (16 = ``top``).
+
+    Keys (made once, ``keygen_s`` and ``key_bytes`` say what they cost): the relinearization and
+    conjugation keys, one rotation key for every step (fixed keys for the ~150 steps a layer
+    rotates by would not fit 24 GB at this ring), and the small bootstrap key with its roll key
+    (``key="small"``, about 6 GB) or the medium bootstrap key (about 16 GB, three times faster).
+    """
+
+    interactive = False
+    reserve = 1
+
+    def __init__(self, key: str = "small", thread_count: int | None = None, mode: str = "cpu"):
+        try:
+            import desilofhe
+        except ImportError:
+            from cgf_bert.fhe.context import MISSING
+
+            raise CgfBertError(MISSING) from None
+        start = time.perf_counter()
+        e = desilofhe.Engine(bootstrap=True, mode=mode, thread_count=thread_count)
+        sk = e.create_secret_key()
+        self.e, self.secret_key, self.public_key = e, sk, e.create_public_key(sk)
+        self.rlk, self.conj_key, self.rotation_key = e.create_relinearization_key(sk), e.create_conjugation_key(sk), e.create_rotation_key(sk)
+        if key == "small":
+            self.boot_keys = (e.create_roll_key(sk), e.create_small_bootstrap_key(sk))
+        else:
+            self.boot_keys = (e.create_bootstrap_key(sk, size=key),)
+        self.keygen_s = time.perf_counter() - start
+        self.top, self.slots = int(e.max_level) - 1, int(e.slot_count)
+
+    @property
+    def key_bytes(self) -> int:
+        keys = (self.public_key, self.rlk, self.conj_key, self.rotation_key, *self.boot_keys)
+        return int(sum(getattr(k, "nbytes", 0) for k in keys))
+
+    def rotate(self, x, k: int):
+        return x if k == 0 else self.e.rotate(x, self.rotation_key, k)
+
+    def encrypt(self, v: np.ndarray):
+        return self.e.level_down(self.e.encrypt(np.ascontiguousarray(v, dtype=np.float64), self.public_key), self.top)
+
+    def decrypt(self, x) -> np.ndarray:
+        return np.asarray(self.e.decrypt(x, self.secret_key))
+
+    def bootstrap(self, x, bound: float):
+        scaled = self.e.multiply(x, 1.0 / bound)
+        return self.e.multiply(self.e.bootstrap(scaled, self.rlk, self.conj_key, *self.boot_keys), float(bound))
