@@ -272,3 +272,10 @@ def test_examples_longer_than_the_models_positions_are_refused_before_the_first_
     long = {"train": Dataset.from_dict({"input_ids": [[1] * 70]}), "validation": Dataset.from_dict({"input_ids": [[1] * 5]})}
     with pytest.raises(CgfBertError, match="--max-length 128: examples of up to 70 tokens, .* 64 position embeddings"):
         check_model(TrainConfig(max_length=128), model, long)
+
+
+def test_quiet_prints_only_the_final_result(tiny_bert, tiny_mrpc, tmp_path):
+    """-q: no progress bars, no epoch lines, no notes: the result line alone (a process: -q silences tqdm for good)."""
+    p = run("finetune.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 2, "--batch-size", 8, "-q",
+            "-o", tmp_path / "q.pt", "--results-dir", tmp_path / "r")
+    assert p.stderr == "" and len(p.stdout.splitlines()) == 1 and p.stdout.startswith("best epoch"), (p.stdout, p.stderr)

@@ -47,11 +47,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.checks: list[Callable[[argparse.Namespace], Any]] = []  # run on the parsed args; a CgfBertError is a parse error
         self.add_argument("--verbose", action="store_true",
                           help="show the libraries' warnings (pyarrow's, transformers'...), hidden by default")
+        self.add_argument("-q", "--quiet", action="store_true", help="print only the final result: no progress bars, no notes")
 
     def parse_known_args(self, args=None, namespace=None):
         parsed, rest = super().parse_known_args(args, namespace)
         if not parsed.verbose:
             quiet_libraries()
+        if parsed.quiet:
+            quiet_progress()
         for check in self.checks:
             try:
                 check(parsed)
@@ -71,6 +74,23 @@ def quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+
+
+def quiet_progress() -> None:
+    """``-q``: every progress bar and epoch line off (whatever its caller asked), only errors logged."""
+    from tqdm import std
+
+    if not getattr(std.tqdm.__init__, "quiet", False):
+        init = std.tqdm.__init__
+
+        def silent(self, *args, **kw):
+            kw["disable"] = True
+            init(self, *args, **kw)
+
+        silent.quiet = True
+        std.tqdm.__init__ = silent
+        std.tqdm.write = classmethod(lambda cls, *args, **kw: None)  # the epoch lines go out through tqdm.write
+    logging.getLogger().setLevel(logging.ERROR)
 
 
 def _type(param: Param) -> Callable[[str], Any]:
