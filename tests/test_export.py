@@ -34,7 +34,10 @@ def exported(tiny_bert, tiny_mrpc, tmp_path_factory):
     common = ("--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 1, "--batch-size", 8, "--seed", 3, "--results-dir", results)
     _run("finetune.py", *common, "-o", root / "exact.pt")
     _run("finetune.py", *common, "-o", root / "student.pt", *STUDENT)
-    assert "exported" in _run("export.py", root / "student.pt", root / "hf", "--results-dir", results)
+    out = _run("export.py", root / "student.pt", root / "hf", "--results-dir", results, "--verify", "--data-dir", tiny_mrpc)
+    assert "exported" in out and "the same" in out, out  # plain transformers in a fresh process: the checkpoint's dev accuracy
+    (check,) = (results / "export").glob("export-*.json")
+    assert json.loads(check.read_text())["same_accuracy"] is True
     return root / "student.pt", root / "hf", results
 
 

@@ -137,10 +137,30 @@ def price(table: list[dict], costs: dict | None) -> float | None:
     return sum(row.get(op, 0) * costs[op] for row in table for op in E.Counted.COSTED)
 
 
+# (top, reserve) of each backend: the level a bootstrap (or the client's refresh) returns, and the
+# levels its own scaling takes first (desilofhe 2.0's bootstrappable engine: 17 levels, one kept for
+# the key switch at the top, one for x / bound). The plan and the calibration need only these, so
+# they run, and a circuit that cannot fit fails, before any key is made.
+LEVELS = {"sim": (TOP, 0), "interactive": (TOP, 0), "bootstrap": (TOP - 1, 1)}
+
+
+class Backend:
+    """The encrypted backend of ``--backend``, its keys made on first use and then kept for every checkpoint."""
+
+    def __init__(self, args):
+        self.args, self.ops = args, None
+        self.top, self.reserve = LEVELS[args.backend]
+
+    def __call__(self):
+        if self.ops is None:
+            self.ops = make_backend(self.args)
+            if (self.ops.top, getattr(self.ops, "reserve", 0)) != (self.top, self.reserve):
+                raise CgfBertError(f"the {self.args.backend} backend gives {self.ops.top} levels, the plan was made for {self.top}")
+        return self.ops
+
+
 def make_backend(args):
-    """None for the simulation; else the encrypted backend, its keys made once for every checkpoint."""
-    if args.backend == "sim":
-        return None
+    """The encrypted backend (keys made here)."""
     if args.backend == "interactive":
         from cgf_bert.fhe.context import FheContext
 
@@ -174,11 +194,11 @@ def summed(table: list[dict]) -> dict:
     return out
 
 
-def evaluate(path: str, args, data, ops=None) -> dict:
+def evaluate(path: str, args, data, backend: Backend) -> dict:
     model, meta = load_model(path)
     model = truncated(model.eval().double(), args.layers)
     lay = E.TokenLayout.for_model(SLOTS, model.bert.config.hidden_size)
-    top, reserve = (TOP, 0) if ops is None else (ops.top, ops.reserve)
+    top, reserve = backend.top, backend.reserve
     calibration = [(i, t) for i, t, _ in examples_of(data["train"], lay.rows, args.calibrate)]
     approx = polynomial_form(meta["approx"], model, calibration) if args.polynomial else meta["approx"]
     model.set_approx(approx)
@@ -209,8 +229,8 @@ def evaluate(path: str, args, data, ops=None) -> dict:
         print(f"  example {k}: {len(ids)} tokens; plan: {row['bootstraps']} bootstraps ("
               + ", ".join(f"{kind} {b}" for kind, b in plan.items() if b) + ")"
               + (f", projected {row['projected_seconds'] / 60:.0f} min" if args.costs else ""), flush=True)
-        if ops is not None:
-            table, got, per_layer = encrypted(circuit, ops, bounds, emb, hidden)
+        if args.backend != "sim":
+            table, got, per_layer = encrypted(circuit, backend(), bounds, emb, hidden)
             row.update(encrypted_logits=got.tolist(), per_layer=per_layer, wall_seconds=round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1))
         else:
             per_layer = planned
@@ -304,12 +324,13 @@ def main():
     metas = {c: read_checkpoint(c)[1] for c in args.checkpoints}  # every file checked before any work
     _, data = prepare_data(next(iter(metas.values()))["model"], cfg.data_dir, cfg.max_length)
     started, results = time.time(), []
-    ops = make_backend(args)
-    keys = None if ops is None else {"keygen_seconds": round(getattr(ops, "keygen_s", 0.0), 1), "key_bytes": getattr(ops, "key_bytes", None),
-                                     "interactive": ops.interactive}
+    backend = Backend(args)
     for path in args.checkpoints:
         print(f"{path}:", flush=True)
-        results.append(evaluate(path, args, data, ops))
+        results.append(evaluate(path, args, data, backend))
+    ops = backend.ops
+    keys = None if ops is None else {"keygen_seconds": round(getattr(ops, "keygen_s", 0.0), 1), "key_bytes": getattr(ops, "key_bytes", None),
+                                     "interactive": ops.interactive}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None)
     out = {"command": command_line(), "code_version": code_version(), "machine": machine(torch.device("cpu")), "backend": args.backend,

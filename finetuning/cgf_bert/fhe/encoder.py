@@ -189,9 +189,14 @@ class Refresher:
         self.seen: dict[str, float] = {}
         self.overflows: dict[str, float] = {}
 
+    @property
+    def usable(self) -> int:
+        """Levels one step may use: a bootstrap's ``top`` less the ``reserve`` its own scaling takes."""
+        return self.top - getattr(self.ops, "reserve", 0)
+
     def __call__(self, x, need: int, site: str):
-        if need > self.top - getattr(self.ops, "reserve", 0):
-            raise CgfBertError(f"{site} needs {need} levels in one step, more than the {self.top} a bootstrap gives")
+        if need > self.usable:
+            raise CgfBertError(f"{site} needs {need} levels in one step, more than the {self.usable} a bootstrap leaves")
         if self.ops.level(x) - getattr(self.ops, "reserve", 0) >= need:
             return x
         peak = float(np.abs(self.ops.peek(x)).max()) if hasattr(self.ops, "peek") else None
@@ -367,7 +372,7 @@ class EncoderCircuit:
         lw, W, sm = self.w.layers[i], self.lay.width, self.approx.softmax.for_layer(i)
         poly = PolyExp(sm.values["degree"], sm.values["exp_lo"], sm.values["exp_hi"], sm.values["squarings"])
         log.current = f"layer {i} / Q K V"
-        x = boot(x, min(self._score_need(sm, poly) + 1, boot.top), f"layer {i} input")  # Q and K then need no bootstrap
+        x = boot(x, min(self._score_need(sm, poly) + 1, boot.usable), f"layer {i} input")  # Q and K then need no bootstrap
         (q,) = self.linear(ops, [x], lw["q"], scale=1.0 / math.sqrt(self.dh))
         (k,) = self.linear(ops, [x], lw["k"])
         (v,) = self.linear(ops, [x], lw["v"])
@@ -455,7 +460,7 @@ class EncoderCircuit:
         ``probe(i, x)``, if given, sees layer i's output ciphertext (a measurement, not the protocol)."""
         if n > self.lay.rows:
             raise CgfBertError(f"{n} tokens do not fit a ciphertext of {self.lay.rows} token rows")
-        self._n, self._top = n, boot.top
+        self._n, self._top = n, boot.usable
         pad = np.zeros((self.lay.rows, self.lay.width))
         pad[n:, :self.w.hidden] = np.where(np.arange(self.w.hidden) % 2, -1.0, 1.0)  # mean 0, variance 1
         self._pad = pad.ravel()
