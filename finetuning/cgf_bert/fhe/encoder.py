@@ -57,6 +57,7 @@ from cgf_bert.fhe.ops import (
     chebyshev_series,
     repeated_squaring,
     rotsum,
+    times_int,
 )
 from cgf_bert.fhe.references import _unit_map
 
@@ -373,7 +374,7 @@ class EncoderCircuit:
         poly = PolyExp(sm.values["degree"], sm.values["exp_lo"], sm.values["exp_hi"], sm.values["squarings"])
         log.current = f"layer {i} / Q K V"
         x = boot(x, min(self._score_need(sm, poly) + 1, boot.usable), f"layer {i} input")  # Q and K then need no bootstrap
-        (q,) = self.linear(ops, [x], lw["q"], scale=1.0 / math.sqrt(self.dh))
+        (q,) = self.linear(ops, [x], lw["q"], scale=self._q_scale(sm, poly, n) / math.sqrt(self.dh))
         (k,) = self.linear(ops, [x], lw["k"])
         (v,) = self.linear(ops, [x], lw["v"])
         q, k = boot(q, self._score_need(sm, poly), f"layer {i} q"), boot(k, self._score_need(sm, poly), f"layer {i} k")
@@ -396,23 +397,42 @@ class EncoderCircuit:
 
     def _score_need(self, sm, poly: PolyExp) -> int:
         """Levels Q and K need so that no offset's ciphertext is bootstrapped before P V: the product,
-        the statistics (CGF's two levels; exact's one, then its product with the reciprocal), the
+        the statistics (CGF's one level; exact's one, then its product with the reciprocal), the
         exp, and P V."""
-        return min(1 + 2 + poly.depth + 1, self._top)
+        stats = 1 if sm.name == "cgf_poly" else 2
+        return min(1 + stats + poly.depth + 1, self._top)
+
+    @staticmethod
+    def _q_scale(sm, poly: PolyExp, n: int) -> float:
+        """CGF's scores come out of Q K^T times ``kappa = sqrt(a c) / n`` (folded into Q's weights), so that
+        its statistics cost one level (``_cgf``); the exact softmax takes the scores as they are."""
+        if sm.name != "cgf_poly" or sm.values["coeff"] <= 0:
+            return 1.0
+        a, _ = _unit_map(poly)
+        return math.sqrt(a * sm.values["coeff"]) / n
 
     def _cgf(self, ops, boot, scores, masks, n, sm, poly, i):
-        """CGF: ``PolyExp(s - mu - c var) * mask / n`` per offset; mu and var are sums over the offsets."""
+        """CGF: ``PolyExp(s - mu - c var) * mask / n`` per offset; mu and var are sums over the offsets.
+
+        The scores arrive as ``s' = kappa s`` (``_q_scale``). With ``S1 = sum_r s'_r`` and ``S2 = sum_r
+        s'_r^2`` (an invalid key's score is 0, its K row being 0, so the sums need no mask; slots other
+        than a head's first hold garbage that never mixes into them), the exp's input on [-1, 1] is
+        ``t_r = (a / kappa) s'_r - (a / (n kappa)) S1 - (n S2 - S1^2) - b``, where ``n S2 - S1^2 = a c
+        var``: every term one level below the scores (``n S2`` by additions), so the statistics cost one
+        level, not two. The mask and ``1/n`` ride on the exp's coefficients."""
         a, b = _unit_map(poly)
         c = sm.values["coeff"]
-        total = lambda f: self._sum(ops, {r: ops.mul_plain(s, masks[r] * f) for r, s in scores.items()})
-        amu, gmu = total(a / n), total(math.sqrt(a * c) / n)  # a mu, sqrt(a c) mu
-        sq = self._sum(ops, {r: ops.square(ops.mul_plain(s, masks[r] * math.sqrt(a * c / n))) for r, s in scores.items()})
-        shared = ops.add(ops.sub(sq, ops.square(gmu)), amu)  # a c var + a mu, 2 levels below the scores
-        weight_of = lambda r: masks[r] * (1.0 / n) ** (0.5**poly.squarings)
+        kappa = self._q_scale(sm, poly, n)
+        total = self._sum(ops, scores)  # S1
+        shared = ops.mul_plain(total, np.full(self.lay.slots, a / (n * kappa)))  # a mu
+        if c > 0:
+            sq = self._sum(ops, {r: ops.square(s) for r, s in scores.items()})  # S2
+            shared = ops.add(shared, ops.sub(times_int(ops, sq, n), ops.square(total)))  # + a c var
+        weight_of = lambda r: masks[r] * (1.0 / n) ** (0.5**poly.squarings)  # noqa: E731
         probs = {}
         for r in list(scores):  # each offset's scores freed once used: the memory of one set of offsets, not two
             s = scores.pop(r)
-            t = ops.add_const(ops.sub(ops.mul_plain(s, masks[r] * a), shared), -b)  # to_unit(s - mu - c var)
+            t = ops.add_const(ops.sub(ops.mul_plain(s, masks[r] * (a / kappa)), shared), -b)  # to_unit(s - mu - c var)
             t = boot(t, poly.depth, f"layer {i} exp input")
             probs[r] = repeated_squaring(ops, chebyshev_series(ops, t, poly.coeffs, weight_of(r)), poly.squarings)
         return probs, 1.0

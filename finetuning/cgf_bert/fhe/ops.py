@@ -204,6 +204,18 @@ def chebyshev_series(ops, t, coeffs: Sequence[float], weight: np.ndarray):
     return ops.add_plain(acc, coeffs[0] * weight)
 
 
+def times_int(ops, x, k: int):
+    """``k * x`` for an integer ``k >= 1`` by doubling and adding: no level (a constant product would take one)."""
+    out, power = None, x
+    while k:
+        if k & 1:
+            out = power if out is None else ops.add(out, power)
+        k >>= 1
+        if k:
+            power = ops.add(power, power)
+    return out
+
+
 def repeated_squaring(ops, x, times: int):
     for _ in range(times):
         x = ops.square(x)
