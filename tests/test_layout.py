@@ -24,9 +24,15 @@ LAYERS = (
     ("cgf_bert.fhe",),  # encryption: context, slot operations, packing, circuits
     ("cgf_bert.train",),  # the training stack
     ("cgf_bert.analysis",),  # looking inside trained checkpoints (the kernel view fine-tunes to compare)
+    ("cgf_bert.hub",),  # students that leave the toolkit: export and its check
     ("cgf_bert.cli",),  # the scripts' flags, over everything
 )
 LAYER = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+
+# The one arrow up, on purpose: ``import cgf_bert`` must register the exported students' model type
+# with transformers (``AutoModelForSequenceClassification.from_pretrained(folder)`` after it), so the
+# package's __init__ imports model.hf, after defining the error type everything below imports.
+ALLOWED = {("cgf_bert", "cgf_bert.model")}  # from cgf_bert.model import hf
 
 
 def unit_of(module: str) -> str:
@@ -74,7 +80,7 @@ def test_imports_flow_one_way(path):
         if not mod.startswith("cgf_bert"):
             continue
         other = unit_of(mod)
-        if other != own and LAYER[other] >= LAYER[own]:
+        if other != own and LAYER[other] >= LAYER[own] and (module_name(path), mod) not in ALLOWED:
             bad.append(f"{path.relative_to(PKG)}:{line} imports {mod} ({other} is not below {own})")
     assert not bad, "\n".join(bad)
 
