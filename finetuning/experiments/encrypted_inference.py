@@ -4,7 +4,7 @@
 Backends (``--backend``):
 
 - ``sim`` (default): numpy slot vectors that count CKKS levels. The slot layout, every rotation and
-  product, the level of every ciphertext and the bootstraps are those of the encrypted run; what
+  product, the level of every ciphertext and the bootstraps are those of the non-interactive run; what
   it does not have is CKKS noise and time: the stage table counts operations, and ``--costs FILE``
   (seconds per operation, measured by ``python -m experiments.ckks_costs``) prices them.
 - ``interactive``: desilofhe ciphertexts, the client decrypting and re-encrypting where the levels
@@ -141,7 +141,8 @@ def price(table: list[dict], costs: dict | None) -> float | None:
 # levels its own scaling takes first (desilofhe 2.0's bootstrappable engine: 17 levels, one kept for
 # the key switch at the top, one for x / bound). The plan and the calibration need only these, so
 # they run, and a circuit that cannot fit fails, before any key is made.
-LEVELS = {"sim": (TOP, 0), "interactive": (TOP, 0), "bootstrap": (TOP - 1, 1)}
+# The simulation plans the non-interactive run: its levels are the bootstrap backend's.
+LEVELS = {"sim": (TOP - 1, 1), "interactive": (TOP, 0), "bootstrap": (TOP - 1, 1)}
 
 
 class Backend:

@@ -1,0 +1,146 @@
+"""Loss-landscape curvature of checkpoints (after PyHessian and "Understanding and Improving Knowledge
+Distillation for QAT of Transformer Encoders"): the top Hessian eigenvalues (power iteration), the
+trace (Hutchinson) and the eigenvalue density (stochastic Lanczos quadrature) of the cross-entropy
+on a fixed sample of MRPC train examples, over the parameters a run trains (every one but the
+frozen embeddings; ``--include-embeddings`` adds them). The same loss (CE, eval mode, no dropout)
+for every model, so teacher, CE-trained CGF model and KD student compare on one footing: does
+distillation land the student in a flatter region?
+
+    cd finetuning
+    python -m experiments.hessian ../checkpoints_teacher/teacher.pt CGF_CE.pt KD_STUDENT.pt
+
+Cost: one Hessian-vector product is a double backward over the sample (``--examples``, default
+64); the defaults take about 2 + 2 x 20 + 16 + 32 products per checkpoint, the time per product is
+printed, and the record keeps the seconds and the peak memory.
+"""
+
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cgf_bert.analysis import hessian as H
+from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, number, run_main
+from cgf_bert.config import TrainConfig
+from cgf_bert.data.loader import make_loader, to_device
+from cgf_bert.report.plots import pyplot, save
+from cgf_bert.store.checkpoint import load_model, read_checkpoint
+from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine, repo_relative
+from cgf_bert.store.records import write_json
+from cgf_bert.train.engine import resolve_device
+from cgf_bert.train.run import prepare_data
+
+
+class Counted:
+    """An HVP that counts its calls and their time (the cost the record states)."""
+
+    def __init__(self, hvp):
+        self.hvp, self.calls, self.seconds = hvp, 0, 0.0
+
+    def __call__(self, v):
+        start = time.perf_counter()
+        out = self.hvp(v)
+        self.calls += 1
+        self.seconds += time.perf_counter() - start
+        if self.calls == 1:
+            print(f"    one Hessian-vector product: {self.seconds:.1f} s", flush=True)
+        return out
+
+
+def curvature(path: str, batches: list[dict], device, args) -> dict:
+    model, _ = load_model(path)
+    model = model.eval().to(device)
+    params = [p for n, p in model.named_parameters() if args.include_embeddings or not n.startswith("bert.embeddings.")]
+    for n, p in model.named_parameters():
+        p.requires_grad_(any(p is q for q in params))
+
+    def loss(b):
+        batch = batches[b]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"])["logits"]
+        return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum") * len(batches) / args.examples
+
+    hvp = Counted(H.loss_hvp(loss, params, batches=len(batches)))
+    start = time.perf_counter()
+    top, costs = H.top_eigenvalues(hvp, params, k=args.top_k, iters=args.power_iters, seed=args.seed)
+    print(f"    top eigenvalues {np.round(top, 3).tolist()} ({sum(costs)} products)", flush=True)
+    trace, err = H.hutchinson_trace(hvp, params, samples=args.trace_samples, seed=args.seed)
+    print(f"    trace {trace:.2f} +/- {err:.2f}", flush=True)
+    density = H.slq_density(hvp, params, steps=args.lanczos_steps, runs=args.slq_runs, seed=args.seed)
+    return {"checkpoint": repo_relative(path), "label": model.approx.label(), "parameters": int(sum(p.numel() for p in params)),
+            "top_eigenvalues": top, "power_iterations": costs, "trace": trace, "trace_stderr": err, "density": density,
+            "hvps": hvp.calls, "seconds": round(time.perf_counter() - start, 1), "seconds_per_hvp": round(hvp.seconds / hvp.calls, 2)}
+
+
+def plot(results: list[dict], path: str) -> Path:
+    plt = pyplot()
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained", width_ratios=(2, 1))
+    lo = min(min(q["nodes"]) for r in results for q in r["density"])
+    hi = max(max(q["nodes"]) for r in results for q in r["density"])
+    pad = 0.05 * (hi - lo)
+    grid = torch.linspace(lo - pad, hi + pad, 2000, dtype=torch.float64)
+    for j, r in enumerate(results):
+        dens = H.smoothed(r["density"], grid, sigma=max((hi - lo) / 200, 1e-6))
+        ax.semilogy(grid.numpy(), np.maximum(dens.numpy(), 1e-12), color=f"C{j}", label=r["name"])
+    ax.set_ylim(bottom=1e-8)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (SLQ)")
+    ax.set_title("Hessian eigenvalue density, CE on a fixed train sample", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    x = np.arange(len(results))
+    bx.bar(x - 0.2, [r["top_eigenvalues"][0] for r in results], 0.4, label="top eigenvalue", color="C0")
+    bx.bar(x + 0.2, [r["trace"] / 100 for r in results], 0.4, yerr=[2 * r["trace_stderr"] / 100 for r in results],
+           label="trace / 100 (2 s.e.)", color="C1")
+    bx.set_xticks(x, [r["name"] for r in results], rotation=20, ha="right", fontsize=8)
+    bx.set_title("curvature per model", fontsize=10)
+    bx.legend(fontsize=8)
+    bx.grid(alpha=0.3, axis="y")
+    return save(fig, path)
+
+
+def main():
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints to compare (e.g. the teacher, a CE CGF model, a KD student)")
+    p.add_argument("--names", nargs="+", help="a short name per checkpoint for the plot (default: each one's label)")
+    p.add_argument("--examples", type=number(int, "examples", min=1), default=64, help="MRPC train examples in the loss (default: %(default)s)")
+    p.add_argument("--batch-size", type=number(int, "batch-size", min=1), default=16, help="examples per double backward (default: %(default)s)")
+    p.add_argument("--top-k", type=number(int, "top-k", min=1), default=2, help="top eigenvalues (default: %(default)s)")
+    p.add_argument("--power-iters", type=number(int, "power-iters", min=1), default=20, help="power iterations per eigenvalue at most (default: %(default)s)")
+    p.add_argument("--trace-samples", type=number(int, "trace-samples", min=1), default=16, help="Hutchinson vectors (default: %(default)s)")
+    p.add_argument("--lanczos-steps", type=number(int, "lanczos-steps", min=2), default=32, help="Lanczos steps per SLQ run (default: %(default)s)")
+    p.add_argument("--slq-runs", type=number(int, "slq-runs", min=1), default=1, help="SLQ runs averaged (default: %(default)s)")
+    p.add_argument("--seed", type=number(int, "seed", min=0), default=0, help="the sample's and the random vectors' seed (default: %(default)s)")
+    p.add_argument("--include-embeddings", action="store_true", help="the embeddings too (frozen in the reference recipe)")
+    add_config_args(p, TrainConfig, only=("device", "data_dir", "max_length"))
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record and plot go to RESULTS_DIR/analysis/ (default: %(default)s)")
+    args = p.parse_args()
+    if args.names and len(args.names) != len(args.checkpoints):
+        p.error(f"--names: {len(args.names)} names for {len(args.checkpoints)} checkpoints")
+    cfg = config_from_args(TrainConfig, args)
+    metas = [read_checkpoint(c)[1] for c in args.checkpoints]  # every file checked before any work
+    device = resolve_device(cfg.device)
+    tokenizer, data = prepare_data(metas[0]["model"], cfg.data_dir, cfg.max_length)
+    sample = data["train"].shuffle(seed=args.seed).select(range(min(args.examples, len(data["train"]))))
+    args.examples = len(sample)
+    batches = [to_device(b, device) for b in make_loader(sample, tokenizer, args.batch_size)]
+    started, results = time.time(), []
+    for j, path in enumerate(args.checkpoints):
+        print(f"{path}:", flush=True)
+        res = curvature(path, batches, device, args)
+        res["name"] = args.names[j] if args.names else res["label"][:30]
+        results.append(res)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    png = plot(results, f"{args.results_dir}/analysis/hessian-{stamp}.png")
+    out = {"command": command_line(), "code_version": code_version(), "machine": machine(device), "examples": args.examples,
+           "loss": "cross-entropy, eval mode", "wall_seconds": round(time.time() - started, 1),
+           "peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), "results": results, "plot": repo_relative(png)}
+    for r in results:
+        print(f"{r['name']}: top eigenvalue {r['top_eigenvalues'][0]:.3f}, trace {r['trace']:.1f} +/- {r['trace_stderr']:.1f}, "
+              f"{r['hvps']} products, {r['seconds'] / 60:.1f} min")
+    print(f"plot: {png}\nsaved {write_json(Path(args.results_dir) / 'analysis' / f'hessian-{stamp}.json', out)}")
+
+
+if __name__ == "__main__":
+    run_main(main)
