@@ -335,7 +335,7 @@ def main():
     stamp = time.strftime("%Y%m%d-%H%M%S")
     png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None)
     out = {"command": command_line(), "code_version": code_version(), "machine": machine(torch.device("cpu")), "backend": args.backend,
-           "keys": keys, "levels_after_bootstrap": TOP if ops is None else ops.top, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
+           "keys": keys, "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
            "results": results, "plot": repo_relative(png)}
     for res in results:
         ok = sum(r["same_prediction"] for r in res["examples"])
