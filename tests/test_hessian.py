@@ -98,3 +98,46 @@ def test_the_experiment_on_a_tiny_bert_agrees_with_itself(tiny_bert, tiny_mrpc, 
     assert abs(top - extreme) <= 1e-2 * abs(extreme), (top, extreme)
     assert res["hvps"] == sum(res["power_iterations"]) + 4 + len(nodes) and res["parameters"] > 0
     assert (tmp_path / "analysis").glob("hessian-*.png")
+
+
+def test_the_hvp_through_the_cgf_softmax_is_the_finite_difference_of_its_gradient(tiny_bert):
+    """The CGF softmax's hand-written backward, differentiated again (create_graph), gives the true H v:
+    the central difference of the gradient along v, and a symmetric operator (u . H v = v . H u)."""
+    from cgf_bert.approx.softmax import softmax_spec
+    from cgf_bert.model.bert import build_model
+
+    torch.manual_seed(0)
+    model = build_model(str(tiny_bert), softmax_spec("cgf", coeff=0.5)).double().eval()
+    with torch.no_grad():
+        for layer in model.bert.encoder.layer:  # scores of order 1 or more: the variance term matters
+            layer.attention.self.query.weight *= 8
+    ids = torch.randint(5, 25, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    labels = torch.tensor([0, 1, 1])
+    params = [model.bert.encoder.layer[0].attention.self.query.weight, model.bert.encoder.layer[0].attention.self.key.weight]
+
+    def loss(_b=0):
+        logits = model(input_ids=ids, attention_mask=mask, token_type_ids=torch.zeros_like(ids))["logits"]
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    hvp = H.loss_hvp(loss, params)
+    g = torch.Generator().manual_seed(2)
+    v, u = H.random_like(params, g), H.random_like(params, g)
+    hv = hvp(v)
+
+    def grad_at(step):
+        with torch.no_grad():
+            for p, d in zip(params, v):
+                p.add_(step * d)
+        out = torch.autograd.grad(loss(), params)
+        with torch.no_grad():
+            for p, d in zip(params, v):
+                p.sub_(step * d)
+        return out
+
+    eps = 1e-5
+    fd = [(a - b) / (2 * eps) for a, b in zip(grad_at(eps), grad_at(-eps))]
+    for got, want in zip(hv, fd):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert abs(H.dot(u, hv) - H.dot(v, hvp(u))) <= 1e-8 * abs(H.dot(u, hv)) + 1e-12

@@ -120,6 +120,9 @@ def main():
         p.error(f"--names: {len(args.names)} names for {len(args.checkpoints)} checkpoints")
     cfg = config_from_args(TrainConfig, args)
     metas = [read_checkpoint(c)[1] for c in args.checkpoints]  # every file checked before any work
+    bases = {m.get("base_model", m["model"]) for m in metas}
+    if len(bases) > 1:
+        p.error(f"the checkpoints come from different base models ({', '.join(sorted(bases))}): one sample, one tokenizer")
     device = resolve_device(cfg.device)
     tokenizer, data = prepare_data(metas[0]["model"], cfg.data_dir, cfg.max_length)
     sample = data["train"].shuffle(seed=args.seed).select(range(min(args.examples, len(data["train"]))))
@@ -135,7 +138,8 @@ def main():
     png = plot(results, f"{args.results_dir}/analysis/hessian-{stamp}.png")
     out = {"command": command_line(), "code_version": code_version(), "machine": machine(device), "examples": args.examples,
            "loss": "cross-entropy, eval mode", "wall_seconds": round(time.time() - started, 1),
-           "peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2), "results": results, "plot": repo_relative(png)}
+           "peak_memory_gb": round((torch.cuda.max_memory_allocated() if device.type == "cuda" else
+                                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30, 2), "results": results, "plot": repo_relative(png)}
     for r in results:
         print(f"{r['name']}: top eigenvalue {r['top_eigenvalues'][0]:.3f}, trace {r['trace']:.1f} +/- {r['trace_stderr']:.1f}, "
               f"{r['hvps']} products, {r['seconds'] / 60:.1f} min")

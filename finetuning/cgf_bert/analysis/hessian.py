@@ -24,7 +24,8 @@ HVP = Callable[[Vec], Vec]
 
 
 def dot(a: Vec, b: Vec) -> float:
-    return float(sum((x * y).sum() for x, y in zip(a, b)))
+    """Accumulated in float64 (millions of float32 products otherwise lose the small eigenvalues)."""
+    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
 
 
 def axpy(alpha: float, x: Vec, y: Vec) -> Vec:
@@ -81,6 +82,8 @@ def top_eigenvalues(hvp: HVP, params: Sequence[torch.Tensor], k: int = 1, iters:
                 value = new
                 break
             value = new
+        for u in found:
+            v = normalized(axpy(-dot(u, v), u, v))
         found.append(v)
         values.append(float(value))
         costs.append(used)
@@ -109,7 +112,7 @@ def lanczos(hvp: HVP, params: Sequence[torch.Tensor], steps: int, gen: torch.Gen
             w = axpy(-dot(u, w), u, w)
         alphas.append(alpha)
         beta = dot(w, w) ** 0.5
-        if j + 1 == steps or beta < 1e-10:
+        if j + 1 == steps or beta <= 1e-6 * max(abs(a) for a in alphas):  # the Krylov space is exhausted (relative: float32)
             break
         betas.append(beta)
         w_prev = basis[-1]

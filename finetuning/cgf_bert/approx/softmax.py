@@ -74,8 +74,11 @@ class _CgfSoftmax(torch.autograd.Function):
     where autograd would keep and revisit about ten intermediates of the (B, H, Q, K) scores.
 
     Written in the ``setup_context`` form with a generated vmap rule so that ``torch.func``
-    transforms (per-example gradients by ``vmap(grad)``, kernel.py) run through it; ``x`` and
-    ``n`` are returned as non-differentiable outputs only so that ``setup_context`` can save them.
+    transforms (per-example gradients by ``vmap(grad)``, kernel.py) run through it; ``n`` is
+    returned as a non-differentiable output only so that ``setup_context`` can save it. The
+    backward recomputes ``x`` from the saved scores (bit for bit the forward's) rather than saving
+    it, so that under ``create_graph`` its dependence on ``s`` is differentiated too: Hessian-vector
+    products by double backward (analysis.hessian) are exact, not missing the ``2c x`` term's.
     """
 
     generate_vmap_rule = True
@@ -85,19 +88,20 @@ class _CgfSoftmax(torch.autograd.Function):
         x, var, n = centred(s, mask)
         p = torch.exp(x - coeff * var)
         p = p.mul_(mask / n) if mask is not None else p.div_(n)
-        return p, x, n
+        return p, n
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, mask, coeff = inputs
-        p, x, n = output
-        ctx.mark_non_differentiable(x, n)
-        ctx.save_for_backward(p, x, mask, n)
+        s, mask, coeff = inputs
+        p, n = output
+        ctx.mark_non_differentiable(n)
+        ctx.save_for_backward(p, s, mask, n)
         ctx.coeff = coeff
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor, _gx, _gn):
-        p, x, mask, n = ctx.saved_tensors
+    def backward(ctx, g: torch.Tensor, _gn):
+        p, s, mask, n = ctx.saved_tensors
+        x = centred(s, mask)[0]
         u = g * p
         scale = u.sum(dim=-1, keepdim=True) / n  # S / n
         shift = x * (2 * ctx.coeff)
