@@ -25,6 +25,7 @@ from pathlib import Path
 from cgf_bert import CgfBertError
 from cgf_bert.cli import ArgumentParser, run_main
 from cgf_bert.hub.export import check_target, export
+from cgf_bert.store.atomic import check_writable
 from cgf_bert.store.checkpoint import read_checkpoint
 from cgf_bert.store.provenance import (
     RESULTS_DIR,
@@ -37,11 +38,12 @@ from cgf_bert.store.records import write_json
 
 def verify(folder, data_dir) -> dict:
     """``cgf_bert.hub.verify`` in a fresh interpreter: the folder as its users load it."""
-    cmd = [sys.executable, "-m", "cgf_bert.hub.verify", str(folder), *(["--data-dir", data_dir] if data_dir else [])]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        raise CgfBertError(f"{folder}: loading it in a fresh process failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    cmd = [sys.executable, "-m", "cgf_bert.hub.verify", str(Path(folder).resolve()), *(["--data-dir", str(Path(data_dir).resolve())] if data_dir else [])]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parent)
+    lines = p.stdout.strip().splitlines()
+    if p.returncode != 0 or not lines:
+        raise CgfBertError(f"{folder}: loading it in a fresh process failed: {(p.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return json.loads(lines[-1])
 
 
 def main():
@@ -54,7 +56,10 @@ def main():
     p.add_argument("--data-dir", help="MRPC TSV folder for --verify (default: $CGF_BERT_DATA_DIR or ../shared/data/mrpc)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the run records are (for the model card) (default: %(default)s)")
     args = p.parse_args()
-    check_target(args.out_dir, args.overwrite)  # before the model loads
+    check_target(args.out_dir, args.overwrite, args.checkpoint)  # before the model loads
+    if args.verify and args.data_dir and not Path(args.data_dir).is_dir():
+        raise CgfBertError(f"--data-dir {args.data_dir}: not a folder")
+    check_writable({}, {"--results-dir": args.results_dir})
     out = export(args.checkpoint, args.out_dir, args.results_dir, args.overwrite)
     print(f"exported {args.checkpoint} to {out} (config.json, model.safetensors, tokenizer, README.md)")
     if args.verify:

@@ -113,3 +113,49 @@ def test_bad_targets_are_refused_before_any_work(exported, tmp_path, monkeypatch
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
     assert [p.name for p in busy.iterdir()] == ["keep.txt"] and not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "file"]  # no temp folder left behind
+
+
+def test_overwrite_replaces_only_an_earlier_export(exported, tmp_path, monkeypatch, capsys):
+    ckpt, folder, results = exported
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "data.txt").write_text("mine")
+    code, _, err = run_script(monkeypatch, capsys, "export.py", ckpt, precious, "--overwrite")
+    assert code == 2 and "only an earlier export" in err and (precious / "data.txt").read_text() == "mine"
+    code, _, err = run_script(monkeypatch, capsys, "export.py", ckpt, ckpt.parent, "--overwrite")  # holds the checkpoint
+    assert code == 2 and ckpt.is_file()
+    again = tmp_path / "again"
+    for _ in range(2):  # an export over an export
+        code, _, err = run_script(monkeypatch, capsys, "export.py", ckpt, again, "--overwrite", "--results-dir", results)
+        assert code == 0, err
+    assert (again / "config.json").is_file()
+
+
+def test_a_broken_folder_is_one_clear_error(exported, tmp_path):
+    from cgf_bert import CgfBertError
+    from cgf_bert.store.checkpoint import read_checkpoint
+
+    _, folder, _ = exported
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((folder / "config.json").read_text())
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CgfBertError, match="model.safetensors is not readable"):
+        read_checkpoint(broken)
+    (broken / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(CgfBertError, match="not an exported cgf-bert student"):
+        read_checkpoint(broken)
+    (broken / "config.json").write_text("[1, 2]")
+    with pytest.raises(CgfBertError, match="not an exported"):
+        read_checkpoint(broken)
+
+
+def test_an_exported_teacher_teaches(exported, tiny_bert, tiny_mrpc, tmp_path, monkeypatch, capsys):
+    """--teacher FOLDER: an exported exact model is accepted as the teacher of a student of its base model."""
+    ckpt, _, results = exported
+    exact = ckpt.parent / "exact.pt"
+    code, _, err = run_script(monkeypatch, capsys, "export.py", exact, tmp_path / "teacher", "--results-dir", results)
+    assert code == 0, err
+    code, _, err = run_script(monkeypatch, capsys, "distill.py", "--model", tiny_bert, "--teacher", tmp_path / "teacher", "--data-dir", tiny_mrpc,
+                              "--epochs", 1, "--batch-size", 8, "--seeds", 3, "--results-dir", tmp_path / "r", "-o", tmp_path / "s.pt")
+    assert code == 0, err

@@ -18,17 +18,18 @@ The folder is written beside its target and renamed into place: a failure leaves
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
 from cgf_bert import CgfBertError
-from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.approximations import EXACT, Approximations
 from cgf_bert.data.loader import load_tokenizer
 from cgf_bert.model.bert import resolve_model
 from cgf_bert.model.hf import CgfBertConfig, CgfBertForSequenceClassification
-from cgf_bert.report.tables import EXACT_ROW, training_records
+from cgf_bert.report.tables import training_records
 from cgf_bert.store.atomic import check_writable
 from cgf_bert.store.checkpoint import model_from_checkpoint, read_checkpoint
 from cgf_bert.store.names import Variant
@@ -38,12 +39,27 @@ from cgf_bert.store.records import load_records
 OPS = {"softmax": "attention softmax", "gelu": "feed-forward activation (GELU)", "layernorm": "LayerNorm", "pooler": "pooler activation (tanh)"}
 
 
-def check_target(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Refuse, before any work, a folder that cannot be written or already holds files (unless ``overwrite``)."""
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds an exported student (its config.json says model_type cgf_bert)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == "cgf_bert"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_target(out_dir: str | Path, overwrite: bool = False, ckpt: str | Path | None = None) -> Path:
+    """Refuse, before any work, a folder that cannot be written, or one that already holds files,
+    unless ``overwrite`` and it is itself an earlier export (never a folder of other files, the
+    working folder or one holding the checkpoint)."""
     out = Path(out_dir)
-    check_writable({}, {"OUT_DIR": out})
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise CgfBertError(f"OUT_DIR {out}: exists and is not empty (--overwrite replaces it)")
+    check_writable({}, {"OUT_DIR": out, "OUT_DIR's parent": out.resolve().parent})
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise CgfBertError(f"OUT_DIR {out}: exists and is not empty (--overwrite replaces an earlier export)")
+        inside = [p for p in (Path.cwd(), Path(ckpt) if ckpt else None) if p is not None and p.resolve().is_relative_to(out.resolve())]
+        if not is_export(out) or inside:
+            raise CgfBertError(f"OUT_DIR {out}: --overwrite replaces only an earlier export, and this folder "
+                               + (f"holds {inside[0]}" if inside else "is not one (no cgf_bert config.json)"))
     return out
 
 
@@ -60,11 +76,15 @@ def run_record(ckpt: str | Path, results_dir: str | Path = RESULTS_DIR) -> dict 
     return None
 
 
+SAME_RECIPE = ("model", "task", "epochs", "lr", "batch_size", "max_length", "precision", "limit", "freeze_embeddings")
+
+
 def exact_of_seed(rec: dict, results_dir: str | Path = RESULTS_DIR) -> dict | None:
-    """The newest exact fine-tune of the record's seed (same model, task and precision), if recorded."""
+    """The newest exact fine-tune of the record's seed on the same recipe (model, task, epochs, precision,
+    data limit...), if recorded: the pair whose difference the card may state."""
     same = [r for r in training_records(load_records(results_dir))
-            if Variant.of_record(r) == EXACT_ROW and r.get("seed") == rec.get("seed")
-            and r["config"].get("model") == rec["config"].get("model")]
+            if Variant.of_record(r).approx == EXACT and Variant.of_record(r).method is None and r.get("seed") == rec.get("seed")
+            and all(r["config"].get(k) == rec["config"].get(k) for k in SAME_RECIPE)]
     return max(same, key=lambda r: r["started"]) if same else None
 
 
@@ -79,8 +99,9 @@ def base_licence(model: str) -> str:
 
 
 def model_card(meta: dict, approx: Approximations, rec: dict | None, exact: dict | None) -> str:
-    """The README.md of an exported folder: what the student is, how it was trained, what it scores."""
-    dev = (rec or {}).get("best") or meta.get("dev") or {}
+    """The README.md of an exported folder: what the student is, how it was trained, what it scores
+    (the checkpoint's own dev figures; the record only where its best epoch is the checkpoint's)."""
+    dev = meta.get("dev") or {}
     lines = ["---", f"license: {base_licence(meta['model'])}", "library_name: transformers", "tags:", "- cgf-bert",
              "- fhe-friendly", "- text-classification", "datasets:", "- glue", "metrics:", "- accuracy", "- f1", "---", "",
              f"# {approx.label()} student of {meta['model']} on MRPC", "",
@@ -100,7 +121,8 @@ def model_card(meta: dict, approx: Approximations, rec: dict | None, exact: dict
         terms = ", ".join(f"{t['loss']}={t['weight']}" for t in distill["terms"])
         lines.append(f"- distillation from `{distill.get('teacher')}` ({distill.get('init')} init): {terms}")
     lines.append(f"- code version: {meta.get('code_version')}" + (f"; run record `results/{rec['name']}.json`" if rec else ""))
-    lines += ["", "## Results (MRPC dev, 408 examples)", ""]
+    limit = (rec or {}).get("config", {}).get("limit")
+    lines += ["", "## Results (MRPC dev" + (f", the first {limit} examples" if limit else "") + ")", ""]
     if dev:
         lines.append(f"- accuracy {100 * dev['accuracy']:.2f}, F1 {100 * dev['f1']:.2f}" + (f" (epoch {rec['best_epoch']})" if rec else ""))
     if exact is not None:
@@ -115,7 +137,7 @@ def model_card(meta: dict, approx: Approximations, rec: dict | None, exact: dict
 
 def export(ckpt: str | Path, out_dir: str | Path, results_dir: str | Path = RESULTS_DIR, overwrite: bool = False) -> Path:
     """Write the transformers folder of checkpoint ``ckpt`` to ``out_dir`` (see the module doc)."""
-    out = check_target(out_dir, overwrite)
+    out = check_target(out_dir, overwrite, ckpt)
     state_dict, meta = read_checkpoint(ckpt)
     model = model_from_checkpoint(state_dict, meta, ckpt)  # the weights checked against the model they came from
     approx = meta["approx"]
@@ -128,6 +150,8 @@ def export(ckpt: str | Path, out_dir: str | Path, results_dir: str | Path = RESU
     hf = CgfBertForSequenceClassification(config)
     hf.load_state_dict(model.state_dict(), strict=True)
     rec = run_record(ckpt, results_dir)
+    if rec is not None and (rec.get("best") != meta.get("dev") or rec.get("seed") != meta.get("seed")):
+        rec = None  # a record of another run (a copied file of the same name): its figures are not this checkpoint's
     card = model_card(meta, approx, rec, exact_of_seed(rec, results_dir) if rec else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))

@@ -64,13 +64,19 @@ def read_exported(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 
     try:
         config = json.loads((folder / "config.json").read_text())
-        state_dict = load_file(folder / "model.safetensors")
     except (OSError, ValueError) as e:
-        raise CgfBertError(f"{folder} is not an exported cgf-bert folder (config.json and model.safetensors: {type(e).__name__})") from None
-    if config.get("model_type") != "cgf_bert" or "cgf_bert" not in config:
-        raise CgfBertError(f"{folder}: config.json has model_type {config.get('model_type')!r}, not an exported cgf-bert student")
+        raise CgfBertError(f"{folder} is not an exported cgf-bert folder (config.json: {type(e).__name__})") from None
+    if not isinstance(config, dict) or config.get("model_type") != "cgf_bert" or not isinstance(config.get("cgf_bert"), dict) \
+            or "approx" not in config["cgf_bert"]:
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise CgfBertError(f"{folder}: config.json has model_type {kind!r} and no cgf_bert approximations: not an exported cgf-bert student")
+    try:
+        state_dict = load_file(folder / "model.safetensors")
+    except Exception as e:  # a missing file, a truncated or foreign one: safetensors' own error types
+        raise CgfBertError(f"{folder}: model.safetensors is not readable ({type(e).__name__})") from None
     meta = dict(config["cgf_bert"].get("checkpoint", {}))
-    meta.update(base_model=meta.get("model"), model=str(folder), approx=Approximations.from_json(config["cgf_bert"]["approx"]))
+    meta.update(base_model=meta.get("base_model", meta.get("model")), model=str(folder),
+                approx=Approximations.from_json(config["cgf_bert"]["approx"]))
     return state_dict, meta
 
 

@@ -23,8 +23,8 @@ def check_teacher(meta: dict, path: str | Path, model: str) -> dict:
     """``meta`` if it is an exact-softmax teacher of base ``model``; anything else is a clear error."""
     if not meta["approx"].is_exact:
         raise CgfBertError(f"teacher {path} runs {meta['approx'].label()}; a teacher must be exact in every op and layer")
-    if meta["model"] != model:
-        raise CgfBertError(f"teacher {path} was fine-tuned from {meta['model']!r}, but the student base model is {model!r}")
+    if model not in (meta["model"], meta.get("base_model")):  # an exported teacher names its folder and its base
+        raise CgfBertError(f"teacher {path} was fine-tuned from {meta.get('base_model', meta['model'])!r}, but the student base model is {model!r}")
     return meta
 
 
