@@ -225,6 +225,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         plan = {kind: d.get("bootstraps", 0) for kind, d in summed(table).items()}
         row = {"tokens": len(ids), "label": label, "reference_logits": ref.tolist(), "simulated_logits": got.tolist(),
                "bootstraps": int(sum(plan.values())), "bootstrap_plan": plan, "bound_overflows": boot.overflows,
+               "watched_peaks": boot.watched,
                "poly_inputs_outside": counter.result(), "simulation_seconds": round(wall, 1),
                "projected_seconds": price(table, args.costs)}
         print(f"  example {k}: {len(ids)} tokens; plan: {row['bootstraps']} bootstraps ("
