@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from cgf_bert import CgfBertError
-from cgf_bert.cli import ArgumentParser, run_main
+from cgf_bert.cli import ArgumentParser, note, run_main
 from cgf_bert.hub.export import check_target, export
 from cgf_bert.store.atomic import check_writable
 from cgf_bert.store.checkpoint import read_checkpoint
@@ -61,7 +61,7 @@ def main():
         raise CgfBertError(f"--data-dir {args.data_dir}: not a folder")
     check_writable({}, {"--results-dir": args.results_dir})
     out = export(args.checkpoint, args.out_dir, args.results_dir, args.overwrite)
-    print(f"exported {args.checkpoint} to {out} (config.json, model.safetensors, tokenizer, README.md)")
+    (note if args.verify else print)(f"exported {args.checkpoint} to {out} (config.json, model.safetensors, tokenizer, README.md)")
     if args.verify:
         got = verify(out, args.data_dir)
         recorded = read_checkpoint(args.checkpoint)[1].get("dev")
@@ -71,7 +71,7 @@ def main():
         stamp = time.strftime("%Y%m%d-%H%M%S")
         rec = {"command": command_line(), "code_version": code_version(), "checkpoint": repo_relative(args.checkpoint),
                "folder": repo_relative(out), "verified_dev": got, "recorded_dev": recorded, "same_accuracy": same}
-        print(f"saved {write_json(Path(args.results_dir) / 'export' / f'export-{stamp}.json', rec)}")
+        note(f"saved {write_json(Path(args.results_dir) / 'export' / f'export-{stamp}.json', rec)}")
         if recorded is not None and not same:
             raise CgfBertError(f"{out}: the exported model scores {got['accuracy']:.4f} on dev, the checkpoint recorded {recorded['accuracy']:.4f}")
 

@@ -76,10 +76,21 @@ def quiet_libraries() -> None:
         hf_logging.set_verbosity_error()
 
 
+QUIET = False  # set by -q: the scripts' progress notes (``note``) are off
+
+
+def note(*args, **kw) -> None:
+    """A progress note of a script (not its result): printed unless ``-q``."""
+    if not QUIET:
+        print(*args, **kw, flush=True)
+
+
 def quiet_progress() -> None:
     """``-q``: every progress bar and epoch line off (whatever its caller asked), only errors logged."""
     from tqdm import std
 
+    global QUIET
+    QUIET = True
     if not getattr(std.tqdm.__init__, "quiet", False):
         init = std.tqdm.__init__
 

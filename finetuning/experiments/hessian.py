@@ -22,12 +22,25 @@ import numpy as np
 import torch
 
 from cgf_bert.analysis import hessian as H
-from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, number, run_main
+from cgf_bert.cli import (
+    ArgumentParser,
+    add_config_args,
+    config_from_args,
+    note,
+    number,
+    run_main,
+)
 from cgf_bert.config import TrainConfig
 from cgf_bert.data.loader import make_loader, to_device
 from cgf_bert.report.plots import pyplot, save
 from cgf_bert.store.checkpoint import load_model, read_checkpoint
-from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine, repo_relative
+from cgf_bert.store.provenance import (
+    RESULTS_DIR,
+    code_version,
+    command_line,
+    machine,
+    repo_relative,
+)
 from cgf_bert.store.records import write_json
 from cgf_bert.train.engine import resolve_device
 from cgf_bert.train.run import prepare_data
@@ -45,7 +58,7 @@ class Counted:
         self.calls += 1
         self.seconds += time.perf_counter() - start
         if self.calls == 1:
-            print(f"    one Hessian-vector product: {self.seconds:.1f} s", flush=True)
+            note(f"    one Hessian-vector product: {self.seconds:.1f} s")
         return out
 
 
@@ -64,9 +77,9 @@ def curvature(path: str, batches: list[dict], device, args) -> dict:
     hvp = Counted(H.loss_hvp(loss, params, batches=len(batches)))
     start = time.perf_counter()
     top, costs = H.top_eigenvalues(hvp, params, k=args.top_k, iters=args.power_iters, seed=args.seed)
-    print(f"    top eigenvalues {np.round(top, 3).tolist()} ({sum(costs)} products)", flush=True)
+    note(f"    top eigenvalues {np.round(top, 3).tolist()} ({sum(costs)} products)")
     trace, err = H.hutchinson_trace(hvp, params, samples=args.trace_samples, seed=args.seed)
-    print(f"    trace {trace:.2f} +/- {err:.2f}", flush=True)
+    note(f"    trace {trace:.2f} +/- {err:.2f}")
     density = H.slq_density(hvp, params, steps=args.lanczos_steps, runs=args.slq_runs, seed=args.seed)
     return {"checkpoint": repo_relative(path), "label": model.approx.label(), "parameters": int(sum(p.numel() for p in params)),
             "top_eigenvalues": top, "power_iterations": costs, "trace": trace, "trace_stderr": err, "density": density,
@@ -130,7 +143,7 @@ def main():
     batches = [to_device(b, device) for b in make_loader(sample, tokenizer, args.batch_size)]
     started, results = time.time(), []
     for j, path in enumerate(args.checkpoints):
-        print(f"{path}:", flush=True)
+        note(f"{path}:")
         res = curvature(path, batches, device, args)
         res["name"] = args.names[j] if args.names else res["label"][:30]
         results.append(res)
