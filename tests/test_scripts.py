@@ -279,3 +279,16 @@ def test_quiet_prints_only_the_final_result(tiny_bert, tiny_mrpc, tmp_path):
     p = run("finetune.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 2, "--batch-size", 8, "-q",
             "-o", tmp_path / "q.pt", "--results-dir", tmp_path / "r")
     assert p.stderr == "" and len(p.stdout.splitlines()) == 1 and p.stdout.startswith("best epoch"), (p.stdout, p.stderr)
+
+
+@pytest.mark.parametrize("target", ["experiments.encrypted_inference", "experiments.hessian", "experiments.attention_norms",
+                                    "experiments.polynomial_student", "validate.py", "export.py"])
+def test_a_results_folder_that_cannot_be_written_is_refused_when_parsed(target, tmp_path, monkeypatch, capsys):
+    """Every module with --results-dir refuses one it could not write, before loading anything (the record
+    would otherwise be lost at the end of the run): one line, exit 2, nothing written."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    positional = {"export.py": ["missing.pt", str(tmp_path / "out")], "validate.py": ["missing.pt"]}.get(target, ["missing.pt"])
+    code, _, err = run_script(monkeypatch, capsys, target, *positional, "--results-dir", blocker / "results")
+    assert code == 2 and "--results-dir" in err and "cannot be created" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

@@ -55,7 +55,7 @@ class ArgumentParser(argparse.ArgumentParser):
             quiet_libraries()
         if parsed.quiet:
             quiet_progress()
-        for check in self.checks:
+        for check in (*self.checks, writable_outputs):
             try:
                 check(parsed)
             except CgfBertError as e:
@@ -74,6 +74,18 @@ def quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+
+
+OUTPUT_FOLDERS = {"results_dir": "--results-dir", "log_dir": "--log-dir"}  # folders a script writes into, by dest
+
+
+def writable_outputs(parsed: argparse.Namespace) -> None:
+    """Every output folder a script or experiment module was given can be created and written, checked
+    when the arguments are parsed: a record is never lost at the end of hours of work."""
+    from cgf_bert.store.atomic import check_writable
+
+    folders = {flag: getattr(parsed, dest) for dest, flag in OUTPUT_FOLDERS.items() if getattr(parsed, dest, None)}
+    check_writable({}, folders)
 
 
 QUIET = False  # set by -q: the scripts' progress notes (``note``) are off
