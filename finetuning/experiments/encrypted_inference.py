@@ -325,7 +325,7 @@ def main():
     cfg = config_from_args(TrainConfig, args)
     metas = {c: read_checkpoint(c)[1] for c in args.checkpoints}  # every file checked before any work
     _, data = prepare_data(next(iter(metas.values()))["model"], cfg.data_dir, cfg.max_length)
-    started, results = time.time(), []
+    started, results, version = time.time(), [], code_version()  # the code that runs, not the code at the end
     backend = Backend(args)
     for path in args.checkpoints:
         print(f"{path}:", flush=True)
@@ -335,7 +335,7 @@ def main():
                                      "interactive": ops.interactive}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None)
-    out = {"command": command_line(), "code_version": code_version(), "machine": machine(torch.device("cpu")), "backend": args.backend,
+    out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend,
            "keys": keys, "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
            "results": results, "plot": repo_relative(png)}
     for res in results:

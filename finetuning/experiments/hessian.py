@@ -144,7 +144,7 @@ def main():
     sample = data["train"].shuffle(seed=args.seed).select(range(min(args.examples, len(data["train"]))))
     args.examples = len(sample)
     batches = [to_device(b, device) for b in make_loader(sample, tokenizer, args.batch_size)]
-    started, results = time.time(), []
+    started, results, version = time.time(), [], code_version()  # the code that runs, not the code at the end
     for j, path in enumerate(args.checkpoints):
         note(f"{path}:")
         res = curvature(path, batches, device, args)
@@ -152,7 +152,7 @@ def main():
         results.append(res)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     png = plot(results, f"{args.results_dir}/analysis/hessian-{stamp}.png")
-    out = {"command": command_line(), "code_version": code_version(), "machine": machine(device), "examples": args.examples,
+    out = {"command": command_line(), "code_version": version, "machine": machine(device), "examples": args.examples,
            "loss": "cross-entropy, eval mode", "wall_seconds": round(time.time() - started, 1),
            "peak_memory_gb": round((torch.cuda.max_memory_allocated() if device.type == "cuda" else
                                     resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30, 2), "results": results, "plot": repo_relative(png)}
