@@ -291,12 +291,15 @@ def plot(results: list[dict], path: str, measured: bool):
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
     axes[2].set_yscale("log")
+    axes[2].set_xticks(range(max(r["layers"] for r in results)))
     axes[2].set_xlabel("encoder layer")
     axes[2].set_title("max abs error of the layer's output vs plaintext", fontsize=10)
     axes[2].grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    kind = "CKKS" if measured else "slot simulation"
-    fig.suptitle(f"The encoder as one CKKS circuit ({kind}): cost by stage, all layers", fontsize=10)
+    kind = "CKKS with bootstraps, measured" if measured else "slot simulation"
+    layers = sorted({r["layers"] for r in results})
+    fig.suptitle(f"The encoder as one CKKS circuit ({kind}): cost by stage over {'/'.join(map(str, layers))} encoder layer(s)"
+                 " + pooler + classifier", fontsize=10)
     return save(fig, path)
 
 
