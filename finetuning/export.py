@@ -24,9 +24,7 @@ from pathlib import Path
 
 from cgf_bert import CgfBertError
 from cgf_bert.cli import ArgumentParser, note, run_main
-from cgf_bert.hub.export import check_target, export
-from cgf_bert.store.atomic import check_writable
-from cgf_bert.store.checkpoint import read_checkpoint
+from cgf_bert.hub.export import export
 from cgf_bert.store.provenance import (
     RESULTS_DIR,
     code_version,
@@ -56,15 +54,13 @@ def main():
     p.add_argument("--data-dir", help="MRPC TSV folder for --verify (default: $CGF_BERT_DATA_DIR or ../shared/data/mrpc)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="where the run records are (for the model card) (default: %(default)s)")
     args = p.parse_args()
-    check_target(args.out_dir, args.overwrite, args.checkpoint)  # before the model loads
-    if args.verify and args.data_dir and not Path(args.data_dir).is_dir():
+    if args.verify and args.data_dir and not Path(args.data_dir).is_dir():  # OUT_DIR is export's first check, --results-dir the parser's
         raise CgfBertError(f"--data-dir {args.data_dir}: not a folder")
-    check_writable({}, {"--results-dir": args.results_dir})
     out = export(args.checkpoint, args.out_dir, args.results_dir, args.overwrite)
     (note if args.verify else print)(f"exported {args.checkpoint} to {out} (config.json, model.safetensors, tokenizer, README.md)")
     if args.verify:
         got = verify(out, args.data_dir)
-        recorded = read_checkpoint(args.checkpoint)[1].get("dev")
+        recorded = json.loads((out / "config.json").read_text())["cgf_bert"]["checkpoint"].get("dev")  # the checkpoint's, as exported
         same = recorded is not None and abs(got["accuracy"] - recorded["accuracy"]) < 1e-9
         print(f"verified in a fresh process ({got['class']}): dev accuracy {got['accuracy']:.4f}, F1 {got['f1']:.4f} on {got['examples']} examples"
               + ("" if recorded is None else f"; the checkpoint's recorded {recorded['accuracy']:.4f}: " + ("the same" if same else "DIFFERENT")))

@@ -12,6 +12,7 @@ import torch
 from cgf_bert import CgfBertError
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.spec import Spec
+from cgf_bert.fhe import accounting as A
 from cgf_bert.fhe import backends as B
 from cgf_bert.fhe import encoder as E
 from cgf_bert.model.bert import build_model
@@ -70,8 +71,8 @@ def test_levels_each_stage_consumes_are_the_declared_depths(tiny_bert):
     circuit._n, circuit._top = 5, 10_000
     circuit._pad = np.zeros(1024)
     sim = B.SimulatedCkks(1024, 1000)
-    log = E.StageLog()
-    boot = E.Refresher(sim, log, 1000, record=True)
+    log = A.StageLog()
+    boot = A.Refresher(sim, log, 1000, record=True)
     x = sim.encrypt(np.random.default_rng(0).normal(size=1024))
     ln = POLY.layernorm.for_layer(0)
     y = circuit.layernorm(sim, boot, x, ln, (np.ones(32), np.zeros(32)), "layer 0 ln1")
@@ -175,8 +176,8 @@ def _encrypted_matches_the_model(tiny_bert, ops):
     reserve = getattr(ops, "reserve", 0)
     bounds = E.calibrate(circuit, [emb], ops.top, reserve)
     _, plan, _ = E.simulate(circuit, emb, ops.top, reserve, bounds=bounds)
-    log = E.StageLog()
-    out = E.run(circuit, E.Counted(ops, log), E.Refresher(ops, log, ops.top, bounds=bounds), emb, log)
+    log = A.StageLog()
+    out = E.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds), emb, log)
     ref = E.reference_logits(model, ids, tt)
     np.testing.assert_allclose(out, ref, atol=1e-3 * np.abs(ref).max())
     booted = sum(d.get("bootstraps", 0) for d in log.stages.values())

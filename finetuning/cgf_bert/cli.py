@@ -30,6 +30,7 @@ from cgf_bert.approx.softmax import POLY_PARAMS
 from cgf_bert.approx.spec import OPS, Spec, op
 from cgf_bert.objective import LOSSES, LossTerm, kd_preset
 from cgf_bert.registry import Param
+from cgf_bert.store.atomic import check_writable
 from cgf_bert.train import losses  # noqa: F401  (registers the loss terms that --loss names)
 
 
@@ -82,8 +83,6 @@ OUTPUT_FOLDERS = {"results_dir": "--results-dir", "log_dir": "--log-dir"}  # fol
 def writable_outputs(parsed: argparse.Namespace) -> None:
     """Every output folder a script or experiment module was given can be created and written, checked
     when the arguments are parsed: a record is never lost at the end of hours of work."""
-    from cgf_bert.store.atomic import check_writable
-
     folders = {flag: getattr(parsed, dest) for dest, flag in OUTPUT_FOLDERS.items() if getattr(parsed, dest, None)}
     check_writable({}, folders)
 

@@ -49,6 +49,7 @@ from cgf_bert.cli import (
     run_main,
 )
 from cgf_bert.config import TrainConfig
+from cgf_bert.fhe import accounting as A
 from cgf_bert.fhe import backends as B
 from cgf_bert.fhe import encoder as E
 from cgf_bert.model.attention import self_attentions
@@ -122,9 +123,9 @@ def cost_table(path: str) -> dict:
     """The ``seconds`` per operation of an ``experiments.ckks_costs`` record."""
     try:
         seconds = json.loads(Path(path).read_text())["seconds"]
-        return {op: float(seconds[op]) for op in E.Counted.COSTED}
+        return {op: float(seconds[op]) for op in A.Counted.COSTED}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise argparse.ArgumentTypeError(f"{path}: not a cost record with seconds for {', '.join(E.Counted.COSTED)} ({e})") from None
+        raise argparse.ArgumentTypeError(f"{path}: not a cost record with seconds for {', '.join(A.Counted.COSTED)} ({e})") from None
 
 
 def stage_kind(stage: str) -> str:
@@ -134,7 +135,7 @@ def stage_kind(stage: str) -> str:
 def price(table: list[dict], costs: dict | None) -> float | None:
     if costs is None:
         return None
-    return sum(row.get(op, 0) * costs[op] for row in table for op in E.Counted.COSTED)
+    return sum(row.get(op, 0) * costs[op] for row in table for op in A.Counted.COSTED)
 
 
 # (top, reserve) of each backend: the level a bootstrap (or the client's refresh) returns, and the
@@ -231,13 +232,12 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         print(f"  example {k}: {len(ids)} tokens; plan: {row['bootstraps']} bootstraps ("
               + ", ".join(f"{kind} {b}" for kind, b in plan.items() if b) + ")"
               + (f", projected {row['projected_seconds'] / 60:.0f} min" if args.costs else ""), flush=True)
+        per_layer = planned
         if args.backend != "sim":
             table, got, per_layer = encrypted(circuit, backend(), bounds, emb, hidden)
-            row.update(encrypted_logits=got.tolist(), per_layer=per_layer, wall_seconds=round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1))
-        else:
-            per_layer = planned
-        row.update(max_abs_error=float(np.abs(got - ref).max()), same_prediction=bool(got.argmax() == ref.argmax()), stages=table)
-        row.setdefault("per_layer", per_layer)
+            row.update(encrypted_logits=got.tolist(), wall_seconds=round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1))
+        row.update(max_abs_error=float(np.abs(got - ref).max()), same_prediction=bool(got.argmax() == ref.argmax()),
+                   per_layer=per_layer, stages=table)
         for kind, d in summed(table).items():
             agg = stages.setdefault(kind, {})
             for key, v in d.items():
@@ -254,7 +254,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
 
 def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list) -> tuple[list[dict], np.ndarray, list[dict]]:
     """One example through ``ops``: the measured stage table, the decrypted logits, the error after each layer."""
-    log, per_layer, start = E.StageLog(), [], time.perf_counter()
+    log, per_layer, start = A.StageLog(), [], time.perf_counter()
     measure = E.layer_errors(circuit, ops, hidden, per_layer)
 
     def probe(i, x):
@@ -263,7 +263,7 @@ def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list) -> tupl
         print(f"    layer {i}: {time.perf_counter() - start:.0f} s so far, max abs error {e['max_abs_error']:.1e} "
               f"(largest value {e['max_abs_value']:.1f})", flush=True)
 
-    got = E.run(circuit, E.Counted(ops, log), E.Refresher(ops, log, ops.top, bounds=bounds), emb, log, probe)
+    got = E.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds), emb, log, probe)
     return log.table(), got, per_layer
 
 

@@ -36,9 +36,7 @@ training examples, ``calibrate``). Each stage's levels, bootstraps and operation
 from __future__ import annotations
 
 import math
-import time
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,6 +47,7 @@ from cgf_bert.approx.chebyshev import ChebyshevFit
 from cgf_bert.approx.polyexp import PolyExp
 from cgf_bert.approx.reciprocal import linear_guess
 from cgf_bert.approx.softmax import exact_poly_iters
+from cgf_bert.fhe.accounting import Counted, Refresher, StageLog
 from cgf_bert.fhe.backends import SimulatedCkks
 from cgf_bert.fhe.ops import (
     baby_step,
@@ -126,106 +125,6 @@ def row_matmul(ops, x, matrix: np.ndarray, lay: TokenLayout, rows: np.ndarray):
             plan.setdefault(g * baby, []).append((b, pattern))
     groups = ((shift, [(b, np.roll(np.outer(rows, pattern).ravel(), shift)) for b, pattern in terms]) for shift, terms in plan.items())
     return bsgs(ops, x, groups, {b for terms in plan.values() for b, _ in terms})  # each group's plaintexts made when reached
-
-
-# --------------------------------------------------------------------------- accounting
-
-
-@dataclass
-class StageLog:
-    """Per stage (e.g. 'layer 0 / softmax'): seconds, operations, bootstraps, level in and out."""
-
-    stages: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
-    current: str = "input"
-
-    def count(self, what: str, n: float = 1.0):
-        self.stages[self.current][what] += n
-
-    def table(self) -> list[dict]:
-        return [{"stage": k, **{m: (round(v, 3) if isinstance(v, float) and not v.is_integer() else int(v)) for m, v in d.items()}}
-                for k, d in self.stages.items()]
-
-
-class Counted:
-    """Slot operations that count themselves into a ``StageLog`` (what each stage costs in ops)."""
-
-    COUNTED = ("mul", "square", "mul_plain", "rotate", "cheb_basis")
-    COSTED = ("mul", "square", "mul_plain", "rotate", "bootstraps")  # what a cost table prices
-
-    def __init__(self, ops, log: StageLog):
-        self.ops, self.log = ops, log
-
-    def __getattr__(self, name):
-        fn = getattr(self.ops, name)
-        if name not in self.COUNTED:
-            return fn
-
-        def counted(*a, **kw):
-            if name == "rotate" and a[1] == 0:
-                return fn(*a, **kw)
-            start = time.perf_counter()
-            out = fn(*a, **kw)
-            if name == "cheb_basis":  # T_2 .. T_d: one ciphertext product each
-                self.log.count("mul", a[1] - 1)
-            else:
-                self.log.count(name)
-            self.log.count("seconds", time.perf_counter() - start)
-            return out
-
-        return counted
-
-
-class Refresher:
-    """Bootstraps a ciphertext when a step needs more levels than it has left.
-
-    ``ops.bootstrap(x, bound)`` scales by ``1/bound`` into the bootstrap's input range, refreshes
-    and scales back; ``bounds`` maps a call site to its public bound. With ``record=True`` every
-    site's largest |value| is recorded instead (calibration, numpy ops only); a value beyond its
-    bound is counted in ``overflows`` (the result would be wrong under CKKS), never hidden.
-    """
-
-    def __init__(self, ops, log: StageLog, top: int, bounds: dict[str, float] | None = None, record: bool = False):
-        self.ops, self.log, self.top = ops, log, top
-        self.bounds, self.record = dict(bounds or {}), record
-        self.seen: dict[str, float] = {}
-        self.overflows: dict[str, float] = {}
-        self.watched: dict[str, float] = {}
-
-    def watch(self, x, site: str, limit: float):
-        """Record the largest |value| over every slot of ``x`` (numpy ops only); one beyond ``limit`` is
-        counted in ``overflows`` (slots a later mask zeroes still pass through the polynomial basis)."""
-        if not hasattr(self.ops, "peek"):
-            return
-        peak = float(np.abs(self.ops.peek(x)).max())
-        self.watched[site] = max(self.watched.get(site, 0.0), peak)
-        if peak > limit:
-            self.overflows[site] = max(self.overflows.get(site, 0.0), peak / limit)
-
-    @property
-    def usable(self) -> int:
-        """Levels one step may use: a bootstrap's ``top`` less the ``reserve`` its own scaling takes."""
-        return self.top - getattr(self.ops, "reserve", 0)
-
-    def __call__(self, x, need: int, site: str):
-        if need > self.usable:
-            raise CgfBertError(f"{site} needs {need} levels in one step, more than the {self.usable} a bootstrap leaves")
-        if self.ops.level(x) - getattr(self.ops, "reserve", 0) >= need:
-            return x
-        peak = float(np.abs(self.ops.peek(x)).max()) if hasattr(self.ops, "peek") else None
-        if peak is not None:
-            self.seen[site] = max(self.seen.get(site, 0.0), peak)
-        bound = self.bounds.get(site)
-        if bound is None:
-            if not self.record:
-                raise CgfBertError(f"no bootstrap bound for {site!r}: calibrate first (encoder.calibrate)")
-            bound = max(peak, 1e-12)
-        if peak is not None and peak > bound:
-            self.overflows[site] = max(self.overflows.get(site, 0.0), peak / bound)
-        self.log.count("bootstraps")
-        start = time.perf_counter()
-        out = self.ops.bootstrap(x, bound)
-        self.log.count("bootstrap_seconds", time.perf_counter() - start)
-        return out
 
 
 # --------------------------------------------------------------------------- the model's weights

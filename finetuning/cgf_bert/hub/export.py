@@ -63,12 +63,12 @@ def check_target(out_dir: str | Path, overwrite: bool = False, ckpt: str | Path 
     return out
 
 
-def run_record(ckpt: str | Path, results_dir: str | Path = RESULTS_DIR) -> dict | None:
-    """The newest run record in ``results_dir`` of checkpoint ``ckpt``: the one naming this file (records
+def run_record(ckpt: str | Path, runs: list[dict]) -> dict | None:
+    """The newest of the training records ``runs`` of checkpoint ``ckpt``: the one naming this file (records
     name it relative to the repository), else one naming a file of the same name (a checkpoint moved
     or copied; run names are unique)."""
     target = Path(ckpt).resolve()
-    runs = [r for r in training_records(load_records(results_dir)) if r.get("checkpoint")]
+    runs = [r for r in runs if r.get("checkpoint")]
     for same in (lambda c: Path(REPO_ROOT, c).resolve() == target, lambda c: Path(c).name == target.name):
         found = [r for r in runs if same(r["checkpoint"])]
         if found:
@@ -79,12 +79,15 @@ def run_record(ckpt: str | Path, results_dir: str | Path = RESULTS_DIR) -> dict 
 SAME_RECIPE = ("model", "task", "epochs", "lr", "batch_size", "max_length", "precision", "limit", "freeze_embeddings")
 
 
-def exact_of_seed(rec: dict, results_dir: str | Path = RESULTS_DIR) -> dict | None:
-    """The newest exact fine-tune of the record's seed on the same recipe (model, task, epochs, precision,
-    data limit...), if recorded: the pair whose difference the card may state."""
-    same = [r for r in training_records(load_records(results_dir))
-            if Variant.of_record(r).approx == EXACT and Variant.of_record(r).method is None and r.get("seed") == rec.get("seed")
-            and all(r["config"].get(k) == rec["config"].get(k) for k in SAME_RECIPE)]
+def exact_of_seed(rec: dict, runs: list[dict]) -> dict | None:
+    """The newest exact fine-tune among the training records ``runs`` of the record's seed on the same
+    recipe (model, task, epochs, precision, data limit...): the pair whose difference the card may state."""
+    def exact(r: dict) -> bool:
+        v = Variant.of_record(r)
+        return v.approx == EXACT and v.method is None
+
+    same = [r for r in runs if r.get("seed") == rec.get("seed") and all(r["config"].get(k) == rec["config"].get(k) for k in SAME_RECIPE)
+            and exact(r)]
     return max(same, key=lambda r: r["started"]) if same else None
 
 
@@ -149,10 +152,11 @@ def export(ckpt: str | Path, out_dir: str | Path, results_dir: str | Path = RESU
                            architectures=[CgfBertForSequenceClassification.__name__])
     hf = CgfBertForSequenceClassification(config)
     hf.load_state_dict(model.state_dict(), strict=True)
-    rec = run_record(ckpt, results_dir)
+    runs = training_records(load_records(results_dir))  # read once: the run's record and its exact pair
+    rec = run_record(ckpt, runs)
     if rec is not None and (rec.get("best") != meta.get("dev") or rec.get("seed") != meta.get("seed")):
         rec = None  # a record of another run (a copied file of the same name): its figures are not this checkpoint's
-    card = model_card(meta, approx, rec, exact_of_seed(rec, results_dir) if rec else None)
+    card = model_card(meta, approx, rec, exact_of_seed(rec, runs) if rec else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:

@@ -1,0 +1,110 @@
+"""What a circuit costs and where it refreshes: ``StageLog`` (per stage: seconds, operations,
+bootstraps), ``Counted`` (slot operations that count themselves into it) and ``Refresher`` (a
+bootstrap wherever a step needs more levels than its ciphertext has, by a public bound)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cgf_bert import CgfBertError
+
+
+@dataclass
+class StageLog:
+    """Per stage (e.g. 'layer 0 / softmax'): seconds, operations, bootstraps, level in and out."""
+
+    stages: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
+    current: str = "input"
+
+    def count(self, what: str, n: float = 1.0):
+        self.stages[self.current][what] += n
+
+    def table(self) -> list[dict]:
+        return [{"stage": k, **{m: (round(v, 3) if isinstance(v, float) and not v.is_integer() else int(v)) for m, v in d.items()}}
+                for k, d in self.stages.items()]
+
+
+class Counted:
+    """Slot operations that count themselves into a ``StageLog`` (what each stage costs in ops)."""
+
+    COUNTED = ("mul", "square", "mul_plain", "rotate", "cheb_basis")
+    COSTED = ("mul", "square", "mul_plain", "rotate", "bootstraps")  # what a cost table prices
+
+    def __init__(self, ops, log: StageLog):
+        self.ops, self.log = ops, log
+
+    def __getattr__(self, name):
+        fn = getattr(self.ops, name)
+        if name not in self.COUNTED:
+            return fn
+
+        def counted(*a, **kw):
+            if name == "rotate" and a[1] == 0:
+                return fn(*a, **kw)
+            start = time.perf_counter()
+            out = fn(*a, **kw)
+            if name == "cheb_basis":  # T_2 .. T_d: one ciphertext product each
+                self.log.count("mul", a[1] - 1)
+            else:
+                self.log.count(name)
+            self.log.count("seconds", time.perf_counter() - start)
+            return out
+
+        return counted
+
+
+class Refresher:
+    """Bootstraps a ciphertext when a step needs more levels than it has left.
+
+    ``ops.bootstrap(x, bound)`` scales by ``1/bound`` into the bootstrap's input range, refreshes
+    and scales back; ``bounds`` maps a call site to its public bound. With ``record=True`` every
+    site's largest |value| is recorded instead (calibration, numpy ops only); a value beyond its
+    bound is counted in ``overflows`` (the result would be wrong under CKKS), never hidden.
+    """
+
+    def __init__(self, ops, log: StageLog, top: int, bounds: dict[str, float] | None = None, record: bool = False):
+        self.ops, self.log, self.top = ops, log, top
+        self.bounds, self.record = dict(bounds or {}), record
+        self.seen: dict[str, float] = {}
+        self.overflows: dict[str, float] = {}
+        self.watched: dict[str, float] = {}
+
+    def watch(self, x, site: str, limit: float):
+        """Record the largest |value| over every slot of ``x`` (numpy ops only); one beyond ``limit`` is
+        counted in ``overflows`` (slots a later mask zeroes still pass through the polynomial basis)."""
+        if not hasattr(self.ops, "peek"):
+            return
+        peak = float(np.abs(self.ops.peek(x)).max())
+        self.watched[site] = max(self.watched.get(site, 0.0), peak)
+        if peak > limit:
+            self.overflows[site] = max(self.overflows.get(site, 0.0), peak / limit)
+
+    @property
+    def usable(self) -> int:
+        """Levels one step may use: a bootstrap's ``top`` less the ``reserve`` its own scaling takes."""
+        return self.top - getattr(self.ops, "reserve", 0)
+
+    def __call__(self, x, need: int, site: str):
+        if need > self.usable:
+            raise CgfBertError(f"{site} needs {need} levels in one step, more than the {self.usable} a bootstrap leaves")
+        if self.ops.level(x) - getattr(self.ops, "reserve", 0) >= need:
+            return x
+        peak = float(np.abs(self.ops.peek(x)).max()) if hasattr(self.ops, "peek") else None
+        if peak is not None:
+            self.seen[site] = max(self.seen.get(site, 0.0), peak)
+        bound = self.bounds.get(site)
+        if bound is None:
+            if not self.record:
+                raise CgfBertError(f"no bootstrap bound for {site!r}: calibrate first (encoder.calibrate)")
+            bound = max(peak, 1e-12)
+        if peak is not None and peak > bound:
+            self.overflows[site] = max(self.overflows.get(site, 0.0), peak / bound)
+        self.log.count("bootstraps")
+        start = time.perf_counter()
+        out = self.ops.bootstrap(x, bound)
+        self.log.count("bootstrap_seconds", time.perf_counter() - start)
+        return out
