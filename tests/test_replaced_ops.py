@@ -240,4 +240,4 @@ def test_per_layer_gelu_from_the_command_line_round_trips_through_checkpoint_and
     assert abs(moved["dev"]["loss"] - r["dev"]["loss"]) > 1e-4
     code, _, err = run_script(monkeypatch, capsys, "validate.py", path, "--data-dir", tiny_mrpc, "--gelu-layers", "2=test_relu",
                               "--results-dir", tmp_path)
-    assert code == 2 and err.startswith("error: ") and "model has 2 layers" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and err.startswith("error: ") and "--gelu-layers names layer(s) [2], but the model has 2 layers" in err and len(err.strip().splitlines()) == 1

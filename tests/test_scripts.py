@@ -141,7 +141,7 @@ def test_validate_per_layer_override_and_spec_errors(sharp, tiny_bert, tiny_mrpc
     assert code == 2 and err.strip() == "validate.py: error: --softmax exact: softmax 'exact' takes no parameter coeff (its parameters: none)"
     code, _, err = run_script(monkeypatch, capsys, "validate.py", ckpt, "--data-dir", tiny_mrpc, "--softmax", "cgf", "--softmax-layers", "7=exact",
                               "--results-dir", tmp_path)
-    assert_clean_error(code, err, "model has 2 layers")
+    assert_clean_error(code, err, "--softmax-layers names layer(s) [7], but the model has 2 layers")
     assert len(list((tmp_path / "validate").glob("*.json"))) == 1  # the first run's; the refused ones wrote nothing
 
 
@@ -279,6 +279,22 @@ def test_quiet_prints_only_the_final_result(tiny_bert, tiny_mrpc, tmp_path):
     p = run("finetune.py", "--model", tiny_bert, "--data-dir", tiny_mrpc, "--epochs", 2, "--batch-size", 8, "-q",
             "-o", tmp_path / "q.pt", "--results-dir", tmp_path / "r")
     assert p.stderr == "" and len(p.stdout.splitlines()) == 1 and p.stdout.startswith("best epoch"), (p.stdout, p.stderr)
+
+
+def test_quiet_experiment_prints_its_result_lines_alone(tiny_bert, tiny_mrpc, tmp_path):
+    """-q on an experiment module: its per-example progress lines go too (they are notes), the result stays."""
+    from cgf_bert.approx.approximations import Approximations
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "cgf.pt", build_model(str(tiny_bert), Approximations(softmax=softmax_spec("cgf"))),
+                           {"model": str(tiny_bert), "seed": 0})
+    args = [ckpt, "--examples", 2, "--calibrate", 2, "--data-dir", tiny_mrpc, "--results-dir", tmp_path / "r"]
+    loud = run("-m", "experiments.encrypted_inference", *args).stdout
+    assert "example 1:" in loud, loud
+    p = run("-m", "experiments.encrypted_inference", *args, "-q")
+    lines = p.stdout.splitlines()
+    assert p.stderr == "" and len(lines) == 3 and "predictions equal on 2/2" in lines[0], (p.stdout, p.stderr)
+    assert lines[1].startswith("plot: ") and lines[2].startswith("saved "), lines
 
 
 @pytest.mark.parametrize("target", ["experiments.encrypted_inference", "experiments.hessian", "experiments.attention_norms",

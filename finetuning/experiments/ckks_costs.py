@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from cgf_bert import CgfBertError
-from cgf_bert.cli import ArgumentParser, number, run_main
+from cgf_bert.cli import ArgumentParser, note, number, run_main
 from cgf_bert.fhe.context import MISSING
 from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine
 from cgf_bert.store.records import write_json
@@ -62,7 +62,7 @@ def main():
                "mul_plain": timed(lambda: e.multiply(c, x), args.repeat),
                "mul_plain_encoded": timed(lambda: e.multiply(c, plain), args.repeat),
                "rotate": timed(lambda: e.rotate(c, rot), args.repeat)}
-    print({k: round(v, 3) for k, v in seconds.items()}, flush=True)
+    note({k: round(v, 3) for k, v in seconds.items()})
     t = time.perf_counter()
     if args.key == "small":
         keys = (rlk, ck, e.create_roll_key(sk), e.create_small_bootstrap_key(sk))

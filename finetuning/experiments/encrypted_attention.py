@@ -32,6 +32,7 @@ from cgf_bert.cli import (
     ArgumentParser,
     Interval,
     field_type,
+    note,
     number,
     poly_exp,
     run_main,
@@ -160,7 +161,7 @@ def run_encrypted(blocks, circuit, ctx):
         for j, i in enumerate(idx):
             outs[i], probs[i] = o[j], p[j]
         reports.append(rep.as_dict())
-        print(rep.summary(), flush=True)
+        note(rep.summary())
     return outs, probs, reports
 
 

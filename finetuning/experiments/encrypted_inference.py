@@ -45,6 +45,7 @@ from cgf_bert.cli import (
     ArgumentParser,
     add_config_args,
     config_from_args,
+    note,
     number,
     run_main,
 )
@@ -168,7 +169,7 @@ def make_backend(args):
 
         ops = B.CkksOps(FheContext(TOP + 1, thread_count=args.threads))
     else:
-        print(f"making the keys ({args.key} bootstrap key; the small one takes about 30 s and 10 GB with its rotation key)...", flush=True)
+        note(f"making the keys ({args.key} bootstrap key; the small one takes about 30 s and 10 GB with its rotation key)...")
         ops = B.BootstrapOps(args.key, thread_count=args.threads)
     if ops.slots != SLOTS:
         raise CgfBertError(f"the {args.backend} backend has {ops.slots} slots, the layout is planned for {SLOTS}")
@@ -212,7 +213,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     if not chosen:
         raise CgfBertError(f"no dev example has at most {limit} tokens")
     if len(chosen) < args.examples:
-        print(f"  only {len(chosen)} dev examples have at most {limit} tokens", flush=True)
+        note(f"  only {len(chosen)} dev examples have at most {limit} tokens")
     for k, (ids, tt, label) in enumerate(chosen):
         with counting(model.bert) as counter:
             ref, hidden = E.reference(model, ids, tt)
@@ -229,9 +230,9 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
                "watched_peaks": boot.watched,
                "poly_inputs_outside": counter.result(), "simulation_seconds": round(wall, 1),
                "projected_seconds": price(table, args.costs)}
-        print(f"  example {k}: {len(ids)} tokens; plan: {row['bootstraps']} bootstraps ("
+        note(f"  example {k}: {len(ids)} tokens; plan: {row['bootstraps']} bootstraps ("
               + ", ".join(f"{kind} {b}" for kind, b in plan.items() if b) + ")"
-              + (f", projected {row['projected_seconds'] / 60:.0f} min" if args.costs else ""), flush=True)
+              + (f", projected {row['projected_seconds'] / 60:.0f} min" if args.costs else ""))
         per_layer = planned
         if args.backend != "sim":
             table, got, per_layer = encrypted(circuit, backend(), bounds, emb, hidden)
@@ -243,8 +244,8 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
             for key, v in d.items():
                 agg[key] = agg.get(key, 0) + v / len(chosen)
         rows.append(row)
-        print(f"  example {k}: logits {np.round(got, 4)} vs {np.round(ref, 4)} (max error {row['max_abs_error']:.1e})"
-              + (f", {len(boot.overflows)} bound overflows" if boot.overflows else ""), flush=True)
+        note(f"  example {k}: logits {np.round(got, 4)} vs {np.round(ref, 4)} (max error {row['max_abs_error']:.1e})"
+              + (f", {len(boot.overflows)} bound overflows" if boot.overflows else ""))
     return {"checkpoint": repo_relative(path), "trained": {k: meta.get(k) for k in ("seed", "epoch", "dev", "code_version")},
             "approx": approx.to_json(), "label": approx.label(), "layers": len(model.bert.encoder.layer),
             "layout": {"slots": lay.slots, "width": lay.width, "rows": lay.rows},
@@ -260,8 +261,8 @@ def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list) -> tupl
     def probe(i, x):
         measure(i, x)
         e = per_layer[-1]
-        print(f"    layer {i}: {time.perf_counter() - start:.0f} s so far, max abs error {e['max_abs_error']:.1e} "
-              f"(largest value {e['max_abs_value']:.1f})", flush=True)
+        note(f"    layer {i}: {time.perf_counter() - start:.0f} s so far, max abs error {e['max_abs_error']:.1e} "
+              f"(largest value {e['max_abs_value']:.1f})")
 
     got = E.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds), emb, log, probe)
     return log.table(), got, per_layer
@@ -331,7 +332,7 @@ def main():
     started, results, version = time.time(), [], code_version()  # the code that runs, not the code at the end
     backend = Backend(args)
     for path in args.checkpoints:
-        print(f"{path}:", flush=True)
+        note(f"{path}:")
         results.append(evaluate(path, args, data, backend))
     ops = backend.ops
     keys = None if ops is None else {"keygen_seconds": round(getattr(ops, "keygen_s", 0.0), 1), "key_bytes": getattr(ops, "key_bytes", None),

@@ -26,7 +26,7 @@ import numpy as np
 from cgf_bert import CgfBertError
 from cgf_bert.analysis.kernel import KernelConfig, compare, load_blocks, plot_kernel_vs_finetune, save_blocks, study
 from cgf_bert.analysis.probes import random_subset
-from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, run_main
+from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, note, run_main
 from cgf_bert.store.checkpoint import read_checkpoint
 from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine, repo_relative, uncommitted_files
 from cgf_bert.store.records import config_json, write_json
@@ -95,7 +95,7 @@ def main():
             print_table(entry)
     comparison = compare(kept[0], kept[1]) if len(kept) > 1 else []
     for row in comparison:
-        print(f"  seed {row['seed']} k={row['k']}: CKA sgd {row['cka_sgd']:.3f} sign {row['cka_sign']:.3f}; "
+        note(f"  seed {row['seed']} k={row['k']}: CKA sgd {row['cka_sgd']:.3f} sign {row['cka_sign']:.3f}; "
               f"dev alignment sgd {row['dev_alignment_sgd']:.3f} sign {row['dev_alignment_sign']:.3f}")
     stem = Path(args.out_dir) / f"kernel_view-{time.strftime('%Y%m%d-%H%M%S')}"
     figure = repo_relative(plot_kernel_vs_finetune(entries, f"{stem}.png"))

@@ -140,7 +140,8 @@ class Spec:
         """The plain spec of each of ``num_layers`` layers; an override past the last layer is an error."""
         beyond = [i for i, _ in self.layers if i >= num_layers]
         if beyond:
-            raise CgfBertError(f"per-layer {self.op} for layer(s) {beyond}, but the model has {num_layers} layers (0..{num_layers - 1})")
+            # named by its command-line option (``cli`` makes one ``--<op>-layers`` per op), the way a user wrote it
+            raise CgfBertError(f"--{self.op}-layers names layer(s) {beyond}, but the model has {num_layers} layers (0..{num_layers - 1})")
         return [self.for_layer(i) for i in range(num_layers)]
 
     def __call__(self, *args, counter=None, **kw):
