@@ -101,6 +101,25 @@ def test_a_value_beyond_its_bootstrap_bound_is_counted_and_a_missing_bound_refus
         _simulate(model, POLY, 9, top=17, bounds={}, record=False)
 
 
+def test_a_bootstrap_returns_17_levels_unless_its_bound_is_below_one():
+    """Only one of the two scalings around a bootstrap takes a level (an integer product keeps it):
+    ``x / 4`` before and ``* 4`` after for a bound of 3.7, ``* 5`` before and ``/ 5`` after for 0.2."""
+    assert B.scaled_bound(3.7) == (0.25, 0) and B.scaled_bound(4.0) == (0.25, 0) and B.scaled_bound(0.2) == (5.0, 1)
+    for bound in (3.7, 0.2, 0.013):
+        before, _ = B.scaled_bound(bound)
+        assert bound * before <= 1.0 and bound * before > 0.5 * min(1.0, bound)  # into [-1, 1], not far below
+    sim, client = B.SimulatedCkks(16, 17, reserve=1), B.SimulatedCkks(16, 17, reserve=0)
+    x = sim.encrypt(np.ones(16))
+    assert sim.bootstrap(x, 3.7).level == 17 and sim.bootstrap(x, 0.2).level == 16
+    assert client.bootstrap(x, 0.2).level == 17  # the client's refresh scales nothing
+    log = A.StageLog()
+    boot = A.Refresher(sim, log, 17, bounds={"small": 0.2, "large": 3.7})
+    low = B.Levelled(np.ones(16), 2)
+    assert boot(low, 15, "small").level == 16 and boot(low, 16, "large").level == 17
+    with pytest.raises(CgfBertError, match="small needs 16 levels, but a bootstrap by its bound 0.2 leaves 15"):
+        boot(low, 16, "small")
+
+
 def test_a_long_example_and_a_too_narrow_row_are_refused():
     lay = E.TokenLayout.for_model(1024, 32)
     with pytest.raises(CgfBertError, match="do not fit"):

@@ -140,11 +140,12 @@ def price(table: list[dict], costs: dict | None) -> float | None:
 
 
 # (top, reserve) of each backend: the level a bootstrap (or the client's refresh) returns, and the
-# levels its own scaling takes first (desilofhe 2.0's bootstrappable engine: 17 levels, one kept for
-# the key switch at the top, one for x / bound). The plan and the calibration need only these, so
-# they run, and a circuit that cannot fit fails, before any key is made.
+# levels its own scaling takes first (desilofhe 2.0's bootstrappable engine: 17 levels; one for
+# x / bound before the bootstrap, the product by the integer bound after it keeping the level:
+# ``backends.scaled_bound``). The plan and the calibration need only these, so they run, and a
+# circuit that cannot fit fails, before any key is made.
 # The simulation plans the non-interactive run: its levels are the bootstrap backend's.
-LEVELS = {"sim": (TOP - 1, 1), "interactive": (TOP, 0), "bootstrap": (TOP - 1, 1)}
+LEVELS = {"sim": (TOP, 1), "interactive": (TOP, 0), "bootstrap": (TOP, 1)}
 
 
 class Backend:

@@ -62,13 +62,15 @@ class Refresher:
 
     ``ops.bootstrap(x, bound)`` scales by ``1/bound`` into the bootstrap's input range, refreshes
     and scales back; ``bounds`` maps a call site to its public bound. With ``record=True`` every
-    site's largest |value| is recorded instead (calibration, numpy ops only); a value beyond its
-    bound is counted in ``overflows`` (the result would be wrong under CKKS), never hidden.
+    site's largest |value| is recorded instead (calibration, numpy ops only; ``margin`` times it is
+    the bound the levels follow, as calibration will set it); a value beyond its bound is counted in
+    ``overflows`` (the result would be wrong under CKKS), never hidden.
     """
 
-    def __init__(self, ops, log: StageLog, top: int, bounds: dict[str, float] | None = None, record: bool = False):
+    def __init__(self, ops, log: StageLog, top: int, bounds: dict[str, float] | None = None, record: bool = False,
+                 margin: float = 1.0):
         self.ops, self.log, self.top = ops, log, top
-        self.bounds, self.record = dict(bounds or {}), record
+        self.bounds, self.record, self.margin = dict(bounds or {}), record, margin
         self.seen: dict[str, float] = {}
         self.overflows: dict[str, float] = {}
         self.watched: dict[str, float] = {}
@@ -100,11 +102,14 @@ class Refresher:
         if bound is None:
             if not self.record:
                 raise CgfBertError(f"no bootstrap bound for {site!r}: calibrate first (encoder.calibrate)")
-            bound = max(peak, 1e-12)
+            bound = max(self.margin * peak, 1e-12)
         if peak is not None and peak > bound:
             self.overflows[site] = max(self.overflows.get(site, 0.0), peak / bound)
         self.log.count("bootstraps")
         start = time.perf_counter()
         out = self.ops.bootstrap(x, bound)
         self.log.count("bootstrap_seconds", time.perf_counter() - start)
+        left = self.ops.level(out) - getattr(self.ops, "reserve", 0)
+        if left < need:  # a bound below 1 is scaled back after the bootstrap, at the cost of a level
+            raise CgfBertError(f"{site} needs {need} levels, but a bootstrap by its bound {bound:.3g} leaves {left}")
         return out

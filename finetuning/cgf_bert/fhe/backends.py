@@ -8,6 +8,7 @@ Each has ``top`` (the level a fresh or refreshed ciphertext starts at), ``slots`
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -16,9 +17,23 @@ from cgf_bert import CgfBertError
 from cgf_bert.fhe.ops import FheOps, Levelled, LevelledNumpyOps
 
 
+def scaled_bound(bound: float) -> tuple[float, int]:
+    """How ``BootstrapOps`` scales a value of public bound ``bound`` into the bootstrap's [-1, 1] and
+    back so that only one of the two scalings takes a level: ``(before, after)`` factors. An integer
+    product keeps the level, so a bound of at least 1 is rounded up to the integer ``B`` (``x / B``,
+    one level, before; ``* B`` after, none) and a smaller one is raised by the integer ``m = floor(1 /
+    bound)`` before (none) and scaled back by ``1 / m`` after (one level). ``after`` is the levels the
+    scaling back takes."""
+    if bound >= 1:
+        return 1.0 / math.ceil(bound), 0
+    return float(math.floor(1.0 / bound)), 1
+
+
 class SimulatedCkks(LevelledNumpyOps):
-    """``LevelledNumpyOps`` with encryption at ``top`` levels and a bootstrap that restores ``top``
-    (the values unchanged: the simulation tests the circuit and its plan, not CKKS noise)."""
+    """``LevelledNumpyOps`` with encryption at ``top`` levels and a bootstrap that returns ``top``, less
+    the level ``BootstrapOps`` takes to scale back a bound below 1 (``scaled_bound``; none where
+    ``reserve`` is 0, the client's refresh). The values are unchanged: the simulation tests the
+    circuit and its plan, not CKKS noise."""
 
     def __init__(self, slots: int, top: int, reserve: int = 0):
         super().__init__()
@@ -31,7 +46,7 @@ class SimulatedCkks(LevelledNumpyOps):
         return x.slots
 
     def bootstrap(self, x: Levelled, bound: float) -> Levelled:
-        return Levelled(x.slots, self.top)
+        return Levelled(x.slots, self.top - (scaled_bound(bound)[1] if self.reserve else 0))
 
 
 class CkksOps(FheOps):
@@ -63,8 +78,10 @@ class CkksOps(FheOps):
 
 class BootstrapOps(FheOps):
     """The slot operations on desilofhe's bootstrappable engine (2^15 slots, 17 levels), with real,
-    non-interactive bootstraps: ``x / bound`` into the bootstrap's input range (one level, so
-    ``reserve`` = 1), the bootstrap (back to 17), then ``* bound`` (16 = ``top``).
+    non-interactive bootstraps: the value scaled into the bootstrap's input range, the bootstrap
+    (back to 17 = ``top``), the value scaled back (``scaled_bound``: a bound of at least 1 costs its
+    level before the bootstrap, so ``reserve`` = 1, and returns at 17; a smaller one returns at 16).
+    Every operation works at level 17 on this engine (checked: rotation, products, the basis).
 
     Keys (made once, ``keygen_s`` and ``key_bytes`` say what they cost): the relinearization and
     conjugation keys, one rotation key for every step (fixed keys for the ~150 steps a layer
@@ -92,7 +109,7 @@ class BootstrapOps(FheOps):
         else:
             self.boot_keys = (e.create_bootstrap_key(sk, size=key),)
         self.keygen_s = time.perf_counter() - start
-        self.top, self.slots = int(e.max_level) - 1, int(e.slot_count)
+        self.top, self.slots = int(e.max_level), int(e.slot_count)
 
     @property
     def key_bytes(self) -> int:
@@ -109,5 +126,7 @@ class BootstrapOps(FheOps):
         return np.asarray(self.e.decrypt(x, self.secret_key))
 
     def bootstrap(self, x, bound: float):
-        scaled = self.e.multiply(x, 1.0 / bound)
-        return self.e.multiply(self.e.bootstrap(scaled, self.rlk, self.conj_key, *self.boot_keys), float(bound))
+        before, after = scaled_bound(bound)
+        scaled = self.e.multiply(x, int(before) if after else before)  # an int keeps the level, a float takes one
+        fresh = self.e.bootstrap(scaled, self.rlk, self.conj_key, *self.boot_keys)
+        return self.e.multiply(fresh, 1.0 / before) if after else self.e.multiply(fresh, int(round(1.0 / before)))

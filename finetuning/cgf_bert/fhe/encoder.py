@@ -257,6 +257,9 @@ class EncoderCircuit:
         fn = {"gelu_poly": "gelu", "tanh_poly": "tanh"}[spec.name]
         return ChebyshevFit(fn, spec.values["degree"], spec.values["lo"], spec.values["hi"])
 
+    def _activation_depth(self, spec) -> int:
+        return 1 if spec.name == "quad" else self._fit(spec).depth
+
     def _map_of(self, spec) -> tuple[float, float]:
         """The affine map folded into the linear layer before an activation: onto the fit's [-1, 1]."""
         if spec.name == "quad":
@@ -406,7 +409,8 @@ class EncoderCircuit:
             h = self.layernorm(ops, boot, boot(h, 1, f"layer {i} ln1"), lns[i], lw["ln1"], f"layer {i} ln1")
             log.current = f"layer {i} / feed-forward"
             A, B = self._map_of(gelus[i])
-            up = self.linear(ops, [boot(h, 1, f"layer {i} ffn input")], lw["up"], scale=A, shift=B)
+            # the input bootstrapped, if the activation would need it, rather than each of its W-wide outputs
+            up = self.linear(ops, [boot(h, 1 + self._activation_depth(gelus[i]), f"layer {i} ffn input")], lw["up"], scale=A, shift=B)
             act = [self.activation(ops, boot, u, gelus[i], f"layer {i} gelu") for u in up]
             act = [boot(a, 1, f"layer {i} gelu out") for a in act]
             down = self.linear(ops, act, lw["down"])[0]
@@ -467,11 +471,11 @@ def layer_errors(circuit: EncoderCircuit, ops, hidden: list[np.ndarray], into: l
 
 
 def simulate(circuit: EncoderCircuit, emb: np.ndarray, top: int, reserve: int = 0, bounds: dict | None = None,
-             record: bool = False, probe=None) -> tuple[np.ndarray, StageLog, Refresher]:
+             record: bool = False, probe=None, margin: float = 1.0) -> tuple[np.ndarray, StageLog, Refresher]:
     """``run`` on ``SimulatedCkks`` with ``top`` levels after a bootstrap: the plan and the logits."""
     log = StageLog()
     sim = SimulatedCkks(circuit.lay.slots, top, reserve)
-    boot = Refresher(sim, log, top, bounds=bounds, record=record)
+    boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin)
     return run(circuit, Counted(sim, log), boot, emb, log, probe), log, boot
 
 
@@ -480,6 +484,6 @@ def calibrate(circuit: EncoderCircuit, embeddings, top: int, reserve: int = 0, m
     embedding outputs of calibration examples (training data, never the examples scored)."""
     bounds: dict[str, float] = {}
     for emb in embeddings:
-        for site, peak in simulate(circuit, emb, top, reserve, record=True)[2].seen.items():
+        for site, peak in simulate(circuit, emb, top, reserve, record=True, margin=margin)[2].seen.items():
             bounds[site] = max(bounds.get(site, 0.0), margin * peak)
     return bounds
