@@ -13,7 +13,9 @@ from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.config import DistillConfig, TrainConfig
 from cgf_bert.model.bert import BertMRPC, bert_from_config
 from cgf_bert.objective import LOSSES, LossTerm, kd_preset, needs
-from cgf_bert.train.losses import linear_cka
+from cgf_bert import CgfBertError
+from cgf_bert.train.losses import kmeans, linear_cka
+from cgf_bert.train.teacher_cache import TeacherCache
 from cgf_bert.train.recipes import distill
 
 B, H, T, D, L = 3, 2, 6, 4, 2
@@ -153,7 +155,41 @@ def test_cka_terms_match_references():
     assert all(q.shape[0] == 4 for q in state["queues"].values())
 
 
-NEW = ["attn_kl", "attn_mse", "attn_out", "value_rel", "cka_intra", "cka_inter", "cka_global"]
+def test_kmeans_finds_separated_clusters_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = torch.cat([c + 0.1 * torch.randn(40, 2, generator=g) for c in centres])
+    got = kmeans(x, 3)
+    # each true centre has one found centroid at its cluster's mean (the exact k-means optimum here)
+    for c in range(3):
+        nearest = got[torch.cdist(centres[c:c + 1], got).argmin()]
+        assert torch.allclose(nearest, x[40 * c:40 * (c + 1)].mean(0), atol=1e-5)
+    assert torch.equal(kmeans(x, 3), got)  # the same centroids on every call (a resumed run)
+    with pytest.raises(CgfBertError, match="4 centroids need at least 4 examples"):
+        kmeans(x[:3], 4)
+
+
+def test_cka_centroids_relates_the_batch_to_the_teachers_clusters():
+    """cka_centroids: the centroids clustered once from the cached teacher features of every training
+    example (the embedding output skipped), then 1 - CKA of the batch's rows of inner products with them."""
+    g = torch.Generator().manual_seed(3)
+    per_example = [torch.randn(L + 1, n, 8, generator=g) for n in (3, 5, 2, 4, 6, 3)]  # (layers + 1, tokens, hidden 8 as states())
+    cache = TeacherCache(list(range(6)), torch.zeros(6, 2), {"hidden": per_example})
+    term_ = LossTerm.make("cka_centroids", 1.0, centroids=2)
+    state = term_.kind.prepare(cache, **dict(term_.params))
+    means = torch.stack([h.mean(1) for h in per_example])
+    for i, bank in enumerate(state["centroids"], start=1):
+        assert torch.equal(bank, kmeans(means[:, i], 2))
+    s, t = states(1, layers=L + 1), states(2, layers=L + 1)
+    ps = [torch.stack([pooled_ref(s[i], b, n) for b, n in enumerate(LENGTHS)]) for i in range(L + 1)]
+    pt = [torch.stack([pooled_ref(t[i], b, n) for b, n in enumerate(LENGTHS)]) for i in range(L + 1)]
+    want = sum(1 - ref_cka(ps[i] @ state["centroids"][i - 1].T, pt[i] @ state["centroids"][i - 1].T) for i in range(1, L + 1)) / L
+    assert term_({"hidden": s}, {"hidden": t}, {"attention_mask": mask()}, state).item() == pytest.approx(want, rel=1e-4)
+    with pytest.raises(CgfBertError, match="no teacher cache was built"):
+        term_.kind.prepare(None, centroids=2)
+
+
+NEW = ["attn_kl", "attn_mse", "attn_out", "value_rel", "cka_intra", "cka_inter", "cka_global", "cka_centroids"]
 
 
 def test_terms_ignore_padding_on_a_tiny_bert():
@@ -168,9 +204,12 @@ def test_terms_ignore_padding_on_a_tiny_bert():
     padded["token_type_ids"] = torch.zeros_like(padded["input_ids"])
     terms = [LossTerm.make(n, 1.0) for n in NEW]
     need = needs(tuple(terms))
+    cfg = teacher.bert.config
+    clusters = {"centroids": [torch.randn(4, cfg.hidden_size) for _ in range(cfg.num_hidden_layers)]}  # as prepare makes them
+    state = lambda t: dict(clusters) if t.name == "cka_centroids" else {}  # noqa: E731
     with torch.no_grad():
-        short = [t(student(**batch, needs=need), teacher(**batch, needs=need), batch, {}) for t in terms]
-        long = [t(student(**padded, needs=need), teacher(**padded, needs=need), padded, {}) for t in terms]
+        short = [t(student(**batch, needs=need), teacher(**batch, needs=need), batch, state(t)) for t in terms]
+        long = [t(student(**padded, needs=need), teacher(**padded, needs=need), padded, state(t)) for t in terms]
     for name, a, b in zip(NEW, short, long):
         assert a.item() == pytest.approx(b.item(), rel=1e-4, abs=1e-7), name
         assert a.item() > 0, name  # random teacher and student differ
@@ -185,10 +224,11 @@ def test_registered_and_listed():
 @pytest.mark.parametrize("cache", [True, False])
 def test_distillation_with_several_terms(tiny_bert, tiny_mrpc, tmp_path, cache):
     cfg = TrainConfig(model=str(tiny_bert), data_dir=str(tiny_mrpc), epochs=1, batch_size=8, approx=Approximations(softmax=softmax_spec("cgf")))
-    extra = (LossTerm.make("attn_kl", 1.0), LossTerm.make("attn_out", 0.1), LossTerm.make("value_rel", 1.0), LossTerm.make("cka_global", 1.0, memory=16))
+    extra = (LossTerm.make("attn_kl", 1.0), LossTerm.make("attn_out", 0.1), LossTerm.make("value_rel", 1.0), LossTerm.make("cka_global", 1.0, memory=16),
+             *([LossTerm.make("cka_centroids", 1.0, centroids=2)] if cache else []))  # the centroids come from the cache
     dcfg = DistillConfig(terms=kd_preset(0.5, 2.0, 10.0) + extra, cache_teacher=cache)
     rec = distill(cfg, dcfg, tmp_path / "teacher.pt", results_dir=tmp_path / "r")
     logged = rec["epochs"][0]["train"]
     assert {"attn_kl", "attn_out", "value_rel", "cka_global"} <= set(logged) and all(math.isfinite(v) for v in logged.values())
     assert rec["distill"]["teacher_cached"] == cache
-    assert "-b10-attn_kl1-attn_out0.1-value_rel1-cka_global1-" in rec["name"]
+    assert ("-b10-attn_kl1-attn_out0.1-value_rel1-cka_global1-cka_centroids1-" if cache else "-b10-attn_kl1-attn_out0.1-value_rel1-cka_global1-") in rec["name"]

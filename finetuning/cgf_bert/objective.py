@@ -32,18 +32,20 @@ class LossKind:
     uses_teacher: bool = True
     stateful: bool = False  # fn takes ``state=``, a dict kept across the steps of one run (a memory)
     doc: str = ""
+    prepare: Callable[..., dict] | None = None  # (teacher cache, **params) -> the state a run starts from
 
 
 LOSSES: Registry[LossKind] = Registry("loss")
 
 
 def register_loss(name: str, needs: tuple[str, ...] = ("logits",), params: tuple[Param, ...] = (), uses_teacher: bool = True,
-                  stateful: bool = False):
-    """Decorator: register ``fn`` as loss term ``name``."""
+                  stateful: bool = False, prepare: Callable[..., dict] | None = None):
+    """Decorator: register ``fn`` as loss term ``name`` (``prepare``: a stateful term's first state, made
+    once before training from the teacher's cached training outputs)."""
 
     def deco(fn):
         doc = ((fn.__doc__ or "").strip().splitlines() or [""])[0]
-        LOSSES[name] = LossKind(name, fn, frozenset(needs), tuple(params), uses_teacher, stateful, doc)
+        LOSSES[name] = LossKind(name, fn, frozenset(needs), tuple(params), uses_teacher, stateful or prepare is not None, doc, prepare)
         return fn
 
     return deco

@@ -251,6 +251,60 @@ def _cka_global(s: Outputs, t: Outputs, batch: Batch, memory: int = 512, state: 
     return torch.stack(losses).mean()
 
 
+def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Tensor:
+    """``k`` centroids of the rows of ``x`` (N, F): k-means++ seeding (a fixed generator, so a run and
+    its resume get the same centroids), then Lloyd steps until no assignment changes. (k, F)."""
+    if k > len(x):
+        raise CgfBertError(f"{k} centroids need at least {k} examples, got {len(x)}")
+    g = torch.Generator().manual_seed(seed)
+    x = x.double()
+    centres = x[torch.randint(len(x), (1,), generator=g)]
+    while len(centres) < k:  # each next centre drawn with probability proportional to its squared distance
+        d2 = torch.cdist(x, centres).min(1).values ** 2
+        centres = torch.cat([centres, x[torch.multinomial(d2 / d2.sum(), 1, generator=g)]])
+    assign = None
+    for _ in range(iters):
+        new = torch.cdist(x, centres).argmin(1)
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        for c in range(k):
+            members = x[assign == c]
+            if len(members):  # an empty cluster keeps its centre
+                centres[c] = members.mean(0)
+    return centres.float()
+
+
+CENTROIDS = Param("centroids", int, 100, "k-means centroids of the teacher's features over the training set, per layer", min=2, max=4096)
+
+
+def _teacher_centroids(cache, centroids: int = 100) -> dict:
+    """Per layer, k-means centroids of the teacher's token-mean features over every cached training example."""
+    if cache is None or "hidden" not in cache.outputs:
+        raise CgfBertError("loss 'cka_centroids' clusters the teacher's cached hidden states on the training set, "
+                           "and no teacher cache was built (not enough memory for it): use cka_global's queue instead")
+    means = torch.stack([h.mean(1) for h in cache.outputs["hidden"]])  # (N, layers + 1, hidden): one row per example
+    return {"centroids": [kmeans(means[:, i], centroids) for i in range(1, means.shape[1])]}  # the embedding output skipped
+
+
+@register_loss("cka_centroids", needs=("hidden",), params=(CENTROIDS,), prepare=_teacher_centroids)
+def _cka_centroids(s: Outputs, t: Outputs, batch: Batch, centroids: int = 100, state: dict | None = None) -> torch.Tensor:
+    """FSD global inter-feature with FSD's own memory: 1 - CKA of the batch's relations to k-means centroids.
+
+    As in the paper, each example is related to ``centroids`` k-means centroids of the teacher's
+    token-mean features over the whole training set (per layer), clustered once before training
+    from the teacher cache (``_teacher_centroids``); ``cka_global`` is the same structure against a
+    FIFO queue of recent examples instead. The centroids are remade identically on ``--resume``.
+    """
+    mask, banks = batch["attention_mask"], state["centroids"]
+    losses = []
+    for hs, ht, bank in zip(s["hidden"][1:], t["hidden"][1:], banks):
+        bank = bank.to(hs.device)
+        ps, pt = pooled(hs, mask), pooled(ht, mask).detach()
+        losses.append(1 - linear_cka(ps @ bank.T, pt @ bank.T))
+    return torch.stack(losses).mean()
+
+
 # ---------------------------------------------------------------- the preset and its label
 
 
@@ -277,7 +331,8 @@ def make_kd_step(teacher: nn.Module | None, terms: tuple[LossTerm, ...], cache=N
     if cache is None:
         teacher.eval()
     need = needs(terms)
-    states = {t.name: {} for t in terms if t.kind.stateful}  # per-run memories (cka_global's queue)
+    # per-run memories (cka_global's queue; cka_centroids' clusters, made here from the cache)
+    states = {t.name: t.kind.prepare(cache, **dict(t.params)) if t.kind.prepare else {} for t in terms if t.kind.stateful}
 
     def kd_step(model: nn.Module, batch: Batch):
         if cache is not None:
