@@ -9,10 +9,12 @@ per checkpoint (head means per layer), heatmaps per head, one JSON record in res
     python -m experiments.attention_norms STUDENT.pt --teacher ../checkpoints_teacher/teacher.pt
 """
 
+import textwrap
 import time
 from pathlib import Path
 
 import numpy as np
+from cgf_bert import CgfBertError
 from cgf_bert.analysis.norms import KINDS, norm_shares
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, run_main
 from cgf_bert.config import TEACHER_PATH, TrainConfig
@@ -30,22 +32,45 @@ from cgf_bert.train.engine import resolve_device
 from cgf_bert.train.run import prepare_data
 
 
+PANELS = [(w, k) for k in ("cls", "sep") for w in ("weight", "norm")]  # the figure's columns
+
+
+def short_names(names: list[str]) -> list[str]:
+    """Distinct row labels: 'teacher', 'model 1', ... (``main`` numbers the checkpoints 'N: label')."""
+    return [n if ":" not in n else f"model {n.split(':', 1)[0]}" for n in names]
+
+
 def plot(results: dict[str, dict], path: str) -> Path:
-    """Per model: heatmaps (layer x head) of the share to [CLS] and to [SEP], by weight and by norm."""
+    """Per model (a row, its full label in the key below): heatmaps (layer x head) of the share to
+    [CLS] and to [SEP], by weight and by norm; one colour scale per column, since the shares to
+    [SEP] are a fraction of those to [CLS] and would all be dark on a shared one."""
     plt = pyplot()
     names = list(results)
-    fig, axes = plt.subplots(len(names), 4, figsize=(13, 2.6 * len(names)), squeeze=False, layout="constrained")
-    top = max(float(np.max(np.asarray(res[w])[:, :, :2])) for res in results.values() for w in ("weight", "norm"))
-    for r, name in enumerate(names):
-        for c, (what, kind) in enumerate([(w, k) for k in ("cls", "sep") for w in ("weight", "norm")]):
-            m = np.asarray(results[name][what])[:, :, KINDS.index(kind)]
-            im = axes[r][c].imshow(m, vmin=0, vmax=top, cmap="viridis", aspect="auto")
-            axes[r][c].set_title(f"{name[:22]}: [{kind.upper()}] by {what}", fontsize=8)
-            axes[r][c].set_xticks(range(m.shape[1]))
-            axes[r][c].set_xlabel("head", fontsize=7)
-            axes[r][c].set_ylabel("layer", fontsize=7)
-    fig.colorbar(im, ax=axes, shrink=0.8, label="mean share of a query row")
+    rows = short_names(names)
+    fig, axes = plt.subplots(len(names), 4, figsize=(14, 2.4 * len(names) + 2.2), squeeze=False, layout="constrained")
+    for c, (what, kind) in enumerate(PANELS):
+        ms = [np.asarray(results[n][what])[:, :, KINDS.index(kind)] for n in names]
+        top = max(float(m.max()) for m in ms)
+        for r, m in enumerate(ms):
+            ax = axes[r][c]
+            im = ax.imshow(m, vmin=0, vmax=top, cmap="viridis", aspect="auto")
+            ax.set_title(f"{rows[r]}: [{kind.upper()}] by {what}", fontsize=10)
+            ax.set_xticks(range(0, m.shape[1], 2))
+            ax.tick_params(labelsize=8)
+            ax.set_ylabel("layer", fontsize=9)
+        axes[-1][c].set_xlabel("head", fontsize=9)
+        fig.colorbar(im, ax=axes[:, c], location="bottom", shrink=0.9, aspect=30).set_label(f"share to [{kind.upper()}] by {what}", fontsize=9)
+    key = [textwrap.fill(f"{row}: {results[n].get('label', n)}", 190, subsequent_indent="    ") for row, n in zip(rows, names)]
+    fig.supxlabel("\n".join(key), fontsize=8, x=0.01, ha="left")
+    fig.suptitle("Mean share of a query row, per layer and head (MRPC dev)", fontsize=11)
     return save(fig, path)
+
+
+def replot(record: dict, path: str) -> Path:
+    """The figure of an attention_norms record, at ``path``; its share kinds must be this code's."""
+    if record["kinds"] != list(KINDS):
+        raise CgfBertError(f"the record's share kinds {record['kinds']} are not this code's {list(KINDS)}")
+    return plot(record["results"], path)
 
 
 def main():

@@ -271,38 +271,68 @@ def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list) -> tupl
 
 def plot(results: list[dict], path: str, measured: bool):
     """Bootstraps and time (measured, or ciphertext products in the simulation) per stage; the error after each layer."""
+    import textwrap
+
     plt = pyplot()
     kinds = list(results[0]["per_example_mean_by_stage"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), layout="constrained")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), layout="constrained")
     width = 0.8 / len(results)
     for j, res in enumerate(results):
         st = res["per_example_mean_by_stage"]
         x = np.arange(len(kinds)) + j * width
-        axes[0].bar(x, [st.get(k, {}).get("bootstraps", 0) for k in kinds], width, label=res["label"][:60])
+        # the full label, wrapped: two students can differ only at its end
+        axes[0].bar(x, [st.get(k, {}).get("bootstraps", 0) for k in kinds], width, color=f"C{j}", label=textwrap.fill(res["label"], 150))
         if measured:
-            axes[1].bar(x, [(st.get(k, {}).get("seconds", 0) + st.get(k, {}).get("bootstrap_seconds", 0)) / 60 for k in kinds], width)
+            axes[1].bar(x, [(st.get(k, {}).get("seconds", 0) + st.get(k, {}).get("bootstrap_seconds", 0)) / 60 for k in kinds], width, color=f"C{j}")
         else:
-            axes[1].bar(x, [st.get(k, {}).get("mul", 0) + st.get(k, {}).get("square", 0) for k in kinds], width)
-        for n, ex in enumerate(res["examples"]):
-            layers = [e["layer"] for e in ex["per_layer"]]
-            errs = [max(e["max_abs_error"], 1e-17) for e in ex["per_layer"]]
-            axes[2].plot(layers, errs, "o-", color=f"C{j}", alpha=0.6, label=res["label"][:40] if n == 0 else None)
-    titles = ("bootstraps per example", "minutes per example (measured)" if measured else "ciphertext products per example")
-    for ax, title in zip(axes, titles):
+            axes[1].bar(x, [st.get(k, {}).get("mul", 0) + st.get(k, {}).get("square", 0) for k in kinds], width, color=f"C{j}")
+        _layer_errors(axes[2], res, f"C{j}")
+    titles = ("bootstraps by stage", "time by stage (measured)" if measured else "ciphertext products by stage")
+    ylabels = ("bootstraps per example", "minutes" if measured else "ciphertext products")
+    for ax, title, ylabel in zip(axes, titles, ylabels):
         ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.margins(y=0.12)  # headroom: the tallest bar clear of the frame
         ax.grid(alpha=0.3, axis="y")
+    n_layers = max(r["layers"] for r in results)
     axes[2].set_yscale("log")
-    axes[2].set_xticks(range(max(r["layers"] for r in results)))
+    axes[2].set_xticks(range(n_layers))
+    axes[2].set_xlim(-0.5, n_layers - 0.5)
     axes[2].set_xlabel("encoder layer")
-    axes[2].set_title("max abs error of the layer's output vs plaintext", fontsize=10)
+    axes[2].set_ylabel("max |error| after layer")
+    examples = sorted({len(r["examples"]) for r in results})
+    faint = "; faint: each example" if examples[-1] > 1 else ""
+    axes[2].set_title(f"layer output vs plaintext\nmean over {'/'.join(map(str, examples))} example(s){faint}", fontsize=10)
     axes[2].grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    fig.legend(loc="outside lower center", fontsize=8)  # outside the panels: no bar behind it
     kind = "CKKS with bootstraps, measured" if measured else "slot simulation"
     layers = sorted({r["layers"] for r in results})
     fig.suptitle(f"The encoder as one CKKS circuit ({kind}): cost by stage over {'/'.join(map(str, layers))} encoder layer(s)"
                  " + pooler + classifier", fontsize=10)
     return save(fig, path)
+
+
+def _layer_errors(ax, res: dict, colour: str) -> None:
+    """One model's max error after each layer: its mean over the examples (one line, the legend's
+    colour), each example faint beneath it; a lone layer is a marked point with its value written."""
+    errs = np.array([[max(e["max_abs_error"], 1e-17) for e in ex["per_layer"]] for ex in res["examples"]])
+    layers = [e["layer"] for e in res["examples"][0]["per_layer"]]
+    if len(errs) > 1:
+        ax.plot(layers, errs.T, color=colour, alpha=0.2, lw=0.8)
+    mean = errs.mean(0)
+    ax.plot(layers, mean, "o-", color=colour, ms=6)
+    if len(layers) == 1:
+        ax.annotate(f"{mean[0]:.1e}", (layers[0], mean[0]), xytext=(8, 0), textcoords="offset points", va="center", fontsize=9, color=colour)
+
+
+def replot(record: dict, path: str):
+    """The figure of an encrypted_inference record, at ``path``: refused for a record from before the
+    per-layer errors were kept (its error panel would be empty)."""
+    results = record["results"]
+    if not all("layers" in r and r["examples"] and all(ex.get("per_layer") for ex in r["examples"]) for r in results):
+        raise CgfBertError("the record keeps no per-layer errors (a run from before they were measured): its error panel cannot be drawn")
+    return plot(results, path, measured=record["backend"] != "sim")
 
 
 def main():

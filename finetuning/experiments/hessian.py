@@ -90,30 +90,49 @@ def curvature(path: str, batches: list[dict], device, args) -> dict:
 
 
 def plot(results: list[dict], path: str) -> Path:
+    """The eigenvalue density per model, each model's top eigenvalue a dashed line of its colour (it
+    can sit where the smoothed density is below the axis floor); the top eigenvalue and the trace
+    each on their own panel, so the trace's error bars are not dwarfed."""
     plt = pyplot()
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), layout="constrained", width_ratios=(2, 1))
+    fig, (ax, ex, tx) = plt.subplots(1, 3, figsize=(14, 4.4), layout="constrained", width_ratios=(2.2, 1, 1))
+    _density(ax, results)
+    x = np.arange(len(results))
+    colours = [f"C{j}" for j in range(len(results))]
+    ex.bar(x, [r["top_eigenvalues"][0] for r in results], 0.6, color=colours)
+    ex.set_ylabel("top Hessian eigenvalue")
+    ex.set_title("top eigenvalue (power iteration)", fontsize=10)
+    tx.bar(x, [r["trace"] for r in results], 0.6, yerr=[2 * r["trace_stderr"] for r in results], capsize=5, color=colours)
+    tx.set_ylabel("Hessian trace")
+    tx.set_title("trace (Hutchinson, ±2 s.e.)", fontsize=10)
+    for bx in (ex, tx):
+        bx.set_xticks(x, [r["name"] for r in results], rotation=20, ha="right", fontsize=8)
+        bx.margins(y=0.1)
+        bx.grid(alpha=0.3, axis="y")
+    fig.legend(loc="outside lower center", ncols=len(results), fontsize=8)
+    return save(fig, path)
+
+
+def _density(ax, results: list[dict]) -> None:
+    """Each model's smoothed SLQ density on a log axis, its top eigenvalue dashed in its colour."""
     lo = min(min(q["nodes"]) for r in results for q in r["density"])
     hi = max(max(q["nodes"]) for r in results for q in r["density"])
     pad = 0.05 * (hi - lo)
     grid = torch.linspace(lo - pad, hi + pad, 2000, dtype=torch.float64)
     for j, r in enumerate(results):
         dens = H.smoothed(r["density"], grid, sigma=max((hi - lo) / 200, 1e-6))
-        ax.semilogy(grid.numpy(), np.maximum(dens.numpy(), 1e-12), color=f"C{j}", label=r["name"])
+        ax.semilogy(grid.numpy(), np.maximum(dens.numpy(), 1e-12), color=f"C{j}", label=f"{r['name']}: density")
+        top = r["top_eigenvalues"][0]
+        ax.axvline(top, color=f"C{j}", ls="--", lw=1, label=f"{r['name']}: top eigenvalue {top:.0f}")
     ax.set_ylim(bottom=1e-8)
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density (SLQ)")
     ax.set_title("Hessian eigenvalue density, CE on a fixed train sample", fontsize=10)
-    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    x = np.arange(len(results))
-    bx.bar(x - 0.2, [r["top_eigenvalues"][0] for r in results], 0.4, label="top eigenvalue", color="C0")
-    bx.bar(x + 0.2, [r["trace"] / 100 for r in results], 0.4, yerr=[2 * r["trace_stderr"] / 100 for r in results],
-           label="trace / 100 (2 s.e.)", color="C1")
-    bx.set_xticks(x, [r["name"] for r in results], rotation=20, ha="right", fontsize=8)
-    bx.set_title("curvature per model", fontsize=10)
-    bx.legend(fontsize=8)
-    bx.grid(alpha=0.3, axis="y")
-    return save(fig, path)
+
+
+def replot(record: dict, path: str) -> Path:
+    """The figure of a hessian record, at ``path``."""
+    return plot(record["results"], path)
 
 
 def main():

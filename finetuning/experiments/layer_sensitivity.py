@@ -29,26 +29,49 @@ def one_layer(cgf: Spec, i: int) -> Spec:
     return softmax_spec("exact", layers={i: cgf})
 
 
+STYLES = {"teacher, all exact": ("gray", "--"), "teacher, all CGF at eval": ("tab:red", ":"),
+          "CE fine-tune, all exact": ("black", "--"), "CE fine-tune, all CGF": ("tab:purple", ":")}
+
+
+def _seeds(n: int) -> str:
+    return "1 seed" if n == 1 else f"mean over {n} seeds"
+
+
+def reference_lines(refs: dict[str, float | None], n: int) -> list[tuple[float, str, tuple[str, str]]]:
+    """(accuracy, label, style) per distinct reference value: references of equal value are one line
+    named by all of them (two lines would hide each other); the CE ones say their seeds (``n``)."""
+    merged: dict[float, tuple[list[str], tuple[str, str]]] = {}  # value -> (names, the first name's style)
+    for name, y in refs.items():
+        if y is not None:
+            names, _ = merged.setdefault(round(y, 9), ([], STYLES[name]))
+            names.append(f"{name} ({_seeds(n)})" if name.startswith("CE") else name)
+    return [(y, " = ".join(names), style) for y, (names, style) in merged.items()]
+
+
 def plot(swap: list[dict], trained: dict[int, list[float]], refs: dict[str, float | None], path: str, cgf: Spec):
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.4), layout="constrained")
     layers = list(range(len(swap) - 2))
+    n = max((len(v) for v in trained.values()), default=0)  # the CE references ran on the same seeds
     ax.plot(layers, [r["accuracy"] * 100 for r in swap[1:-1]], "o-", label="swapped in at eval (exact teacher)")
     if trained:
         ls = sorted(trained)
-        ax.plot(ls, [mean_std(trained[i])[0] * 100 for i in ls], "s-", label="trained with CE (mean over seeds)")
-    styles = {"teacher, all exact": ("gray", "--"), "teacher, all CGF at eval": ("tab:red", ":"),
-              "CE fine-tune, all exact": ("black", "--"), "CE fine-tune, all CGF": ("tab:purple", ":")}
-    for name, y in refs.items():
-        if y is not None:
-            ax.axhline(y * 100, color=styles[name][0], ls=styles[name][1], lw=1, label=name)
+        ax.plot(ls, [mean_std(trained[i])[0] * 100 for i in ls], "s-", label=f"trained with CE ({_seeds(n)})")
+    for y, label, (colour, style) in reference_lines(refs, n):
+        ax.axhline(y * 100, color=colour, ls=style, lw=1, label=label)
     ax.set_xticks(layers)
     ax.set_xlabel(f"layer running {cgf.label()} (all others exact)")
     ax.set_ylabel("MRPC dev accuracy (%)")
     ax.set_title("CGF in one layer at a time")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8)
     return save(fig, path)
+
+
+def replot(record: dict, path: str):
+    """The figure of a layer_sensitivity record, at ``path``."""
+    trained = {int(i): v["accuracy"] for i, v in record["trained"].items()}
+    return plot(record["swap"], trained, record["references"], path, Spec.from_json("softmax", record["cgf"]))
 
 
 def main():

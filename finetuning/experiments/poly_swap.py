@@ -31,22 +31,44 @@ def poly_spec(base: Spec, poly: PolyExp) -> Spec:
     return base.with_polynomial(poly)
 
 
+def _shared_points(rows: list[dict]) -> dict[tuple, list[str]]:
+    """(depth, accuracy in %) -> the settings there: settings often share both, and one label block
+    per point, a line per setting, keeps them from covering each other."""
+    points: dict[tuple, list[str]] = {}
+    for r in rows:
+        if r["depth"] is not None:
+            points.setdefault((r["depth"], round(r["accuracy"] * 100, 9)), []).append(r["label"].split(" ", 2)[2])
+    return points
+
+
 def plot(rows: list[dict], path: str, title: str):
+    """Dev accuracy against the softmax's CKKS depth per polynomial setting, each point labelled; the
+    plain-CGF reference dashed."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    ref = rows[0]
-    for i, r in enumerate(rows[1:]):
-        ax.scatter(r["depth"], r["accuracy"] * 100, color="tab:blue", zorder=3)
-        # settings often share a depth and an accuracy: labels step down so that none hides another
-        ax.annotate(r["label"].split(" ", 2)[2], (r["depth"], r["accuracy"] * 100), textcoords="offset points",
-                    xytext=(4, 4 - 9 * (i % 4)), fontsize=7)
-    ax.axhline(ref["accuracy"] * 100, color="gray", ls="--", label=f"{ref['label']} (real exp)")
+    fig, ax = plt.subplots(figsize=(8, 4.6), layout="constrained")
+    points = _shared_points(rows[1:])
+    for (depth, acc), labels in points.items():
+        ax.scatter(depth, acc, color="tab:blue", zorder=3)
+        ax.annotate("\n".join(labels), (depth, acc), textcoords="offset points", xytext=(0, 6), ha="center", va="bottom", fontsize=7)
+    ax.axhline(rows[0]["accuracy"] * 100, color="gray", ls="--", label=f"{rows[0]['label']} (real exp)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # a depth is a count of levels
+    if points:  # a depth's width of room each side: the centred labels stay inside the axes
+        depths = [d for d, _ in points]
+        ax.set_xlim(min(depths) - 1, max(depths) + 1)
+    ax.margins(y=0.2)
     ax.set_xlabel("CKKS depth of the softmax (levels: row statistics + polynomial exp)")
     ax.set_ylabel("MRPC dev accuracy (%)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig.legend(loc="outside lower center", fontsize=8)
     return save(fig, path)
+
+
+def replot(record: dict, path: str):
+    """The figure of a poly_swap record, at ``path``, titled as ``main`` titles it."""
+    return plot(record["rows"], path, f"{record['checkpoint']}: CGF with a polynomial exp")
 
 
 def main():

@@ -13,11 +13,12 @@ results/experiments/.
     python -m experiments.polynomial_student STUDENT.pt --teacher ../checkpoints_teacher/teacher.pt --calibrate-examples 1000
 """
 
+import textwrap
 import time
 from pathlib import Path
 
 from cgf_bert.analysis.ranges import ln_affine_spec, mean_ln_variances
-from cgf_bert.approx.spec import Spec
+from cgf_bert.approx.spec import OPS, Spec
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, number, run_main
 from cgf_bert.config import TEACHER_PATH, TrainConfig
 from cgf_bert.data.loader import make_loader
@@ -40,22 +41,42 @@ def settings(own, ln_affine: Spec) -> list:
     return [own, *single, full.replace(layernorm=Spec.make("layernorm", "ln_poly")), full.replace(layernorm=ln_affine)]
 
 
+def replaced_kinds(row: dict) -> str:
+    """A row's legend label: the op it replaces and the kind it takes ('GELU: gelu_poly'), or, for
+    every op at once, the kinds ('every op: cgf_poly, gelu_poly, ln_poly, tanh_poly'). Short, and
+    distinct where labels cut to a width are not (they differ at their end)."""
+    if "approx" in row:
+        return "every op: " + ", ".join(s["name"] for s in row["approx"].values() if s["name"] != "exact")
+    op = next(k for k in OPS if k in row)
+    return f"{OPS[op].title}: {row[op]['name']}"
+
+
 def plot(results: dict[str, list[dict]], path: str):
+    """Dev accuracy against CKKS depth of each replacement, one marker per checkpoint; a checkpoint's
+    own ops are its dotted line."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for (name, rows), marker in zip(results.items(), "os^D"):
-        ax.axhline(rows[0]["accuracy"] * 100, color="gray", ls=":", lw=0.8)
+    fig, ax = plt.subplots(figsize=(10, 4.8), layout="constrained")
+    several = len(results) > 1
+    for n, ((name, rows), marker) in enumerate(zip(results.items(), "os^D")):
+        tag = f"{n + 1}: " if several else ""  # the checkpoints are named in the title
+        own = rows[0]["accuracy"] * 100
+        ax.axhline(own, color="gray", ls=":", lw=1, label=textwrap.fill(f"{tag}its own ops ({rows[0]['label']}): {own:.2f} %", 50))
         for r in rows[1:]:
             x = r["depth"] if r["depth"] is not None else r["layer_depth"]
-            if x is None:
-                continue
-            ax.scatter(x, r["accuracy"] * 100, marker=marker, label=f"{name}: {r['label'][:48]}", zorder=3)
+            if x is not None:
+                ax.scatter(x, r["accuracy"] * 100, marker=marker, label=f"{tag}{replaced_kinds(r)}", zorder=3)
     ax.set_xlabel("CKKS depth: the replaced op's (one op) or the deepest layer's (every op)")
     ax.set_ylabel("MRPC dev accuracy (%)")
-    ax.set_title("Polynomial replacements swapped in at eval (dotted: each checkpoint's own ops)", fontsize=9)
+    names = [f"{n + 1}: {name}" if several else name for n, name in enumerate(results)]
+    ax.set_title(textwrap.fill("Polynomial replacements swapped in at eval: " + "; ".join(names), 80), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower left")
+    fig.legend(loc="outside right upper", fontsize=8)  # beside the axes: no point hidden behind it
     return save(fig, path)
+
+
+def replot(record: dict, path: str):
+    """The figure of a polynomial_student record, at ``path`` (checkpoints named by file, as ``main`` names them)."""
+    return plot({Path(ck).name: entry["rows"] for ck, entry in record["checkpoints"].items()}, path)
 
 
 def main():

@@ -448,11 +448,12 @@ def compare(a: dict, b: dict) -> list[dict]:
 
 def plot_kernel_vs_finetune(entries: list[dict], path, solver: str = "logistic") -> "Path":
     """Kernel-solver dev accuracy against the fine-tune's, per subset: one panel per kernel, one
-    colour per checkpoint, circles k small and squares k large; hollow markers the linearised model."""
+    colour per checkpoint, circles k small and squares k large; hollow markers the linearised model;
+    dotted, each checkpoint's own (unchanged) accuracy; dashed, y = x. One legend below both panels."""
     from cgf_bert.report.plots import pyplot, save
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharex=True, sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharex=True, sharey=True, layout="constrained")
     ks = sorted({r["k"] for e in entries for r in e["runs"]})
     marks = dict(zip(ks, "os^D"))
     for ax, kern in zip(axes, ("sgd", "sign")):
@@ -464,15 +465,21 @@ def plot_kernel_vs_finetune(entries: list[dict], path, solver: str = "logistic")
                            label=f"{e['name']} k={k}: {solver}")
                 ax.scatter(ft, [r["kernels"][kern]["linearised"]["accuracy"] * 100 for r in runs], facecolors="none",
                            edgecolors=f"C{c}", marker=marks[k], label=f"{e['name']} k={k}: linearised (f0 + kernel)")
-            ax.axhline(e["f0_dev_accuracy"] * 100, color=f"C{c}", ls=":", lw=0.8)
+            ax.axhline(e["f0_dev_accuracy"] * 100, color=f"C{c}", ls=":", lw=0.8, label=f"{e['name']}: unchanged checkpoint (f0)")
         lo, hi = ax.get_xlim()
         lo, hi = min(lo, ax.get_ylim()[0]), max(hi, ax.get_ylim()[1])
-        ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8, ls="--")
+        ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8, ls="--", label="y = x: kernel as good as the fine-tune")
         ax.set(title={"sgd": "SGD kernel", "sign": "SignGD kernel"}[kern], xlabel="fine-tune dev accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("kernel solver dev accuracy (%)")
-    axes[1].legend(fontsize=6, loc="lower right")
+    # outside the panels, so no point hides behind it; both panels carry the same marks
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
     return save(fig, path)
+
+
+def replot_kernel_view(record: dict, path) -> "Path":
+    """kernel_view's figure from its record (the entries it stores are what the figure reads)."""
+    return plot_kernel_vs_finetune(record["checkpoints"], path)
 
 
 # ---------------------------------------------------------------- kernel blocks on disk

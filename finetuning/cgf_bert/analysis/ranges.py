@@ -22,6 +22,7 @@ Percentiles are exact: every value is kept, and the ranks they read are found by
 from __future__ import annotations
 
 import math
+import textwrap
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -436,10 +437,16 @@ def plot_kl(result: dict, path: str | Path, title: str) -> Path:
     plt = pyplot()
     kl = kl_matrix(result)  # (L, H)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * kl.shape[1], 1.2 + 0.5 * kl.shape[0]))
-    im = ax.imshow(np.ma.masked_invalid(kl), cmap="viridis", aspect="auto")
+    # A KL is never negative: below 0 is float noise (the teacher scored against itself), and a
+    # scale of noise alone (+-1e-9) would read as a difference, so it starts at 0 and spans 1e-4 at least.
+    kl = np.where(np.isnan(kl), kl, np.maximum(kl, 0.0))
+    finite = kl[np.isfinite(kl)]
+    im = ax.imshow(np.ma.masked_invalid(kl), cmap="viridis", aspect="auto", vmin=0.0, vmax=max(finite.max(initial=0.0), 1e-4))
     for (i, j), v in np.ndenumerate(kl):
-        ax.text(j, i, f"{v:.2g}" if abs(v) >= 1e-4 else "0", ha="center", va="center", fontsize=6, color="white")  # no float noise
-    ax.set(xlabel="head", ylabel="layer", title=title, xticks=range(kl.shape[1]), yticks=range(kl.shape[0]))
+        ax.text(j, i, f"{v:.2g}" if not np.isfinite(v) or abs(v) >= 1e-4 else "0", ha="center", va="center", fontsize=6,
+                color="white")  # no float noise; a nan or inf says so, not "0"
+    ax.set(xlabel="head", ylabel="layer", xticks=range(kl.shape[1]), yticks=range(kl.shape[0]))
+    ax.set_title(textwrap.fill(title, int(8 * fig.get_figwidth())), fontsize=10)  # a student's label can be longer than the figure
     fig.colorbar(im, ax=ax, label="mean KL per row (nats)")
     return save(fig, path)
 
@@ -448,14 +455,14 @@ def plot_maps(teacher: torch.Tensor, student: torch.Tensor, tokens: list[str], p
     """Two (T, T) attention maps side by side on one colour scale (queries down, keys across)."""
     plt = pyplot()
     vmax = float(max(teacher.max(), student.max()))
-    fig, axes = plt.subplots(1, 3, figsize=(11, 5.2), gridspec_kw={"width_ratios": (1, 1, 0.04)})
-    for ax, m, title in zip(axes[:2], (teacher, student), titles):
+    fig, axes = plt.subplots(1, 2, figsize=(16, 8.4), layout="constrained")  # 64 tokens at 6 pt need ~7 in per map
+    for ax, m, title in zip(axes, (teacher, student), titles):
         im = ax.imshow(m.numpy(), cmap="magma", vmin=0.0, vmax=vmax)
-        ax.set_title(title, fontsize=8)
+        ax.set_title(textwrap.fill(title, 100), fontsize=9)  # a student's label can be longer than its map
         if len(tokens) <= 64:  # beyond that the labels overlap into noise
-            ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=4)
-            ax.set_yticks(range(len(tokens)), tokens, fontsize=4)
-    fig.colorbar(im, cax=axes[2], label="attention probability")
+            ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=6)
+            ax.set_yticks(range(len(tokens)), tokens, fontsize=6)
+    fig.colorbar(im, ax=axes, shrink=0.8, label="attention probability")
     return save(fig, path)
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
+from cgf_bert import CgfBertError
+from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.spec import Spec
 from cgf_bert.report.plots import pyplot, save
 from cgf_bert.report.stats import mean_std, paired_diff, t_interval
 
@@ -17,13 +21,20 @@ def paired(a: list[dict], b: list[dict]) -> dict[str, Any]:
 
 
 def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, title: str, hline: float | None = None,
-                           hline_label: str = "exact softmax") -> Path:
-    """PNG of mean dev accuracy vs coefficient with std error bars (one point per coefficient)."""
+                           hline_label: str = "exact softmax", seeds: list[int] | None = None) -> Path:
+    """PNG of mean dev accuracy vs coefficient with std error bars (one point per coefficient); with
+    one seed per point a plain marker, its label naming the seed (``seeds``, when given)."""
     plt = pyplot()
     cs = sorted(points)
     stats = [mean_std(points[c]) for c in cs]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(cs, [m * 100 for m, _ in stats], yerr=[s * 100 for _, s in stats], marker="o", capsize=4, label="CGF")
+    ns = sorted({len(points[c]) for c in cs})
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    means = [m * 100 for m, _ in stats]
+    if ns == [1]:  # a zero-length error bar would read as a measured spread of nothing
+        ax.plot(cs, means, "o-", label=f"CGF, seed {seeds[0]}" if seeds and len(seeds) == 1 else "CGF, one seed")
+    else:
+        n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+        ax.errorbar(cs, means, yerr=[s * 100 for _, s in stats], marker="o", capsize=4, label=f"CGF, mean ± std over {n} seeds")
     if hline is not None:
         ax.axhline(hline * 100, color="gray", ls="--", label=hline_label)
     ax.set_xlabel("CGF variance coefficient c")
@@ -32,6 +43,14 @@ def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, t
     ax.grid(alpha=0.3)
     ax.legend()
     return save(fig, path)
+
+
+def replot_coeff_sweep(record: dict, path: str | Path) -> Path:
+    """coeff_sweep's figure from its record, titled as the experiment titles it."""
+    exact, seeds = record.get("exact_accuracy"), record.get("seeds", [])
+    points = {float(c): v for c, v in record["accuracy"].items()}
+    return plot_accuracy_vs_coeff(points, path, f"CGF {record['method']}: dev accuracy vs c", hline=mean_std(exact)[0] if exact else None,
+                                  hline_label="exact softmax, same seed" + ("" if len(seeds) == 1 else "s"), seeds=seeds)
 
 
 def _delta(recs: list[dict], ref: list[dict]) -> dict[str, Any] | None:
@@ -117,25 +136,64 @@ def layer_table(rec: dict) -> str:
     return markdown_rows(head, rows)
 
 
+def _seed_labels(seeds: list[int], diffs: list[float], gap: float) -> list[tuple[float, str]]:
+    """(height, text) of the seed labels beside one setting: seeds of equal value share a label
+    ('123,1234'), and labels closer than ``gap`` are spread apart, centred on their points."""
+    groups: dict[float, list[str]] = {}
+    for s, y in zip(seeds, diffs):
+        groups.setdefault(round(y, 9), []).append(str(s))
+    ys = sorted(groups)
+    placed = list(ys)
+    for k in range(1, len(placed)):
+        placed[k] = max(placed[k], placed[k - 1] + gap)
+    shift = (sum(ys) - sum(placed)) / len(ys) if ys else 0.0  # the spread block stays centred on the dots
+    return [(p + shift, ",".join(groups[y])) for y, p in zip(ys, placed)]
+
+
 def plot_settings(rows: list[dict], path: str | Path, title: str) -> Path:
-    """Each setting's per-seed paired difference to exact (dots) and their mean (bar)."""
+    """Each setting's per-seed paired difference to exact (dots, their seeds beside) and their mean (bar)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(6, 1.5 * len(rows) + 2), 4.8), layout="constrained")
+    values = [0.0] + [y for r in rows if r["vs_exact"] for y in r["vs_exact"]["diffs"]]
+    gap = 0.05 * (max(values) - min(values) or 1.0)  # about a 7 pt line at this height
     for i, r in enumerate(rows):
         d = r["vs_exact"]
         if not d:
             continue
-        ax.scatter([i] * len(d["diffs"]), d["diffs"], color="tab:blue", alpha=0.6, zorder=3)
-        ax.hlines(d["mean"], i - 0.3, i + 0.3, color="tab:red", lw=2, zorder=4)
-        for s, y in zip(d["seeds"], d["diffs"]):
-            ax.annotate(str(s), (i, y), xytext=(4, 0), textcoords="offset points", fontsize=7, va="center")
+        ax.scatter([i] * len(d["diffs"]), d["diffs"], color="tab:blue", alpha=0.6, zorder=3, label="one seed (its number beside)")
+        ax.hlines(d["mean"], i - 0.3, i + 0.3, color="tab:red", lw=2, zorder=4, label="mean over the seeds")
+        for y, text in _seed_labels(d["seeds"], d["diffs"], gap):  # right of the mean bar, never on it
+            ax.annotate(text, (i + 0.33, y), fontsize=7, va="center", color="dimgray")
     ax.axhline(0, color="gray", ls="--", lw=1, label="exact fine-tune, same seed")
-    ax.set_xticks(range(len(rows)), [r["setting"] for r in rows], rotation=25, ha="right", fontsize=8)
+    ax.set_xticks(range(len(rows)), [textwrap.fill(r["setting"], 20) for r in rows], fontsize=8)
+    ax.set_xlim(-0.6, len(rows) - 0.2)  # room for the last setting's seed labels
     ax.set_ylabel("dev accuracy − exact, same seed (points)")
     ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    legend = dict(zip(*ax.get_legend_handles_labels()[::-1]))  # one entry per kind of mark
+    fig.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=3, fontsize=8)
     return save(fig, path)
 
 
+def _approx_label(record: dict) -> str:
+    """The students' ops as loss_ablation labels them (older records kept the softmax alone)."""
+    if "approx" in record:
+        return Approximations.from_json(record["approx"]).label()
+    return Spec.from_json("softmax", record["softmax"]).label()
+
+
+def _settings_rows(record: dict) -> list[dict]:
+    """The record's rows, refused when none has a paired difference to draw."""
+    if not any(r.get("vs_exact") for r in record["rows"]):
+        raise CgfBertError("no setting in the record has a paired difference to exact: the figure would be empty")
+    return record["rows"]
+
+
+def replot_loss_ablation(record: dict, path: str | Path) -> Path:
+    """loss_ablation's figure from its record, titled as the experiment titles it."""
+    return plot_settings(_settings_rows(record), path, f"{_approx_label(record)} + KD terms: paired Δ to exact")
+
+
+def replot_variant_compare(record: dict, path: str | Path) -> Path:
+    """variant_compare's figure from its record, titled as the experiment titles it."""
+    return plot_settings(_settings_rows(record), path, "Attention variants, CE and KD: paired Δ to exact")

@@ -37,6 +37,22 @@ def family(key) -> str:
     return "CGF, CE" if key.method is None else "CGF, distilled"
 
 
+def _forest_rows(deltas: dict) -> list[tuple[str, object]]:
+    """(y label, key) top to bottom: a family header (key None), then its rows by mean, best first.
+    Labels are wrapped whole, never shortened: two settings that differ at the end stay apart."""
+    rows: list = []
+    for fam in FAMILIES:
+        keys = sorted((k for k in deltas if family(k) == fam), key=lambda k: -mean_std(deltas[k].values())[0])
+        if keys:
+            rows += [(fam, None)] + [(textwrap.fill(k.label(), 70), k) for k in keys]
+    return rows
+
+
+def _row_heights(labels: list[str]) -> list[float]:
+    """Each row's height in row units: two 7 pt lines fit one; each line more adds 0.4."""
+    return [1 + 0.4 * max(0, t.count("\n") - 1) for t in labels]
+
+
 def plot_paired_deltas(records: list[dict], path: str | Path, margin: float = EQUIVALENCE_MARGIN) -> Path | None:
     """PNG, a forest plot: each row's paired difference to exact, the mean with its 95 % t interval,
     the seeds as faint points and n beside it; rows grouped by family and ordered by mean within
@@ -45,16 +61,13 @@ def plot_paired_deltas(records: list[dict], path: str | Path, margin: float = EQ
     if not deltas:
         return None
     plt = pyplot()
-    rows: list = []  # (y label, family, key) top to bottom, a None key for a family header
-    for fam in FAMILIES:
-        keys = sorted((k for k in deltas if family(k) == fam), key=lambda k: -mean_std([v for v in deltas[k].values()])[0])
-        if keys:
-            rows += [(fam, fam, None)] + [(k.label(), fam, k) for k in keys]
-    fig, ax = plt.subplots(figsize=(10, 0.32 * len(rows) + 1.6))
+    rows = _forest_rows(deltas)
+    heights = _row_heights([t for t, _ in rows])
+    fig, ax = plt.subplots(figsize=(10, 0.32 * sum(heights) + 1.6))
     ax.axvspan(-margin, margin, color="tab:green", alpha=0.12, lw=0, label=f"equivalence margin (±{margin:g} point)")
     ax.axvline(0, color="gray", lw=1)
-    ys = list(range(len(rows)))[::-1]
-    for y, (_, _, key) in zip(ys, rows):
+    ys = [sum(heights) - sum(heights[:i]) - h / 2 for i, h in enumerate(heights)]  # row centres, top to bottom
+    for y, (_, key) in zip(ys, rows):
         if key is None:
             continue
         pts = [v * 100 for v in deltas[key].values()]
@@ -65,14 +78,14 @@ def plot_paired_deltas(records: list[dict], path: str | Path, margin: float = EQ
             ax.plot(ci, [y, y], color="black", lw=1.4, zorder=3)
         ax.plot([mean], [y], marker="D", color="black", ms=5, zorder=4)
         ax.annotate(f"n={len(pts)}", (1.005, y), xycoords=("axes fraction", "data"), va="center", fontsize=7, color="dimgray")
-    labels = [textwrap.shorten(t, 95, placeholder=" ...") for t, _, _ in rows]
-    ax.set_yticks(ys, labels, fontsize=7)
-    for tick, (_, _, key) in zip(ax.get_yticklabels(), rows):
+    ax.set_yticks(ys, [t for t, _ in rows], fontsize=7)
+    for tick, (_, key) in zip(ax.get_yticklabels(), rows):
         if key is None:
             tick.set_fontweight("bold")
             tick.set_fontsize(8)
-    ax.set_ylim(-0.7, len(rows) - 0.3)
-    ax.set_xlabel("dev accuracy minus the exact run of the same seed (points): mean, 95 % interval, seeds", fontsize=8)
+    ax.set_ylim(0, sum(heights))
+    ax.set_xlabel("dev accuracy minus the exact run of the same seed (points); diamond: mean, bar: 95 % interval, dots: seeds",
+                  fontsize=8)
     ax.set_title("Paired differences to the exact fine-tune, MRPC dev", fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="lower left", fontsize=7, frameon=False)
