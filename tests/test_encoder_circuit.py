@@ -260,3 +260,26 @@ def test_the_command_runs_under_ckks_with_interactive_refreshes(tiny_bert, tiny_
     assert ex["same_prediction"] and ex["max_abs_error"] < 1e-3 * np.abs(ex["reference_logits"]).max()
     assert ex["per_layer"][0]["max_abs_error"] < 1e-3 * ex["per_layer"][0]["max_abs_value"]
     assert ex["wall_seconds"] > 0 and sum(s.get("bootstraps", 0) for s in ex["stages"]) == ex["bootstraps"]
+
+
+@pytest.mark.parametrize("backend", ["sim", "bootstrap"])
+def test_a_gpu_mode_this_desilofhe_cannot_serve_is_refused_when_parsed(backend, tmp_path, monkeypatch, capsys):
+    """--mode gpu: refused for the simulation, and where desilofhe is the CPU build (or absent), in one
+    line with exit 2 before any checkpoint is read or key made (missing.pt is never opened)."""
+    import importlib.util
+
+    from conftest import run_script
+
+    if backend == "bootstrap" and importlib.util.find_spec("desilofhe") is not None:
+        import desilofhe
+
+        try:
+            desilofhe.Engine(max_level=2, mode="gpu")
+            pytest.skip("this desilofhe runs on a GPU here: nothing to refuse")
+        except Exception:
+            pass
+    code, _, err = run_script(monkeypatch, capsys, "experiments.encrypted_inference", "missing.pt", "--mode", "gpu",
+                              "--backend", backend, "--results-dir", tmp_path)
+    want = "the simulation runs on numpy" if backend == "sim" else ("cannot run on a GPU" if importlib.util.find_spec("desilofhe") else "fhe")
+    assert code == 2 and want in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())

@@ -168,13 +168,32 @@ def make_backend(args):
     if args.backend == "interactive":
         from cgf_bert.fhe.context import FheContext
 
-        ops = B.CkksOps(FheContext(TOP + 1, thread_count=args.threads))
+        ops = B.CkksOps(FheContext(TOP + 1, thread_count=args.threads, mode=args.mode))
     else:
         note(f"making the keys ({args.key} bootstrap key; the small one takes about 30 s and 10 GB with its rotation key)...")
-        ops = B.BootstrapOps(args.key, thread_count=args.threads)
+        ops = B.BootstrapOps(args.key, thread_count=args.threads, mode=args.mode)
     if ops.slots != SLOTS:
         raise CgfBertError(f"the {args.backend} backend has {ops.slots} slots, the layout is planned for {SLOTS}")
     return ops
+
+
+def gpu_available(args) -> None:
+    """``--mode gpu`` checked when the arguments are parsed: the simulation has no device, and desilofhe's
+    CPU build refuses a GPU engine (found in a fraction of a millisecond, before any model or key)."""
+    if args.mode != "gpu":
+        return
+    if args.backend == "sim":
+        raise CgfBertError("--mode gpu: the simulation runs on numpy; a GPU serves --backend interactive or bootstrap")
+    try:
+        import desilofhe
+    except ImportError:
+        from cgf_bert.fhe.context import MISSING
+
+        raise CgfBertError(MISSING) from None
+    try:
+        desilofhe.Engine(max_level=2, mode="gpu")
+    except Exception as e:  # the CPU build: RuntimeError("Not supported mode"); no device: the CUDA error
+        raise CgfBertError(f"--mode gpu: this desilofhe cannot run on a GPU ({e}); its CUDA build on a machine with one can") from None
 
 
 def truncated(model, layers: int | None):
@@ -350,12 +369,16 @@ def main():
     p.add_argument("--key", choices=("small", "medium"), default="small",
                    help="bootstrap key of --backend bootstrap: small (about 6 GB, slower bootstraps) or medium (about 16 GB) (default: %(default)s)")
     p.add_argument("--threads", type=number(int, "threads", min=1), help="desilofhe's threads (default: the library's)")
+    p.add_argument("--mode", choices=("cpu", "gpu"), default="cpu",
+                   help="desilofhe's device for --backend interactive or bootstrap: cpu, or gpu with desilofhe's CUDA build "
+                        "on a machine with a GPU (default: %(default)s)")
     p.add_argument("--layers", type=number(int, "layers", min=1),
                    help="run only the first N encoder layers, then the pooler and classifier (the reference is the model cut the same way)")
     p.add_argument("--max-tokens", type=number(int, "max-tokens", min=2),
                    help="score only dev examples of at most this many tokens (default: those that fit a ciphertext)")
     add_config_args(p, TrainConfig, only=("data_dir", "max_length"))
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record and plot go to RESULTS_DIR/fhe/ (default: %(default)s)")
+    p.checks.append(gpu_available)
     args = p.parse_args()
     cfg = config_from_args(TrainConfig, args)
     metas = {c: read_checkpoint(c)[1] for c in args.checkpoints}  # every file checked before any work
@@ -370,7 +393,7 @@ def main():
                                      "interactive": ops.interactive}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None)
-    out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend,
+    out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend, "mode": args.mode,
            "keys": keys, "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
            "results": results, "plot": repo_relative(png)}
     for res in results:
