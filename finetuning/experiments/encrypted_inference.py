@@ -170,7 +170,8 @@ def make_backend(args):
 
         ops = B.CkksOps(FheContext(TOP + 1, thread_count=args.threads, mode=args.mode))
     else:
-        note(f"making the keys ({args.key} bootstrap key; the small one takes about 30 s and 10 GB with its rotation key)...")
+        note(f"making the keys ({args.key} bootstrap key; measured here: the small one 1.5-2.5 min and 10 GB with its rotation key, "
+             "the medium one about 20 GB)...")
         ops = B.BootstrapOps(args.key, thread_count=args.threads, mode=args.mode)
     if ops.slots != SLOTS:
         raise CgfBertError(f"the {args.backend} backend has {ops.slots} slots, the layout is planned for {SLOTS}")
