@@ -101,16 +101,20 @@ def test_a_value_beyond_its_bootstrap_bound_is_counted_and_a_missing_bound_refus
         _simulate(model, POLY, 9, top=17, bounds={}, record=False)
 
 
-def test_a_bootstrap_returns_17_levels_unless_its_bound_is_below_one():
-    """Only one of the two scalings around a bootstrap takes a level (an integer product keeps it):
-    ``x / 4`` before and ``* 4`` after for a bound of 3.7, ``* 5`` before and ``/ 5`` after for 0.2."""
-    assert B.scaled_bound(3.7) == (0.25, 0) and B.scaled_bound(4.0) == (0.25, 0) and B.scaled_bound(0.2) == (5.0, 1)
-    for bound in (3.7, 0.2, 0.013):
-        before, _ = B.scaled_bound(bound)
-        assert bound * before <= 1.0 and bound * before > 0.5 * min(1.0, bound)  # into [-1, 1], not far below
+def test_a_bootstrap_returns_17_levels_unless_its_bound_is_below_one_half():
+    """At most one of the two scalings around a bootstrap takes a level (an integer product keeps it):
+    ``x / 4`` before and ``* 4`` after for a bound of 3.7, ``* 5`` before and ``/ 5`` after for 0.2,
+    none for 0.7 (already inside [-1, 1])."""
+    assert B.scaled_bound(3.7) == (0.25, 4) and B.scaled_bound(4.0) == (0.25, 4) and B.scaled_bound(0.2) == (5, 0.2)
+    assert B.scaled_bound(0.7) == (1, 1) and [B.after_levels(b) for b in (3.7, 0.7, 0.2)] == [0, 0, 1]
+    for bound in (3.7, 0.7, 0.2, 0.013, 1e4):
+        before, after = B.scaled_bound(bound)
+        assert bound * before <= 1.0 + 1e-15 and bound * before > 0.5 * min(1.0, bound)  # into [-1, 1], not far below
+        assert before * after == pytest.approx(1.0)  # the value comes back unchanged
+        assert isinstance(before, float) + isinstance(after, float) <= 1  # one level at most
     sim, client = B.SimulatedCkks(16, 17, reserve=1), B.SimulatedCkks(16, 17, reserve=0)
     x = sim.encrypt(np.ones(16))
-    assert sim.bootstrap(x, 3.7).level == 17 and sim.bootstrap(x, 0.2).level == 16
+    assert sim.bootstrap(x, 3.7).level == 17 and sim.bootstrap(x, 0.7).level == 17 and sim.bootstrap(x, 0.2).level == 16
     assert client.bootstrap(x, 0.2).level == 17  # the client's refresh scales nothing
     log = A.StageLog()
     boot = A.Refresher(sim, log, 17, bounds={"small": 0.2, "large": 3.7})
@@ -280,6 +284,7 @@ def test_a_gpu_mode_this_desilofhe_cannot_serve_is_refused_when_parsed(backend, 
             pass
     code, _, err = run_script(monkeypatch, capsys, "experiments.encrypted_inference", "missing.pt", "--mode", "gpu",
                               "--backend", backend, "--results-dir", tmp_path)
-    want = "the simulation runs on numpy" if backend == "sim" else ("cannot run on a GPU" if importlib.util.find_spec("desilofhe") else "fhe")
+    want = "the simulation runs on numpy" if backend == "sim" else \
+        ("cannot run on a GPU" if importlib.util.find_spec("desilofhe") else "encrypted evaluation needs desilofhe")
     assert code == 2 and want in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())

@@ -368,7 +368,8 @@ def main():
                    help="sim: numpy slot vectors that count CKKS levels (default); interactive: CKKS, the client refreshing "
                         "ciphertexts where levels run out; bootstrap: CKKS with desilofhe's non-interactive bootstraps")
     p.add_argument("--key", choices=("small", "medium"), default="small",
-                   help="bootstrap key of --backend bootstrap: small (about 6 GB, slower bootstraps) or medium (about 16 GB) (default: %(default)s)")
+                   help="bootstrap key of --backend bootstrap: small (8.5 GB of keys, 245 s a bootstrap here) or medium "
+                        "(about 20 GB in all, 65 s) (default: %(default)s)")
     p.add_argument("--threads", type=number(int, "threads", min=1), help="desilofhe's threads (default: the library's)")
     p.add_argument("--mode", choices=("cpu", "gpu"), default="cpu",
                    help="desilofhe's device for --backend interactive or bootstrap: cpu, or gpu with desilofhe's CUDA build "

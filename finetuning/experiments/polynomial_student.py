@@ -67,7 +67,7 @@ def plot(results: dict[str, list[dict]], path: str):
                 ax.scatter(x, r["accuracy"] * 100, marker=marker, label=f"{tag}{replaced_kinds(r)}", zorder=3)
     ax.set_xlabel("CKKS depth: the replaced op's (one op) or the deepest layer's (every op)")
     ax.set_ylabel("MRPC dev accuracy (%)")
-    names = [f"{n + 1}: {name}" if several else name for n, name in enumerate(results)]
+    names = [f"{n + 1}: {Path(name).name}" if several else Path(name).name for n, name in enumerate(results)]
     ax.set_title(textwrap.fill("Polynomial replacements swapped in at eval: " + "; ".join(names), 80), fontsize=9)
     ax.grid(alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=8)  # beside the axes: no point hidden behind it
@@ -75,8 +75,8 @@ def plot(results: dict[str, list[dict]], path: str):
 
 
 def replot(record: dict, path: str):
-    """The figure of a polynomial_student record, at ``path`` (checkpoints named by file, as ``main`` names them)."""
-    return plot({Path(ck).name: entry["rows"] for ck, entry in record["checkpoints"].items()}, path)
+    """The figure of a polynomial_student record, at ``path`` (checkpoints named by file in its title, as ``main`` names them)."""
+    return plot({ck: entry["rows"] for ck, entry in record["checkpoints"].items()}, path)
 
 
 def main():
@@ -99,7 +99,7 @@ def main():
     results, started = {}, time.time()
     for path in args.checkpoints:
         rows = swap_at_eval(path, settings(metas[path]["approx"], ln_affine), cfg)
-        results[Path(path).name] = rows
+        results[path] = rows  # by path: two checkpoints of one file name in different folders stay apart
         print(f"\n{path} ({rows[0]['label']}): dev accuracy with each replacement swapped in (no training)")
         print(f"  {'replaced':<72} {'acc':>6} {'Δ acc':>6} {'agree':>6} {'depth':>5} {'layer':>5} {'outside':>9}")
         for r in rows:
@@ -113,7 +113,7 @@ def main():
     out = {"command": command_line(), "code_version": code_version(), "teacher": repo_relative(args.teacher),
            "ln_variances": variances, "calibrate_examples": len(train), "wall_seconds": round(time.time() - started, 1),
            "checkpoints": {repo_relative(p): {"trained": {k: metas[p].get(k) for k in ("model", "seed", "epoch", "dev", "code_version")},
-                                              "rows": results[Path(p).name]} for p in args.checkpoints},
+                                              "rows": results[p]} for p in args.checkpoints},
            "plot": repo_relative(png)}
     print(f"plot: {png}\nsaved {save_experiment(f'polynomial_student-{stamp}', out, args.results_dir)}")
 

@@ -410,7 +410,8 @@ class EncoderCircuit:
             log.current = f"layer {i} / feed-forward"
             A, B = self._map_of(gelus[i])
             # the input bootstrapped, if the activation would need it, rather than each of its W-wide outputs
-            up = self.linear(ops, [boot(h, 1 + self._activation_depth(gelus[i]), f"layer {i} ffn input")], lw["up"], scale=A, shift=B)
+            need = min(1 + self._activation_depth(gelus[i]), boot.usable)
+            up = self.linear(ops, [boot(h, need, f"layer {i} ffn input")], lw["up"], scale=A, shift=B)
             act = [self.activation(ops, boot, u, gelus[i], f"layer {i} gelu") for u in up]
             act = [boot(a, 1, f"layer {i} gelu out") for a in act]
             down = self.linear(ops, act, lw["down"])[0]
@@ -485,5 +486,5 @@ def calibrate(circuit: EncoderCircuit, embeddings, top: int, reserve: int = 0, m
     bounds: dict[str, float] = {}
     for emb in embeddings:
         for site, peak in simulate(circuit, emb, top, reserve, record=True, margin=margin)[2].seen.items():
-            bounds[site] = max(bounds.get(site, 0.0), margin * peak)
+            bounds[site] = max(bounds.get(site, 0.0), margin * peak, 1e-12)  # a site seen only at 0 still has a bound
     return bounds

@@ -261,6 +261,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Ten
     centres = x[torch.randint(len(x), (1,), generator=g)]
     while len(centres) < k:  # each next centre drawn with probability proportional to its squared distance
         d2 = torch.cdist(x, centres).min(1).values ** 2
+        if d2.sum() == 0:
+            raise CgfBertError(f"{k} centroids need {k} distinct feature vectors, the features have {len(centres)}")
         centres = torch.cat([centres, x[torch.multinomial(d2 / d2.sum(), 1, generator=g)]])
     assign = None
     for _ in range(iters):
@@ -284,7 +286,8 @@ def _teacher_centroids(cache, centroids: int = 100) -> dict:
         raise CgfBertError("loss 'cka_centroids' clusters the teacher's cached hidden states on the training set, "
                            "and no teacher cache was built (not enough memory for it): use cka_global's queue instead")
     means = torch.stack([h.mean(1) for h in cache.outputs["hidden"]])  # (N, layers + 1, hidden): one row per example
-    return {"centroids": [kmeans(means[:, i], centroids) for i in range(1, means.shape[1])]}  # the embedding output skipped
+    # the embedding output skipped; the same centroids for every training seed (k-means seeded at 0)
+    return {"centroids": [kmeans(means[:, i], centroids) for i in range(1, means.shape[1])]}
 
 
 @register_loss("cka_centroids", needs=("hidden",), params=(CENTROIDS,), prepare=_teacher_centroids)
@@ -298,10 +301,12 @@ def _cka_centroids(s: Outputs, t: Outputs, batch: Batch, centroids: int = 100, s
     """
     mask, banks = batch["attention_mask"], state["centroids"]
     losses = []
-    for hs, ht, bank in zip(s["hidden"][1:], t["hidden"][1:], banks):
-        bank = bank.to(hs.device)
-        ps, pt = pooled(hs, mask), pooled(ht, mask).detach()
-        losses.append(1 - linear_cka(ps @ bank.T, pt @ bank.T))
+    for i, (hs, ht) in enumerate(zip(s["hidden"][1:], t["hidden"][1:])):
+        if banks[i].device != hs.device:  # made on the CPU from the cache: moved once
+            banks[i] = banks[i].to(hs.device)
+        with torch.autocast(hs.device.type, enabled=False):  # bf16 training: the Gram matrices in float32
+            ps, pt = pooled(hs, mask), pooled(ht, mask).detach()
+            losses.append(1 - linear_cka(ps @ banks[i].T, pt @ banks[i].T))
     return torch.stack(losses).mean()
 
 
