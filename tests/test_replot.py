@@ -192,6 +192,11 @@ def test_a_kind_with_no_figure_or_a_name_with_no_kind_is_refused(tmp_path):
     (tmp_path / "notes.json").write_text("{}")
     with pytest.raises(CgfBertError, match="no KIND-YYYYMMDD-HHMMSS name"):
         R.replot(tmp_path / "notes.json")
+    with pytest.raises(CgfBertError, match="not a readable JSON record .*FileNotFoundError"):
+        R.replot(tmp_path / "hessian-20261201-000000.json")
+    (tmp_path / "hessian-20261201-000001.json").write_text("{truncated")
+    with pytest.raises(CgfBertError, match="not a readable JSON record .*JSONDecodeError"):
+        R.replot(tmp_path / "hessian-20261201-000001.json")
 
 
 def test_the_command_draws_the_others_and_fails_naming_what_it_could_not(tmp_path, monkeypatch, capsys):

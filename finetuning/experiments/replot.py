@@ -65,7 +65,10 @@ def replot(path: str | Path) -> Path:
     kind = kind_of(path)
     if kind not in REGISTRY:
         raise CgfBertError(f"{path}: no figure is drawn from {kind} records; known kinds: {', '.join(sorted(REGISTRY))}")
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # missing, unreadable or not JSON: named, not a traceback
+        raise CgfBertError(f"{path}: not a readable JSON record ({e.__class__.__name__}: {e})") from None
     try:
         return REGISTRY[kind](record, png_path(record, path))
     except KeyError as e:  # a record from before its figure needed this, or another kind's
