@@ -12,8 +12,8 @@ import time
 from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, number, run_main
 from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
-from cgf_bert.report.compare import plot_accuracy_vs_coeff
-from cgf_bert.report.stats import fmt_pm, mean_std
+from cgf_bert.report.compare import replot_coeff_sweep
+from cgf_bert.report.stats import fmt_pm
 from cgf_bert.store.names import method_label
 from cgf_bert.store.provenance import RESULTS_DIR, command_line, repo_relative
 from cgf_bert.store.records import save_experiment
@@ -50,11 +50,11 @@ def main():
         print(f"  c={c:<5g} {fmt_pm(acc[c])}")
     print(f"  exact {fmt_pm(exact_acc) if exact_acc else '(no exact run on every seed: no line drawn)'}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    png = plot_accuracy_vs_coeff(acc, f"{args.results_dir}/experiments/coeff_sweep-{stamp}.png", f"CGF {method}: dev accuracy vs c",
-                                 hline=mean_std(exact_acc)[0] if exact_acc else None, hline_label="exact softmax, same seeds")
     out = {"command": command_line(), "method": method, "seeds": args.seeds,
            "accuracy": {str(c): v for c, v in acc.items()}, "records": {str(c): v for c, v in names.items()},
-           "exact_accuracy": exact_acc, "exact_records": [r["name"] for r in exact] if exact_acc else None, "plot": repo_relative(png) if png else None}
+           "exact_accuracy": exact_acc, "exact_records": [r["name"] for r in exact] if exact_acc else None}
+    png = replot_coeff_sweep(out, f"{args.results_dir}/experiments/coeff_sweep-{stamp}.png")  # the figure from the record, as replot draws it
+    out["plot"] = repo_relative(png)
     print(f"plot: {png}\nsaved {save_experiment(f'coeff_sweep-{stamp}', out, args.results_dir)}")
 
 
