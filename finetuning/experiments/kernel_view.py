@@ -64,6 +64,11 @@ def reused(records: list[str], settings: dict) -> tuple[list[dict], list[dict]]:
     return entries, kept
 
 
+def replot(record: dict, path):
+    """This experiment's figure from its record (the entries it stores are what the figure reads)."""
+    return plot_kernel_vs_finetune(record["checkpoints"], path)
+
+
 def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("--checkpoint", action="append", required=True, metavar="CKPT", help="a checkpoint; repeatable")

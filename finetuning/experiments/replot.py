@@ -32,7 +32,7 @@ ADAPTERS = {
     "loss_ablation": "cgf_bert.report.compare:replot_loss_ablation",
     "variant_compare": "cgf_bert.report.compare:replot_variant_compare",
     "layer_sensitivity": "experiments.layer_sensitivity:replot",
-    "kernel_view": "cgf_bert.analysis.kernel:replot_kernel_view",
+    "kernel_view": "experiments.kernel_view:replot",
     "coeff_sweep": "cgf_bert.report.compare:replot_coeff_sweep",
 }
 

@@ -477,11 +477,6 @@ def plot_kernel_vs_finetune(entries: list[dict], path, solver: str = "logistic")
     return save(fig, path)
 
 
-def replot_kernel_view(record: dict, path) -> "Path":
-    """kernel_view's figure from its record (the entries it stores are what the figure reads)."""
-    return plot_kernel_vs_finetune(record["checkpoints"], path)
-
-
 # ---------------------------------------------------------------- kernel blocks on disk
 
 
