@@ -82,8 +82,12 @@ def main():
            "keygen_seconds": keygen, "key_bytes": {k: int(getattr(v, "nbytes", 0)) for k, v in
                                                    zip(("relinearization", "conjugation", "bootstrap"), (rlk, ck, keys[-1]))}}
     print(f"{seconds}\nbootstrap: level {b.level} after, max error {error:.1e}, rms error {rms:.1e}")
-    name = f"ckks_costs-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    print(f"saved {write_json(Path(args.results_dir) / 'fhe' / name, out)}")
+    name = f"ckks_costs-{time.strftime('%Y%m%d-%H%M%S')}"
+    # every slot's input and error: the distribution a simulation of bootstraps draws from (backends.SimulatedCkks)
+    out["bootstrap_errors"] = f"{name}.npz"
+    saved = write_json(Path(args.results_dir) / "fhe" / f"{name}.json", out)
+    np.savez_compressed(saved.with_suffix(".npz"), input=x.astype(np.float32), error=diff.astype(np.float32))
+    print(f"saved {saved} (and its slots' errors, {saved.with_suffix('.npz').name})")
 
 
 if __name__ == "__main__":
