@@ -124,6 +124,37 @@ def test_a_bootstrap_returns_17_levels_unless_its_bound_is_below_one_half():
         boot(low, 16, "small")
 
 
+def test_a_simulated_bootstrap_adds_its_error_scaled_back_with_the_bound(tmp_path):
+    """The error is drawn on the bootstrap's [-1, 1] and comes back times the integer bound (3.7 -> 4),
+    as is (0.7) or over m (0.2 -> / 5); resampled from measured errors it keeps their tail."""
+    n, sigma = 200_000, 1e-3
+    gauss = B.SimulatedCkks(n, 17, reserve=1, noise=B.BootstrapNoise(sigma), seed=0)
+    x = gauss.encrypt(np.full(n, 0.3))
+    for bound, scale in ((3.7, 4.0), (0.7, 1.0), (0.2, 0.2)):
+        err = gauss.bootstrap(x, bound).slots - 0.3
+        assert np.std(err) == pytest.approx(sigma * scale, rel=0.02) and abs(err.mean()) < 0.02 * sigma * scale
+    assert np.array_equal(B.SimulatedCkks(n, 17, reserve=1).bootstrap(x, 3.7).slots, x.slots)  # no noise: exact
+    measured = np.concatenate([np.full(99, 1e-6), [1e-4]])  # a tail: one slot in a hundred 100 times larger
+    np.savez(tmp_path / "costs.npz", input=np.zeros(100), error=measured)
+    noise = B.BootstrapNoise.measured(tmp_path / "costs.json")
+    assert noise.sigma == pytest.approx(np.sqrt(np.mean(measured**2)))
+    err = B.SimulatedCkks(n, 17, reserve=1, noise=noise).bootstrap(x, 0.7).slots - 0.3
+    assert set(np.round(np.unique(err) * 1e6).astype(int)) == {1, 100} and np.mean(err > 5e-5) == pytest.approx(0.01, abs=0.002)
+    with pytest.raises(CgfBertError, match="not the slot errors"):
+        B.BootstrapNoise.measured(tmp_path / "missing.json")
+
+
+def test_the_circuits_error_under_bootstrap_noise_grows_with_the_noise(tiny_bert):
+    """Small errors pass through the circuit linearly: a 100 times larger noise, a ~100 times larger logit error."""
+    model = _model(tiny_bert, POLY)
+    ids, tt = _example(9)
+    circuit = E.EncoderCircuit(E.Weights.of(model), POLY, E.TokenLayout.for_model(1024, model.bert.config.hidden_size))
+    emb, ref = E.embed(model, ids, tt), E.reference_logits(model, ids, tt)
+    bounds = E.calibrate(circuit, [emb], 17, 1)
+    errs = [np.abs(E.simulate(circuit, emb, 17, 1, bounds=bounds, noise=B.BootstrapNoise(s))[0] - ref).max() for s in (1e-8, 1e-6)]
+    assert errs[0] > 1e-11 and 30 < errs[1] / errs[0] < 300
+
+
 def test_a_long_example_and_a_too_narrow_row_are_refused():
     lay = E.TokenLayout.for_model(1024, 32)
     with pytest.raises(CgfBertError, match="do not fit"):

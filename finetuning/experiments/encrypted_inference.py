@@ -5,8 +5,12 @@ Backends (``--backend``):
 
 - ``sim`` (default): numpy slot vectors that count CKKS levels. The slot layout, every rotation and
   product, the level of every ciphertext and the bootstraps are those of the non-interactive run; what
-  it does not have is CKKS noise and time: the stage table counts operations, and ``--costs FILE``
-  (seconds per operation, measured by ``python -m experiments.ckks_costs``) prices them.
+  it does not have is time: the stage table counts operations, and ``--costs FILE`` (seconds per
+  operation, measured by ``python -m experiments.ckks_costs``) prices them. ``--noise RECORD`` adds
+  to each bootstrap the error a real one made (every slot's error of an ``experiments.ckks_costs``
+  record, resampled and scaled with the bound: ``backends.SimulatedCkks``), so the error through
+  the layers and the predictions are those to expect under CKKS, at simulation speed; without it
+  the simulation is exact.
 - ``interactive``: desilofhe ciphertexts, the client decrypting and re-encrypting where the levels
   run out (counted as bootstraps, reported as interactive).
 - ``bootstrap``: desilofhe's bootstrappable engine, real non-interactive bootstraps (small key:
@@ -120,6 +124,22 @@ def examples_of(split, rows: int, count: int) -> list[tuple[torch.Tensor, torch.
     return out
 
 
+def noise_of(text: str) -> B.BootstrapNoise:
+    """``--noise``: none, an ``experiments.ckks_costs`` record (its slots' measured errors) or a Gaussian's sigma."""
+    if text == "none":
+        return B.BootstrapNoise()
+    try:
+        sigma = float(text)
+    except ValueError:
+        try:
+            return B.BootstrapNoise.measured(text)
+        except CgfBertError as e:
+            raise argparse.ArgumentTypeError(f"none, a ckks_costs record with its slot errors, or a sigma >= 0: {e}") from None
+    if not sigma >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a sigma must be >= 0")
+    return B.BootstrapNoise(sigma)
+
+
 def cost_table(path: str) -> dict:
     """The ``seconds`` per operation of an ``experiments.ckks_costs`` record."""
     try:
@@ -127,6 +147,14 @@ def cost_table(path: str) -> dict:
         return {op: float(seconds[op]) for op in A.Counted.COSTED}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise argparse.ArgumentTypeError(f"{path}: not a cost record with seconds for {', '.join(A.Counted.COSTED)} ({e})") from None
+
+
+def bound_json(bound):
+    """A site's bound for the record: the number, or a per-feature bound's spread (the bounds are recomputed by calibration)."""
+    if isinstance(bound, np.ndarray):
+        live = bound[bound > 1e-3 * bound.max() * 1.0001]
+        return {"per_feature": len(bound), "max": float(bound.max()), "median": float(np.median(live))}
+    return bound
 
 
 def stage_kind(stage: str) -> str:
@@ -227,7 +255,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     approx = polynomial_form(meta["approx"], model, calibration) if args.polynomial else meta["approx"]
     model.set_approx(approx)
     circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
-    bounds = E.calibrate(circuit, (E.embed(model, ids, tt) for ids, tt in calibration), top, reserve)
+    bounds = E.calibrate(circuit, (E.embed(model, ids, tt) for ids, tt in calibration), top, reserve, per_feature=args.feature_bounds)
     rows, stages = [], {}
     limit = min(lay.rows, args.max_tokens or lay.rows)
     chosen = examples_of(data["validation"], limit, args.examples)
@@ -241,7 +269,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         emb = E.embed(model, ids, tt)
         start = time.perf_counter()
         planned: list[dict] = []
-        got, log, boot = E.simulate(circuit, emb, top, reserve, bounds=bounds,
+        got, log, boot = E.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=k,
                                     probe=E.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
         table = log.table()
@@ -257,7 +285,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         per_layer = planned
         if args.backend != "sim":
             table, got, per_layer = encrypted(circuit, backend(), bounds, emb, hidden)
-            row.update(encrypted_logits=got.tolist(), wall_seconds=round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1))
+            row.update(simulated_per_layer=planned, encrypted_logits=got.tolist(), wall_seconds=round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1))
         row.update(max_abs_error=float(np.abs(got - ref).max()), same_prediction=bool(got.argmax() == ref.argmax()),
                    per_layer=per_layer, stages=table)
         for kind, d in summed(table).items():
@@ -270,7 +298,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     return {"checkpoint": repo_relative(path), "trained": {k: meta.get(k) for k in ("seed", "epoch", "dev", "code_version")},
             "approx": approx.to_json(), "label": approx.label(), "layers": len(model.bert.encoder.layer),
             "layout": {"slots": lay.slots, "width": lay.width, "rows": lay.rows},
-            "calibration_examples": len(calibration), "bounds": bounds, "examples": rows,
+            "calibration_examples": len(calibration), "bounds": {site: bound_json(b) for site, b in bounds.items()}, "examples": rows,
             "per_example_mean_by_stage": {k: {m: round(v, 2) for m, v in d.items()} for k, d in stages.items()}}
 
 
@@ -367,6 +395,13 @@ def main():
     p.add_argument("--backend", choices=("sim", "interactive", "bootstrap"), default="sim",
                    help="sim: numpy slot vectors that count CKKS levels (default); interactive: CKKS, the client refreshing "
                         "ciphertexts where levels run out; bootstrap: CKKS with desilofhe's non-interactive bootstraps")
+    p.add_argument("--noise", type=noise_of, default=B.BootstrapNoise(), metavar="none|RECORD|SIGMA",
+                   help="the simulation's bootstrap error: each slot's error drawn from those a real bootstrap made (RECORD: an "
+                        "experiments.ckks_costs record, e.g. ../results/fhe/ckks_costs-20261201-212609.json, the small key) "
+                        "or Gaussian of SIGMA on [-1, 1], scaled back with the bound (default: none, an exact simulation)")
+    p.add_argument("--feature-bounds", action="store_true",
+                   help="a bootstrap bound per feature where a few features dominate a site (encoder.calibrate): a level "
+                        "more per such bootstrap, a smaller error, bounds a dev example can exceed")
     p.add_argument("--key", choices=("small", "medium"), default="small",
                    help="bootstrap key of --backend bootstrap: small (8.5 GB of keys, 245 s a bootstrap here) or medium "
                         "(about 20 GB in all, 65 s) (default: %(default)s)")
@@ -396,6 +431,7 @@ def main():
     stamp = time.strftime("%Y%m%d-%H%M%S")
     png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None)
     out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend, "mode": args.mode,
+           "bootstrap_noise": args.noise.to_json() if args.noise else None,
            "keys": keys, "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
            "results": results, "plot": repo_relative(png)}
     for res in results:
@@ -403,7 +439,7 @@ def main():
         err = max(r["max_abs_error"] for r in res["examples"])
         boots = np.mean([r["bootstraps"] for r in res["examples"]])
         over = sum(bool(r["bound_overflows"]) for r in res["examples"])
-        what = {"sim": "slot simulation, no CKKS noise", "interactive": "CKKS, interactive refreshes", "bootstrap": "CKKS, non-interactive"}[args.backend]
+        what = {"sim": f"slot simulation, bootstrap noise {args.noise.sigma:.1e} rms" if args.noise else "slot simulation, no CKKS noise", "interactive": "CKKS, interactive refreshes", "bootstrap": "CKKS, non-interactive"}[args.backend]
         print(f"{res['label']} [{what}; {res['layers']} encoder layers]: predictions equal on {ok}/{len(res['examples'])}, "
               f"max logit error {err:.1e}, {boots:.0f} bootstraps per example"
               + (f"; {over} examples overflowed a bootstrap bound (under CKKS those values are wrong)" if over else ""))
