@@ -155,6 +155,30 @@ def test_the_circuits_error_under_bootstrap_noise_grows_with_the_noise(tiny_bert
     assert errs[0] > 1e-11 and 30 < errs[1] / errs[0] < 300
 
 
+def test_calibration_settles_on_bounds_whose_plan_bootstraps_exactly_the_sites_it_bounded(tiny_bert):
+    """Bounds change the levels a bootstrap returns, so the sites refreshed: calibration's bounds are a fixed point."""
+    model = _model(tiny_bert, POLY)
+    ids, tt = _example(9)
+    circuit = E.EncoderCircuit(E.Weights.of(model), POLY, E.TokenLayout.for_model(1024, model.bert.config.hidden_size))
+    emb = E.embed(model, ids, tt)
+    bounds = E.calibrate(circuit, [emb], 17, 1)
+    _, _, again = E.simulate(circuit, emb, 17, 1, bounds=bounds, record=True)
+    assert set(again.seen) == set(bounds) and not again.overflows
+
+
+def test_the_noise_option_takes_none_a_sigma_or_a_record_and_refuses_the_rest(tmp_path):
+    import argparse
+
+    from experiments.encrypted_inference import noise_of
+
+    assert not noise_of("none") and noise_of("2e-6").sigma == 2e-6
+    np.savez(tmp_path / "c.npz", input=np.zeros(4), error=np.array([1.0, -1.0, 1.0, -1.0]) * 1e-6)
+    assert noise_of(str(tmp_path / "c.json")).sigma == pytest.approx(1e-6)
+    for bad in ("-1", "nan", str(tmp_path / "absent.json")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            noise_of(bad)
+
+
 def test_a_long_example_and_a_too_narrow_row_are_refused():
     lay = E.TokenLayout.for_model(1024, 32)
     with pytest.raises(CgfBertError, match="do not fit"):

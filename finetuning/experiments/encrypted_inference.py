@@ -149,14 +149,6 @@ def cost_table(path: str) -> dict:
         raise argparse.ArgumentTypeError(f"{path}: not a cost record with seconds for {', '.join(A.Counted.COSTED)} ({e})") from None
 
 
-def bound_json(bound):
-    """A site's bound for the record: the number, or a per-feature bound's spread (the bounds are recomputed by calibration)."""
-    if isinstance(bound, np.ndarray):
-        live = bound[bound > 1e-3 * bound.max() * 1.0001]
-        return {"per_feature": len(bound), "max": float(bound.max()), "median": float(np.median(live))}
-    return bound
-
-
 def stage_kind(stage: str) -> str:
     return stage.split(" / ")[-1]
 
@@ -255,7 +247,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     approx = polynomial_form(meta["approx"], model, calibration) if args.polynomial else meta["approx"]
     model.set_approx(approx)
     circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
-    bounds = E.calibrate(circuit, (E.embed(model, ids, tt) for ids, tt in calibration), top, reserve, per_feature=args.feature_bounds)
+    bounds = E.calibrate(circuit, (E.embed(model, ids, tt) for ids, tt in calibration), top, reserve)
     rows, stages = [], {}
     limit = min(lay.rows, args.max_tokens or lay.rows)
     chosen = examples_of(data["validation"], limit, args.examples)
@@ -298,7 +290,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     return {"checkpoint": repo_relative(path), "trained": {k: meta.get(k) for k in ("seed", "epoch", "dev", "code_version")},
             "approx": approx.to_json(), "label": approx.label(), "layers": len(model.bert.encoder.layer),
             "layout": {"slots": lay.slots, "width": lay.width, "rows": lay.rows},
-            "calibration_examples": len(calibration), "bounds": {site: bound_json(b) for site, b in bounds.items()}, "examples": rows,
+            "calibration_examples": len(calibration), "bounds": bounds, "examples": rows,
             "per_example_mean_by_stage": {k: {m: round(v, 2) for m, v in d.items()} for k, d in stages.items()}}
 
 
@@ -317,7 +309,7 @@ def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list) -> tupl
     return log.table(), got, per_layer
 
 
-def plot(results: list[dict], path: str, measured: bool):
+def plot(results: list[dict], path: str, measured: bool, noise: dict | None = None):
     """Bootstraps and time (measured, or ciphertext products in the simulation) per stage; the error after each layer."""
     import textwrap
 
@@ -354,7 +346,8 @@ def plot(results: list[dict], path: str, measured: bool):
     axes[2].set_title(f"layer output vs plaintext\nmean over {'/'.join(map(str, examples))} example(s){faint}", fontsize=10)
     axes[2].grid(alpha=0.3)
     fig.legend(loc="outside lower center", fontsize=8)  # outside the panels: no bar behind it
-    kind = "CKKS with bootstraps, measured" if measured else "slot simulation"
+    kind = "CKKS with bootstraps, measured" if measured else "slot simulation" + (
+        f" with bootstrap errors drawn from a real one's, {noise['rms']:.1e} rms" if noise else ", exact")
     layers = sorted({r["layers"] for r in results})
     fig.suptitle(f"The encoder as one CKKS circuit ({kind}): cost by stage over {'/'.join(map(str, layers))} encoder layer(s)"
                  " + pooler + classifier", fontsize=10)
@@ -380,7 +373,7 @@ def replot(record: dict, path: str):
     results = record["results"]
     if not all("layers" in r and r["examples"] and all(ex.get("per_layer") for ex in r["examples"]) for r in results):
         raise CgfBertError("the record keeps no per-layer errors (a run from before they were measured): its error panel cannot be drawn")
-    return plot(results, path, measured=record["backend"] != "sim")
+    return plot(results, path, measured=record["backend"] != "sim", noise=record.get("bootstrap_noise"))
 
 
 def main():
@@ -399,9 +392,6 @@ def main():
                    help="the simulation's bootstrap error: each slot's error drawn from those a real bootstrap made (RECORD: an "
                         "experiments.ckks_costs record, e.g. ../results/fhe/ckks_costs-20261201-212609.json, the small key) "
                         "or Gaussian of SIGMA on [-1, 1], scaled back with the bound (default: none, an exact simulation)")
-    p.add_argument("--feature-bounds", action="store_true",
-                   help="a bootstrap bound per feature where a few features dominate a site (encoder.calibrate): a level "
-                        "more per such bootstrap, a smaller error, bounds a dev example can exceed")
     p.add_argument("--key", choices=("small", "medium"), default="small",
                    help="bootstrap key of --backend bootstrap: small (8.5 GB of keys, 245 s a bootstrap here) or medium "
                         "(about 20 GB in all, 65 s) (default: %(default)s)")
@@ -429,7 +419,8 @@ def main():
     keys = None if ops is None else {"keygen_seconds": round(getattr(ops, "keygen_s", 0.0), 1), "key_bytes": getattr(ops, "key_bytes", None),
                                      "interactive": ops.interactive}
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None)
+    png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None,
+               noise=args.noise.to_json() if args.noise else None)
     out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend, "mode": args.mode,
            "bootstrap_noise": args.noise.to_json() if args.noise else None,
            "keys": keys, "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,

@@ -61,21 +61,17 @@ class Refresher:
     """Bootstraps a ciphertext when a step needs more levels than it has left.
 
     ``ops.bootstrap(x, bound)`` scales by ``1/bound`` into the bootstrap's input range, refreshes
-    and scales back; ``bounds`` maps a call site to its public bound: a number, or one per feature
-    (an array of a token row's ``width``, repeated on every row). With ``record=True`` every site's
-    largest |value| is recorded (``seen``; per feature in ``seen_columns`` where ``width`` is given;
-    the levels its steps need in ``needs``), for calibration, numpy ops only; a site without a bound
-    then takes ``margin`` times its value, as calibration will set it. A value beyond its bound is
-    counted in ``overflows`` (the result would be wrong under CKKS), never hidden.
+    and scales back; ``bounds`` maps a call site to its public bound. With ``record=True`` every
+    site's largest |value| is recorded (``seen``), for calibration, numpy ops only; a site without a
+    bound then takes ``margin`` times its value, as calibration will set it. A value beyond its bound
+    is counted in ``overflows`` (the result would be wrong under CKKS), never hidden.
     """
 
-    def __init__(self, ops, log: StageLog, top: int, bounds: dict | None = None, record: bool = False,
-                 margin: float = 1.0, width: int | None = None):
+    def __init__(self, ops, log: StageLog, top: int, bounds: dict[str, float] | None = None, record: bool = False,
+                 margin: float = 1.0):
         self.ops, self.log, self.top = ops, log, top
-        self.bounds, self.record, self.margin, self.width = dict(bounds or {}), record, margin, width
+        self.bounds, self.record, self.margin = dict(bounds or {}), record, margin
         self.seen: dict[str, float] = {}
-        self.seen_columns: dict[str, np.ndarray] = {}
-        self.needs: dict[str, int] = {}
         self.overflows: dict[str, float] = {}
         self.watched: dict[str, float] = {}
 
@@ -99,31 +95,21 @@ class Refresher:
             raise CgfBertError(f"{site} needs {need} levels in one step, more than the {self.usable} a bootstrap leaves")
         if self.ops.level(x) - getattr(self.ops, "reserve", 0) >= need:
             return x
-        values = np.abs(self.ops.peek(x)) if hasattr(self.ops, "peek") else None
-        if values is not None:
-            self._seen(values, need, site)
+        peak = float(np.abs(self.ops.peek(x)).max()) if hasattr(self.ops, "peek") else None
+        if peak is not None:
+            self.seen[site] = max(self.seen.get(site, 0.0), peak)
         bound = self.bounds.get(site)
         if bound is None:
             if not self.record:
                 raise CgfBertError(f"no bootstrap bound for {site!r}: calibrate first (encoder.calibrate)")
-            bound = max(self.margin * float(values.max()), 1e-12)
-        if isinstance(bound, np.ndarray):  # one per feature: the same on every token row
-            bound = np.tile(bound, self.ops.slots // len(bound))
-        if values is not None and np.any(values > bound):
-            self.overflows[site] = max(self.overflows.get(site, 0.0), float(np.max(values / bound)))
+            bound = max(self.margin * peak, 1e-12)
+        if peak is not None and peak > bound:
+            self.overflows[site] = max(self.overflows.get(site, 0.0), peak / bound)
         self.log.count("bootstraps")
         start = time.perf_counter()
         out = self.ops.bootstrap(x, bound)
         self.log.count("bootstrap_seconds", time.perf_counter() - start)
         left = self.ops.level(out) - getattr(self.ops, "reserve", 0)
         if left < need:  # a bound below 1 is scaled back after the bootstrap, at the cost of a level
-            shown = f"{bound:.3g}" if np.ndim(bound) == 0 else f"per feature, up to {np.max(bound):.3g}"
-            raise CgfBertError(f"{site} needs {need} levels, but a bootstrap by its bound {shown} leaves {left}")
+            raise CgfBertError(f"{site} needs {need} levels, but a bootstrap by its bound {bound:.3g} leaves {left}")
         return out
-
-    def _seen(self, values: np.ndarray, need: int, site: str):
-        self.seen[site] = max(self.seen.get(site, 0.0), float(values.max()))
-        self.needs[site] = max(self.needs.get(site, 0), need)
-        if self.width:
-            cols = values.reshape(-1, self.width).max(0)
-            self.seen_columns[site] = np.maximum(self.seen_columns.get(site, cols), cols)

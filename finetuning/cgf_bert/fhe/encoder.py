@@ -477,50 +477,35 @@ def simulate(circuit: EncoderCircuit, emb: np.ndarray, top: int, reserve: int = 
     (with ``noise``, each bootstrap's error drawn as ``SimulatedCkks`` says, from ``seed``)."""
     log = StageLog()
     sim = SimulatedCkks(circuit.lay.slots, top, reserve, noise=noise, seed=seed)
-    boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin, width=circuit.lay.width)
+    boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin)
     return run(circuit, Counted(sim, log), boot, emb, log, probe), log, boot
 
 
-FEATURE_SPREAD = 4.0  # a bound per feature where the median feature's values lie this many times below the largest
 CALIBRATION_PASSES = 4
 
 
-def calibrate(circuit: EncoderCircuit, embeddings, top: int, reserve: int = 0, margin: float = 2.0,
-              per_feature: bool = False) -> dict:
+def calibrate(circuit: EncoderCircuit, embeddings, top: int, reserve: int = 0, margin: float = 2.0) -> dict[str, float]:
     """The public bootstrap bounds: ``margin`` times the largest |value| each site refreshes, over the
     embedding outputs of calibration examples (training data, never the examples scored).
 
-    A bootstrap's error scales with its bound, and BERT's residual stream has a few outlier features
-    hundreds of times larger than the rest (LayerNorm 2's input: 390 against a median feature's ~10).
-    So where a site's median feature lies ``FEATURE_SPREAD`` times below its largest and its step can
-    spare the level a bound per feature takes to scale back (non-interactive bootstraps only:
-    ``backends.scaled_bound``), the bound is one per feature, ``margin`` times that feature's largest
-    |value|. Bounds change the levels a bootstrap returns, so the sites the plan refreshes can change
-    with them: calibration runs again at its own bounds until they do not (at most 4 passes)."""
+    A bound decides the level its bootstrap returns (``backends.scaled_bound``: one below 1/2 costs a
+    level), so the sites the plan refreshes can change with the bounds: calibration runs again at its
+    own bounds until they do not (at most 4 passes; a site never bounded is then refused, loudly, by
+    the ``Refresher``)."""
     embeddings = list(embeddings)
-    bounds: dict = {}
+    bounds: dict[str, float] = {}
     for _ in range(CALIBRATION_PASSES):
-        seen: dict[str, float] = {}
-        columns: dict[str, np.ndarray] = {}
-        needs: dict[str, int] = {}
+        new: dict[str, float] = {}
         for emb in embeddings:
-            boot = simulate(circuit, emb, top, reserve, bounds=bounds, record=True, margin=margin)[2]
-            for site, peak in boot.seen.items():
-                seen[site] = max(seen.get(site, 0.0), peak)
-                columns[site] = np.maximum(columns.get(site, 0.0), boot.seen_columns[site])
-                needs[site] = max(needs.get(site, 0), boot.needs[site])
-        new: dict = {}
-        for site, peak in seen.items():
-            new[site] = max(margin * peak, 1e-12)  # a site seen only at 0 still has a bound
-            live = columns[site][columns[site] > 0]
-            if per_feature and reserve and needs[site] <= top - reserve - 1 and len(live) and np.median(live) * FEATURE_SPREAD <= peak:
-                new[site] = margin * np.maximum(columns[site], 1e-3 * peak)  # features always 0 (past hidden): a small bound
-        if _levels_of(new) == _levels_of(bounds):
-            return new
+            for site, peak in simulate(circuit, emb, top, reserve, bounds=bounds, record=True, margin=margin)[2].seen.items():
+                new[site] = max(new.get(site, 0.0), margin * peak, 1e-12)  # a site seen only at 0 still has a bound
+        settled = _levels_of(new) == _levels_of(bounds)
         bounds = new
-    return bounds  # not settled: a site the last pass did not see is refused by the Refresher, loudly
+        if settled:
+            break
+    return bounds
 
 
-def _levels_of(bounds: dict) -> dict:
+def _levels_of(bounds: dict[str, float]) -> dict[str, int]:
     """What of the bounds decides the plan: the sites, and the levels each bootstrap's scaling back takes."""
     return {site: after_levels(b) for site, b in bounds.items()}
