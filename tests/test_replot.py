@@ -137,8 +137,21 @@ def coeff_sweep(tmp_path, seeds=(42,)):
             "accuracy": {str(c): (0.78 + rng.normal(0, 0.01, len(seeds))).tolist() for c in (0.4, 0.5, 0.6)}}
 
 
+def layer_probes(tmp_path):
+    def entry(name, base):
+        layers = [{"layer": i, "nonlinearity": {b: {"linear": 0.05 * (i + 1), "identity": 0.3} for b in ("layer", "attention", "ffn")}}
+                  for i in range(3)]
+        variants = ([{"probe": "replace", "block": b, "layer": i, "accuracy": base - 0.01 * i} for b in ("layer", "attention", "ffn")
+                     for i in range(3)] + [{"probe": "remove", "layer": i, "accuracy": base - 0.1} for i in range(3)]
+                    + [{"probe": "swap", "layers": [i, i + 1], "accuracy": base - 0.05} for i in range(2)])
+        return {"name": name, "probes": {"baseline": {"accuracy": base}, "layers": layers, "variants": variants}}
+
+    return {"checkpoints": [entry("teacher", 0.82), entry("20261201-190207-distill-cgf0.5-b10-attn_out0.1-pretrained-s0", 0.80)],
+            "figures": {"nonlinearity": str(tmp_path / "lp-nonlinearity.png"), "accuracy": str(tmp_path / "lp-accuracy.png")}}
+
+
 RECORDS = {f.__name__: f for f in (encrypted_inference, hessian, attention_norms, polynomial_student, poly_swap, loss_ablation,
-                                     variant_compare, layer_sensitivity, kernel_view, coeff_sweep)}
+                                     variant_compare, layer_sensitivity, kernel_view, coeff_sweep, layer_probes)}
 
 
 def write(tmp_path, kind: str, record: dict):
@@ -155,7 +168,8 @@ def test_every_kind_of_the_registry_has_a_record_here():
 def test_each_kind_is_redrawn_at_the_path_its_record_names_with_every_text_inside(tmp_path, outside, kind):
     record = RECORDS[kind](tmp_path)
     png = R.replot(write(tmp_path, kind, record))
-    assert str(png) == record.get("plot", record.get("figure")) and png.read_bytes()[:4] == b"\x89PNG"
+    named = record.get("plot") or record.get("figure") or record["figures"]["accuracy"]  # layer_probes: two figures
+    assert str(png) == named and png.read_bytes()[:4] == b"\x89PNG"
     assert not outside, f"texts beyond the canvas: {outside}"
 
 

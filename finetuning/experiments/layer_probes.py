@@ -18,7 +18,7 @@ from cgf_bert.analysis.probes import BLOCKS, ProbeConfig, plot_accuracy, plot_no
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, run_main
 from cgf_bert.data.loader import make_loader
 from cgf_bert.store.checkpoint import load_model
-from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine, repo_relative, uncommitted_files
+from cgf_bert.store.provenance import REPO_ROOT, RESULTS_DIR, code_version, command_line, machine, repo_relative, uncommitted_files
 from cgf_bert.store.records import config_json, write_json
 from cgf_bert.train.engine import resolve_device
 from cgf_bert.train.run import prepare_data
@@ -39,6 +39,14 @@ def print_table(entry: dict) -> None:
     for r in p["variants"]:
         if r["probe"] in ("swap", "shuffle"):
             print(f"  {r['probe']} {r.get('layers') or r.get('order')}: {r['accuracy'] * 100:.2f} (agreement {r['agreement'] * 100:.1f} %)")
+
+
+def replot(record: dict, path) -> Path:
+    """Both figures of a layer_probes record, at the paths it names (``path``, the one replot would
+    pick for a single figure, is not used); the accuracy figure's path is returned."""
+    entries, figures = record["checkpoints"], record["figures"]
+    plot_nonlinearity(entries, REPO_ROOT / figures["nonlinearity"])
+    return plot_accuracy(entries, REPO_ROOT / figures["accuracy"])
 
 
 def main():

@@ -34,6 +34,7 @@ ADAPTERS = {
     "layer_sensitivity": "experiments.layer_sensitivity:replot",
     "kernel_view": "experiments.kernel_view:replot",
     "coeff_sweep": "cgf_bert.report.compare:replot_coeff_sweep",
+    "layer_probes": "experiments.layer_probes:replot",
 }
 
 

@@ -302,7 +302,7 @@ def plot_nonlinearity(entries: list[dict], path: str | Path) -> Path:
             xs = np.array(_layers(e)) + (k - (len(entries) - 1) / 2) * width
             nl = [row["nonlinearity"][block] for row in e["probes"]["layers"]]
             ax.bar(xs, [r["linear"] for r in nl], width, color=f"C{k}", label=f"{e['name']}: linear map")
-            ax.scatter(xs, [r["identity"] for r in nl], color=f"C{k}", marker="_", s=120, label=f"{e['name']}: identity")
+            ax.scatter(xs, [r["identity"] for r in nl], color=f"C{k}", marker="_", s=120, label=f"{e['name']}: identity (Y = X)")
         ax.set(yscale="log", xlabel="layer", title={"layer": "whole layer", "attention": "attention block (+res, LN)",
                                                    "ffn": "feed-forward block (+res, LN)"}[block])
         ax.set_xticks(_layers(entries[0]))
@@ -324,8 +324,9 @@ def plot_accuracy(entries: list[dict], path: str | Path) -> Path:
             rows = [r for r in e["probes"]["variants"] if r["probe"] == kind and r.get("block") == block]
             xs = [r["layers"][0] if kind == "swap" else r["layer"] for r in rows]
             ax.plot(xs, [r["accuracy"] * 100 for r in rows], marker="o", color=f"C{k}", label=e["name"])
-            ax.axhline(e["probes"]["baseline"]["accuracy"] * 100, color=f"C{k}", ls="--", lw=0.8)
-        ax.set(title=title, xlabel="layer i (swap: i with i+1)")
+            ax.axhline(e["probes"]["baseline"]["accuracy"] * 100, color=f"C{k}", ls="--", lw=0.8,
+                       label=f"{e['name']} unchanged" if ax is axes[0] else None)
+        ax.set(title=title, xlabel="layer i and i+1" if kind == "swap" else "layer")
         ax.set_xticks(_layers(entries[0]))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("MRPC dev accuracy (%)")
