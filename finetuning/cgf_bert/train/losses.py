@@ -246,9 +246,17 @@ def _cka_global(s: Outputs, t: Outputs, batch: Batch, memory: int = 512, state: 
     for i, (hs, ht) in enumerate(zip(s["hidden"][1:], t["hidden"][1:])):
         ps, pt = pooled(hs, mask), pooled(ht, mask).detach()
         bank = torch.cat([pt, queues.get(i, pt[:0])])  # (M, hidden), newest first
-        losses.append(1 - linear_cka(ps @ bank.T, pt @ bank.T))
+        losses.append(_relations_cka(ps, pt, bank))
         queues[i] = bank[:memory]
     return torch.stack(losses).mean()
+
+
+def _relations_cka(ps: torch.Tensor, pt: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """FSD's global structure: 1 - CKA across the batch of the student's and the teacher's rows of
+    inner products with ``bank`` (M, hidden). Under bf16 autocast the products and Grams stay in
+    float32 (a CKA of near-parallel bf16 Grams is mostly rounding)."""
+    with torch.autocast(ps.device.type, enabled=False):
+        return 1 - linear_cka(ps @ bank.T, pt @ bank.T)
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> torch.Tensor:
@@ -304,9 +312,7 @@ def _cka_centroids(s: Outputs, t: Outputs, batch: Batch, centroids: int = 100, s
     for i, (hs, ht) in enumerate(zip(s["hidden"][1:], t["hidden"][1:])):
         if banks[i].device != hs.device:  # made on the CPU from the cache: moved once
             banks[i] = banks[i].to(hs.device)
-        with torch.autocast(hs.device.type, enabled=False):  # bf16 training: the Gram matrices in float32
-            ps, pt = pooled(hs, mask), pooled(ht, mask).detach()
-            losses.append(1 - linear_cka(ps @ banks[i].T, pt @ banks[i].T))
+        losses.append(_relations_cka(pooled(hs, mask), pooled(ht, mask).detach(), banks[i]))
     return torch.stack(losses).mean()
 
 
