@@ -311,6 +311,15 @@ def test_a_partial_run_is_the_model_cut_to_its_first_layers(tiny_bert, tiny_mrpc
     assert not np.allclose(E.reference_logits(full, ids, tt), E.reference_logits(cut, ids, tt))  # a different model, honestly
 
 
+def test_logits_driven_past_float64_are_reported_never_counted_as_a_prediction(tiny_bert, tiny_mrpc, tmp_path, monkeypatch):
+    """A NaN's argmax is 0, which may be the reference's: a non-finite result is 'not finite' and not
+    equal, and the record stays strict JSON with a note where each value was."""
+    rec = _cli(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, "--noise", "1e300")
+    (ex,) = rec["results"][0]["examples"]
+    assert ex["finite"] is False and ex["same_prediction"] is False and ex["max_abs_error"] is None
+    assert rec["non_finite"] and all(n["reason"].startswith("the circuit's values left float64") for n in rec["non_finite"])
+
+
 @needs_fhe
 def test_the_command_runs_under_ckks_with_interactive_refreshes(tiny_bert, tiny_mrpc, tmp_path, monkeypatch):
     rec = _cli(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, "--layers", "1", "--backend", "interactive", "--threads", "2")

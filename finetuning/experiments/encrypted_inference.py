@@ -68,9 +68,10 @@ from cgf_bert.store.provenance import (
     machine,
     repo_relative,
 )
-from cgf_bert.store.records import write_json
+from cgf_bert.store.records import strict_json, write_json
 from cgf_bert.train.run import prepare_data
 
+NON_FINITE = {"": "the circuit's values left float64 (with bootstrap noise: an iteration driven past its range)"}
 SLOTS, TOP = 32768, 17  # desilofhe 2.0's bootstrappable engine: 2^15 slots, 17 levels after a bootstrap
 POLYNOMIAL = {"gelu": Spec.make("gelu", "gelu_poly"), "layernorm": Spec.make("layernorm", "ln_poly"),
               "pooler": Spec.make("pooler", "tanh_poly")}
@@ -261,8 +262,9 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         emb = E.embed(model, ids, tt)
         start = time.perf_counter()
         planned: list[dict] = []
-        got, log, boot = E.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=k,
-                                    probe=E.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
+        with np.errstate(over="ignore", invalid="ignore"):  # values driven past float64 are reported below, not warned about
+            got, log, boot = E.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=k,
+                                        probe=E.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
         table = log.table()
         plan = {kind: d.get("bootstraps", 0) for kind, d in summed(table).items()}
@@ -278,7 +280,8 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         if args.backend != "sim":
             table, got, per_layer = encrypted(circuit, backend(), bounds, emb, hidden)
             row.update(simulated_per_layer=planned, encrypted_logits=got.tolist(), wall_seconds=round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1))
-        row.update(max_abs_error=float(np.abs(got - ref).max()), same_prediction=bool(got.argmax() == ref.argmax()),
+        finite = bool(np.isfinite(got).all())  # a NaN's argmax is 0: it must not count as a prediction
+        row.update(finite=finite, max_abs_error=float(np.abs(got - ref).max()), same_prediction=finite and bool(got.argmax() == ref.argmax()),
                    per_layer=per_layer, stages=table)
         for kind, d in summed(table).items():
             agg = stages.setdefault(kind, {})
@@ -286,7 +289,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
                 agg[key] = agg.get(key, 0) + v / len(chosen)
         rows.append(row)
         note(f"  example {k}: logits {np.round(got, 4)} vs {np.round(ref, 4)} (max error {row['max_abs_error']:.1e})"
-              + (f", {len(boot.overflows)} bound overflows" if boot.overflows else ""))
+              + (f", {len(boot.overflows)} bound overflows" if boot.overflows else "") + ("" if finite else ", NOT FINITE"))
     return {"checkpoint": repo_relative(path), "trained": {k: meta.get(k) for k in ("seed", "epoch", "dev", "code_version")},
             "approx": approx.to_json(), "label": approx.label(), "layers": len(model.bert.encoder.layer),
             "layout": {"slots": lay.slots, "width": lay.width, "rows": lay.rows},
@@ -357,7 +360,8 @@ def plot(results: list[dict], path: str, measured: bool, noise: dict | None = No
 def _layer_errors(ax, res: dict, colour: str) -> None:
     """One model's max error after each layer: its mean over the examples (one line, the legend's
     colour), each example faint beneath it; a lone layer is a marked point with its value written."""
-    errs = np.array([[max(e["max_abs_error"], 1e-17) for e in ex["per_layer"]] for ex in res["examples"]])
+    errs = np.array([[np.nan if e["max_abs_error"] is None else max(e["max_abs_error"], 1e-17)  # None: not finite in the record
+                      for e in ex["per_layer"]] for ex in res["examples"]], dtype=float)
     layers = [e["layer"] for e in res["examples"][0]["per_layer"]]
     if len(errs) > 1:
         ax.plot(layers, errs.T, color=colour, alpha=0.2, lw=0.8)
@@ -427,13 +431,16 @@ def main():
            "results": results, "plot": repo_relative(png)}
     for res in results:
         ok = sum(r["same_prediction"] for r in res["examples"])
-        err = max(r["max_abs_error"] for r in res["examples"])
+        lost = sum(not r["finite"] for r in res["examples"])
+        err = max(r["max_abs_error"] for r in res["examples"]) if not lost else float("inf")
         boots = np.mean([r["bootstraps"] for r in res["examples"]])
         over = sum(bool(r["bound_overflows"]) for r in res["examples"])
         what = {"sim": f"slot simulation, bootstrap noise {args.noise.sigma:.1e} rms" if args.noise else "slot simulation, no CKKS noise", "interactive": "CKKS, interactive refreshes", "bootstrap": "CKKS, non-interactive"}[args.backend]
         print(f"{res['label']} [{what}; {res['layers']} encoder layers]: predictions equal on {ok}/{len(res['examples'])}, "
               f"max logit error {err:.1e}, {boots:.0f} bootstraps per example"
-              + (f"; {over} examples overflowed a bootstrap bound (under CKKS those values are wrong)" if over else ""))
+              + (f"; {over} examples overflowed a bootstrap bound (under CKKS those values are wrong)" if over else "")
+              + (f"; {lost} examples' logits not finite (a value the circuit cannot hold)" if lost else ""))
+    out, out["non_finite"] = strict_json(out, NON_FINITE)
     print(f"plot: {png}\nsaved {write_json(Path(args.results_dir) / 'fhe' / f'encrypted_inference-{stamp}.json', out)}")
 
 
