@@ -366,6 +366,10 @@ def _layer_errors(ax, res: dict, colour: str) -> None:
     if len(errs) > 1:
         ax.plot(layers, errs.T, color=colour, alpha=0.2, lw=0.8)
     mean = errs.mean(0)
+    if np.isnan(errs).all():  # nothing to draw: said in the panel, not left blank
+        ax.text(0.3, 0.03, "this model: not finite after any layer (see the record)", transform=ax.transAxes,
+                color=colour, fontsize=8, va="bottom", bbox={"facecolor": "white", "edgecolor": colour, "pad": 2})
+        return
     ax.plot(layers, mean, "o-", color=colour, ms=6)
     if len(layers) == 1:
         ax.annotate(f"{mean[0]:.1e}", (layers[0], mean[0]), xytext=(8, 0), textcoords="offset points", va="center", fontsize=9, color=colour)
