@@ -150,8 +150,14 @@ def layer_probes(tmp_path):
             "figures": {"nonlinearity": str(tmp_path / "lp-nonlinearity.png"), "accuracy": str(tmp_path / "lp-accuracy.png")}}
 
 
+def exact_vs_cgf(tmp_path):
+    rows = [{"softmax": {"name": "exact"}, "accuracy": 0.82}] + [{"softmax": {"name": "cgf", "coeff": c}, "accuracy": 0.7 + c / 10}
+                                                                   for c in (0.3, 0.5, 0.65, 1.0)]
+    return {"swap": {"checkpoint": "teacher.pt", "rows": rows}, "plot": str(tmp_path / "swap.png")}
+
+
 RECORDS = {f.__name__: f for f in (encrypted_inference, hessian, attention_norms, polynomial_student, poly_swap, loss_ablation,
-                                     variant_compare, layer_sensitivity, kernel_view, coeff_sweep, layer_probes)}
+                                     variant_compare, layer_sensitivity, kernel_view, coeff_sweep, layer_probes, exact_vs_cgf)}
 
 
 def write(tmp_path, kind: str, record: dict):
@@ -178,6 +184,13 @@ def test_each_kind_is_redrawn_at_the_path_its_record_names_with_every_text_insid
                          ids=["one-layer-one-example", "three-seeds"])
 def test_the_other_shapes_of_a_figure_fit_too(tmp_path, outside, kind, make):
     assert R.replot(write(tmp_path, kind, make(tmp_path))).exists() and not outside
+
+
+def test_an_old_exact_vs_cgf_record_is_drawn_where_its_run_put_the_figure(tmp_path):
+    record = exact_vs_cgf(tmp_path)
+    del record["plot"]
+    png = R.replot(write(tmp_path, "exact_vs_cgf", record))
+    assert png.name == "swap-20261201-120000.png" and png.exists()
 
 
 def test_a_record_naming_no_png_is_drawn_beside_itself(tmp_path):

@@ -10,15 +10,28 @@
 
 import dataclasses
 import time
+from pathlib import Path
 
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, number, run_main
 from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, TrainConfig
 from cgf_bert.report.compare import paired, plot_accuracy_vs_coeff
-from cgf_bert.store.provenance import RESULTS_DIR, command_line
+from cgf_bert.store.provenance import RESULTS_DIR, command_line, repo_relative
 from cgf_bert.store.records import save_experiment
 from cgf_bert.train.sweeps import run_or_reuse, swap_at_eval
+
+
+def replot(record: dict, path: str | Path) -> Path:
+    """The swap-at-eval figure of a record (its first row the exact softmax, the others CGF at each c).
+    A record from before it named its figure is drawn where that run put it, swap-STAMP.png beside it."""
+    rows = record["swap"]["rows"]
+    if "plot" not in record:
+        path = Path(path).with_name(Path(path).name.replace("exact_vs_cgf-", "swap-", 1))
+    coeff = lambda r: r["coeff"] if "coeff" in r else r["softmax"]["coeff"]  # noqa: E731 (the oldest records: coeff beside a softmax name)
+    return plot_accuracy_vs_coeff({coeff(r): [r["accuracy"]] for r in rows[1:]}, path,
+                                  "Exact checkpoint scored with CGF (no training)", hline=rows[0]["accuracy"],
+                                  hline_label="exact softmax, the same checkpoint", single="the checkpoint scored with CGF at c")
 
 
 def main():
@@ -42,8 +55,8 @@ def main():
         print(f"swap at eval, {args.checkpoint}:")
         for r in rows:
             print(f"  {r['label']:>12}: dev accuracy {r['accuracy']:.4f}  F1 {r['f1']:.4f}")
-        png = plot_accuracy_vs_coeff({r["softmax"]["coeff"]: [r["accuracy"]] for r in rows[1:]}, f"{args.results_dir}/experiments/swap-{stamp}.png",
-                                     "Exact checkpoint scored with CGF (no training)", hline=rows[0]["accuracy"])
+        png = replot(out, f"{args.results_dir}/experiments/swap-{stamp}.png")  # the figure from the record, as replot draws it
+        out["plot"] = repo_relative(png)
         print(f"  plot: {png}")
     if args.paired:
         ex, cg = [], []

@@ -35,6 +35,7 @@ ADAPTERS = {
     "kernel_view": "experiments.kernel_view:replot",
     "coeff_sweep": "cgf_bert.report.compare:replot_coeff_sweep",
     "layer_probes": "experiments.layer_probes:replot",
+    "exact_vs_cgf": "experiments.exact_vs_cgf:replot",
 }
 
 

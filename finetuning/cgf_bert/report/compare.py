@@ -21,9 +21,9 @@ def paired(a: list[dict], b: list[dict]) -> dict[str, Any]:
 
 
 def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, title: str, hline: float | None = None,
-                           hline_label: str = "exact softmax", seeds: list[int] | None = None) -> Path:
+                           hline_label: str = "exact softmax", seeds: list[int] | None = None, single: str | None = None) -> Path:
     """PNG of mean dev accuracy vs coefficient with std error bars (one point per coefficient); with
-    one seed per point a plain marker, its label naming the seed (``seeds``, when given)."""
+    one seed per point a plain marker, its label naming the seed (``seeds``, when given) or ``single``."""
     plt = pyplot()
     cs = sorted(points)
     stats = [mean_std(points[c]) for c in cs]
@@ -31,7 +31,7 @@ def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, t
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
     means = [m * 100 for m, _ in stats]
     if ns == [1]:  # a zero-length error bar would read as a measured spread of nothing
-        ax.plot(cs, means, "o-", label=f"CGF, seed {seeds[0]}" if seeds and len(seeds) == 1 else "CGF, one seed")
+        ax.plot(cs, means, "o-", label=single or (f"CGF, seed {seeds[0]}" if seeds and len(seeds) == 1 else "CGF, one seed"))
     else:
         n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
         ax.errorbar(cs, means, yerr=[s * 100 for _, s in stats], marker="o", capsize=4, label=f"CGF, mean ± std over {n} seeds")
@@ -41,7 +41,8 @@ def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, t
     ax.set_ylabel("MRPC dev accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.margins(y=0.25)  # headroom: the legend clear of the points and the reference line
+    ax.legend(loc="best")
     return save(fig, path)
 
 
