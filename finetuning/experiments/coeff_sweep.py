@@ -11,7 +11,7 @@ import time
 
 from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, number, run_main
-from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
+from cgf_bert.config import EXACT, MAIN_SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
 from cgf_bert.report.compare import replot_coeff_sweep
 from cgf_bert.report.stats import fmt_pm
 from cgf_bert.store.names import method_label
@@ -25,7 +25,7 @@ def main():
     add_config_args(p, TrainConfig, skip=("approx", "seed"))
     add_config_args(p, DistillConfig)
     p.add_argument("--coeffs", type=number(float, "coeffs", min=0.0), nargs="+", default=[0.4, 0.5, 0.6, 0.65, 0.7, 0.75, 0.85], help="coefficients (default: %(default)s)")
-    p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=list(SEEDS), help="seeds per coefficient (default: %(default)s)")
+    p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=list(MAIN_SEEDS), help="seeds per coefficient (default: %(default)s)")
     p.add_argument("--distill", action="store_true", help="distill from the exact teacher instead of CE fine-tuning")
     p.add_argument("--teacher", default=TEACHER_PATH, help="teacher for --distill (default: %(default)s)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="train even where a matching record exists")

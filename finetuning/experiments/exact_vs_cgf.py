@@ -15,7 +15,7 @@ from pathlib import Path
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, number, run_main
-from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, TrainConfig
+from cgf_bert.config import EXACT, MAIN_SEEDS, TEACHER_PATH, TrainConfig
 from cgf_bert.report.compare import paired, plot_accuracy_vs_coeff
 from cgf_bert.store.provenance import RESULTS_DIR, command_line, repo_relative
 from cgf_bert.store.records import save_experiment
@@ -41,7 +41,7 @@ def main():
     p.add_argument("--swap-coeffs", type=number(float, "swap-coeffs", min=0.0), nargs="*", default=[0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 1.0],
                    help="CGF coefficients for the swap at eval (default: %(default)s; none to skip)")
     p.add_argument("--paired", action="store_true", help="also run paired fine-tunes: exact vs the --softmax spec (CGF c=0.65 by default)")
-    p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=list(SEEDS), help="seeds for --paired (default: %(default)s)")
+    p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=list(MAIN_SEEDS), help="seeds for --paired (default: %(default)s)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="train even where a matching record exists")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="run records and the experiment summary (default: %(default)s)")
     args = p.parse_args()

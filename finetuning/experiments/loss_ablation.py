@@ -15,7 +15,7 @@ import time
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, run_main
-from cgf_bert.config import EXACT, SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
+from cgf_bert.config import EXACT, MAIN_SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
 from cgf_bert.objective import LossTerm
 from cgf_bert.report.compare import compare_settings, replot_loss_ablation, settings_table
 from cgf_bert.store.names import method_label
@@ -39,7 +39,7 @@ def main():
     add_config_args(p, TrainConfig, skip=("seed",), approx=Approximations(softmax=softmax_spec("cgf", coeff=0.5)))  # the student of the results table
     add_config_args(p, DistillConfig)
     p.add_argument("--settings", nargs="+", default=SETTINGS, help="term sets to compare (default: %(default)s)")
-    p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=[42, 7, 123], help=f"seeds (default: %(default)s; the main table has {' '.join(map(str, SEEDS))})")
+    p.add_argument("--seeds", type=field_type(TrainConfig, "seed"), nargs="+", default=[42, 7, 123], help=f"seeds (default: %(default)s; the main table has {' '.join(map(str, MAIN_SEEDS))})")
     p.add_argument("--teacher", default=TEACHER_PATH, help="exact teacher (default: %(default)s)")
     p.add_argument("--no-train", dest="train", action="store_false", help="only tabulate the runs already on record; train nothing")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="train even where a matching record exists")
