@@ -174,7 +174,8 @@ def test_the_noise_option_takes_none_a_sigma_or_a_record_and_refuses_the_rest(tm
     assert not noise_of("none") and noise_of("2e-6").sigma == 2e-6
     np.savez(tmp_path / "c.npz", input=np.zeros(4), error=np.array([1.0, -1.0, 1.0, -1.0]) * 1e-6)
     assert noise_of(str(tmp_path / "c.json")).sigma == pytest.approx(1e-6)
-    for bad in ("-1", "nan", str(tmp_path / "absent.json")):
+    np.savez(tmp_path / "broken.npz", input=np.zeros(2), error=np.array([1e-6, np.nan]))
+    for bad in ("-1", "nan", "inf", str(tmp_path / "absent.json"), str(tmp_path / "broken.json")):
         with pytest.raises(argparse.ArgumentTypeError):
             noise_of(bad)
 
@@ -351,4 +352,14 @@ def test_a_gpu_mode_this_desilofhe_cannot_serve_is_refused_when_parsed(backend, 
     want = "the simulation runs on numpy" if backend == "sim" else \
         ("cannot run on a GPU" if importlib.util.find_spec("desilofhe") else "encrypted evaluation needs desilofhe")
     assert code == 2 and want in err and len(err.strip().splitlines()) == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_bootstrap_noise_for_the_clients_refresh_is_refused_when_parsed(tmp_path, monkeypatch, capsys):
+    """The interactive backend's refresh is a decryption and a fresh encryption: no bootstrap error to draw."""
+    from conftest import run_script
+
+    code, _, err = run_script(monkeypatch, capsys, "experiments.encrypted_inference", "missing.pt", "--noise", "1e-6",
+                              "--backend", "interactive", "--results-dir", tmp_path)
+    assert code == 2 and "adds no bootstrap error" in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())

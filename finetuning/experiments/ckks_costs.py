@@ -74,7 +74,7 @@ def main():
     b = e.bootstrap(low, *keys)
     seconds["bootstraps"] = time.perf_counter() - t
     diff = e.decrypt(b, sk) - x
-    error, rms = float(np.abs(diff).max()), float(np.sqrt(np.mean(diff**2)))  # rms: the noise the simulation adds (encoder.simulate)
+    error, rms = float(np.abs(diff).max()), float(np.sqrt(np.mean(diff**2)))  # the slots' errors are what the simulation resamples (backends.BootstrapNoise)
     out = {"command": command_line(), "code_version": code_version(), "machine": machine(torch.device("cpu")),
            "slots": int(e.slot_count), "max_level": int(e.max_level), "bootstrap_key": args.key, "bootstrap_from_level": 3,
            "bootstrap_level_after": int(b.level), "bootstrap_max_error": error,

@@ -37,6 +37,7 @@ interval in the reference.
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -71,7 +72,7 @@ from cgf_bert.store.provenance import (
 from cgf_bert.store.records import strict_json, write_json
 from cgf_bert.train.run import prepare_data
 
-NON_FINITE = {"": "the circuit's values left float64 (with bootstrap noise: an iteration driven past its range)"}
+NON_FINITE = {"": "the circuit's values left float64 (an iteration driven past its range, e.g. by bootstrap noise)"}
 SLOTS, TOP = 32768, 17  # desilofhe 2.0's bootstrappable engine: 2^15 slots, 17 levels after a bootstrap
 POLYNOMIAL = {"gelu": Spec.make("gelu", "gelu_poly"), "layernorm": Spec.make("layernorm", "ln_poly"),
               "pooler": Spec.make("pooler", "tanh_poly")}
@@ -136,8 +137,8 @@ def noise_of(text: str) -> B.BootstrapNoise:
             return B.BootstrapNoise.measured(text)
         except CgfBertError as e:
             raise argparse.ArgumentTypeError(f"none, a ckks_costs record with its slot errors, or a sigma >= 0: {e}") from None
-    if not sigma >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a sigma must be >= 0")
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: a sigma must be finite and >= 0")
     return B.BootstrapNoise(sigma)
 
 
@@ -197,6 +198,12 @@ def make_backend(args):
     if ops.slots != SLOTS:
         raise CgfBertError(f"the {args.backend} backend has {ops.slots} slots, the layout is planned for {SLOTS}")
     return ops
+
+
+def noise_needs_bootstraps(args) -> None:
+    """``--noise`` models a bootstrap's error: the client's refresh (``--backend interactive``) has none."""
+    if args.noise and args.backend == "interactive":
+        raise CgfBertError("--noise: the interactive backend refreshes by decrypting and encrypting again, which adds no bootstrap error")
 
 
 def gpu_available(args) -> None:
@@ -349,8 +356,9 @@ def plot(results: list[dict], path: str, measured: bool, noise: dict | None = No
     axes[2].set_title(f"layer output vs plaintext\nmean over {'/'.join(map(str, examples))} example(s){faint}", fontsize=10)
     axes[2].grid(alpha=0.3)
     fig.legend(loc="outside lower center", fontsize=8)  # outside the panels: no bar behind it
-    kind = "CKKS with bootstraps, measured" if measured else "slot simulation" + (
-        f" with bootstrap errors drawn from a real one's, {noise['rms']:.1e} rms" if noise else ", exact")
+    drawn = "" if not noise else (f" with Gaussian bootstrap errors, sigma {noise['rms']:.1e}" if noise["from"] == "gaussian"
+                                  else f" with bootstrap errors drawn from a real one's, {noise['rms']:.1e} rms")
+    kind = "CKKS with bootstraps, measured" if measured else "slot simulation" + (drawn or ", exact")
     layers = sorted({r["layers"] for r in results})
     fig.suptitle(f"The encoder as one CKKS circuit ({kind}): cost by stage over {'/'.join(map(str, layers))} encoder layer(s)"
                  " + pooler + classifier", fontsize=10)
@@ -360,16 +368,19 @@ def plot(results: list[dict], path: str, measured: bool, noise: dict | None = No
 def _layer_errors(ax, res: dict, colour: str) -> None:
     """One model's max error after each layer: its mean over the examples (one line, the legend's
     colour), each example faint beneath it; a lone layer is a marked point with its value written."""
-    errs = np.array([[np.nan if e["max_abs_error"] is None else max(e["max_abs_error"], 1e-17)  # None: not finite in the record
+    errs = np.array([[np.nan if e["max_abs_error"] is None else e["max_abs_error"]  # None: not finite in the record
                       for e in ex["per_layer"]] for ex in res["examples"]], dtype=float)
+    errs[~np.isfinite(errs)] = np.nan  # inf or nan, as drawn before the record is written
+    errs = np.maximum(errs, 1e-17)  # log scale: an exact 0 drawn at the floor
     layers = [e["layer"] for e in res["examples"][0]["per_layer"]]
     if len(errs) > 1:
         ax.plot(layers, errs.T, color=colour, alpha=0.2, lw=0.8)
-    mean = errs.mean(0)
     if np.isnan(errs).all():  # nothing to draw: said in the panel, not left blank
         ax.text(0.3, 0.03, "this model: not finite after any layer (see the record)", transform=ax.transAxes,
                 color=colour, fontsize=8, va="bottom", bbox={"facecolor": "white", "edgecolor": colour, "pad": 2})
         return
+    with np.errstate(invalid="ignore"):
+        mean = np.nanmean(errs, 0)  # over the examples with a finite error at that layer
     ax.plot(layers, mean, "o-", color=colour, ms=6)
     if len(layers) == 1:
         ax.annotate(f"{mean[0]:.1e}", (layers[0], mean[0]), xytext=(8, 0), textcoords="offset points", va="center", fontsize=9, color=colour)
@@ -413,7 +424,7 @@ def main():
                    help="score only dev examples of at most this many tokens (default: those that fit a ciphertext)")
     add_config_args(p, TrainConfig, only=("data_dir", "max_length"))
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record and plot go to RESULTS_DIR/fhe/ (default: %(default)s)")
-    p.checks.append(gpu_available)
+    p.checks += [gpu_available, noise_needs_bootstraps]
     args = p.parse_args()
     cfg = config_from_args(TrainConfig, args)
     metas = {c: read_checkpoint(c)[1] for c in args.checkpoints}  # every file checked before any work

@@ -97,6 +97,8 @@ class Refresher:
             return x
         peak = float(np.abs(self.ops.peek(x)).max()) if hasattr(self.ops, "peek") else None
         if peak is not None:
+            if self.record and not np.isfinite(peak):
+                raise CgfBertError(f"{site}: a calibration value is not finite ({peak}): no bound can be set from it")
             self.seen[site] = max(self.seen.get(site, 0.0), peak)
         bound = self.bounds.get(site)
         if bound is None:

@@ -57,6 +57,8 @@ class BootstrapNoise:
                 errors = np.asarray(f["error"], dtype=np.float64)
         except (OSError, KeyError, ValueError) as e:
             raise CgfBertError(f"{path}: not the slot errors of an experiments.ckks_costs record ({e})") from None
+        if not len(errors) or not np.isfinite(errors).all():
+            raise CgfBertError(f"{path}: its slot errors are empty or not all finite")
         return cls(float(np.sqrt(np.mean(errors**2))), errors, path.name)
 
     def __bool__(self) -> bool:

@@ -488,7 +488,7 @@ def calibrate(circuit: EncoderCircuit, embeddings, top: int, reserve: int = 0, m
     """The public bootstrap bounds: ``margin`` times the largest |value| each site refreshes, over the
     embedding outputs of calibration examples (training data, never the examples scored).
 
-    A bound decides the level its bootstrap returns (``backends.scaled_bound``: one below 1/2 costs a
+    A bound decides the level its bootstrap returns (``backends.scaled_bound``: one of at most 1/2 costs a
     level), so the sites the plan refreshes can change with the bounds: calibration runs again at its
     own bounds until they do not (at most 4 passes; a site never bounded is then refused, loudly, by
     the ``Refresher``)."""
