@@ -74,7 +74,7 @@ def main():
     b = e.bootstrap(low, *keys)
     seconds["bootstraps"] = time.perf_counter() - t
     diff = e.decrypt(b, sk) - x
-    error, rms = float(np.abs(diff).max()), float(np.sqrt(np.mean(diff**2)))  # the slots' errors are what the simulation resamples (backends.BootstrapNoise)
+    error, rms = float(np.abs(diff).max()), float(np.sqrt(np.mean(diff**2)))
     out = {"command": command_line(), "code_version": code_version(), "machine": machine(torch.device("cpu")),
            "slots": int(e.slot_count), "max_level": int(e.max_level), "bootstrap_key": args.key, "bootstrap_from_level": 3,
            "bootstrap_level_after": int(b.level), "bootstrap_max_error": error,
@@ -83,7 +83,7 @@ def main():
                                                    zip(("relinearization", "conjugation", "bootstrap"), (rlk, ck, keys[-1]))}}
     print(f"{seconds}\nbootstrap: level {b.level} after, max error {error:.1e}, rms error {rms:.1e}")
     name = f"ckks_costs-{time.strftime('%Y%m%d-%H%M%S')}"
-    # every slot's input and error: the distribution a simulation of bootstraps draws from (backends.SimulatedCkks)
+    # every slot's input and error: the distribution a simulation of bootstraps resamples (backends.BootstrapNoise)
     out["bootstrap_errors"] = f"{name}.npz"
     saved = write_json(Path(args.results_dir) / "fhe" / f"{name}.json", out)
     np.savez_compressed(saved.with_suffix(".npz"), input=x.astype(np.float32), error=diff.astype(np.float32))

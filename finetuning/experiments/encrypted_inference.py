@@ -438,10 +438,10 @@ def main():
     keys = None if ops is None else {"keygen_seconds": round(getattr(ops, "keygen_s", 0.0), 1), "key_bytes": getattr(ops, "key_bytes", None),
                                      "interactive": ops.interactive}
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None,
-               noise=args.noise.to_json() if args.noise else None)
+    noise = args.noise.to_json() if args.noise else None
+    png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None, noise=noise)
     out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend, "mode": args.mode,
-           "bootstrap_noise": args.noise.to_json() if args.noise else None,
+           "bootstrap_noise": noise,
            "keys": keys, "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
            "results": results, "plot": repo_relative(png)}
     for res in results:

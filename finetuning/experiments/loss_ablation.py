@@ -17,7 +17,7 @@ from cgf_bert.approx.softmax import softmax_spec
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, run_main
 from cgf_bert.config import EXACT, MAIN_SEEDS, TEACHER_PATH, DistillConfig, TrainConfig
 from cgf_bert.objective import LossTerm
-from cgf_bert.report.compare import compare_settings, replot_loss_ablation, settings_table
+from cgf_bert.report.compare import compare_settings, has_paired, replot_loss_ablation, settings_table
 from cgf_bert.store.names import method_label
 from cgf_bert.store.provenance import RESULTS_DIR, command_line, repo_relative
 from cgf_bert.store.records import save_experiment
@@ -72,7 +72,7 @@ def main():
            "settings": {k: [t.to_json() for t in v] for k, v in settings.items()}, "seeds": args.seeds,
            "exact_records": [r["name"] for r in exact], "base_label": base_label, "rows": rows}
     # the figure from the record, as replot draws it; none without a paired difference to draw
-    png = replot_loss_ablation(out, f"{args.results_dir}/experiments/loss_ablation-{stamp}.png") if any(r.get("vs_exact") for r in rows) else None
+    png = replot_loss_ablation(out, f"{args.results_dir}/experiments/loss_ablation-{stamp}.png") if has_paired(rows) else None
     out["plot"] = repo_relative(png) if png else None
     print(f"plot: {png}\nsaved {save_experiment(f'loss_ablation-{stamp}', out, args.results_dir)}")
 

@@ -13,7 +13,7 @@ import time
 from cgf_bert.approx.softmax import parse_softmax
 from cgf_bert.cli import ArgumentParser, add_config_args, config_from_args, field_type, run_main
 from cgf_bert.config import EXACT, TEACHER_PATH, DistillConfig, TrainConfig
-from cgf_bert.report.compare import compare_settings, replot_variant_compare, settings_table
+from cgf_bert.report.compare import compare_settings, has_paired, replot_variant_compare, settings_table
 from cgf_bert.store.names import variant_label
 from cgf_bert.store.provenance import RESULTS_DIR, command_line, repo_relative
 from cgf_bert.store.records import save_experiment
@@ -63,7 +63,7 @@ def main():
     out = {"command": command_line(), "variants": [s.to_json() for s in args.variants], "methods": args.methods, "kd": [t.to_json() for t in kd.terms],
            "seeds": args.seeds, "exact_records": [r["name"] for r in exact], "rows": rows}
     # the figure from the record, as replot draws it; none without a paired difference to draw
-    png = replot_variant_compare(out, f"{args.results_dir}/experiments/variant_compare-{stamp}.png") if any(r.get("vs_exact") for r in rows) else None
+    png = replot_variant_compare(out, f"{args.results_dir}/experiments/variant_compare-{stamp}.png") if has_paired(rows) else None
     out["plot"] = repo_relative(png) if png else None
     print(f"plot: {png}\nsaved {save_experiment(f'variant_compare-{stamp}', out, args.results_dir)}")
 

@@ -183,9 +183,14 @@ def _approx_label(record: dict) -> str:
     return Spec.from_json("softmax", record["softmax"]).label()
 
 
+def has_paired(rows: list[dict]) -> bool:
+    """Whether any setting's row has a paired difference to exact: what plot_settings draws."""
+    return any(r.get("vs_exact") for r in rows)
+
+
 def _settings_rows(record: dict) -> list[dict]:
     """The record's rows, refused when none has a paired difference to draw."""
-    if not any(r.get("vs_exact") for r in record["rows"]):
+    if not has_paired(record["rows"]):
         raise CgfBertError("no setting in the record has a paired difference to exact: the figure would be empty")
     return record["rows"]
 
