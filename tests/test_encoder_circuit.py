@@ -24,11 +24,16 @@ CHEAP = Approximations(softmax=Spec.make("softmax", "exact_poly", sum_lo=0.5, su
                        gelu=Spec.make("gelu", "quad"), layernorm=Spec.make("layernorm", "ln_affine", var_attention=0.5, var_output=2.0),
                        pooler=Spec.make("pooler", "tanh_poly"))
 
+STEPS = CHEAP.replace(softmax=Spec.make("softmax", "exact_poly", sum_lo=0.5, sum_hi=64.0, norm_steps=2, keys=32))
+
 
 def _model(tiny_bert, approx, seed=1):
     torch.manual_seed(seed)
     model = build_model(str(tiny_bert), approx).eval().double()
     model.classifier.weight.data.normal_(0, 1.0)  # logits of order 1, not 1e-3: a meaningful tolerance
+    for m in model.modules():  # a fresh BERT's biases are 0: a circuit that mis-scales one would pass
+        if isinstance(m, torch.nn.Linear):
+            m.bias.data.normal_(0, 0.1)
     return model
 
 
@@ -46,7 +51,7 @@ def _simulate(model, approx, n, top, slots=1024, bounds=None, record=True):
     return out, E.reference_logits(model, ids, tt), log, boot
 
 
-@pytest.mark.parametrize("approx", [POLY, CHEAP], ids=["cgf_poly+gelu_poly+ln_poly", "exact_poly+quad+ln_affine"])
+@pytest.mark.parametrize("approx", [POLY, CHEAP, STEPS], ids=["cgf_poly+gelu_poly+ln_poly", "exact_poly+quad+ln_affine", "exact_poly-h2"])
 @pytest.mark.parametrize("n", [7, 32])  # 32 tokens: every row of the 1,024-slot ciphertext, every key offset
 def test_the_circuit_computes_the_models_logits(tiny_bert, approx, n):
     model = _model(tiny_bert, approx)
@@ -56,9 +61,10 @@ def test_the_circuit_computes_the_models_logits(tiny_bert, approx, n):
     assert not any(d.get("bootstraps") for d in log.stages.values())  # enough levels: nothing to refresh
 
 
-def test_with_17_levels_it_bootstraps_where_the_levels_run_out_and_computes_the_same(tiny_bert):
-    model = _model(tiny_bert, POLY)
-    out, ref, log, boot = _simulate(model, POLY, 9, top=17)
+@pytest.mark.parametrize("approx", [POLY, STEPS], ids=["cgf_poly+gelu_poly+ln_poly", "exact_poly-h2"])
+def test_with_17_levels_it_bootstraps_where_the_levels_run_out_and_computes_the_same(tiny_bert, approx):
+    model = _model(tiny_bert, approx)
+    out, ref, log, boot = _simulate(model, approx, 9, top=17)
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-13)
     assert sum(d.get("bootstraps", 0) for d in log.stages.values()) >= 2 * 4  # ln_poly's depth exceeds 17 alone
     assert set(boot.seen)  # every site that bootstrapped recorded its largest value (the calibration)

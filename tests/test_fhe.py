@@ -139,8 +139,12 @@ def test_times_values_by_diagonals_matches_matmul(width, dim):
     assert np.allclose(out, np.einsum("rk,rkd->rd", p, values))
 
 
-@pytest.mark.parametrize("circuit", [cgf(PolyExp()), CGF, cgf(PolyExp(3, -8.0, 8.0, 1), coeff=0.0), EXACT],
-                         ids=["cgf-default", "cgf-small", "cgf-c0", "exact"])
+# Two of its three squarings each divided by its row sum again (rows of at most 16 valid keys).
+EXACT_STEPS = exact(PolyExp(6, -8.0, 8.0, 3), 4.0, 64.0, norm_steps=2, keys=16)
+
+
+@pytest.mark.parametrize("circuit", [cgf(PolyExp()), CGF, cgf(PolyExp(3, -8.0, 8.0, 1), coeff=0.0), EXACT, EXACT_STEPS],
+                         ids=["cgf-default", "cgf-small", "cgf-c0", "exact", "exact-steps"])
 def test_slot_simulation_is_the_plaintext_circuit(circuit):
     blocks = make_blocks()
     outs, probs, _ = simulate_attention(blocks, circuit, width=WIDTH, slots=128)  # several ciphertexts
@@ -175,7 +179,8 @@ DEPTH_SPECS = [
     *(softmax_spec("cgf_poly", degree=d, exp_lo=-8.0, exp_hi=8.0, squarings=k, coeff=c)
       for d, k, c in ((1, 0, 0.5), (4, 2, 0.5), (7, 3, 0.5), (8, 5, 0.0), (16, 8, 0.65))),
     *(softmax_spec("exact_poly", degree=6, exp_lo=-8.0, exp_hi=8.0, squarings=2, sum_lo=lo, sum_hi=hi, **kw)
-      for lo, hi, kw in ((4.0, 64.0, {}), (32.0, 65536.0, {}), (4.0, 64.0, {"iters": 4}), (4.0, 5.0, {"tol": 0.1}))),
+      for lo, hi, kw in ((4.0, 64.0, {}), (32.0, 65536.0, {}), (4.0, 64.0, {"iters": 4}), (4.0, 5.0, {"tol": 0.1}),
+                         (4.0, 64.0, {"norm_steps": 1, "keys": 16}), (4.0, 64.0, {"norm_steps": 2, "keys": 16, "iters": 3}))),
 ]
 
 
@@ -196,6 +201,39 @@ def test_the_exact_depth_follows_the_reciprocal_steps():
     assert exact(PolyExp(6, -8.0, 8.0, 2), 4.0, 5.0, tol=0.1).depth == depths[1] - 2
 
 
+def test_the_normalising_steps_add_their_reciprocals_and_products_to_the_depth():
+    """Each step: the reciprocal of a sum on [1/keys, 1] (its own Goldschmidt steps) and one product;
+    its square is one of the exp's squarings, which the circuit moves, not adds."""
+    one = exact(PolyExp(6, -8.0, 8.0, 3), 4.0, 64.0)
+    stepped = exact(PolyExp(6, -8.0, 8.0, 3), 4.0, 64.0, norm_steps=2, keys=16)
+    bound = stepped.norm.step_bound()
+    assert bound == (1 / 16, 2.0)  # sum p^2 in [1/keys, 1], with headroom above
+    s, it = np.geomspace(*bound, 200), stepped.norm.step_iters  # the fewest steps reaching tol=1e-4 there
+    assert np.abs(goldschmidt(s, bound, it) * s - 1).max() <= 1e-4 < np.abs(goldschmidt(s, bound, it - 1) * s - 1).max()
+    assert stepped.depth - one.depth == 2 * (2 + stepped.norm.step_iters + 1)
+    assert stepped.prob_scale == 16.0 and one.prob_scale == 64.0
+    with pytest.raises(CgfBertError, match="norm_steps <= squarings"):
+        softmax_spec("exact_poly", squarings=2, norm_steps=3)
+
+
+def test_steps_keep_the_first_sum_narrow_where_one_division_needs_a_bound_of_many_decades():
+    """Rows spread like the teacher's (centred scores to 30, sums to 1e13): the first sum of
+    exp(x/8) spans four decades, not fourteen, and the result is the softmax."""
+    rng = np.random.default_rng(3)
+    scores = rng.normal(0.0, 6.0, (64, 40))
+    scores[::4, 0] += 30.0  # a peaked row every fourth
+    valid = np.ones(40, bool)
+    poly = PolyExp(32, -64.0, 64.0, 6)
+    wide = exact(poly, 1.0, 1.0e16, norm_steps=0)
+    sums = wide.row_sums(scores, valid)
+    assert sums.max() / sums.min() > 1e9
+    stepped = exact(poly, 1.0, 2.0, norm_steps=3, keys=64)
+    narrow = stepped.row_sums(scores, valid)
+    assert narrow.max() / narrow.min() < 1e4
+    stepped = exact(poly, narrow.min() / 2, 2 * narrow.max(), norm_steps=3, keys=64)
+    np.testing.assert_allclose(stepped.reference(scores, valid), stepped.references(scores, valid)["exact"], atol=1e-4)
+
+
 # --- references: the circuits' float64 functions are the torch softmaxes of their specs ----------
 
 
@@ -205,8 +243,8 @@ def torch_softmax(spec, scores: np.ndarray, valid: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("circuit", [CGF, cgf(PolyExp(3, -8.0, 8.0, 1), coeff=0.0), cgf(PolyExp(8, -64.0, 16.0, 6), 0.65),
-                                     EXACT, exact(PolyExp(8, -16.0, 16.0, 3), 2.0, 4096.0)],
-                         ids=["cgf-small", "cgf-c0", "cgf-wide", "exact", "exact-tol"])
+                                     EXACT, exact(PolyExp(8, -16.0, 16.0, 3), 2.0, 4096.0), EXACT_STEPS],
+                         ids=["cgf-small", "cgf-c0", "cgf-wide", "exact", "exact-tol", "exact-steps"])
 @pytest.mark.parametrize("offset", [1.0, 30.0])  # a large row mean: E[s^2] - mu^2 would cancel digits
 def test_reference_is_the_torch_softmax_of_the_spec(circuit, offset):
     for s, valid, _ in make_blocks(seed=4, offset=offset):

@@ -22,7 +22,8 @@ The logits are compared with the plaintext reference (the model in float64 with 
 specs). Operations that are
 not polynomial (an exact softmax, erf GELU, LayerNorm, tanh) are replaced by their polynomial
 kinds first (``--polynomial``, on by default): ``exact`` -> ``exact_poly`` with the row-sum bound
-measured on the calibration examples, GELU -> ``gelu_poly``, LayerNorm -> ``ln_poly``, tanh ->
+measured on the calibration examples and the square-and-normalise steps that keep it narrow
+(``--norm-steps``; a single division would need a bound of 18 decades for the teacher), GELU -> ``gelu_poly``, LayerNorm -> ``ln_poly``, tanh ->
 ``tanh_poly``; a checkpoint's own polynomial specs are kept.
 
 Bootstrap bounds (the public scale each refreshed value is divided by) are calibrated on
@@ -78,13 +79,20 @@ POLYNOMIAL = {"gelu": Spec.make("gelu", "gelu_poly"), "layernorm": Spec.make("la
               "pooler": Spec.make("pooler", "tanh_poly")}
 
 
-def row_sum_bound(model, examples) -> tuple[float, float]:
-    """(lo/2, 2 hi) of the rows' ``sum exp(s - mean)`` over valid keys, every layer and head."""
-    sums = []
+# The widest first row-sum bound (hi / lo) the exact softmax's circuit is given. Goldschmidt's e starts
+# about 8 lo/hi below 1, and a bootstrap's worst slot error is 3e-5 of its bound (records ckks_costs):
+# at 1e3 the start keeps 30 times that margin; the teacher's single division (8.6e17) had none.
+FIRST_SUM_RATIO = 1e3
+EXP_MARGIN = 1.25  # the exact softmax's exp interval: this times the calibration's centred scores' range
+
+
+def centred_rows(model, examples) -> list[torch.Tensor]:
+    """Every attention row's scores centred on their mean (float64), every layer and head, per example."""
+    rows = []
 
     def tap(module, scores, mask, probs, value, out):
         x = scores.double() - scores.double().mean(-1, keepdim=True)
-        sums.append(torch.exp(x).sum(-1).flatten())
+        rows.append(x.reshape(-1, x.shape[-1]))
 
     mods = self_attentions(model.bert)
     for m in mods:
@@ -96,12 +104,40 @@ def row_sum_bound(model, examples) -> tuple[float, float]:
     finally:
         for m in mods:
             m.tap = None
-    s = torch.cat(sums)
+    return rows
+
+
+def row_sum_bound(rows: list[torch.Tensor], steps: int = 0) -> tuple[float, float]:
+    """(lo/2, 2 hi) of the rows' ``sum exp(x / 2^steps)``."""
+    s = torch.cat([torch.exp(x / 2.0**steps).sum(-1) for x in rows])
     return float(s.min()) / 2, float(s.max()) * 2
 
 
-def polynomial_form(approx: Approximations, model, calibration) -> Approximations:
-    """Each op the circuit cannot run replaced by its polynomial kind (the checkpoint's own kept)."""
+def exact_form(form: Spec, model, calibration, keys: int, steps: int | None) -> Spec:
+    """``exact_poly`` with its exp interval (EXP_MARGIN times the centred scores' range) and its row-sum
+    bound measured on the calibration examples, and ``steps`` square-and-normalise steps (None: the
+    fewest whose first bound is at most FIRST_SUM_RATIO wide)."""
+    rows = centred_rows(model, calibration)
+    k = form.values["squarings"]
+    lo_x, hi_x = EXP_MARGIN * min(float(x.min()) for x in rows), EXP_MARGIN * max(float(x.max()) for x in rows)
+    if steps is not None and steps > k:
+        raise CgfBertError(f"--norm-steps {steps}: the exact softmax's polynomial has {k} squarings")
+    h = steps if steps is not None else next((h for h in range(k + 1) if _ratio(row_sum_bound(rows, h)) <= FIRST_SUM_RATIO), k)
+    lo, hi = row_sum_bound(rows, h)
+    if steps is None:
+        note(f"  exact softmax: {h} square-and-normalise steps, first row sums in [{lo:.3g}, {hi:.3g}]"
+             + ("" if hi / lo <= FIRST_SUM_RATIO else f", wider than {FIRST_SUM_RATIO:g} at every step the polynomial allows"))
+    return Spec.make("softmax", "exact_poly", **{**form.values, "exp_lo": math.floor(lo_x), "exp_hi": math.ceil(hi_x),
+                                                 "sum_lo": lo, "sum_hi": hi, "norm_steps": h, "keys": keys})
+
+
+def _ratio(bound: tuple[float, float]) -> float:
+    return bound[1] / bound[0]
+
+
+def polynomial_form(approx: Approximations, model, calibration, keys: int, steps: int | None = None) -> Approximations:
+    """Each op the circuit cannot run replaced by its polynomial kind (the checkpoint's own kept); the
+    exact softmax's bound and steps from ``exact_form`` (``keys``: the most tokens an example has)."""
     out = approx
     for op, spec in POLYNOMIAL.items():
         if getattr(approx, op).depth is None:
@@ -109,8 +145,7 @@ def polynomial_form(approx: Approximations, model, calibration) -> Approximation
     if approx.softmax.depth is None:
         form = approx.softmax.with_polynomial()
         if form.name == "exact_poly":
-            lo, hi = row_sum_bound(model, calibration)
-            form = Spec.make("softmax", "exact_poly", **{**form.values, "sum_lo": lo, "sum_hi": hi})
+            form = exact_form(form, model, calibration, keys, steps)
         out = out.replace(softmax=form)
     return out
 
@@ -252,7 +287,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     lay = E.TokenLayout.for_model(SLOTS, model.bert.config.hidden_size)
     top, reserve = backend.top, backend.reserve
     calibration = [(i, t) for i, t, _ in examples_of(data["train"], lay.rows, args.calibrate)]
-    approx = polynomial_form(meta["approx"], model, calibration) if args.polynomial else meta["approx"]
+    approx = polynomial_form(meta["approx"], model, calibration, lay.rows, args.norm_steps) if args.polynomial else meta["approx"]
     model.set_approx(approx)
     circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
     bounds = E.calibrate(circuit, (E.embed(model, ids, tt) for ids, tt in calibration), top, reserve)
@@ -403,6 +438,9 @@ def main():
                    help="training examples the bootstrap bounds and the exact softmax's row-sum bound are measured on (default: %(default)s)")
     p.add_argument("--no-polynomial", dest="polynomial", action="store_false",
                    help="refuse a checkpoint whose ops are not all polynomial instead of replacing them by their polynomial kinds")
+    p.add_argument("--norm-steps", type=number(int, "norm-steps", min=0),
+                   help="square-and-normalise steps of an exact softmax's polynomial form (exact_poly's norm_steps; default: the "
+                        f"fewest whose first row-sum bound, measured on --calibrate examples, is at most {FIRST_SUM_RATIO:g} wide)")
     p.add_argument("--costs", type=cost_table, help="seconds per operation (a record of experiments.ckks_costs) to price the stages")
     p.add_argument("--backend", choices=("sim", "interactive", "bootstrap"), default="sim",
                    help="sim: numpy slot vectors that count CKKS levels (default); interactive: CKKS, the client refreshing "

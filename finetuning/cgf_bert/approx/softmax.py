@@ -9,6 +9,8 @@ Adding a variant is one ``@SOFTMAX.register`` call (and its test).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from cgf_bert import CgfBertError
@@ -236,7 +238,14 @@ EXACT_POLY_PARAMS = (
     Param("sum_lo", float, 32.0, "assumed lower bound of a row's sum of exp(s - mean) (the reciprocal's interval)", above=0.0),
     Param("sum_hi", float, 65536.0, "assumed upper bound of a row's sum of exp(s - mean)", above=0.0),
     Param("tol", float, 1e-4, "relative error of the reciprocal inside the bound (fixes the Goldschmidt steps)", above=0.0, max=0.5),
-    Param("iters", int, 0, "Goldschmidt steps: 0 = the fewest that reach tol inside the bound, else exactly that many", min=0, max=64),
+    Param("iters", int, 0, "Goldschmidt steps of each division: 0 = the fewest that reach tol inside its bound, else exactly that many", min=0, max=64),
+    # Range reduction without a max (norm_steps > 0): the row sum of exp(x) spans as many decades as
+    # the scores' spread (8.6e17 over the teacher's MRPC rows), which no reciprocal survives under
+    # bootstrap noise. Dividing early, p = exp(x/2^h) / sum, then h times p <- p^2 / sum(p^2), gives
+    # the same softmax with a first sum of exp(x/2^h) and later ones of p^2 in [1/n, 1].
+    Param("norm_steps", int, 0, "square-and-normalise steps h: the first row sum is of exp(x / 2^h), each of the last "
+          "h squarings is followed by a division by its row sum (0: one division at the end)", min=0, max=16),
+    Param("keys", int, 64, "the most valid keys a row may have: the later row sums, of p^2, lie in [1/keys, 1]", min=2),
 )
 
 
@@ -244,11 +253,58 @@ def _exact_poly_check(p: dict) -> None:
     _poly(p)
     if not p["sum_lo"] < p["sum_hi"]:
         raise CgfBertError(f"exact_poly needs sum_lo < sum_hi, got {p['sum_lo']:g} and {p['sum_hi']:g}")
+    if p["norm_steps"] > p["squarings"]:
+        raise CgfBertError(f"exact_poly's norm_steps ({p['norm_steps']}) are among its squarings ({p['squarings']}): "
+                           "need norm_steps <= squarings")
+
+
+STEP_HEADROOM = 2.0  # a step's row sum of p^2 is bounded by [1/keys, 2], not [1/keys, 1] (Normalisation.step_bound)
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """How an ``exact_poly`` spec divides by its row sums: the first division on ``bound`` with
+    ``iters`` Goldschmidt steps, then ``steps`` squarings each divided by its row sum on
+    ``[1/keys, 1]`` with ``step_iters``. Plain arithmetic (``apply``) serves torch and numpy."""
+
+    bound: tuple[float, float]
+    iters: int
+    steps: int = 0
+    keys: int = 64
+    step_iters: int = 0
+
+    def step_bound(self, scale: float = 1.0) -> tuple[float, float]:
+        """The bound of a step's row sum of ``(scale p)^2``: ``sum p^2`` of a distribution over at most
+        ``keys`` keys is in [1/keys, 1]; the top is doubled because a sum above its bound drives
+        Goldschmidt's ``e`` past 1 (it then diverges), and one-hot rows (the teacher's [SEP] heads)
+        sit at 1 exactly, where a previous division's error or a bootstrap's would push them over."""
+        return scale * scale / self.keys, STEP_HEADROOM * scale * scale
+
+    @property
+    def depth(self) -> int:
+        """Levels after the exp: each division its reciprocal and the product (each step's square is the exp's)."""
+        return _reciprocal_depth(self.iters) + 1 + self.steps * (_reciprocal_depth(self.step_iters) + 1)
+
+    def apply(self, e, total):
+        """``e`` (exp of the centred scores over 2^steps, masked) -> the probabilities; ``total(v)`` a row sum kept as a column."""
+        p = e * goldschmidt(total(e), self.bound, self.iters)
+        for _ in range(self.steps):
+            q = p * p
+            p = q * goldschmidt(total(q), self.step_bound(), self.step_iters)
+        return p
+
+
+def normalisation(p: dict) -> Normalisation:
+    """The divisions an exact_poly spec's parameters ``p`` declare."""
+    bound, steps = (p["sum_lo"], p["sum_hi"]), p["norm_steps"]
+    step_bound = (1.0 / p["keys"], STEP_HEADROOM)
+    return Normalisation(bound, p["iters"] or goldschmidt_iters(bound, p["tol"]), steps, p["keys"],
+                         (p["iters"] or goldschmidt_iters(step_bound, p["tol"])) if steps else 0)
 
 
 def exact_poly_iters(p: dict) -> int:
-    """The Goldschmidt steps an exact_poly spec's reciprocal runs: ``iters``, or (0) the fewest that reach ``tol``."""
-    return p["iters"] or goldschmidt_iters((p["sum_lo"], p["sum_hi"]), p["tol"])
+    """The Goldschmidt steps an exact_poly spec's first reciprocal runs: ``iters``, or (0) the fewest that reach ``tol``."""
+    return normalisation(p).iters
 
 
 def _reciprocal_depth(iters: int) -> int:
@@ -258,21 +314,28 @@ def _reciprocal_depth(iters: int) -> int:
 
 
 def _exact_poly_depth(p: dict) -> int:
-    """Centring 3 (as CGF's statistics), the polynomial, the reciprocal, and the product with exp 1."""
-    return CGF_STATS_DEPTH + _poly(p).depth + _reciprocal_depth(exact_poly_iters(p)) + 1
+    """Centring 3 (as CGF's statistics), the polynomial, then the divisions (``Normalisation.depth``)."""
+    return CGF_STATS_DEPTH + _poly(p).depth + normalisation(p).depth
 
 
 def _exact_poly_tag(p: dict, sep: str) -> str:
-    """' it=4' / '-it4' in a label / slug when the steps are fixed, '' when ``tol`` picks them."""
-    return f"{sep}{p['iters']}" if p["iters"] else ""
+    """' it=4' / '-it4' in a label / slug when the steps are fixed, '' when ``tol`` picks them; then
+    ' h=3 keys=64' / '-h3-n64' with square-and-normalise steps."""
+    tag = f"{sep}{p['iters']}" if p["iters"] else ""
+    if p["norm_steps"]:
+        tag += f" h={p['norm_steps']} keys={p['keys']}" if sep.startswith(" ") else f"-h{p['norm_steps']}-n{p['keys']}"
+    return tag
 
 
-def _exact_poly(s: torch.Tensor, mask: torch.Tensor | None, poly: PolyExp, bound: tuple[float, float], iters: int, counter) -> torch.Tensor:
+def _exact_poly(s: torch.Tensor, mask: torch.Tensor | None, poly: PolyExp, norm: Normalisation, counter) -> torch.Tensor:
     x, _, n = centred(s, mask)  # no max: the row mean centres the scores
     if counter is not None:
         counter.add(x.detach(), poly.lo, poly.hi, real_entries(mask))
-    e = poly(x) * mask if mask is not None else poly(x)
-    return e * goldschmidt(e.sum(-1, keepdim=True), bound, iters)
+    e = poly.q(x)
+    for _ in range(poly.squarings - norm.steps):  # exp(x / 2^steps); the last squarings are the divisions'
+        e = e * e
+    e = e * mask if mask is not None else e
+    return norm.apply(e, lambda v: v.sum(-1, keepdim=True))
 
 
 @SOFTMAX.register(
@@ -285,14 +348,17 @@ def _exact_poly(s: torch.Tensor, mask: torch.Tensor | None, poly: PolyExp, bound
     interval=lambda p: (p["exp_lo"], p["exp_hi"]),
 )
 def exact_poly_softmax(scores, valid, degree=8, exp_lo=-32.0, exp_hi=32.0, squarings=5, sum_lo=32.0, sum_hi=65536.0,
-                       tol=1e-4, iters=0, counter=None) -> torch.Tensor:
+                       tol=1e-4, iters=0, norm_steps=0, keys=64, counter=None) -> torch.Tensor:
     """The exact softmax as a CKKS evaluator runs it: polynomial exp of the mean-centred scores, row sum, Goldschmidt reciprocal.
 
-    Rows whose sum leaves [sum_lo, sum_hi] get a wrong reciprocal (``reciprocal.goldschmidt``);
+    With ``norm_steps`` h, the sum [sum_lo, sum_hi] bounds is that of ``exp(x / 2^h)``, and each of the
+    last h squarings is divided by its own row sum (``Normalisation``; a fixed ``iters`` serves every
+    division). Rows whose sum leaves its bound get a wrong reciprocal (``reciprocal.goldschmidt``);
     centred scores outside [exp_lo, exp_hi] are counted into ``counter``, never clipped.
     """
-    p = dict(degree=degree, exp_lo=exp_lo, exp_hi=exp_hi, squarings=squarings, sum_lo=sum_lo, sum_hi=sum_hi, tol=tol, iters=iters)
-    return _float32(_exact_poly)(scores, valid, _poly(p), (sum_lo, sum_hi), exact_poly_iters(p), counter)
+    p = dict(degree=degree, exp_lo=exp_lo, exp_hi=exp_hi, squarings=squarings, sum_lo=sum_lo, sum_hi=sum_hi, tol=tol, iters=iters,
+             norm_steps=norm_steps, keys=keys)
+    return _float32(_exact_poly)(scores, valid, _poly(p), normalisation(p), counter)
 
 
 def exact_polynomial(p: dict, poly: PolyExp | None) -> Spec:

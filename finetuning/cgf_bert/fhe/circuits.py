@@ -17,10 +17,9 @@ import numpy as np
 
 from cgf_bert import CgfBertError
 from cgf_bert.approx.polyexp import PolyExp
-from cgf_bert.approx.reciprocal import goldschmidt, linear_guess
-from cgf_bert.approx.softmax import SOFTMAX, exact_poly_iters
+from cgf_bert.approx.softmax import SOFTMAX, Normalisation, normalisation
 from cgf_bert.approx.spec import Spec
-from cgf_bert.fhe.ops import broadcast, chebyshev_series, repeated_squaring, rotsum, row_total
+from cgf_bert.fhe.ops import broadcast, chebyshev_series, reciprocal, repeated_squaring, rotsum, row_total
 from cgf_bert.fhe.packing import PackedCt
 from cgf_bert.fhe.references import _centre, _poly_np, _unit_map, cgf_argument, cgf_reference, exact_reference
 from cgf_bert.registry import Registry
@@ -137,80 +136,77 @@ class ExactCircuit(SoftmaxCircuit):
     """Encrypted softmax without a max: ``E = PolyExp(x) * mask``, ``x = (s - mu) * mask``, then
     ``E / sum(E)`` with the reciprocal by Goldschmidt on the spec's ``[sum_lo, sum_hi]`` (bounds on
     the row sum of ``exp(s - mu)`` over valid keys; rows outside get a wrong reciprocal, see
-    ``goldschmidt``), with ``iters`` steps or the fewest that reach ``tol``.
+    ``goldschmidt``), with ``iters`` steps or the fewest that reach ``tol``. With ``norm_steps`` h
+    the division comes before the last h squarings, each of which is divided by its row sum again
+    (``approx.softmax.Normalisation``): the first sum is of ``exp(x / 2^h)``, the later ones of
+    ``p^2`` in ``[1/keys, 1]``.
 
     CKKS error is absolute (about 1e-8 here), so the circuit keeps every value far from 0:
-    Goldschmidt runs on ``S' = S / hi`` in ``[r, 1]`` with ``y ~ hi / S``, and the probability
-    ciphertext holds ``hi * p`` (``prob_scale``, a public factor: P @ V folds ``1/hi`` into V's
-    diagonals and decrypted probabilities are divided by it). Computing ``1/S ~ 1e-3`` or
-    ``E / hi`` in the ciphertext instead costs about three digits.
+    Goldschmidt runs on ``S' = S / hi`` in ``[r, 1]`` with ``y ~ G / S``, and the probability
+    ciphertext holds ``G * p`` (``prob_scale``, a public factor: P @ V folds ``1/G`` into V's
+    diagonals and decrypted probabilities are divided by it), ``G = hi`` for one division and
+    ``keys`` with steps (so that a step's square, ``G^2 p^2``, stays of order ``keys``). Computing
+    ``1/S ~ 1e-3`` or ``E / hi`` in the ciphertext instead costs about three digits.
     """
 
     @property
+    def norm(self) -> Normalisation:
+        return normalisation(self.spec.values)
+
+    @property
     def sum_bound(self) -> tuple[float, float]:
-        v = self.spec.values
-        return v["sum_lo"], v["sum_hi"]
+        return self.norm.bound
 
     @property
     def recip_iters(self) -> int:
-        return exact_poly_iters(self.spec.values)
+        return self.norm.iters
 
     @property
     def prob_scale(self) -> float:
-        return self.sum_bound[1]  # the probability ciphertext holds hi * p
+        norm = self.norm
+        return float(norm.keys) if norm.steps else norm.bound[1]
 
     def probs(self, ops, s, pc: PackedCt):
-        """Encrypted scores (slots,) -> encrypted probabilities (slots,)."""
+        """Encrypted scores (slots,) -> encrypted probabilities (slots,), times ``prob_scale``."""
         a, b = _unit_map(self.poly)
         mask, inv_n, first = (PackedCt.slots(v) for v in (pc.mask, pc.inv_n, pc.first))
+        norm, g = self.norm, self.prob_scale
         mu = row_total(ops, ops.mul_plain(s, mask * inv_n), first, pc.width)  # every slot
         t = ops.add_const(ops.mul_plain(ops.sub(s, mu), mask * a), -b)  # to_unit(x)
-        e = repeated_squaring(ops, chebyshev_series(ops, t, self.poly.coeffs, mask), self.poly.squarings)
-        inv = broadcast(ops, self._reciprocal(ops, rotsum(ops, e, pc.width), first), pc.width)
-        return ops.mul(e, inv)  # hi * E / S
+        e = repeated_squaring(ops, chebyshev_series(ops, t, self.poly.coeffs, mask), self.poly.squarings - norm.steps)
+        p = self._divide(ops, e, first, norm.bound, norm.iters, pc.width)  # g * E / S
+        for _ in range(norm.steps):  # g^2 p^2 sums to g^2 sum p^2, in g^2 [1/keys, 1]
+            q = ops.square(p)
+            p = self._divide(ops, q, first, norm.step_bound(g), norm.step_iters, pc.width)
+        return p
 
-    def _reciprocal(self, ops, total, first: np.ndarray):
-        """``y ~ hi / S`` by Goldschmidt on slot ``r*W`` (``total`` there is S); other slots end ~0.
-
-        ``y0 = alpha - beta S'`` and ``e0 = 1 - S' y0 = 1 - alpha S' + beta S'^2`` (``S' = S/hi``)
-        are both taken from ``S`` directly, the square written as one of ``sqrt(beta) S'``:
-        the same depth as ``1 - S' * y0`` and about ten times less error (no product of two
-        noisy ciphertexts before the squarings amplify it).
-        """
-        alpha, beta = linear_guess(self.sum_bound)
-        hi, iters = self.sum_bound[1], self.recip_iters
-        y = ops.add_plain(ops.mul_plain(total, -beta / hi * first), alpha * first)  # 0 off slot r*W
-        if not iters:
-            return y  # the linear guess alone: e0 is never needed
-        quad = ops.square(ops.mul_plain(total, math.sqrt(beta) / hi * first))  # beta S'^2
-        e = ops.add(ops.add_plain(ops.mul_plain(total, -alpha / hi * first), first), quad)  # 0 off slot r*W
-        for i in range(iters):
-            y = ops.add(y, ops.mul(y, e))
-            if i + 1 < iters:
-                e = ops.square(e)
-        return y
+    def _divide(self, ops, v, first: np.ndarray, bound: tuple[float, float], iters: int, width: int):
+        """``prob_scale * v / (v's row sum)``: the sum on slot ``r*W``, its reciprocal there, broadcast."""
+        inv = reciprocal(ops, rotsum(ops, v, width), first, bound, iters, self.prob_scale)
+        return ops.mul(v, broadcast(ops, inv, width))
 
     def row_sums(self, scores, mask) -> np.ndarray:
-        """(R,): the true ``sum exp(s - mu)`` over valid keys, which the bound must hold."""
+        """(R,): the true ``sum exp((s - mu) / 2^h)`` over valid keys, which the bound must hold."""
         m, _, _, x = _centre(scores, mask)
-        return (np.exp(x) * m).sum(axis=-1)
+        return (np.exp(x / 2.0**self.norm.steps) * m).sum(axis=-1)
 
     def reference(self, scores, mask) -> np.ndarray:
-        """The circuit in float64: same polynomial, same Goldschmidt steps (the plaintext ``exact_poly`` softmax)."""
+        """The circuit in float64: same polynomial, same divisions (the plaintext ``exact_poly`` softmax)."""
         m, _, _, x = _centre(scores, mask)
-        e = _poly_np(self.poly, x) * m
-        return e * goldschmidt(e.sum(axis=-1, keepdims=True), self.sum_bound, self.recip_iters)
+        e = _poly_np(self.poly, x, self.poly.squarings - self.norm.steps)  # exp(x / 2^h)
+        return self.norm.apply(e * m, lambda v: v.sum(axis=-1, keepdims=True))
 
     def references(self, scores, mask) -> dict[str, np.ndarray]:
         """The circuit's own function first, then the exact softmax."""
         return {"exact_circuit": self.reference(scores, mask), "exact": exact_reference(scores, mask)}
 
     def flagged_rows(self, scores, mask) -> tuple[np.ndarray, dict]:
-        """(R,) rows whose true row sum leaves the bound or with a centred score outside the
-        polynomial's [lo, hi], and the counts of each."""
+        """(R,) rows whose true first row sum leaves the bound, with more valid keys than ``keys`` or
+        with a centred score outside the polynomial's [lo, hi], and the counts of each."""
         total, (lo, hi) = self.row_sums(scores, mask), self.sum_bound
         m, _, _, x = _centre(scores, mask)
         out = ((x < self.poly.lo) | (x > self.poly.hi)) & (m > 0)
         sums = (total < lo) | (total > hi)
-        return sums | out.any(axis=-1), {"sums_below": int((total < lo).sum()), "sums_above": int((total > hi).sum()),
-                                         "args_outside_poly": int(out.sum())}
+        wide = (m.sum(axis=-1) > self.norm.keys) if self.norm.steps else np.zeros_like(sums)
+        return sums | wide | out.any(axis=-1), {"sums_below": int((total < lo).sum()), "sums_above": int((total > hi).sum()),
+                                                "rows_over_keys": int(wide.sum()), "args_outside_poly": int(out.sum())}

@@ -45,8 +45,7 @@ from cgf_bert import CgfBertError
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.chebyshev import ChebyshevFit
 from cgf_bert.approx.polyexp import PolyExp
-from cgf_bert.approx.reciprocal import linear_guess
-from cgf_bert.approx.softmax import exact_poly_iters
+from cgf_bert.approx.softmax import normalisation
 from cgf_bert.fhe.accounting import Counted, Refresher, StageLog
 from cgf_bert.fhe.backends import SimulatedCkks, after_levels
 from cgf_bert.fhe.ops import (
@@ -54,6 +53,7 @@ from cgf_bert.fhe.ops import (
     broadcast,
     bsgs,
     chebyshev_series,
+    reciprocal,
     repeated_squaring,
     rotsum,
     times_int,
@@ -148,7 +148,9 @@ class Weights:
     @classmethod
     def of(cls, model) -> Weights:
         bert = model.bert
-        lin = lambda m: (_np(m.weight).T, _np(m.bias))
+        def lin(m):
+            return _np(m.weight).T, _np(m.bias)
+
         layers = []
         for layer in bert.encoder.layer:
             a = layer.attention
@@ -306,14 +308,15 @@ class EncoderCircuit:
             out = term if out is None else ops.add(out, term)
         log.current = f"layer {i} / output"
         out = boot(out, 1, f"layer {i} context")
-        (o,) = self.linear(ops, [out], lw["o"], scale=1.0 / scale)
+        w_o, b_o = lw["o"]
+        (o,) = self.linear(ops, [out], (w_o / scale, b_o))  # the probabilities' public factor, not the bias's
         return o
 
     def _score_need(self, sm, poly: PolyExp) -> int:
         """Levels Q and K need so that no offset's ciphertext is bootstrapped before P V: the product,
-        the statistics (CGF's one level; exact's one, then its product with the reciprocal), the
+        the statistics (CGF's one level; exact's one, then its product with each reciprocal), the
         exp, and P V."""
-        stats = 1 if sm.name == "cgf_poly" else 2
+        stats = 1 if sm.name == "cgf_poly" else 2 + normalisation(sm.values).steps
         return min(1 + stats + poly.depth + 1, self._top)
 
     @staticmethod
@@ -355,33 +358,30 @@ class EncoderCircuit:
         return probs, 1.0
 
     def _exact(self, ops, boot, scores, masks, n, sm, poly, i):
-        """The exact softmax as CKKS runs it: ``PolyExp(s - mu)`` per offset, the total over the offsets,
-        its reciprocal by Goldschmidt on [sum_lo, sum_hi] (probabilities held as ``hi * p``)."""
+        """The exact softmax as CKKS runs it: ``PolyExp(s - mu)`` per offset (its last ``norm_steps``
+        squarings left out), the total over the offsets, its reciprocal by Goldschmidt on [sum_lo,
+        sum_hi]; then each left-out squaring divided by its own total (probabilities held as ``G * p``,
+        ``ExactCircuit.prob_scale``)."""
         a, b = _unit_map(poly)
+        norm = normalisation(sm.values)
+        if norm.steps and n > norm.keys:
+            raise CgfBertError(f"{n} tokens: more valid keys than the softmax's keys={norm.keys} (its later row sums' bound)")
+        g = float(norm.keys) if norm.steps else norm.bound[1]
         mu = self._sum(ops, {r: ops.mul_plain(s, masks[r] * (a / n)) for r, s in scores.items()})  # a mu
         es = {}
         for r in list(scores):
             s = scores.pop(r)
             t = ops.add_const(ops.sub(ops.mul_plain(s, masks[r] * a), mu), -b)
-            t = boot(t, poly.depth, f"layer {i} exp input")
-            es[r] = repeated_squaring(ops, chebyshev_series(ops, t, poly.coeffs, masks[r]), poly.squarings)
-        total = self._sum(ops, es)
+            t = boot(t, poly.depth - norm.steps, f"layer {i} exp input")
+            es[r] = repeated_squaring(ops, chebyshev_series(ops, t, poly.coeffs, masks[r]), poly.squarings - norm.steps)
         first = (sum(masks.values()) > 0).astype(np.float64)
-        lo, hi = sm.values["sum_lo"], sm.values["sum_hi"]
-        alpha, beta = linear_guess((lo, hi))
-        iters = exact_poly_iters(sm.values)
-        total = boot(total, 2, f"layer {i} row total")
-        y = ops.add_plain(ops.mul_plain(total, -beta / hi * first), alpha * first)
-        if iters:
-            e = ops.add(ops.add_plain(ops.mul_plain(total, -alpha / hi * first), first),
-                        ops.square(ops.mul_plain(total, math.sqrt(beta) / hi * first)))
-            for it in range(iters):
-                y, e = boot(y, 1, f"layer {i} reciprocal y"), boot(e, 2, f"layer {i} reciprocal e")
-                y = ops.add(y, ops.mul(y, e))
-                if it + 1 < iters:
-                    e = ops.square(e)
-        y = boot(y, 1, f"layer {i} reciprocal")
-        return {r: ops.mul(boot(es.pop(r), 1, f"layer {i} exp"), y) for r in list(es)}, hi
+        y = reciprocal(ops, self._sum(ops, es), first, norm.bound, norm.iters, g, boot, f"layer {i}")
+        probs = {r: ops.mul(boot(es.pop(r), 1, f"layer {i} exp"), y) for r in list(es)}
+        for j in range(norm.steps):  # G^2 p^2 sums to G^2 sum p^2, in G^2 [1/keys, 1]
+            sq = {r: ops.square(boot(probs.pop(r), 1, f"layer {i} step {j} p")) for r in list(probs)}
+            y = reciprocal(ops, self._sum(ops, sq), first, norm.step_bound(g), norm.step_iters, g, boot, f"layer {i} step {j}")
+            probs = {r: ops.mul(boot(sq.pop(r), 1, f"layer {i} step {j} square"), y) for r in list(sq)}
+        return probs, g
 
     @staticmethod
     def _sum(ops, xs: dict):

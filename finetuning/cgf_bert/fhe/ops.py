@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from cgf_bert import CgfBertError
+from cgf_bert.approx.reciprocal import linear_guess
 
 if TYPE_CHECKING:  # context.py imports PV_DEPTH from here
     from cgf_bert.fhe.context import FheContext
@@ -202,6 +203,37 @@ def chebyshev_series(ops, t, coeffs: Sequence[float], weight: np.ndarray):
             term = ops.mul_plain(ti, c * weight)
             acc = term if acc is None else ops.add(acc, term)
     return ops.add_plain(acc, coeffs[0] * weight)
+
+
+def _as_is(x, need: int, site: str):
+    return x
+
+
+def reciprocal(ops, total, first: np.ndarray, bound: tuple[float, float], iters: int, gain: float,
+               boot=_as_is, site: str = ""):
+    """``y ~ gain / total`` on the slots ``first`` marks (0 elsewhere), by a linear guess on ``bound``
+    and ``iters`` Goldschmidt steps (``approx.reciprocal.goldschmidt``'s arithmetic, ``gain`` a public
+    factor riding on the guess's plaintexts). ``boot(x, need, site)`` refreshes a value before a step
+    that needs ``need`` levels (the encoder's ``Refresher``; by default nothing is refreshed).
+
+    ``y0 = (gain/hi) (alpha - beta S')`` and ``e0 = 1 - alpha S' + beta S'^2`` (``S' = total/hi``) are
+    both taken from ``total`` directly, the square written as one of ``sqrt(beta) S'``: the same
+    depth as ``1 - S' * y0`` and about ten times less error (no product of two noisy ciphertexts
+    before the squarings amplify it).
+    """
+    alpha, beta = linear_guess(bound)
+    hi = bound[1]
+    total = boot(total, 2, f"{site} row total")
+    y = ops.add_plain(ops.mul_plain(total, -beta * gain / hi**2 * first), alpha * gain / hi * first)
+    if iters:  # the linear guess alone needs no e0
+        e = ops.add(ops.add_plain(ops.mul_plain(total, -alpha / hi * first), first),
+                    ops.square(ops.mul_plain(total, math.sqrt(beta) / hi * first)))
+        for it in range(iters):
+            y, e = boot(y, 1, f"{site} reciprocal y"), boot(e, 2, f"{site} reciprocal e")
+            y = ops.add(y, ops.mul(y, e))
+            if it + 1 < iters:
+                e = ops.square(e)
+    return boot(y, 1, f"{site} reciprocal")
 
 
 def times_int(ops, x, k: int):

@@ -13,9 +13,15 @@ def _unit_map(poly: PolyExp) -> tuple[float, float]:
     return 2.0 / (poly.hi - poly.lo), (poly.lo + poly.hi) / (poly.hi - poly.lo)
 
 
-def _poly_np(poly: PolyExp, x: np.ndarray) -> np.ndarray:
-    """The torch ``PolyExp`` itself, in float64 (the plaintext ``cgf_poly`` function)."""
-    return poly(torch.as_tensor(x, dtype=torch.float64)).numpy()
+def _poly_np(poly: PolyExp, x: np.ndarray, squarings: int | None = None) -> np.ndarray:
+    """The torch ``PolyExp`` itself, in float64 (the plaintext ``cgf_poly`` function); with ``squarings``,
+    its fit followed by that many of its squarings only."""
+    if squarings is None:
+        return poly(torch.as_tensor(x, dtype=torch.float64)).numpy()
+    y = poly.q(torch.as_tensor(x, dtype=torch.float64)).numpy()
+    for _ in range(squarings):
+        y = y * y
+    return y
 
 
 def _centre(scores, mask):
