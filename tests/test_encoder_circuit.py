@@ -15,6 +15,7 @@ from cgf_bert.approx.spec import Spec
 from cgf_bert.fhe import accounting as A
 from cgf_bert.fhe import backends as B
 from cgf_bert.fhe import encoder as E
+from cgf_bert.fhe import pipeline as P
 from cgf_bert.model.bert import build_model
 
 POLY = Approximations(softmax=Spec.make("softmax", "cgf_poly"), gelu=Spec.make("gelu", "gelu_poly"),
@@ -47,8 +48,8 @@ def _example(n: int, seed: int = 0):
 def _simulate(model, approx, n, top, slots=1024, bounds=None, record=True):
     ids, tt = _example(n)
     circuit = E.EncoderCircuit(E.Weights.of(model), approx, E.TokenLayout.for_model(slots, model.bert.config.hidden_size))
-    out, log, boot = E.simulate(circuit, E.embed(model, ids, tt), top, bounds=bounds, record=record)
-    return out, E.reference_logits(model, ids, tt), log, boot
+    out, log, boot = P.simulate(circuit, P.embed(model, ids, tt), top, bounds=bounds, record=record)
+    return out, P.reference_logits(model, ids, tt), log, boot
 
 
 @pytest.mark.parametrize("approx", [POLY, CHEAP, STEPS], ids=["cgf_poly+gelu_poly+ln_poly", "exact_poly+quad+ln_affine", "exact_poly-h2"])
@@ -155,9 +156,9 @@ def test_the_circuits_error_under_bootstrap_noise_grows_with_the_noise(tiny_bert
     model = _model(tiny_bert, POLY)
     ids, tt = _example(9)
     circuit = E.EncoderCircuit(E.Weights.of(model), POLY, E.TokenLayout.for_model(1024, model.bert.config.hidden_size))
-    emb, ref = E.embed(model, ids, tt), E.reference_logits(model, ids, tt)
-    bounds = E.calibrate(circuit, [emb], 17, 1)
-    errs = [np.abs(E.simulate(circuit, emb, 17, 1, bounds=bounds, noise=B.BootstrapNoise(s))[0] - ref).max() for s in (1e-8, 1e-6)]
+    emb, ref = P.embed(model, ids, tt), P.reference_logits(model, ids, tt)
+    bounds = P.calibrate(circuit, [emb], 17, 1)
+    errs = [np.abs(P.simulate(circuit, emb, 17, 1, bounds=bounds, noise=B.BootstrapNoise(s))[0] - ref).max() for s in (1e-8, 1e-6)]
     assert errs[0] > 1e-11 and 30 < errs[1] / errs[0] < 300
 
 
@@ -166,9 +167,9 @@ def test_calibration_settles_on_bounds_whose_plan_bootstraps_exactly_the_sites_i
     model = _model(tiny_bert, POLY)
     ids, tt = _example(9)
     circuit = E.EncoderCircuit(E.Weights.of(model), POLY, E.TokenLayout.for_model(1024, model.bert.config.hidden_size))
-    emb = E.embed(model, ids, tt)
-    bounds = E.calibrate(circuit, [emb], 17, 1)
-    _, _, again = E.simulate(circuit, emb, 17, 1, bounds=bounds, record=True)
+    emb = P.embed(model, ids, tt)
+    bounds = P.calibrate(circuit, [emb], 17, 1)
+    _, _, again = P.simulate(circuit, emb, 17, 1, bounds=bounds, record=True)
     assert set(again.seen) == set(bounds) and not again.overflows
 
 
@@ -256,14 +257,14 @@ def _encrypted_matches_the_model(tiny_bert, ops):
     model = _model(tiny_bert, ONE_LAYER)
     model.bert.encoder.layer = model.bert.encoder.layer[:1]
     ids, tt = _example(6)
-    emb = E.embed(model, ids, tt)
+    emb = P.embed(model, ids, tt)
     circuit = E.EncoderCircuit(E.Weights.of(model), ONE_LAYER, E.TokenLayout.for_model(ops.slots, 32))
     reserve = getattr(ops, "reserve", 0)
-    bounds = E.calibrate(circuit, [emb], ops.top, reserve)
-    _, plan, _ = E.simulate(circuit, emb, ops.top, reserve, bounds=bounds)
+    bounds = P.calibrate(circuit, [emb], ops.top, reserve)
+    _, plan, _ = P.simulate(circuit, emb, ops.top, reserve, bounds=bounds)
     log = A.StageLog()
-    out = E.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds), emb, log)
-    ref = E.reference_logits(model, ids, tt)
+    out = P.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds), emb, log)
+    ref = P.reference_logits(model, ids, tt)
     np.testing.assert_allclose(out, ref, atol=1e-3 * np.abs(ref).max())
     booted = sum(d.get("bootstraps", 0) for d in log.stages.values())
     assert booted >= 1 and booted == sum(d.get("bootstraps", 0) for d in plan.stages.values())
@@ -315,7 +316,7 @@ def test_a_partial_run_is_the_model_cut_to_its_first_layers(tiny_bert, tiny_mrpc
     full = _model(tiny_bert, Approximations(softmax=Spec.make("softmax", "cgf_poly")))
     cut = truncated(_model(tiny_bert, Approximations(softmax=Spec.make("softmax", "cgf_poly"))), 1)
     ids, tt = _example(6)
-    assert not np.allclose(E.reference_logits(full, ids, tt), E.reference_logits(cut, ids, tt))  # a different model, honestly
+    assert not np.allclose(P.reference_logits(full, ids, tt), P.reference_logits(cut, ids, tt))  # a different model, honestly
 
 
 def test_logits_driven_past_float64_are_reported_never_counted_as_a_prediction(tiny_bert, tiny_mrpc, tmp_path, monkeypatch):

@@ -59,6 +59,7 @@ from cgf_bert.config import TrainConfig
 from cgf_bert.fhe import accounting as A
 from cgf_bert.fhe import backends as B
 from cgf_bert.fhe import encoder as E
+from cgf_bert.fhe import pipeline as P
 from cgf_bert.model.attention import self_attentions
 from cgf_bert.model.replaced import counting
 from cgf_bert.report.plots import pyplot, save
@@ -290,7 +291,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     approx = polynomial_form(meta["approx"], model, calibration, lay.rows, args.norm_steps) if args.polynomial else meta["approx"]
     model.set_approx(approx)
     circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
-    bounds = E.calibrate(circuit, (E.embed(model, ids, tt) for ids, tt in calibration), top, reserve)
+    bounds = P.calibrate(circuit, (P.embed(model, ids, tt) for ids, tt in calibration), top, reserve)
     rows, stages = [], {}
     limit = min(lay.rows, args.max_tokens or lay.rows)
     chosen = examples_of(data["validation"], limit, args.examples)
@@ -300,13 +301,13 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         note(f"  only {len(chosen)} dev examples have at most {limit} tokens")
     for k, (ids, tt, label) in enumerate(chosen):
         with counting(model.bert) as counter:
-            ref, hidden = E.reference(model, ids, tt)
-        emb = E.embed(model, ids, tt)
+            ref, hidden = P.reference(model, ids, tt)
+        emb = P.embed(model, ids, tt)
         start = time.perf_counter()
         planned: list[dict] = []
         with np.errstate(over="ignore", invalid="ignore"):  # values driven past float64 are reported below, not warned about
-            got, log, boot = E.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=k,
-                                        probe=E.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
+            got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=k,
+                                        probe=P.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
         table = log.table()
         plan = {kind: d.get("bootstraps", 0) for kind, d in summed(table).items()}
@@ -342,7 +343,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
 def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list) -> tuple[list[dict], np.ndarray, list[dict]]:
     """One example through ``ops``: the measured stage table, the decrypted logits, the error after each layer."""
     log, per_layer, start = A.StageLog(), [], time.perf_counter()
-    measure = E.layer_errors(circuit, ops, hidden, per_layer)
+    measure = P.layer_errors(circuit, ops, hidden, per_layer)
 
     def probe(i, x):
         measure(i, x)
@@ -350,7 +351,7 @@ def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list) -> tupl
         note(f"    layer {i}: {time.perf_counter() - start:.0f} s so far, max abs error {e['max_abs_error']:.1e} "
               f"(largest value {e['max_abs_value']:.1f})")
 
-    got = E.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds), emb, log, probe)
+    got = P.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds), emb, log, probe)
     return log.table(), got, per_layer
 
 

@@ -9,7 +9,9 @@ a float64 plaintext reference that computes the same function as the kind's torc
   polynomial exp of ``polyexp.PolyExp`` (the Chebyshev coefficients of the plaintext softmax),
   so decrypt(encrypted) matches the torch ``cgf_poly`` to CKKS precision.
 * ``exact_poly`` (``ExactCircuit``): standard softmax without a max: centre by the row mean,
-  polynomial exp, row sum, reciprocal by Goldschmidt iterations on an assumed sum bound, times exp.
+  polynomial exp, row sum, reciprocal by Goldschmidt iterations on an assumed sum bound, times exp;
+  with ``norm_steps`` the division comes before the exp's last squarings, each then divided by its
+  own row sum (what keeps the bound narrow when the scores spread by tens).
 
 A trained ``cgf`` or ``exact`` softmax reaches its circuit through its polynomial form:
 ``circuit_for(spec.with_polynomial(poly))``.
@@ -44,6 +46,9 @@ Usage::
     ctx = FheContext.for_circuits(circuit)  # keys once; reuse it for every layer
     outs, probs, report = encrypted_attention(blocks, circuit, ctx=ctx, width=128)
     print(report.summary())  # levels, times, errors vs cgf_poly / cgf / exact
+
+The whole student (every encoder layer, the pooler, the classifier) is one circuit in ``encoder``
+(its layout, its bootstraps placed by level), run, simulated and calibrated by ``pipeline``.
 
 ``desilofhe`` is an optional dependency (``pip install -e ".[fhe]"``): it is imported only when
 an ``FheContext`` is made; the packing, the references and the numpy simulation need only numpy.

@@ -103,7 +103,7 @@ class Refresher:
         bound = self.bounds.get(site)
         if bound is None:
             if not self.record:
-                raise CgfBertError(f"no bootstrap bound for {site!r}: calibrate first (encoder.calibrate)")
+                raise CgfBertError(f"no bootstrap bound for {site!r}: calibrate first (pipeline.calibrate)")
             bound = max(self.margin * peak, 1e-12)
         if peak is not None and peak > bound:
             self.overflows[site] = max(self.overflows.get(site, 0.0), peak / bound)

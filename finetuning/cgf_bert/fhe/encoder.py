@@ -28,7 +28,7 @@ than W (the feed-forward's 1,536) is several ciphertexts, one W-wide block of co
 
 Bootstrapping (``Refresher``): before each step a ciphertext whose level is below what the step
 consumes is bootstrapped, scaled into [-1, 1] by a public bound first (bounds calibrated on
-training examples, ``calibrate``). Each stage's levels, bootstraps and operations are counted
+training examples, ``pipeline.calibrate``). Each stage's levels, bootstraps and operations are counted
 (``StageLog``); on ``LevelledNumpyOps`` the same circuit runs on numpy slot vectors, so the plan
 (where the bootstraps fall, how many) and the result are known before anything is encrypted.
 """
@@ -46,8 +46,7 @@ from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.chebyshev import ChebyshevFit
 from cgf_bert.approx.polyexp import PolyExp
 from cgf_bert.approx.softmax import normalisation
-from cgf_bert.fhe.accounting import Counted, Refresher, StageLog
-from cgf_bert.fhe.backends import SimulatedCkks, after_levels
+from cgf_bert.fhe.accounting import StageLog
 from cgf_bert.fhe.ops import (
     baby_step,
     broadcast,
@@ -425,87 +424,3 @@ class EncoderCircuit:
         pooled = boot(self.activation(ops, boot, pooled, self.approx.pooler, "pooler tanh"), 1, "pooler out")
         (logits,) = self.linear(ops, [pooled], self.w.classifier)
         return logits
-
-
-# --------------------------------------------------------------------------- running it
-
-
-def embed(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> np.ndarray:
-    """The client's part: the embedding output (T, hidden) of one unpadded example, float64."""
-    bert = model.bert
-    with torch.no_grad():
-        e = bert.embeddings(input_ids=input_ids[None], token_type_ids=token_type_ids[None])
-    return _np(e[0])
-
-
-def reference(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The plaintext reference: the model itself (its specs' polynomial forms), float64, one example:
-    the logits and each encoder layer's output (T, hidden)."""
-    m = model.to(torch.float64)
-    with torch.no_grad():
-        out = m(input_ids=input_ids[None], attention_mask=torch.ones_like(input_ids)[None], token_type_ids=token_type_ids[None],
-                needs=("hidden",))
-    return _np(out["logits"][0]), [_np(h[0]) for h in out["hidden"][1:]]
-
-
-def reference_logits(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> np.ndarray:
-    return reference(model, input_ids, token_type_ids)[0]
-
-
-def run(circuit: EncoderCircuit, ops, boot: Refresher, emb: np.ndarray, log: StageLog, probe=None) -> np.ndarray:
-    """Encrypt ``emb`` (T, hidden), run the circuit, decrypt the two logits (``probe`` as ``forward``'s)."""
-    (x,) = [ops.encrypt(v) for v in circuit.lay.pack(emb)]
-    logits = circuit.forward(ops, boot, x, emb.shape[0], log, probe)
-    return ops.decrypt(logits)[:2]
-
-
-def layer_errors(circuit: EncoderCircuit, ops, hidden: list[np.ndarray], into: list[dict]):
-    """A ``probe`` that decrypts each layer's output (the client's key: a measurement only) and appends
-    its max and mean abs error against the reference's ``hidden[i]`` to ``into``."""
-    def probe(i: int, x):
-        want = hidden[i]
-        got = circuit.lay.unpack([ops.decrypt(x)], *want.shape)
-        err = np.abs(got - want)
-        into.append({"layer": i, "max_abs_error": float(err.max()), "mean_abs_error": float(err.mean()),
-                     "max_abs_value": float(np.abs(want).max()), "level": int(ops.level(x))})
-    return probe
-
-
-def simulate(circuit: EncoderCircuit, emb: np.ndarray, top: int, reserve: int = 0, bounds: dict | None = None,
-             record: bool = False, probe=None, margin: float = 1.0, noise=None, seed: int = 0) -> tuple[np.ndarray, StageLog, Refresher]:
-    """``run`` on ``SimulatedCkks`` with ``top`` levels after a bootstrap: the plan and the logits
-    (with ``noise``, each bootstrap's error drawn as ``SimulatedCkks`` says, from ``seed``)."""
-    log = StageLog()
-    sim = SimulatedCkks(circuit.lay.slots, top, reserve, noise=noise, seed=seed)
-    boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin)
-    return run(circuit, Counted(sim, log), boot, emb, log, probe), log, boot
-
-
-CALIBRATION_PASSES = 4
-
-
-def calibrate(circuit: EncoderCircuit, embeddings, top: int, reserve: int = 0, margin: float = 2.0) -> dict[str, float]:
-    """The public bootstrap bounds: ``margin`` times the largest |value| each site refreshes, over the
-    embedding outputs of calibration examples (training data, never the examples scored).
-
-    A bound decides the level its bootstrap returns (``backends.scaled_bound``: one of at most 1/2 costs a
-    level), so the sites the plan refreshes can change with the bounds: calibration runs again at its
-    own bounds until they do not (at most 4 passes; a site never bounded is then refused, loudly, by
-    the ``Refresher``)."""
-    embeddings = list(embeddings)
-    bounds: dict[str, float] = {}
-    for _ in range(CALIBRATION_PASSES):
-        new: dict[str, float] = {}
-        for emb in embeddings:
-            for site, peak in simulate(circuit, emb, top, reserve, bounds=bounds, record=True, margin=margin)[2].seen.items():
-                new[site] = max(new.get(site, 0.0), margin * peak, 1e-12)  # a site seen only at 0 still has a bound
-        settled = _levels_of(new) == _levels_of(bounds)
-        bounds = new
-        if settled:
-            break
-    return bounds
-
-
-def _levels_of(bounds: dict[str, float]) -> dict[str, int]:
-    """What of the bounds decides the plan: the sites, and the levels each bootstrap's scaling back takes."""
-    return {site: after_levels(b) for site, b in bounds.items()}
