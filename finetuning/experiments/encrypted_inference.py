@@ -123,7 +123,7 @@ def exact_form(form: Spec, model, calibration, keys: int, steps: int | None) -> 
     lo_x, hi_x = EXP_MARGIN * min(float(x.min()) for x in rows), EXP_MARGIN * max(float(x.max()) for x in rows)
     if steps is not None and steps > k:
         raise CgfBertError(f"--norm-steps {steps}: the exact softmax's polynomial has {k} squarings")
-    h = steps if steps is not None else next((h for h in range(k + 1) if _ratio(row_sum_bound(rows, h)) <= FIRST_SUM_RATIO), k)
+    h = steps if steps is not None else fewest_steps(rows, k)
     lo, hi = row_sum_bound(rows, h)
     if steps is None:
         note(f"  exact softmax: {h} square-and-normalise steps, first row sums in [{lo:.3g}, {hi:.3g}]"
@@ -132,8 +132,14 @@ def exact_form(form: Spec, model, calibration, keys: int, steps: int | None) -> 
                                                  "sum_lo": lo, "sum_hi": hi, "norm_steps": h, "keys": keys})
 
 
-def _ratio(bound: tuple[float, float]) -> float:
-    return bound[1] / bound[0]
+def fewest_steps(rows: list[torch.Tensor], squarings: int) -> int:
+    """The fewest square-and-normalise steps (at most ``squarings``) whose first row-sum bound is at
+    most FIRST_SUM_RATIO wide; ``squarings`` if none is."""
+    for h in range(squarings + 1):
+        lo, hi = row_sum_bound(rows, h)
+        if hi / lo <= FIRST_SUM_RATIO:
+            return h
+    return squarings
 
 
 def polynomial_form(approx: Approximations, model, calibration, keys: int, steps: int | None = None) -> Approximations:
