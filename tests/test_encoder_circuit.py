@@ -67,7 +67,9 @@ def test_with_17_levels_it_bootstraps_where_the_levels_run_out_and_computes_the_
     model = _model(tiny_bert, approx)
     out, ref, log, boot = _simulate(model, approx, 9, top=17)
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-13)
-    assert sum(d.get("bootstraps", 0) for d in log.stages.values()) >= 2 * 4  # ln_poly's depth exceeds 17 alone
+    assert sum(d.get("bootstraps", 0) for d in log.stages.values()) >= 2 * 4  # ln_poly's depth, the steps' reciprocals exceed 17
+    # Q and K come with the levels every offset needs through P V: only the row totals' chains bootstrap
+    assert not [site for site in boot.seen if any(w in site for w in ("exp input", " exp", " p", "square", "probs"))]
     assert set(boot.seen)  # every site that bootstrapped recorded its largest value (the calibration)
 
 
@@ -194,6 +196,12 @@ def test_the_exact_softmax_gets_the_fewest_steps_that_keep_its_first_row_sum_nar
     ratio = {h: row_sum_bound(rows, h)[1] / row_sum_bound(rows, h)[0] for h in range(6)}
     assert ratio[2] == pytest.approx(4 * (np.exp(10) + np.exp(-10)) / 2) and ratio[2] > FIRST_SUM_RATIO >= ratio[3]
     assert fewest_steps(rows, 5) == 3 and fewest_steps(rows, 2) == 2  # never more steps than squarings
+
+
+def test_an_example_with_more_tokens_than_the_softmaxs_keys_is_refused(tiny_bert):
+    approx = STEPS.replace(softmax=Spec.make("softmax", "exact_poly", sum_lo=0.5, sum_hi=64.0, norm_steps=2, keys=8))
+    with pytest.raises(CgfBertError, match="more valid keys than the softmax's keys=8"):
+        _simulate(_model(tiny_bert, approx), approx, 9, top=10_000)
 
 
 def test_a_long_example_and_a_too_narrow_row_are_refused():

@@ -15,6 +15,7 @@ from cgf_bert import CgfBertError
 from cgf_bert.approx.polyexp import PolyExp
 from cgf_bert.approx.reciprocal import goldschmidt
 from cgf_bert.approx.softmax import SOFTMAXES, softmax_spec
+from cgf_bert.approx.spec import Spec
 from cgf_bert.fhe.attention import check_blocks, encrypted_attention, simulate_attention
 from cgf_bert.fhe.circuits import CIRCUITS, CgfCircuit, ExactCircuit, circuit_for
 from cgf_bert.fhe.context import MISSING, FheContext
@@ -232,6 +233,25 @@ def test_steps_keep_the_first_sum_narrow_where_one_division_needs_a_bound_of_man
     assert narrow.max() / narrow.min() < 1e4
     stepped = exact(poly, narrow.min() / 2, 2 * narrow.max(), norm_steps=3, keys=64)
     np.testing.assert_allclose(stepped.reference(scores, valid), stepped.references(scores, valid)["exact"], atol=1e-4)
+
+
+def test_steps_are_named_and_an_old_spec_without_them_reads_as_one_division():
+    spec = softmax_spec("exact_poly", squarings=5, norm_steps=3, keys=32)
+    assert spec.label().endswith(" h=3 keys=32") and spec.slug().endswith("-h3-n32")
+    old = {k: v for k, v in softmax_spec("exact_poly").to_json().items() if k not in ("norm_steps", "keys")}  # a record from before
+    again = Spec.from_json("softmax", old)
+    assert again == softmax_spec("exact_poly") and "h=" not in again.label()
+
+
+def test_a_one_hot_row_sits_on_its_step_bound_and_still_divides_right():
+    """sum p^2 = 1 exactly for a row with one key far above the rest (the teacher's [SEP] heads)."""
+    scores = np.array([[60.0] + [0.0] * 15, [0.0] * 16])
+    valid = np.ones(16, bool)
+    circuit = exact(PolyExp(16, -64.0, 64.0, 6), 1.0, 2.0e4, norm_steps=3, keys=16)
+    p = circuit.reference(scores, valid)
+    np.testing.assert_allclose(p, circuit.references(scores, valid)["exact"], atol=1e-6)
+    outs, probs, _ = simulate_attention([(scores, valid, np.eye(16)[:, :4])], circuit, width=WIDTH, slots=128)
+    np.testing.assert_allclose(probs[0], p, atol=1e-12)
 
 
 # --- references: the circuits' float64 functions are the torch softmaxes of their specs ----------

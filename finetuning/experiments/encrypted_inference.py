@@ -23,7 +23,7 @@ specs). Operations that are
 not polynomial (an exact softmax, erf GELU, LayerNorm, tanh) are replaced by their polynomial
 kinds first (``--polynomial``, on by default): ``exact`` -> ``exact_poly`` with the row-sum bound
 measured on the calibration examples and the square-and-normalise steps that keep it narrow
-(``--norm-steps``; a single division would need a bound of 18 decades for the teacher), GELU -> ``gelu_poly``, LayerNorm -> ``ln_poly``, tanh ->
+(``--norm-steps``; a single division would need a bound 5e16 wide, 17 decades, for the teacher), GELU -> ``gelu_poly``, LayerNorm -> ``ln_poly``, tanh ->
 ``tanh_poly``; a checkpoint's own polynomial specs are kept.
 
 Bootstrap bounds (the public scale each refreshed value is divided by) are calibrated on
@@ -82,7 +82,7 @@ POLYNOMIAL = {"gelu": Spec.make("gelu", "gelu_poly"), "layernorm": Spec.make("la
 
 # The widest first row-sum bound (hi / lo) the exact softmax's circuit is given. Goldschmidt's e starts
 # about 8 lo/hi below 1, and a bootstrap's worst slot error is 3e-5 of its bound (records ckks_costs):
-# at 1e3 the start keeps 30 times that margin; the teacher's single division (8.6e17) had none.
+# at 1e3 the start keeps 30 times that margin; the teacher's single division (a bound 5e16 wide) had none.
 FIRST_SUM_RATIO = 1e3
 EXP_MARGIN = 1.25  # the exact softmax's exp interval: this times the calibration's centred scores' range
 
@@ -150,6 +150,9 @@ def polynomial_form(approx: Approximations, model, calibration, keys: int, steps
         if getattr(approx, op).depth is None:
             out = out.replace(**{op: spec})
     if approx.softmax.depth is None:
+        if approx.softmax.layers:  # exact_form measures one bound for the model, not one per layer
+            raise CgfBertError(f"softmax {approx.softmax.label()}: a per-layer softmax gets no polynomial form here; "
+                               "give the checkpoint polynomial specs for every layer (e.g. --softmax-layers 1=exact_poly:...)")
         form = approx.softmax.with_polynomial()
         if form.name == "exact_poly":
             form = exact_form(form, model, calibration, keys, steps)

@@ -235,17 +235,17 @@ EXACT_POLY_PARAMS = (
     Param("exp_lo", float, -32.0, "lower end of the interval the exp polynomial is fitted on"),
     Param("exp_hi", float, 32.0, "upper end of the interval the exp polynomial is fitted on"),
     Param("squarings", int, 5, "squarings after the polynomial (exp(x) = exp(x/2^k)^(2^k))", min=0, max=16),
-    Param("sum_lo", float, 32.0, "assumed lower bound of a row's sum of exp(s - mean) (the reciprocal's interval)", above=0.0),
-    Param("sum_hi", float, 65536.0, "assumed upper bound of a row's sum of exp(s - mean)", above=0.0),
+    Param("sum_lo", float, 32.0, "assumed lower bound of a row's sum of exp((s - mean) / 2^norm_steps) (the first reciprocal's interval)", above=0.0),
+    Param("sum_hi", float, 65536.0, "assumed upper bound of a row's sum of exp((s - mean) / 2^norm_steps)", above=0.0),
     Param("tol", float, 1e-4, "relative error of the reciprocal inside the bound (fixes the Goldschmidt steps)", above=0.0, max=0.5),
     Param("iters", int, 0, "Goldschmidt steps of each division: 0 = the fewest that reach tol inside its bound, else exactly that many", min=0, max=64),
     # Range reduction without a max (norm_steps > 0): the row sum of exp(x) spans as many decades as
-    # the scores' spread (8.6e17 over the teacher's MRPC rows), which no reciprocal survives under
+    # the scores' spread (a ratio of 5e16 over the teacher's MRPC rows), which no reciprocal survives under
     # bootstrap noise. Dividing early, p = exp(x/2^h) / sum, then h times p <- p^2 / sum(p^2), gives
     # the same softmax with a first sum of exp(x/2^h) and later ones of p^2 in [1/n, 1].
     Param("norm_steps", int, 0, "square-and-normalise steps h: the first row sum is of exp(x / 2^h), each of the last "
           "h squarings is followed by a division by its row sum (0: one division at the end)", min=0, max=16),
-    Param("keys", int, 64, "the most valid keys a row may have: the later row sums, of p^2, lie in [1/keys, 1]", min=2),
+    Param("keys", int, 64, "the most valid keys a row may have: the later row sums, of p^2, lie in [1/keys, 1] (a row with more gets a less accurate reciprocal; the encoder circuit refuses such an example)", min=2),
 )
 
 
@@ -265,7 +265,7 @@ STEP_HEADROOM = 2.0  # a step's row sum of p^2 is bounded by [1/keys, 2], not [1
 class Normalisation:
     """How an ``exact_poly`` spec divides by its row sums: the first division on ``bound`` with
     ``iters`` Goldschmidt steps, then ``steps`` squarings each divided by its row sum on
-    ``[1/keys, 1]`` with ``step_iters``. Plain arithmetic (``apply``) serves torch and numpy."""
+    ``step_bound()`` with ``step_iters``. Plain arithmetic (``apply``) serves torch and numpy."""
 
     bound: tuple[float, float]
     iters: int
@@ -275,9 +275,10 @@ class Normalisation:
 
     def step_bound(self, scale: float = 1.0) -> tuple[float, float]:
         """The bound of a step's row sum of ``(scale p)^2``: ``sum p^2`` of a distribution over at most
-        ``keys`` keys is in [1/keys, 1]; the top is doubled because a sum above its bound drives
-        Goldschmidt's ``e`` past 1 (it then diverges), and one-hot rows (the teacher's [SEP] heads)
-        sit at 1 exactly, where a previous division's error or a bootstrap's would push them over."""
+        ``keys`` keys is in [1/keys, 1], and one-hot rows (the teacher's [SEP] heads) sit at 1. Above
+        about ``(1 + 1/keys)`` times the top, Goldschmidt's ``e`` passes 1 and diverges; a first division
+        off by a factor (a dev row outside its calibrated bound) scales the next sum by its square. The
+        doubled top absorbs a factor up to sqrt(2), at one more Goldschmidt step per division."""
         return scale * scale / self.keys, STEP_HEADROOM * scale * scale
 
     @property
@@ -302,13 +303,8 @@ def normalisation(p: dict) -> Normalisation:
                          (p["iters"] or goldschmidt_iters(step_bound, p["tol"])) if steps else 0)
 
 
-def exact_poly_iters(p: dict) -> int:
-    """The Goldschmidt steps an exact_poly spec's first reciprocal runs: ``iters``, or (0) the fewest that reach ``tol``."""
-    return normalisation(p).iters
-
-
 def _reciprocal_depth(iters: int) -> int:
-    """Levels of the reciprocal as ``fhe.circuits.ExactCircuit`` runs it: the linear guess 1; with
+    """Levels of the reciprocal as ``fhe.ops.reciprocal`` runs it: the linear guess 1; with
     steps, ``e0 = 1 - alpha S' + beta S'^2`` 2 (a square of a plaintext product), then one per step."""
     return 2 + iters if iters else 1
 

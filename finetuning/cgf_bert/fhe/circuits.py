@@ -145,7 +145,7 @@ class ExactCircuit(SoftmaxCircuit):
     Goldschmidt runs on ``S' = S / hi`` in ``[r, 1]`` with ``y ~ G / S``, and the probability
     ciphertext holds ``G * p`` (``prob_scale``, a public factor: P @ V folds ``1/G`` into V's
     diagonals and decrypted probabilities are divided by it), ``G = hi`` for one division and
-    ``keys`` with steps (so that a step's square, ``G^2 p^2``, stays of order ``keys``). Computing
+    ``keys`` with steps (a step's square ``G^2 p^2`` then sums to between ``keys`` and ``2 keys^2``). Computing
     ``1/S ~ 1e-3`` or ``E / hi`` in the ciphertext instead costs about three digits.
     """
 

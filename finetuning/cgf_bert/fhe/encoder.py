@@ -129,7 +129,7 @@ def row_matmul(ops, x, matrix: np.ndarray, lay: TokenLayout, rows: np.ndarray):
 # --------------------------------------------------------------------------- the model's weights
 
 
-def _np(t: torch.Tensor) -> np.ndarray:
+def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float64).cpu().numpy()
 
 
@@ -148,15 +148,15 @@ class Weights:
     def of(cls, model) -> Weights:
         bert = model.bert
         def lin(m):
-            return _np(m.weight).T, _np(m.bias)
+            return as_numpy(m.weight).T, as_numpy(m.bias)
 
         layers = []
         for layer in bert.encoder.layer:
             a = layer.attention
             layers.append(dict(q=lin(a.self.query), k=lin(a.self.key), v=lin(a.self.value), o=lin(a.output.dense),
-                               ln1=(_np(a.output.LayerNorm.weight), _np(a.output.LayerNorm.bias)),
+                               ln1=(as_numpy(a.output.LayerNorm.weight), as_numpy(a.output.LayerNorm.bias)),
                                up=lin(layer.intermediate.dense), down=lin(layer.output.dense),
-                               ln2=(_np(layer.output.LayerNorm.weight), _np(layer.output.LayerNorm.bias))))
+                               ln2=(as_numpy(layer.output.LayerNorm.weight), as_numpy(layer.output.LayerNorm.bias))))
         return cls(layers, lin(bert.pooler.dense), lin(model.classifier), bert.config.num_attention_heads,
                    bert.config.hidden_size, float(bert.config.layer_norm_eps))
 

@@ -9,7 +9,7 @@ import torch
 
 from cgf_bert.fhe.accounting import Counted, Refresher, StageLog
 from cgf_bert.fhe.backends import SimulatedCkks, after_levels
-from cgf_bert.fhe.encoder import EncoderCircuit, _np
+from cgf_bert.fhe.encoder import EncoderCircuit, as_numpy
 
 
 def embed(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> np.ndarray:
@@ -17,7 +17,7 @@ def embed(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> np.nd
     bert = model.bert
     with torch.no_grad():
         e = bert.embeddings(input_ids=input_ids[None], token_type_ids=token_type_ids[None])
-    return _np(e[0])
+    return as_numpy(e[0])
 
 
 def reference(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -27,7 +27,7 @@ def reference(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> t
     with torch.no_grad():
         out = m(input_ids=input_ids[None], attention_mask=torch.ones_like(input_ids)[None], token_type_ids=token_type_ids[None],
                 needs=("hidden",))
-    return _np(out["logits"][0]), [_np(h[0]) for h in out["hidden"][1:]]
+    return as_numpy(out["logits"][0]), [as_numpy(h[0]) for h in out["hidden"][1:]]
 
 
 def reference_logits(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> np.ndarray:
