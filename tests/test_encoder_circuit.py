@@ -16,6 +16,7 @@ from cgf_bert.fhe import accounting as A
 from cgf_bert.fhe import backends as B
 from cgf_bert.fhe import encoder as E
 from cgf_bert.fhe import pipeline as P
+from cgf_bert.fhe.ops import Levelled
 from cgf_bert.model.bert import build_model
 
 POLY = Approximations(softmax=Spec.make("softmax", "cgf_poly"), gelu=Spec.make("gelu", "gelu_poly"),
@@ -108,6 +109,16 @@ def test_a_value_beyond_its_bootstrap_bound_is_counted_and_a_missing_bound_refus
     assert boot.overflows and min(boot.overflows.values()) > 1.0
     with pytest.raises(CgfBertError, match="no bootstrap bound"):
         _simulate(model, POLY, 9, top=17, bounds={}, record=False)
+
+
+def test_a_value_the_circuit_bounds_itself_bootstraps_by_that_bound_without_calibration():
+    sim, log = B.SimulatedCkks(64, 17), A.StageLog()
+    boot = A.Refresher(sim, log, 17, bounds={}, record=False)  # no calibrated bound at all
+    half, three = (Levelled(np.full(64, v), 0) for v in (0.5, 3.0))  # no level left: both bootstrap
+    np.testing.assert_allclose(sim.decrypt(boot(half, 2, "layer 0 reciprocal e", at_most=1.0)), 0.5)
+    assert not boot.overflows and not boot.seen
+    boot(three, 2, "layer 0 reciprocal e", at_most=1.0)  # e past 1: its sum left the bound, and it is counted
+    assert boot.overflows == {"layer 0 reciprocal e": 3.0}
 
 
 def test_a_bootstrap_returns_17_levels_unless_its_bound_is_below_one_half():

@@ -90,17 +90,20 @@ class Refresher:
         """Levels one step may use: a bootstrap's ``top`` less the ``reserve`` its own scaling takes."""
         return self.top - getattr(self.ops, "reserve", 0)
 
-    def __call__(self, x, need: int, site: str):
+    def __call__(self, x, need: int, site: str, at_most: float | None = None):
+        """``x`` bootstrapped if it has fewer than ``need`` levels left, by its site's calibrated bound, or by
+        ``at_most`` where the circuit itself bounds the value (Goldschmidt's ``e`` is within [-1, 1]
+        whenever its sum is inside its bound): no calibration can then miss a larger value."""
         if need > self.usable:
             raise CgfBertError(f"{site} needs {need} levels in one step, more than the {self.usable} a bootstrap leaves")
         if self.ops.level(x) - getattr(self.ops, "reserve", 0) >= need:
             return x
         peak = float(np.abs(self.ops.peek(x)).max()) if hasattr(self.ops, "peek") else None
-        if peak is not None:
+        if peak is not None and at_most is None:
             if self.record and not np.isfinite(peak):
                 raise CgfBertError(f"{site}: a calibration value is not finite ({peak}): no bound can be set from it")
             self.seen[site] = max(self.seen.get(site, 0.0), peak)
-        bound = self.bounds.get(site)
+        bound = at_most if at_most is not None else self.bounds.get(site)
         if bound is None:
             if not self.record:
                 raise CgfBertError(f"no bootstrap bound for {site!r}: calibrate first (pipeline.calibrate)")

@@ -205,7 +205,7 @@ def chebyshev_series(ops, t, coeffs: Sequence[float], weight: np.ndarray):
     return ops.add_plain(acc, coeffs[0] * weight)
 
 
-def _as_is(x, need: int, site: str):
+def _as_is(x, need: int, site: str, at_most: float | None = None):
     return x
 
 
@@ -229,7 +229,8 @@ def reciprocal(ops, total, first: np.ndarray, bound: tuple[float, float], iters:
         e = ops.add(ops.add_plain(ops.mul_plain(total, -alpha / hi * first), first),
                     ops.square(ops.mul_plain(total, math.sqrt(beta) / hi * first)))
         for it in range(iters):
-            y, e = boot(y, 1, f"{site} reciprocal y"), boot(e, 2, f"{site} reciprocal e")
+            # |e| <= |e0| < 1 while the sum is inside the bound (the guess equioscillates): a bound no calibration needs
+            y, e = boot(y, 1, f"{site} reciprocal y"), boot(e, 2, f"{site} reciprocal e", at_most=1.0)
             y = ops.add(y, ops.mul(y, e))
             if it + 1 < iters:
                 e = ops.square(e)
