@@ -364,8 +364,9 @@ def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list) -> tupl
     return log.table(), got, per_layer
 
 
-def plot(results: list[dict], path: str, measured: bool, noise: dict | None = None):
-    """Bootstraps and time (measured, or ciphertext products in the simulation) per stage; the error after each layer."""
+def plot(results: list[dict], path: str, measured: bool, noise: dict | None = None, costs: dict | None = None):
+    """Bootstraps and time per stage (measured; in the simulation projected with ``costs``, else its ciphertext
+    products); the error after each layer."""
     import textwrap
 
     plt = pyplot()
@@ -379,11 +380,14 @@ def plot(results: list[dict], path: str, measured: bool, noise: dict | None = No
         axes[0].bar(x, [st.get(k, {}).get("bootstraps", 0) for k in kinds], width, color=f"C{j}", label=textwrap.fill(res["label"], 150))
         if measured:
             axes[1].bar(x, [(st.get(k, {}).get("seconds", 0) + st.get(k, {}).get("bootstrap_seconds", 0)) / 60 for k in kinds], width, color=f"C{j}")
+        elif costs:
+            axes[1].bar(x, [price([st.get(k, {})], costs) / 60 for k in kinds], width, color=f"C{j}")
         else:
             axes[1].bar(x, [st.get(k, {}).get("mul", 0) + st.get(k, {}).get("square", 0) for k in kinds], width, color=f"C{j}")
         _layer_errors(axes[2], res, f"C{j}")
-    titles = ("bootstraps by stage", "time by stage (measured)" if measured else "ciphertext products by stage")
-    ylabels = ("bootstraps per example", "minutes" if measured else "ciphertext products")
+    titles = ("bootstraps by stage", "time by stage (measured)" if measured else
+              "time by stage (projected from measured op costs)" if costs else "ciphertext products by stage")
+    ylabels = ("bootstraps per example", "minutes" if measured or costs else "ciphertext products")
     for ax, title, ylabel in zip(axes, titles, ylabels):
         ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
@@ -437,7 +441,7 @@ def replot(record: dict, path: str):
     results = record["results"]
     if not all("layers" in r and r["examples"] and all(ex.get("per_layer") for ex in r["examples"]) for r in results):
         raise CgfBertError("the record keeps no per-layer errors (a run from before they were measured): its error panel cannot be drawn")
-    return plot(results, path, measured=record["backend"] != "sim", noise=record.get("bootstrap_noise"))
+    return plot(results, path, measured=record["backend"] != "sim", noise=record.get("bootstrap_noise"), costs=record.get("costs"))
 
 
 def main():
@@ -487,7 +491,7 @@ def main():
                                      "interactive": ops.interactive}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     noise = args.noise.to_json() if args.noise else None
-    png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None, noise=noise)
+    png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None, noise=noise, costs=args.costs)
     out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend, "mode": args.mode,
            "bootstrap_noise": noise,
            "keys": keys, "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
