@@ -213,6 +213,17 @@ def test_a_record_without_the_data_its_figure_needs_is_refused(tmp_path, kind, s
     assert not list(tmp_path.glob("*.png"))
 
 
+def test_a_key_error_of_the_drawing_code_is_not_blamed_on_the_record(tmp_path, monkeypatch):
+    def buggy(record, path):
+        return {}["bins"]  # the adapter's own mistake: a traceback, not "the record holds no 'bins'"
+
+    monkeypatch.setitem(R.REGISTRY, "hessian", buggy)
+    path = write(tmp_path, "hessian", RECORDS["hessian"](tmp_path))
+    with pytest.raises(KeyError) as e:
+        R.replot(path)
+    assert not isinstance(e.value, CgfBertError) and e.value.args == ("bins",)
+
+
 def test_a_kind_with_no_figure_or_a_name_with_no_kind_is_refused(tmp_path):
     with pytest.raises(CgfBertError, match="known kinds: attention_norms"):
         R.replot(write(tmp_path, "attention_analysis", {}))

@@ -55,6 +55,17 @@ def kind_of(path: Path) -> str:
     return m.group(1)
 
 
+class _MissingField(KeyError):
+    """A key the record lacks (not a KeyError of the drawing code itself, which stays a traceback)."""
+
+
+class _Record(dict):
+    """A record's objects as read: a missing key raises ``_MissingField``."""
+
+    def __missing__(self, key):
+        raise _MissingField(key)
+
+
 def png_path(record: dict, path: Path) -> Path:
     """Where the record's figure lives: its "plot" or "figure" key (repository-relative as written), else beside it."""
     named = record.get("plot") or record.get("figure")
@@ -68,12 +79,12 @@ def replot(path: str | Path) -> Path:
     if kind not in REGISTRY:
         raise CgfBertError(f"{path}: no figure is drawn from {kind} records; known kinds: {', '.join(sorted(REGISTRY))}")
     try:
-        record = json.loads(path.read_text())
+        record = json.loads(path.read_text(), object_hook=_Record)
     except (OSError, ValueError) as e:  # missing, unreadable or not JSON: named, not a traceback
         raise CgfBertError(f"{path}: not a readable JSON record ({e.__class__.__name__}: {e})") from None
     try:
         return REGISTRY[kind](record, png_path(record, path))
-    except KeyError as e:  # a record from before its figure needed this, or another kind's
+    except _MissingField as e:  # a record from before its figure needed this, or another kind's
         raise CgfBertError(f"{path}: the record holds no {e.args[0]!r}, which its {kind} figure needs; not redrawn") from None
 
 
