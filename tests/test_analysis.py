@@ -356,13 +356,13 @@ def test_module_errors_are_one_readable_line(case, message, checkpoints, tiny_mr
 
 
 def test_the_range_plot_names_each_series_by_the_model_it_is(tmp_path, monkeypatch):
-    from cgf_bert.analysis import ranges
+    from cgf_bert.analysis import range_plots
 
     legends = []
-    monkeypatch.setattr(ranges, "save", lambda fig, path: legends.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()]))
+    monkeypatch.setattr(range_plots, "save", lambda fig, path: legends.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()]))
     layer = {"layer": 0, "coeff": 0.5, "exp_arg": {"min": -3.0, "max": 2.0, "p1": -2.0, "p99": 1.0}}
     result = {"label": "exact", "layers": [layer]}
-    ranges.plot_ranges(result, result, (-8.0, 8.0), tmp_path / "r.png", "t", names=("teacher t.pt", "t.pt (the teacher itself)"))
+    range_plots.plot_ranges(result, result, (-8.0, 8.0), tmp_path / "r.png", "t", names=("teacher t.pt", "t.pt (the teacher itself)"))
     texts = legends[0]
     assert texts[0].startswith("teacher t.pt:") and texts[1].startswith("t.pt (the teacher itself):") and texts[0] != texts[1]
 

@@ -247,18 +247,18 @@ def test_the_command_draws_the_others_and_fails_naming_what_it_could_not(tmp_pat
 
 
 def test_the_kl_heatmap_of_the_teacher_against_itself_starts_at_zero(tmp_path, monkeypatch):
-    from cgf_bert.analysis import ranges
+    from cgf_bert.analysis import range_plots
 
     figs = []
-    monkeypatch.setattr(ranges, "save", lambda fig, path: figs.append(fig))
+    monkeypatch.setattr(range_plots, "save", lambda fig, path: figs.append(fig))
     noise = [[-1e-9, 2e-10], [0.0, -3e-10]]  # float noise of a KL that is 0
-    ranges.plot_kl({"layers": [{"kl_heads": [{"mean": v} for v in row]} for row in noise]}, tmp_path / "kl.png", "teacher")
+    range_plots.plot_kl({"layers": [{"kl_heads": [{"mean": v} for v in row]} for row in noise]}, tmp_path / "kl.png", "teacher")
     image = figs[0].axes[0].images[0]
     assert image.norm.vmin == 0.0 and image.norm.vmax >= 1e-4 and float(image.get_array().min()) == 0.0
 
 
 def test_the_attention_maps_fit_the_canvas(tmp_path, outside):
-    from cgf_bert.analysis.ranges import plot_maps
+    from cgf_bert.analysis.range_plots import plot_maps
 
     maps = torch.softmax(torch.randn(2, 64, 64), -1)
     plot_maps(maps[0], maps[1], [f"tok{i}" for i in range(64)], tmp_path / "m.png", ("teacher: layer 0 head 0", f"{LONG}: layer 0 head 0"))

@@ -25,11 +25,9 @@ from cgf_bert.analysis.ranges import (
     attention_maps,
     format_table,
     kl_matrix,
-    plot_kl,
-    plot_maps,
-    plot_ranges,
     strict_json,
 )
+from cgf_bert.analysis.range_plots import plot_kl, plot_maps, plot_ranges
 from cgf_bert.approx.softmax import VARIANCE_COEFF, parse_softmax
 from cgf_bert.approx.spec import Spec
 from cgf_bert.cli import ArgumentParser, Interval, field_type, number, run_main
