@@ -74,6 +74,21 @@ def test_with_17_levels_it_bootstraps_where_the_levels_run_out_and_computes_the_
     assert set(boot.seen)  # every site that bootstrapped recorded its largest value (the calibration)
 
 
+@pytest.mark.parametrize("approx", [POLY, STEPS], ids=["cgf_poly+gelu_poly+ln_poly", "exact_poly-h2"])
+@pytest.mark.parametrize("lengths", [(7, 7), (9, 5, 12)])  # equal lengths, and mixed (CGF's n S2 by a product)
+def test_examples_packed_in_one_ciphertext_each_get_their_own_models_logits(tiny_bert, approx, lengths):
+    model = _model(tiny_bert, approx)
+    examples = [_example(n, seed=i) for i, n in enumerate(lengths)]
+    circuit = E.EncoderCircuit(E.Weights.of(model), approx, E.TokenLayout.for_model(1024, model.bert.config.hidden_size))
+    out, log, _ = P.simulate(circuit, [P.embed(model, ids, tt) for ids, tt in examples], 17, record=True)
+    want = np.stack([P.reference_logits(model, ids, tt) for ids, tt in examples])
+    assert out.shape == (len(lengths), 2) and np.abs(want[0] - want[1]).max() > 1e-5  # different examples, different logits
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-13)
+    _, alone, _ = P.simulate(circuit, P.embed(model, *examples[0]), 17, record=True)
+    products = lambda lg: sum(d.get("mul", 0) + d.get("square", 0) for d in lg.stages.values())  # noqa: E731
+    assert products(log) <= 2 * products(alone)  # one ciphertext's work, shared by all of them
+
+
 def test_levels_each_stage_consumes_are_the_declared_depths(tiny_bert):
     """LayerNorm and GELU as the registry declares them; the softmax's offsets in this layout."""
     model = _model(tiny_bert, POLY)
@@ -245,7 +260,8 @@ def test_a_float64_model_forms_its_cgf_scores_in_float64(tiny_bert):
     assert seen == [torch.float64]
 
 
-def test_encrypted_inference_runs_a_student_and_the_teacher_and_records_the_stages(tiny_bert, tiny_mrpc, tmp_path, monkeypatch):
+@pytest.mark.parametrize("pack", [1, 2])
+def test_encrypted_inference_runs_a_student_and_the_teacher_and_records_the_stages(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, pack):
     import json
     import sys
 
@@ -257,13 +273,14 @@ def test_encrypted_inference_runs_a_student_and_the_teacher_and_records_the_stag
     paths = [save_checkpoint(tmp_path / f"{name}.pt", build_model(str(tiny_bert), approx), {"model": str(tiny_bert), "seed": 0})
              for name, approx in (("student", Approximations(softmax=softmax_spec("cgf"))), ("teacher", Approximations()))]
     monkeypatch.setattr(sys, "argv", ["encrypted_inference.py", *map(str, paths), "--examples", "2", "--calibrate", "2",
-                                      "--data-dir", str(tiny_mrpc), "--results-dir", str(tmp_path)])
+                                      "--data-dir", str(tiny_mrpc), "--results-dir", str(tmp_path), "--pack", str(pack)])
     encrypted_inference.main()
     (record,) = tmp_path.glob("fhe/encrypted_inference-*.json")
     student, teacher = json.loads(record.read_text())["results"]
     assert student["label"].startswith("cgf_poly") and teacher["label"].startswith("exact_poly")
     for res in (student, teacher):
         assert len(res["examples"]) == 2 and all(ex["bootstraps"] > 0 for ex in res["examples"])
+        assert [ex["examples_in_ciphertext"] for ex in res["examples"]] == [pack, pack]  # the two share one ciphertext when packed
         assert {"Q K V", "Q K^T", "softmax", "P V", "LayerNorm 1", "feed-forward"} <= set(res["per_example_mean_by_stage"])
     assert all(ex["same_prediction"] and ex["max_abs_error"] < 1e-9 for ex in student["examples"])
     # the exact softmax's reciprocal costs bootstraps CGF's softmax does not

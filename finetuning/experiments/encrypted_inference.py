@@ -171,6 +171,22 @@ def examples_of(split, rows: int, count: int) -> list[tuple[torch.Tensor, torch.
     return out
 
 
+def packs(examples: list, per: int, rows: int) -> list[list]:
+    """Consecutive groups of at most ``per`` examples whose tokens fit ``rows`` together (one ciphertext each)."""
+    out: list[list] = []
+    for ex in examples:
+        if out and len(out[-1]) < per and sum(len(e[0]) for e in out[-1]) + len(ex[0]) <= rows:
+            out[-1].append(ex)
+        else:
+            out.append([ex])
+    return out
+
+
+def _one(embs: list[np.ndarray]):
+    """A pack as ``pipeline.run`` takes it: the array of a lone example, else the list."""
+    return embs[0] if len(embs) == 1 else embs
+
+
 def noise_of(text: str) -> B.BootstrapNoise:
     """``--noise``: none, an ``experiments.ckks_costs`` record (its slots' measured errors) or a Gaussian's sigma."""
     if text == "none":
@@ -300,7 +316,8 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     approx = polynomial_form(meta["approx"], model, calibration, lay.rows, args.norm_steps) if args.polynomial else meta["approx"]
     model.set_approx(approx)
     circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
-    bounds = P.calibrate(circuit, (P.embed(model, ids, tt) for ids, tt in calibration), top, reserve)
+    bounds = P.calibrate(circuit, (_one([P.embed(model, ids, tt) for ids, tt in g]) for g in packs(calibration, args.pack, lay.rows)),
+                         top, reserve)
     rows, stages = [], {}
     limit = min(lay.rows, args.max_tokens or lay.rows)
     chosen = examples_of(data["validation"], limit, args.examples)
@@ -308,44 +325,54 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         raise CgfBertError(f"no dev example has at most {limit} tokens")
     if len(chosen) < args.examples:
         note(f"  only {len(chosen)} dev examples have at most {limit} tokens")
-    for k, (ids, tt, label) in enumerate(chosen):
+    k = 0
+    for c, group in enumerate(packs([(ids, tt) for ids, tt, _ in chosen], args.pack, lay.rows)):
         with counting(model.bert) as counter:
-            ref, hidden = P.reference(model, ids, tt)
-        emb = P.embed(model, ids, tt)
+            refs = [P.reference(model, ids, tt) for ids, tt in group]
+        hidden = [np.concatenate([h[i] for _, h in refs]) for i in range(len(refs[0][1]))]  # the packed rows, in order
+        emb = _one([P.embed(model, ids, tt) for ids, tt in group])
         start = time.perf_counter()
         planned: list[dict] = []
         with np.errstate(over="ignore", invalid="ignore"):  # values driven past float64 are reported below, not warned about
-            got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=k,
+            got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=c,
                                         probe=P.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
-        table = log.table()
+        share = 1.0 / len(group)  # the ciphertext's cost, shared by the examples packed in it
+        table = [{key: (v if key == "stage" else v * share) for key, v in r.items()} for r in log.table()]
         plan = {kind: d.get("bootstraps", 0) for kind, d in summed(table).items()}
-        row = {"tokens": len(ids), "label": label, "reference_logits": ref.tolist(), "simulated_logits": got.tolist(),
-               "bootstraps": int(sum(plan.values())), "bootstrap_plan": plan, "bound_overflows": boot.overflows,
-               "watched_peaks": boot.watched,
-               "poly_inputs_outside": counter.result(), "simulation_seconds": round(wall, 1),
-               "projected_seconds": price(table, args.costs)}
-        note(f"  example {k}: {len(ids)} tokens; plan: {row['bootstraps']} bootstraps ("
-              + ", ".join(f"{kind} {b}" for kind, b in plan.items() if b) + ")"
-              + (f", projected {row['projected_seconds'] / 60:.0f} min" if args.costs else ""))
-        per_layer = planned
+        per_layer, wall_seconds = planned, None
         if args.backend != "sim":
-            table, got, per_layer = encrypted(circuit, backend(), bounds, emb, hidden)
-            row.update(simulated_per_layer=planned, encrypted_logits=got.tolist(), wall_seconds=round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1))
-        finite = bool(np.isfinite(got).all())  # a NaN's argmax is 0: it must not count as a prediction
-        row.update(finite=finite, max_abs_error=float(np.abs(got - ref).max()), same_prediction=finite and bool(got.argmax() == ref.argmax()),
-                   per_layer=per_layer, stages=table)
-        for kind, d in summed(table).items():
-            agg = stages.setdefault(kind, {})
-            for key, v in d.items():
-                agg[key] = agg.get(key, 0) + v / len(chosen)
-        rows.append(row)
-        note(f"  example {k}: logits {np.round(got, 4)} vs {np.round(ref, 4)} (max error {row['max_abs_error']:.1e})"
-              + (f", {len(boot.overflows)} bound overflows" if boot.overflows else "") + ("" if finite else ", NOT FINITE"))
+            measured, got, per_layer = encrypted(circuit, backend(), bounds, emb, hidden)
+            table = [{key: (v if key == "stage" else v * share) for key, v in r.items()} for r in measured]
+            wall_seconds = round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1)
+        got = np.atleast_2d(got)
+        for j, ((ids, _), (ref, _)) in enumerate(zip(group, refs)):
+            row = {"tokens": len(ids), "label": chosen[k][2], "ciphertext": c, "examples_in_ciphertext": len(group),
+                   "reference_logits": ref.tolist(), "simulated_logits": got[j].tolist(),
+                   "bootstraps": round(sum(plan.values()), 2), "bootstrap_plan": plan, "bound_overflows": boot.overflows,
+                   "watched_peaks": boot.watched, "poly_inputs_outside": counter.result(), "simulation_seconds": round(wall * share, 1),
+                   "projected_seconds": price(table, args.costs)}
+            if args.backend != "sim":
+                row.update(simulated_per_layer=planned, encrypted_logits=got[j].tolist(), wall_seconds=wall_seconds)
+            finite = bool(np.isfinite(got[j]).all())  # a NaN's argmax is 0: it must not count as a prediction
+            row.update(finite=finite, max_abs_error=float(np.abs(got[j] - ref).max()),
+                       same_prediction=finite and bool(got[j].argmax() == ref.argmax()), per_layer=per_layer, stages=table)
+            for kind, d in summed(table).items():
+                agg = stages.setdefault(kind, {})
+                for key, v in d.items():
+                    agg[key] = agg.get(key, 0) + v / len(chosen)
+            rows.append(row)
+            note(f"  example {k}: {len(ids)} tokens" + (f" (ciphertext {c} of {len(group)})" if len(group) > 1 else "")
+                 + f"; plan: {row['bootstraps']:g} bootstraps ("
+                 + ", ".join(f"{kind} {b:g}" for kind, b in plan.items() if b) + ")"
+                 + (f", projected {row['projected_seconds'] / 60:.0f} min" if args.costs else "")
+                 + f"; logits {np.round(got[j], 4)} vs {np.round(ref, 4)} (max error {row['max_abs_error']:.1e})"
+                 + (f", {len(boot.overflows)} bound overflows" if boot.overflows else "") + ("" if finite else ", NOT FINITE"))
+            k += 1
     return {"checkpoint": repo_relative(path), "trained": {k: meta.get(k) for k in ("seed", "epoch", "dev", "code_version")},
             "approx": approx.to_json(), "label": approx.label(), "layers": len(model.bert.encoder.layer),
             "layout": {"slots": lay.slots, "width": lay.width, "rows": lay.rows},
-            "calibration_examples": len(calibration), "bounds": bounds, "examples": rows,
+            "calibration_examples": len(calibration), "examples_per_ciphertext": args.pack, "bounds": bounds, "examples": rows,
             "per_example_mean_by_stage": {k: {m: round(v, 2) for m, v in d.items()} for k, d in stages.items()}}
 
 
@@ -470,6 +497,9 @@ def main():
     p.add_argument("--mode", choices=("cpu", "gpu"), default="cpu",
                    help="desilofhe's device for --backend interactive or bootstrap: cpu, or gpu with desilofhe's CUDA build "
                         "on a machine with a GPU (default: %(default)s)")
+    p.add_argument("--pack", type=number(int, "pack", min=1), default=1,
+                   help="examples per ciphertext: consecutive dev examples share one (their tokens in its rows; attention "
+                        "never crosses them) and its cost; calibration is packed the same way (default: %(default)s)")
     p.add_argument("--layers", type=number(int, "layers", min=1),
                    help="run only the first N encoder layers, then the pooler and classifier (the reference is the model cut the same way)")
     p.add_argument("--max-tokens", type=number(int, "max-tokens", min=2),

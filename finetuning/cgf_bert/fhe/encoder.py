@@ -190,12 +190,14 @@ class EncoderCircuit:
 
     # -- building blocks
 
-    def linear(self, ops, xs: list, wb: tuple, scale: float = 1.0, shift: float = 0.0) -> list:
-        """``(x W + b) * scale + shift`` on W-wide blocks, rows past the example's tokens set to 0 (the
-        row mask rides on the diagonals and the bias: no level). One level."""
+    def linear(self, ops, xs: list, wb: tuple, scale: float = 1.0, shift: float = 0.0, row_scale=None) -> list:
+        """``(x W + b) * scale * row_scale[t] + shift`` on W-wide blocks, rows past the examples' tokens set
+        to 0 (the row mask and ``row_scale``, one factor per row, ride on the diagonals and the bias: no
+        level). One level."""
         w, b = wb
         lay, W = self.lay, self.lay.width
-        rows = (np.arange(lay.rows) < self._n).astype(np.float64)
+        used = (np.arange(lay.rows) < self._n).astype(np.float64)
+        rows = used if row_scale is None else used * row_scale
         out = []
         for o in range(lay.blocks(w.shape[1])):
             acc = None
@@ -205,10 +207,10 @@ class EncoderCircuit:
                 if block.any():
                     term = row_matmul(ops, x, block, lay, rows)
                     acc = term if acc is None else ops.add(acc, term)
-            bias = np.zeros(W)
-            bo = b[cols] * scale + shift
-            bias[:len(bo)] = bo
-            out.append(ops.add_plain(acc, np.outer(rows, bias).ravel()))
+            bias, moved = np.zeros(W), np.zeros(W)
+            bo = b[cols] * scale
+            bias[:len(bo)], moved[:len(bo)] = bo, shift
+            out.append(ops.add_plain(acc, (np.outer(rows, bias) + np.outer(used, moved)).ravel()))
         return out
 
     def row_mean(self, ops, x, dim: int, factor: float = 1.0):
@@ -270,13 +272,14 @@ class EncoderCircuit:
 
     # -- attention
 
-    def _offset_masks(self, n: int) -> dict[int, np.ndarray]:
-        """{offset r: slot mask}: 1 at slot ``t*W + h*d_head`` where query t < n and key (t + r) mod rows < n."""
-        lay, rows = self.lay, self.lay.rows
+    def _offset_masks(self) -> dict[int, np.ndarray]:
+        """{offset r: slot mask}: 1 at slot ``t*W + h*d_head`` where query t and key (t + r) mod rows are
+        tokens of the same example (packed examples never attend to each other)."""
+        lay, rows, eid = self.lay, self.lay.rows, self._eid
         masks = {}
+        t = np.flatnonzero(eid >= 0)
         for r in range(rows):
-            t = np.arange(n)
-            ok = t[(t + r) % rows < n]
+            ok = t[eid[(t + r) % rows] == eid[t]]
             if not len(ok):
                 continue
             m = np.zeros((rows, lay.width))
@@ -284,20 +287,20 @@ class EncoderCircuit:
             masks[r] = m.ravel()
         return masks
 
-    def attention(self, ops, boot, x, i: int, n: int, log: StageLog):
+    def attention(self, ops, boot, x, i: int, log: StageLog):
         lw, W, sm = self.w.layers[i], self.lay.width, self.approx.softmax.for_layer(i)
         poly = PolyExp(sm.values["degree"], sm.values["exp_lo"], sm.values["exp_hi"], sm.values["squarings"])
         log.current = f"layer {i} / Q K V"
         x = boot(x, min(self._score_need(sm, poly) + 1, boot.usable), f"layer {i} input")  # Q and K then need no bootstrap
-        (q,) = self.linear(ops, [x], lw["q"], scale=self._q_scale(sm, poly, n) / math.sqrt(self.dh))
+        (q,) = self.linear(ops, [x], lw["q"], scale=1.0 / math.sqrt(self.dh), row_scale=self._q_scale(sm, poly))
         (k,) = self.linear(ops, [x], lw["k"])
         (v,) = self.linear(ops, [x], lw["v"])
         q, k = boot(q, self._score_need(sm, poly), f"layer {i} q"), boot(k, self._score_need(sm, poly), f"layer {i} k")
         log.current = f"layer {i} / Q K^T"
-        masks = self._offset_masks(n)
+        masks = self._offset_masks()
         scores = {r: rotsum(ops, ops.mul(q, ops.rotate(k, r * W)), self.dh) for r in masks}
         log.current = f"layer {i} / softmax"
-        probs, scale = (self._cgf if sm.name == "cgf_poly" else self._exact)(ops, boot, scores, masks, n, sm, poly, i)
+        probs, scale = (self._cgf if sm.name == "cgf_poly" else self._exact)(ops, boot, scores, masks, sm, poly, i)
         log.current = f"layer {i} / P V"
         v = boot(v, 1, f"layer {i} v")
         out = None
@@ -315,19 +318,29 @@ class EncoderCircuit:
         """Levels Q and K need so that no offset's ciphertext is bootstrapped before P V: the product,
         the statistics (CGF's one level; exact's one, then its product with each reciprocal), the
         exp, and P V."""
-        stats = 1 if sm.name == "cgf_poly" else 2 + normalisation(sm.values).steps
+        stats = (1 + self._packed) if sm.name == "cgf_poly" else 2 + normalisation(sm.values).steps
         return min(1 + stats + poly.depth + 1, self._top)
 
-    @staticmethod
-    def _q_scale(sm, poly: PolyExp, n: int) -> float:
-        """CGF's scores come out of Q K^T times ``kappa = sqrt(a c) / n`` (folded into Q's weights), so that
-        its statistics cost one level (``_cgf``); the exact softmax takes the scores as they are."""
+    def _kappa(self, sm, poly: PolyExp) -> np.ndarray:
+        """(rows,): ``kappa = sqrt(a c) / n`` of each row's example, the factor CGF's statistics want on its scores."""
         if sm.name != "cgf_poly" or sm.values["coeff"] <= 0:
-            return 1.0
+            return np.ones(self.lay.rows)
         a, _ = _unit_map(poly)
-        return math.sqrt(a * sm.values["coeff"]) / n
+        return math.sqrt(a * sm.values["coeff"]) / self._nrow
 
-    def _cgf(self, ops, boot, scores, masks, n, sm, poly, i):
+    def _q_scale(self, sm, poly: PolyExp) -> np.ndarray:
+        """(rows,): the factor CGF folds into Q's weights (and its scores carry). One example: ``kappa``
+        (``_cgf``'s one-level statistics). Packed examples: ``sqrt(d_head)``, undoing the attention's
+        scaling, their statistics' masks carrying every factor: a Q of ``kappa``'s size (1e-3) would
+        bootstrap by a bound below 1/2 and lose a level the scores need, and packing takes one already."""
+        if sm.name != "cgf_poly":
+            return np.ones(self.lay.rows)
+        return np.full(self.lay.rows, math.sqrt(self.dh)) if self._packed else self._kappa(sm, poly)
+
+    def _per_slot(self, per_row: np.ndarray) -> np.ndarray:
+        return np.repeat(per_row, self.lay.width)
+
+    def _cgf(self, ops, boot, scores, masks, sm, poly, i):
         """CGF: ``PolyExp(s - mu - c var) * mask / n`` per offset; mu and var are sums over the offsets.
 
         The scores arrive as ``s' = kappa s`` (``_q_scale``). With ``S1 = sum_r s'_r`` and ``S2 = sum_r
@@ -335,15 +348,27 @@ class EncoderCircuit:
         than a head's first hold garbage that never mixes into them), the exp's input on [-1, 1] is
         ``t_r = (a / kappa) s'_r - (a / (n kappa)) S1 - (n S2 - S1^2) - b``, where ``n S2 - S1^2 = a c
         var``: every term one level below the scores (``n S2`` by additions), so the statistics cost one
-        level, not two. The mask and ``1/n`` ride on the exp's coefficients."""
+        level, not two. The mask and ``1/n`` ride on the exp's coefficients.
+
+        Packed examples (``_packed``): a key of another example is a real token, its score not 0, so the
+        sums are masked: ``S1`` and ``a mu`` by plaintext products, ``n S2`` as the masked squares times
+        each row's ``n`` (one product: lengths may differ), so the statistics cost two levels."""
         a, b = _unit_map(poly)
         c = sm.values["coeff"]
-        kappa = self._q_scale(sm, poly, n)
-        total = self._sum(ops, scores)  # S1
-        shared = ops.mul_plain(total, np.full(self.lay.slots, a / (n * kappa)))  # a mu
+        n, kappa = self._per_slot(self._nrow), self._per_slot(self._q_scale(sm, poly))
+        if self._packed:  # s = kappa_q s_raw (``_q_scale``): each sum's mask turns it into s' = kappa s_raw
+            f = self._per_slot(self._kappa(sm, poly)) / kappa
+            total = self._sum(ops, {r: ops.mul_plain(s, masks[r] * f) for r, s in scores.items()})  # S1
+            shared = self._sum(ops, {r: ops.mul_plain(s, masks[r] * (a / (n * kappa))) for r, s in scores.items()})  # a mu
+        else:
+            total = self._sum(ops, scores)  # S1
+            shared = ops.mul_plain(total, a / (n * kappa))  # a mu
         if c > 0:
-            sq = self._sum(ops, {r: ops.square(s) for r, s in scores.items()})  # S2
-            shared = ops.add(shared, ops.sub(times_int(ops, sq, n), ops.square(total)))  # + a c var
+            if self._packed:
+                n_sq = self._sum(ops, {r: ops.mul_plain(ops.square(s), masks[r] * n * f * f) for r, s in scores.items()})  # n S2
+            else:
+                n_sq = times_int(ops, self._sum(ops, {r: ops.square(s) for r, s in scores.items()}), self._lengths[0])
+            shared = ops.add(shared, ops.sub(n_sq, ops.square(total)))  # + a c var
         weight_of = lambda r: masks[r] * (1.0 / n) ** (0.5**poly.squarings)  # noqa: E731
         probs = {}
         for r in list(scores):  # each offset's scores freed once used: the memory of one set of offsets, not two
@@ -356,15 +381,16 @@ class EncoderCircuit:
             probs[r] = repeated_squaring(ops, chebyshev_series(ops, t, poly.coeffs, weight_of(r)), poly.squarings)
         return probs, 1.0
 
-    def _exact(self, ops, boot, scores, masks, n, sm, poly, i):
+    def _exact(self, ops, boot, scores, masks, sm, poly, i):
         """The exact softmax as CKKS runs it: ``PolyExp(s - mu)`` per offset (its last ``norm_steps``
         squarings left out), the total over the offsets, its reciprocal by Goldschmidt on [sum_lo,
         sum_hi]; then each left-out squaring divided by its own total (probabilities held as ``G * p``,
         ``ExactCircuit.prob_scale``)."""
         a, b = _unit_map(poly)
         norm = normalisation(sm.values)
-        if norm.steps and n > norm.keys:
-            raise CgfBertError(f"{n} tokens: more valid keys than the softmax's keys={norm.keys} (its later row sums' bound)")
+        n = self._per_slot(self._nrow)
+        if norm.steps and max(self._lengths) > norm.keys:
+            raise CgfBertError(f"{max(self._lengths)} tokens: more valid keys than the softmax's keys={norm.keys} (its later row sums' bound)")
         g = float(norm.keys) if norm.steps else norm.bound[1]
         mu = self._sum(ops, {r: ops.mul_plain(s, masks[r] * (a / n)) for r, s in scores.items()})  # a mu
         es = {}
@@ -391,19 +417,37 @@ class EncoderCircuit:
 
     # -- the whole forward
 
-    def forward(self, ops, boot, x, n: int, log: StageLog, probe=None):
-        """Encrypted embedding output (one ciphertext) -> encrypted logits (slots 0 and 1 of row 0).
+    def _pack(self, lengths) -> None:
+        """The examples' rows: ``_eid`` each row's example (-1 past them), ``_nrow`` its example's length."""
+        self._lengths = (int(lengths),) if np.ndim(lengths) == 0 else tuple(int(n) for n in lengths)
+        self._n = sum(self._lengths)
+        if self._n > self.lay.rows:
+            raise CgfBertError(f"{self._n} tokens do not fit a ciphertext of {self.lay.rows} token rows")
+        self._eid, self._nrow = np.full(self.lay.rows, -1), np.ones(self.lay.rows)
+        for e, (start, n) in enumerate(zip(self.starts(self._lengths), self._lengths)):
+            self._eid[start:start + n], self._nrow[start:start + n] = e, n
+        self._packed = len(self._lengths) > 1
+
+    @staticmethod
+    def starts(lengths) -> list[int]:
+        """The first row of each packed example (its [CLS], where its logits come out)."""
+        return [int(s) for s in np.cumsum((0, *lengths))[:-1]]
+
+
+    def forward(self, ops, boot, x, lengths, log: StageLog, probe=None):
+        """Encrypted embedding output (one ciphertext) -> encrypted logits (slots 0 and 1 of each example's
+        first row). ``lengths``: the tokens of each example packed in it, consecutive rows (an int for one).
         ``probe(i, x)``, if given, sees layer i's output ciphertext (a measurement, not the protocol)."""
-        if n > self.lay.rows:
-            raise CgfBertError(f"{n} tokens do not fit a ciphertext of {self.lay.rows} token rows")
-        self._n, self._top = n, boot.usable
+        self._pack(lengths)
+        self._top = boot.usable
+        n = self._n
         pad = np.zeros((self.lay.rows, self.lay.width))
         pad[n:, :self.w.hidden] = np.where(np.arange(self.w.hidden) % 2, -1.0, 1.0)  # mean 0, variance 1
         self._pad = pad.ravel()
         L = len(self.w.layers)
         lns, gelus = self.approx.layernorm.per_layer(L), self.approx.gelu.per_layer(L)
         for i, lw in enumerate(self.w.layers):
-            h = ops.add(self.attention(ops, boot, x, i, n, log), x)
+            h = ops.add(self.attention(ops, boot, x, i, log), x)
             log.current = f"layer {i} / LayerNorm 1"
             h = self.layernorm(ops, boot, boot(h, 1, f"layer {i} ln1"), lns[i], lw["ln1"], f"layer {i} ln1")
             log.current = f"layer {i} / feed-forward"

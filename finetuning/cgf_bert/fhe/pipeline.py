@@ -34,16 +34,22 @@ def reference_logits(model, input_ids: torch.Tensor, token_type_ids: torch.Tenso
     return reference(model, input_ids, token_type_ids)[0]
 
 
-def run(circuit: EncoderCircuit, ops, boot: Refresher, emb: np.ndarray, log: StageLog, probe=None) -> np.ndarray:
-    """Encrypt ``emb`` (T, hidden), run the circuit, decrypt the two logits (``probe`` as ``forward``'s)."""
-    (x,) = [ops.encrypt(v) for v in circuit.lay.pack(emb)]
-    logits = circuit.forward(ops, boot, x, emb.shape[0], log, probe)
-    return ops.decrypt(logits)[:2]
+def run(circuit: EncoderCircuit, ops, boot: Refresher, emb, log: StageLog, probe=None) -> np.ndarray:
+    """Encrypt ``emb`` (T, hidden), or a list of several examples' packed in one ciphertext's consecutive
+    rows, run the circuit, decrypt the logits: (2,) for one example, (examples, 2) for a list (``probe``
+    as ``forward``'s, on the packed rows)."""
+    embs = emb if isinstance(emb, (list, tuple)) else [emb]
+    lengths = [e.shape[0] for e in embs]
+    (x,) = [ops.encrypt(v) for v in circuit.lay.pack(np.concatenate(embs))]
+    logits = ops.decrypt(circuit.forward(ops, boot, x, lengths, log, probe)).reshape(circuit.lay.rows, circuit.lay.width)
+    out = logits[circuit.starts(lengths), :2]
+    return out if isinstance(emb, (list, tuple)) else out[0]
 
 
 def layer_errors(circuit: EncoderCircuit, ops, hidden: list[np.ndarray], into: list[dict]):
     """A ``probe`` that decrypts each layer's output (the client's key: a measurement only) and appends
-    its max and mean abs error against the reference's ``hidden[i]`` to ``into``."""
+    its max and mean abs error against the reference's ``hidden[i]`` to ``into`` (packed examples: their
+    hidden states stacked in row order)."""
     def probe(i: int, x):
         want = hidden[i]
         got = circuit.lay.unpack([ops.decrypt(x)], *want.shape)
@@ -55,7 +61,8 @@ def layer_errors(circuit: EncoderCircuit, ops, hidden: list[np.ndarray], into: l
 
 def simulate(circuit: EncoderCircuit, emb: np.ndarray, top: int, reserve: int = 0, bounds: dict | None = None,
              record: bool = False, probe=None, margin: float = 1.0, noise=None, seed: int = 0) -> tuple[np.ndarray, StageLog, Refresher]:
-    """``run`` on ``SimulatedCkks`` with ``top`` levels after a bootstrap: the plan and the logits
+    """``run`` on ``SimulatedCkks`` with ``top`` levels after a bootstrap (``emb``: one example or a list
+    packed in one ciphertext): the plan and the logits
     (with ``noise``, each bootstrap's error drawn as ``SimulatedCkks`` says, from ``seed``)."""
     log = StageLog()
     sim = SimulatedCkks(circuit.lay.slots, top, reserve, noise=noise, seed=seed)
@@ -68,7 +75,8 @@ CALIBRATION_PASSES = 4
 
 def calibrate(circuit: EncoderCircuit, embeddings, top: int, reserve: int = 0, margin: float = 2.0) -> dict[str, float]:
     """The public bootstrap bounds: ``margin`` times the largest |value| each site refreshes, over the
-    embedding outputs of calibration examples (training data, never the examples scored).
+    embedding outputs of calibration examples (training data, never the examples scored; each item one
+    example, or a list packed as the scored ones will be).
 
     A bound decides the level its bootstrap returns (``backends.scaled_bound``: one of at most 1/2 costs a
     level), so the sites the plan refreshes can change with the bounds: calibration runs again at its
