@@ -312,14 +312,16 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     model = truncated(model.eval().double(), args.layers)
     lay = E.TokenLayout.for_model(SLOTS, model.bert.config.hidden_size)
     top, reserve = backend.top, backend.reserve
-    calibration = [(i, t) for i, t, _ in examples_of(data["train"], lay.rows, args.calibrate)]
+    fit = lay.rows // args.pack  # tokens an example may have for ``pack`` of them to share a ciphertext
+    calibration = [(i, t) for i, t, _ in examples_of(data["train"], fit, args.calibrate)]
     approx = polynomial_form(meta["approx"], model, calibration, lay.rows, args.norm_steps) if args.polynomial else meta["approx"]
     model.set_approx(approx)
     circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
-    bounds = P.calibrate(circuit, (_one([P.embed(model, ids, tt) for ids, tt in g]) for g in packs(calibration, args.pack, lay.rows)),
-                         top, reserve)
+    # packed and alone: a pack's circuit bootstraps other sites than a lone example's (a dev pack may be one short)
+    groups = packs(calibration, args.pack, lay.rows) + ([[ex] for ex in calibration] if args.pack > 1 else [])
+    bounds = P.calibrate(circuit, (_one([P.embed(model, ids, tt) for ids, tt in g]) for g in groups), top, reserve)
     rows, stages = [], {}
-    limit = min(lay.rows, args.max_tokens or lay.rows)
+    limit = min(fit, args.max_tokens or fit)
     chosen = examples_of(data["validation"], limit, args.examples)
     if not chosen:
         raise CgfBertError(f"no dev example has at most {limit} tokens")
