@@ -26,6 +26,9 @@ measured on the calibration examples and the square-and-normalise steps that kee
 (``--norm-steps``; a single division would need a bound 5e16 wide, 17 decades, for the teacher), GELU -> ``gelu_poly``, LayerNorm -> ``ln_poly``, tanh ->
 ``tanh_poly``; a checkpoint's own polynomial specs are kept.
 
+``--pack K`` packs K dev examples (of at most 64/K tokens) into one ciphertext's rows: one circuit
+serves them, so each example's stage table and projected time are the ciphertext's divided by K.
+
 Bootstrap bounds (the public scale each refreshed value is divided by) are calibrated on
 --calibrate training examples (twice the largest |value| seen at each site); a dev value beyond
 its bound is counted (it would be wrong under CKKS), as are the inputs that leave a polynomial's
