@@ -367,7 +367,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
                 for key, v in d.items():
                     agg[key] = agg.get(key, 0) + v / len(chosen)
             rows.append(row)
-            note(f"  example {k}: {len(ids)} tokens" + (f" (ciphertext {c} of {len(group)})" if len(group) > 1 else "")
+            note(f"  example {k}: {len(ids)} tokens" + (f" (one of {len(group)} in ciphertext {c})" if len(group) > 1 else "")
                  + f"; plan: {row['bootstraps']:g} bootstraps ("
                  + ", ".join(f"{kind} {b:g}" for kind, b in plan.items() if b) + ")"
                  + (f", projected {row['projected_seconds'] / 60:.0f} min" if args.costs else "")
