@@ -190,6 +190,11 @@ def _one(embs: list[np.ndarray]):
     return embs[0] if len(embs) == 1 else embs
 
 
+def _shared(table: list[dict], share: float) -> list[dict]:
+    """A ciphertext's stage table as one packed example's share of it (every count and time times ``share``)."""
+    return [{key: (v if key == "stage" else v * share) for key, v in r.items()} for r in table]
+
+
 def noise_of(text: str) -> B.BootstrapNoise:
     """``--noise``: none, an ``experiments.ckks_costs`` record (its slots' measured errors) or a Gaussian's sigma."""
     if text == "none":
@@ -343,12 +348,12 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
                                         probe=P.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
         share = 1.0 / len(group)  # the ciphertext's cost, shared by the examples packed in it
-        table = [{key: (v if key == "stage" else v * share) for key, v in r.items()} for r in log.table()]
+        table = _shared(log.table(), share)
         plan = {kind: d.get("bootstraps", 0) for kind, d in summed(table).items()}
         per_layer, wall_seconds = planned, None
         if args.backend != "sim":
             measured, got, per_layer = encrypted(circuit, backend(), bounds, emb, hidden)
-            table = [{key: (v if key == "stage" else v * share) for key, v in r.items()} for r in measured]
+            table = _shared(measured, share)
             wall_seconds = round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1)
         got = np.atleast_2d(got)
         for j, ((ids, _), (ref, _)) in enumerate(zip(group, refs)):
