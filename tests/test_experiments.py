@@ -231,3 +231,17 @@ def test_an_experiment_marker_renders_that_record_s_settings_table(tmp_path):
     assert settings_table(rows, "KD beta=10 (pretrained init)") in out and "old" not in out
     assert "| + attn_kl=1 | 42 7 | 80.50 ± 0.71 |" in out and "(no experiment record nope.json)" in out
     assert "input-dependent" not in out  # only variant rows carry the division column
+
+
+def test_the_single_replacement_contrasts_are_the_rows_their_plan_trains():
+    """summary.md's issue-22 contrasts read the runs of experiments/plans/fp32_single_replacements.toml:
+    each run's configs, parsed by distill.py's own parser, are a row a contrast names."""
+    from experiments.run_plan import load_plan
+
+    from cgf_bert.report.tables import CONTRASTS, POLY, recipe_with
+    from cgf_bert.store.names import Variant
+
+    trained = {Variant.of(r.cfg, r.dcfg) for r in load_plan(FINETUNING / "experiments/plans/fp32_single_replacements.toml")}
+    singles = {recipe_with(**{op: spec}) for op, spec in POLY.items()}
+    assert trained == singles
+    assert singles | {recipe_with(), recipe_with(**POLY)} <= {row for _, a, b in CONTRASTS for row in (a, b)}

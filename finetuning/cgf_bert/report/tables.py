@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cgf_bert.approx.approximations import EXACT
 from cgf_bert.approx.softmax import softmax_spec
+from cgf_bert.approx.spec import Spec
 from cgf_bert.config import PRECISION as FP32
 from cgf_bert.config import TrainConfig
 from cgf_bert.objective import LossTerm, kd_preset
@@ -27,6 +28,25 @@ def row(coeff: float | None = None, beta: float | None = None, init: str = "pret
     approx = EXACT if coeff is None else EXACT.replace(softmax=softmax_spec("cgf", coeff=coeff))
     return Variant(approx, None if beta is None else (kd_preset(0.5, 2.0, beta) + extra, init))
 
+
+def recipe_with(**specs: Spec) -> Variant:
+    """The best CGF recipe (KD beta=10 + ``attn_out=0.1``, pretrained init) with ``specs`` in place of its ops."""
+    base = row(0.5, 10, extra=(LossTerm("attn_out", 0.1),))
+    return dataclasses.replace(base, approx=base.approx.replace(**specs))
+
+
+def _ln_poly(**p) -> Spec:
+    return Spec.make("layernorm", "ln_poly", **p)
+
+
+# Issue 22's polynomial replacements, with the intervals of experiments/plans/fp32_single_replacements.toml.
+POLY = {
+    "gelu": Spec.make("gelu", "gelu_poly", degree=128, lo=-48.0, hi=48.0),
+    "layernorm": Spec.make("layernorm", "ln_poly", layers={0: _ln_poly(degree=128, var_lo=0.1, var_hi=1e6, newton=11)},
+                           degree=64, var_lo=0.02, var_hi=1e4, newton=9),
+    "pooler": Spec.make("pooler", "tanh_poly"),
+    "softmax": softmax_spec("cgf_poly", coeff=0.5),
+}
 
 EXACT_ROW = row()
 # BERT-base MRPC dev accuracy from the method's reference results (not measured here).
@@ -93,6 +113,10 @@ CONTRASTS = (
     ("the two best recipes: beta=0 from the teacher over beta=10 from pretrained", row(0.5, 0, "teacher"), row(0.5, 10)),
     ("c=0.65 over c=0.5, CE", row(0.65), row(0.5)),
     ("attention-output term (issue 11's best) over the recipe", row(0.5, 10, extra=(LossTerm("attn_out", 0.1),)), row(0.5, 10)),
+    *((f"{what} alone, over the best CGF recipe", recipe_with(**{op: POLY[op]}), recipe_with())
+      for op, what in (("gelu", "polynomial GELU"), ("layernorm", "polynomial LayerNorm"), ("pooler", "polynomial pooler tanh"),
+                       ("softmax", "cgf_poly for cgf"))),
+    ("all of them: the fully polynomial student over the best CGF recipe", recipe_with(**POLY), recipe_with()),
 )
 
 
