@@ -216,12 +216,13 @@ def test_the_noise_option_takes_none_a_sigma_or_a_record_and_refuses_the_rest(tm
 
 
 def test_the_exact_softmax_gets_the_fewest_steps_that_keep_its_first_row_sum_narrow():
-    from experiments.encrypted_inference import FIRST_SUM_RATIO, fewest_steps, row_sum_bound
+    from cgf_bert.fhe.forms import FIRST_SUM_RATIO, fewest_steps, row_sum_bound
 
     rows = [torch.tensor([[40.0, -40.0], [0.0, 0.0]], dtype=torch.float64)]  # sums e^(40/2^h) + e^(-40/2^h), and 2
     ratio = {h: row_sum_bound(rows, h)[1] / row_sum_bound(rows, h)[0] for h in range(6)}
     assert ratio[2] == pytest.approx(4 * (np.exp(10) + np.exp(-10)) / 2) and ratio[2] > FIRST_SUM_RATIO >= ratio[3]
-    assert fewest_steps(rows, 5) == 3 and fewest_steps(rows, 2) == 2  # never more steps than squarings
+    assert fewest_steps(rows, 5).steps == 3 and fewest_steps(rows, 2).steps == 2  # never more steps than squarings
+    assert fewest_steps(rows, 5).bound == row_sum_bound(rows, 3) and not fewest_steps(rows, 2).narrow
 
 
 def test_an_example_with_more_tokens_than_the_softmaxs_keys_is_refused(tiny_bert):

@@ -48,8 +48,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from cgf_bert import CgfBertError
-from cgf_bert.approx.approximations import Approximations
-from cgf_bert.approx.spec import Spec
 from cgf_bert.cli import (
     ArgumentParser,
     add_config_args,
@@ -62,8 +60,8 @@ from cgf_bert.config import TrainConfig
 from cgf_bert.fhe import accounting as A
 from cgf_bert.fhe import backends as B
 from cgf_bert.fhe import encoder as E
+from cgf_bert.fhe import forms as F
 from cgf_bert.fhe import pipeline as P
-from cgf_bert.model.attention import self_attentions
 from cgf_bert.model.replaced import counting
 from cgf_bert.report.plots import pyplot, save
 from cgf_bert.store.checkpoint import load_model, read_checkpoint
@@ -79,88 +77,6 @@ from cgf_bert.train.run import prepare_data
 
 NON_FINITE = {"": "the circuit's values left float64 (an iteration driven past its range, e.g. by bootstrap noise)"}
 SLOTS, TOP = 32768, 17  # desilofhe 2.0's bootstrappable engine: 2^15 slots, 17 levels after a bootstrap
-POLYNOMIAL = {"gelu": Spec.make("gelu", "gelu_poly"), "layernorm": Spec.make("layernorm", "ln_poly"),
-              "pooler": Spec.make("pooler", "tanh_poly")}
-
-
-# The widest first row-sum bound (hi / lo) the exact softmax's circuit is given. Goldschmidt's e starts
-# about 8 lo/hi below 1, and a bootstrap's worst slot error is 3e-5 of its bound (records ckks_costs):
-# at 1e3 the start keeps 30 times that margin; the teacher's single division (a bound 5e16 wide) had none.
-FIRST_SUM_RATIO = 1e3
-EXP_MARGIN = 1.25  # the exact softmax's exp interval: this times the calibration's centred scores' range
-
-
-def centred_rows(model, examples) -> list[torch.Tensor]:
-    """Every attention row's scores centred on their mean (float64), every layer and head, per example."""
-    rows = []
-
-    def tap(module, scores, mask, probs, value, out):
-        x = scores.double() - scores.double().mean(-1, keepdim=True)
-        rows.append(x.reshape(-1, x.shape[-1]))
-
-    mods = self_attentions(model.bert)
-    for m in mods:
-        m.tap = tap
-    try:
-        for ids, tt in examples:
-            with torch.no_grad():
-                model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], token_type_ids=tt[None])
-    finally:
-        for m in mods:
-            m.tap = None
-    return rows
-
-
-def row_sum_bound(rows: list[torch.Tensor], steps: int = 0) -> tuple[float, float]:
-    """(lo/2, 2 hi) of the rows' ``sum exp(x / 2^steps)``."""
-    s = torch.cat([torch.exp(x / 2.0**steps).sum(-1) for x in rows])
-    return float(s.min()) / 2, float(s.max()) * 2
-
-
-def exact_form(form: Spec, model, calibration, keys: int, steps: int | None) -> Spec:
-    """``exact_poly`` with its exp interval (EXP_MARGIN times the centred scores' range) and its row-sum
-    bound measured on the calibration examples, and ``steps`` square-and-normalise steps (None: the
-    fewest whose first bound is at most FIRST_SUM_RATIO wide)."""
-    rows = centred_rows(model, calibration)
-    k = form.values["squarings"]
-    lo_x, hi_x = EXP_MARGIN * min(float(x.min()) for x in rows), EXP_MARGIN * max(float(x.max()) for x in rows)
-    if steps is not None and steps > k:
-        raise CgfBertError(f"--norm-steps {steps}: the exact softmax's polynomial has {k} squarings")
-    h = steps if steps is not None else fewest_steps(rows, k)
-    lo, hi = row_sum_bound(rows, h)
-    if steps is None:
-        note(f"  exact softmax: {h} square-and-normalise steps, first row sums in [{lo:.3g}, {hi:.3g}]"
-             + ("" if hi / lo <= FIRST_SUM_RATIO else f", wider than {FIRST_SUM_RATIO:g} at every step the polynomial allows"))
-    return Spec.make("softmax", "exact_poly", **{**form.values, "exp_lo": math.floor(lo_x), "exp_hi": math.ceil(hi_x),
-                                                 "sum_lo": lo, "sum_hi": hi, "norm_steps": h, "keys": keys})
-
-
-def fewest_steps(rows: list[torch.Tensor], squarings: int) -> int:
-    """The fewest square-and-normalise steps (at most ``squarings``) whose first row-sum bound is at
-    most FIRST_SUM_RATIO wide; ``squarings`` if none is."""
-    for h in range(squarings + 1):
-        lo, hi = row_sum_bound(rows, h)
-        if hi / lo <= FIRST_SUM_RATIO:
-            return h
-    return squarings
-
-
-def polynomial_form(approx: Approximations, model, calibration, keys: int, steps: int | None = None) -> Approximations:
-    """Each op the circuit cannot run replaced by its polynomial kind (the checkpoint's own kept); the
-    exact softmax's bound and steps from ``exact_form`` (``keys``: the most tokens an example has)."""
-    out = approx
-    for op, spec in POLYNOMIAL.items():
-        if getattr(approx, op).depth is None:
-            out = out.replace(**{op: spec})
-    if approx.softmax.depth is None:
-        if approx.softmax.layers:  # exact_form measures one bound for the model, not one per layer
-            raise CgfBertError(f"softmax {approx.softmax.label()}: a per-layer softmax gets no polynomial form here; "
-                               "give the checkpoint polynomial specs for every layer (e.g. --softmax-layers 1=exact_poly:...)")
-        form = approx.softmax.with_polynomial()
-        if form.name == "exact_poly":
-            form = exact_form(form, model, calibration, keys, steps)
-        out = out.replace(softmax=form)
-    return out
 
 
 def examples_of(split, rows: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -322,7 +238,12 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     top, reserve = backend.top, backend.reserve
     fit = lay.rows // args.pack  # tokens an example may have for ``pack`` of them to share a ciphertext
     calibration = [(i, t) for i, t, _ in examples_of(data["train"], fit, args.calibrate)]
-    approx = polynomial_form(meta["approx"], model, calibration, lay.rows, args.norm_steps) if args.polynomial else meta["approx"]
+    approx = F.polynomial_form(meta["approx"], model, calibration, lay.rows, args.norm_steps) if args.polynomial else meta["approx"]
+    sm = approx.softmax.values
+    if args.polynomial and meta["approx"].softmax.depth is None and approx.softmax.name == "exact_poly":
+        ratio = sm["sum_hi"] / sm["sum_lo"]
+        note(f"  exact softmax: {sm['norm_steps']} square-and-normalise steps, first row sums in [{sm['sum_lo']:.3g}, {sm['sum_hi']:.3g}]"
+             + ("" if ratio <= F.FIRST_SUM_RATIO else f", wider than {F.FIRST_SUM_RATIO:g}"))
     model.set_approx(approx)
     circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
     # packed and alone: a pack's circuit bootstraps other sites than a lone example's (a dev pack may be one short)
@@ -491,7 +412,7 @@ def main():
                    help="refuse a checkpoint whose ops are not all polynomial instead of replacing them by their polynomial kinds")
     p.add_argument("--norm-steps", type=number(int, "norm-steps", min=0),
                    help="square-and-normalise steps of an exact softmax's polynomial form (exact_poly's norm_steps; default: the "
-                        f"fewest whose first row-sum bound, measured on --calibrate examples, is at most {FIRST_SUM_RATIO:g} wide)")
+                        f"fewest whose first row-sum bound, measured on --calibrate examples, is at most {F.FIRST_SUM_RATIO:g} wide)")
     p.add_argument("--costs", type=cost_table, help="seconds per operation (a record of experiments.ckks_costs) to price the stages")
     p.add_argument("--backend", choices=("sim", "interactive", "bootstrap"), default="sim",
                    help="sim: numpy slot vectors that count CKKS levels (default); interactive: CKKS, the client refreshing "
