@@ -4,7 +4,8 @@
 Measured at the top level (17) on full 2^15-slot ciphertexts, each the median of --repeat runs:
 a product of two ciphertexts with relinearization (``mul``), a square, a product with a
 plaintext vector including its encoding (``mul_plain``, what the circuit does per diagonal) and
-with one encoded beforehand, a rotation with a fixed-step key, and one bootstrap (``--key small``:
+with one encoded beforehand, a rotation with a fixed-step key (the products and the rotation again
+at levels 12, 7 and 3, and 8 rotations one by one against ``rotate_many``'s hoisted ones), and one bootstrap (``--key small``:
 desilofhe's small bootstrap key with its roll key; ``medium``: the bootstrap key, about 16 GB).
 Key generation times and sizes are recorded beside them.
 
@@ -31,6 +32,30 @@ def timed(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+LEVELS = (17, 12, 7, 3)  # where the circuit's products run: after a bootstrap, and down to the next one
+HOISTED = 8  # rotations of one ciphertext: about a baby-step count of the circuit's matrix products
+
+
+def costs_by_level(e, c, x, rlk, rot, repeat: int) -> dict[str, dict[str, float]]:
+    """Seconds of a product, a plaintext product and a rotation at each of ``LEVELS``: the cost of an
+    operation falls with the primes its ciphertext has left, and a circuit runs most of its
+    operations below the top level (the stage table prices them all at the top)."""
+    out = {}
+    for level in LEVELS:
+        cl = c if level == c.level else e.level_down(c, level)
+        out[str(level)] = {"mul": timed(lambda: e.multiply(cl, cl, rlk), repeat), "mul_plain": timed(lambda: e.multiply(cl, x), repeat),
+                      "rotate": timed(lambda: e.rotate(cl, rot), repeat)}
+    return out
+
+
+def hoisting(e, sk, c, repeat: int) -> dict[str, float]:
+    """``HOISTED`` rotations of one ciphertext one by one, and hoisted by ``rotate_many`` (one key
+    decomposition shared): what the baby steps of a matrix product could save."""
+    keys = [e.create_fixed_rotation_key(sk, k) for k in range(1, HOISTED + 1)]
+    return {"rotations": HOISTED, "separate": timed(lambda: [e.rotate(c, k) for k in keys], repeat),
+            "rotate_many": timed(lambda: e.rotate_many(c, keys), repeat)}
 
 
 def main():
@@ -63,6 +88,10 @@ def main():
                "mul_plain_encoded": timed(lambda: e.multiply(c, plain), args.repeat),
                "rotate": timed(lambda: e.rotate(c, rot), args.repeat)}
     note({k: round(v, 3) for k, v in seconds.items()})
+    by_level = costs_by_level(e, c, x, rlk, rot, args.repeat)
+    note(f"by level: {by_level}")
+    hoisted = hoisting(e, sk, c, args.repeat)
+    note(f"hoisted rotations: {hoisted}")
     t = time.perf_counter()
     if args.key == "small":
         keys = (rlk, ck, e.create_roll_key(sk), e.create_small_bootstrap_key(sk))
@@ -78,7 +107,7 @@ def main():
     out = {"command": command_line(), "code_version": code_version(), "machine": machine(torch.device("cpu")),
            "slots": int(e.slot_count), "max_level": int(e.max_level), "bootstrap_key": args.key, "bootstrap_from_level": 3,
            "bootstrap_level_after": int(b.level), "bootstrap_max_error": error,
-           "bootstrap_rms_error": rms, "seconds": seconds,
+           "bootstrap_rms_error": rms, "seconds": seconds, "seconds_by_level": by_level, "hoisted_rotations": hoisted,
            "keygen_seconds": keygen, "key_bytes": {k: int(getattr(v, "nbytes", 0)) for k, v in
                                                    zip(("relinearization", "conjugation", "bootstrap"), (rlk, ck, keys[-1]))}}
     print(f"{seconds}\nbootstrap: level {b.level} after, max error {error:.1e}, rms error {rms:.1e}")
