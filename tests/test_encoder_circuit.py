@@ -16,7 +16,7 @@ from cgf_bert.fhe import accounting as A
 from cgf_bert.fhe import backends as B
 from cgf_bert.fhe import encoder as E
 from cgf_bert.fhe import pipeline as P
-from cgf_bert.fhe.ops import Levelled
+from cgf_bert.fhe.ops import Levelled, LevelledNumpyOps
 from cgf_bert.model.bert import build_model
 
 POLY = Approximations(softmax=Spec.make("softmax", "cgf_poly"), gelu=Spec.make("gelu", "gelu_poly"),
@@ -284,6 +284,10 @@ def test_encrypted_inference_runs_a_student_and_the_teacher_and_records_the_stag
         assert [ex["examples_in_ciphertext"] for ex in res["examples"]] == [pack, pack]  # the two share one ciphertext when packed
         assert {"Q K V", "Q K^T", "softmax", "P V", "LayerNorm 1", "feed-forward"} <= set(res["per_example_mean_by_stage"])
     assert all(ex["same_prediction"] and ex["max_abs_error"] < 1e-9 for ex in student["examples"])
+    for res in (student, teacher):  # the level table counts the very operations the stage table does
+        ex = res["examples"][0]
+        for op in ("mul_plain", "rotate", "mul"):
+            assert sum(ex["op_levels"][op].values()) == pytest.approx(sum(st.get(op, 0) for st in ex["stages"]))
     # the exact softmax's reciprocal costs bootstraps CGF's softmax does not
     assert teacher["per_example_mean_by_stage"]["softmax"].get("bootstraps", 0) > student["per_example_mean_by_stage"]["softmax"].get("bootstraps", 0)
 
@@ -416,3 +420,29 @@ def test_bootstrap_noise_for_the_clients_refresh_is_refused_when_parsed(tmp_path
                               "--backend", "interactive", "--results-dir", tmp_path)
     assert code == 2 and "adds no bootstrap error" in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())
+
+
+def test_operations_are_counted_at_the_level_they_run_and_priced_by_it(tmp_path):
+    import json
+
+    from experiments.encrypted_inference import cost_table, price_by_level
+
+    log = A.StageLog()
+    ops = A.Counted(LevelledNumpyOps(), log)
+    x, y = Levelled(np.ones(4), 5), Levelled(np.ones(4), 3)
+    ops.mul_plain(x, np.ones(4))
+    ops.mul(x, y)  # aligned to the lower operand
+    ops.rotate(x, 1)
+    ops.rotate(x, 0)  # no rotation at all
+    ops.cheb_basis(Levelled(np.zeros(4), 9), 4)  # T_2 .. T_4: three products
+    assert log.level_table() == {"mul_plain": {"5": 1}, "mul": {"9": 3, "3": 1}, "rotate": {"5": 1}}
+    rec = {"seconds": {"mul": 0.5, "square": 0.4, "mul_plain": 0.2, "rotate": 0.3, "bootstraps": 100.0},
+           "seconds_by_level": {"17": {"mul": 0.34, "mul_plain": 0.17, "rotate": 0.3}, "3": {"mul": 0.06, "mul_plain": 0.03, "rotate": 0.1}}}
+    (tmp_path / "c.json").write_text(json.dumps(rec))
+    costs = cost_table(str(tmp_path / "c.json"))
+    # level 10 is halfway between 3 and 17; level 1 is held at level 3's cost; a square is priced as a product
+    got = price_by_level({"mul_plain": {"10": 2, "1": 1}, "square": {"17": 1}}, 2, costs)
+    assert got == pytest.approx(2 * 0.10 + 0.03 + 0.34 + 2 * 100.0)
+    del rec["seconds_by_level"]
+    (tmp_path / "c.json").write_text(json.dumps(rec))
+    assert price_by_level({"mul": {"3": 1}}, 0, cost_table(str(tmp_path / "c.json"))) is None  # an older record: top-level prices only

@@ -19,9 +19,17 @@ class StageLog:
 
     stages: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
     current: str = "input"
+    levels: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))  # op -> level -> count
 
-    def count(self, what: str, n: float = 1.0):
+    def count(self, what: str, n: float = 1.0, level: int | None = None):
         self.stages[self.current][what] += n
+        if level is not None:
+            self.levels[what][level] += n
+
+    def level_table(self) -> dict[str, dict[str, float]]:
+        """{op: {level: count}} over the whole circuit: where its operations ran (an op's cost falls
+        with the level; ``experiments.ckks_costs`` measures by how much)."""
+        return {op: {str(k): v for k, v in sorted(d.items(), reverse=True)} for op, d in self.levels.items()}
 
     def table(self) -> list[dict]:
         return [{"stage": k, **{m: (round(v, 3) if isinstance(v, float) and not v.is_integer() else int(v)) for m, v in d.items()}}
@@ -45,16 +53,22 @@ class Counted:
         def counted(*a, **kw):
             if name == "rotate" and a[1] == 0:
                 return fn(*a, **kw)
+            level = self._level(a)
             start = time.perf_counter()
             out = fn(*a, **kw)
-            if name == "cheb_basis":  # T_2 .. T_d: one ciphertext product each
-                self.log.count("mul", a[1] - 1)
+            if name == "cheb_basis":  # T_2 .. T_d: one ciphertext product each, at or below the argument's level
+                self.log.count("mul", a[1] - 1, level)
             else:
-                self.log.count(name)
+                self.log.count(name, level=level)
             self.log.count("seconds", time.perf_counter() - start)
             return out
 
         return counted
+
+    def _level(self, args) -> int | None:
+        """The level an operation runs at: its ciphertext operands', aligned to the lower (None on plain numpy)."""
+        levels = [self.ops.level(x) for x in args[:2] if not isinstance(x, (int, float, np.ndarray))]
+        return None if not levels or None in levels else min(levels)
 
 
 class Refresher:
