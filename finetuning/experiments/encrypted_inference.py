@@ -128,15 +128,14 @@ def noise_of(text: str) -> B.BootstrapNoise:
 
 
 def cost_table(path: str) -> dict:
-    """The ``seconds`` per operation of an ``experiments.ckks_costs`` record (at the top level), and
-    under ``by_level`` its ``seconds_by_level`` where the record has them."""
+    """The ``seconds`` per operation of an ``experiments.ckks_costs`` record, at the top level: every
+    operation is priced there. Priced instead at the level it ran (``op_levels``) with the record's
+    ``seconds_by_level``, one real layer's products and rotations came to 56-59 % of their measured
+    time, the top-level prices to 95-100 % (summary.md finding 63): a fresh ciphertext's costs by
+    level do not carry over to the circuit's."""
     try:
         rec = json.loads(Path(path).read_text())
-        costs = {op: float(rec["seconds"][op]) for op in A.Counted.COSTED}
-        if "seconds_by_level" in rec:
-            costs["by_level"] = {op: sorted((int(lv), float(d[op])) for lv, d in rec["seconds_by_level"].items())
-                                 for op in ("mul", "mul_plain", "rotate")}
-        return costs
+        return {op: float(rec["seconds"][op]) for op in A.Counted.COSTED}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise argparse.ArgumentTypeError(f"{path}: not a cost record with seconds for {', '.join(A.Counted.COSTED)} ({e})") from None
 
@@ -149,19 +148,6 @@ def price(table: list[dict], costs: dict | None) -> float | None:
     if costs is None:
         return None
     return sum(row.get(op, 0) * costs[op] for row in table for op in A.Counted.COSTED)
-
-
-def price_by_level(levels: dict[str, dict[str, float]], bootstraps: float, costs: dict | None) -> float | None:
-    """``price`` with each operation at the level it ran (``StageLog.level_table``): seconds interpolated
-    between the cost record's measured levels (held at the end ones beyond them; a square as a product).
-    None without a record measured by level."""
-    if costs is None or "by_level" not in costs:
-        return None
-    total = bootstraps * costs["bootstraps"]
-    for op, counts in levels.items():
-        lv, sec = zip(*costs["by_level"]["mul" if op == "square" else op])
-        total += sum(n * float(np.interp(int(level), lv, sec)) for level, n in counts.items())
-    return total
 
 
 # (top, reserve) of each backend: the level a bootstrap (or the client's refresh) returns, and the
@@ -301,8 +287,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
                    "reference_logits": ref.tolist(), "simulated_logits": got[j].tolist(),
                    "bootstraps": round(sum(plan.values()), 2), "bootstrap_plan": plan, "bound_overflows": boot.overflows,
                    "watched_peaks": boot.watched, "poly_inputs_outside": counter.result(), "simulation_seconds": round(wall * share, 1),
-                   "projected_seconds": price(table, args.costs), "op_levels": levels,
-                   "projected_seconds_by_level": price_by_level(levels, sum(plan.values()), args.costs)}
+                   "projected_seconds": price(table, args.costs), "op_levels": levels}
             if args.backend != "sim":
                 row.update(simulated_per_layer=planned, encrypted_logits=got[j].tolist(), wall_seconds=wall_seconds)
             finite = bool(np.isfinite(got[j]).all())  # a NaN's argmax is 0: it must not count as a prediction
@@ -317,7 +302,6 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
                  + f"; plan: {row['bootstraps']:g} bootstraps ("
                  + ", ".join(f"{kind} {b:g}" for kind, b in plan.items() if b) + ")"
                  + (f", projected {row['projected_seconds'] / 60:.0f} min" if args.costs else "")
-                 + (f" ({row['projected_seconds_by_level'] / 60:.0f} priced by level)" if row["projected_seconds_by_level"] else "")
                  + f"; logits {np.round(got[j], 4)} vs {np.round(ref, 4)} (max error {row['max_abs_error']:.1e})"
                  + (f", {len(boot.overflows)} bound overflows" if boot.overflows else "") + ("" if finite else ", NOT FINITE"))
             k += 1
