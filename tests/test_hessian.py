@@ -86,7 +86,7 @@ def test_the_experiment_on_a_tiny_bert_agrees_with_itself(tiny_bert, tiny_mrpc, 
 
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "m.pt", build_model(str(tiny_bert), softmax_spec("cgf")), {"model": str(tiny_bert)})
-    code, out, err = run_script(monkeypatch, capsys, "experiments.hessian", ckpt, "--examples", 16, "--batch-size", 8,
+    code, out, err = run_script(monkeypatch, capsys, "experiments.hessian", ckpt, "--examples", 8, "--batch-size", 8, "--max-length", 32,
                                 "--power-iters", 100, "--lanczos-steps", 24, "--trace-samples", 4, "--data-dir", tiny_mrpc,
                                 "--results-dir", tmp_path)
     assert code == 0, err
