@@ -34,19 +34,20 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
-LEVELS = (17, 12, 7, 3)  # where the circuit's products run: after a bootstrap, and down to the next one
+LOWER_LEVELS = (12, 7, 3)  # where the circuit's products run below the top: down to the next bootstrap
 HOISTED = 8  # rotations of one ciphertext: about a baby-step count of the circuit's matrix products
 
 
-def costs_by_level(e, c, x, rlk, rot, repeat: int) -> dict[str, dict[str, float]]:
-    """Seconds of a product, a plaintext product and a rotation at each of ``LEVELS``: the cost of an
-    operation falls with the primes its ciphertext has left, and a circuit runs most of its
-    operations below the top level (the stage table prices them all at the top)."""
-    out = {}
-    for level in LEVELS:
-        cl = c if level == c.level else e.level_down(c, level)
-        out[str(level)] = {"mul": timed(lambda: e.multiply(cl, cl, rlk), repeat), "mul_plain": timed(lambda: e.multiply(cl, x), repeat),
-                      "rotate": timed(lambda: e.rotate(cl, rot), repeat)}
+def costs_by_level(e, c, x, rlk, rot, repeat: int, top: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Seconds of a product, a plaintext product and a rotation at ``c``'s level (``top``, timed already)
+    and at each of ``LOWER_LEVELS``: the cost of an operation falls with the primes its ciphertext has
+    left, and a circuit runs most of its operations below the top level (the stage table prices them
+    all at the top)."""
+    run = {"mul": lambda cl: e.multiply(cl, cl, rlk), "mul_plain": lambda cl: e.multiply(cl, x), "rotate": lambda cl: e.rotate(cl, rot)}
+    out = {str(c.level): {op: top[op] for op in run}}
+    for level in LOWER_LEVELS:
+        cl = e.level_down(c, level)
+        out[str(level)] = {op: timed(lambda: fn(cl), repeat) for op, fn in run.items()}
     return out
 
 
@@ -88,7 +89,7 @@ def main():
                "mul_plain_encoded": timed(lambda: e.multiply(c, plain), args.repeat),
                "rotate": timed(lambda: e.rotate(c, rot), args.repeat)}
     note({k: round(v, 3) for k, v in seconds.items()})
-    by_level = costs_by_level(e, c, x, rlk, rot, args.repeat)
+    by_level = costs_by_level(e, c, x, rlk, rot, args.repeat, seconds)
     note(f"by level: {by_level}")
     hoisted = hoisting(e, sk, c, args.repeat)
     note(f"hoisted rotations: {hoisted}")

@@ -134,8 +134,8 @@ def cost_table(path: str) -> dict:
     time, the top-level prices to 95-100 % (summary.md finding 63): a fresh ciphertext's costs by
     level do not carry over to the circuit's."""
     try:
-        rec = json.loads(Path(path).read_text())
-        return {op: float(rec["seconds"][op]) for op in A.Counted.COSTED}
+        seconds = json.loads(Path(path).read_text())["seconds"]
+        return {op: float(seconds[op]) for op in A.Counted.COSTED}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise argparse.ArgumentTypeError(f"{path}: not a cost record with seconds for {', '.join(A.Counted.COSTED)} ({e})") from None
 
@@ -243,11 +243,11 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     fit = lay.rows // args.pack  # tokens an example may have for ``pack`` of them to share a ciphertext
     calibration = [(i, t) for i, t, _ in examples_of(data["train"], fit, args.calibrate)]
     approx = F.polynomial_form(meta["approx"], model, calibration, lay.rows, args.norm_steps) if args.polynomial else meta["approx"]
-    sm = approx.softmax.values
     if args.polynomial and meta["approx"].softmax.depth is None and approx.softmax.name == "exact_poly":
-        ratio = sm["sum_hi"] / sm["sum_lo"]
-        note(f"  exact softmax: {sm['norm_steps']} square-and-normalise steps, first row sums in [{sm['sum_lo']:.3g}, {sm['sum_hi']:.3g}]"
-             + ("" if ratio <= F.FIRST_SUM_RATIO else f", wider than {F.FIRST_SUM_RATIO:g}"))
+        sm = approx.softmax.values
+        chosen = F.Steps(sm["norm_steps"], (sm["sum_lo"], sm["sum_hi"]))
+        note(f"  exact softmax: {chosen.steps} square-and-normalise steps, first row sums in [{sm['sum_lo']:.3g}, {sm['sum_hi']:.3g}]"
+             + ("" if chosen.narrow else f", wider than {F.FIRST_SUM_RATIO:g}"))
     model.set_approx(approx)
     circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
     # packed and alone: a pack's circuit bootstraps other sites than a lone example's (a dev pack may be one short)

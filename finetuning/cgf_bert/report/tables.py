@@ -35,14 +35,10 @@ def recipe_with(**specs: Spec) -> Variant:
     return dataclasses.replace(base, approx=base.approx.replace(**specs))
 
 
-def _ln_poly(**p) -> Spec:
-    return Spec.make("layernorm", "ln_poly", **p)
-
-
 # Issue 22's polynomial replacements, with the intervals of experiments/plans/fp32_single_replacements.toml.
 POLY = {
     "gelu": Spec.make("gelu", "gelu_poly", degree=128, lo=-48.0, hi=48.0),
-    "layernorm": Spec.make("layernorm", "ln_poly", layers={0: _ln_poly(degree=128, var_lo=0.1, var_hi=1e6, newton=11)},
+    "layernorm": Spec.make("layernorm", "ln_poly", layers={0: Spec.make("layernorm", "ln_poly", degree=128, var_lo=0.1, var_hi=1e6, newton=11)},
                            degree=64, var_lo=0.02, var_hi=1e4, newton=9),
     "pooler": Spec.make("pooler", "tanh_poly"),
     "softmax": softmax_spec("cgf_poly", coeff=0.5),
