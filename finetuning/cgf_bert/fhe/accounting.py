@@ -88,6 +88,7 @@ class Refresher:
         self.seen: dict[str, float] = {}
         self.overflows: dict[str, float] = {}
         self.watched: dict[str, float] = {}
+        self.booted: dict[str, int] = defaultdict(int)  # bootstraps per call site
 
     def watch(self, x, site: str, limit: float):
         """Record the largest |value| over every slot of ``x`` (numpy ops only); one beyond ``limit`` is
@@ -125,6 +126,7 @@ class Refresher:
         if peak is not None and peak > bound:
             self.overflows[site] = max(self.overflows.get(site, 0.0), peak / bound)
         self.log.count("bootstraps")
+        self.booted[site] += 1
         start = time.perf_counter()
         out = self.ops.bootstrap(x, bound)
         self.log.count("bootstrap_seconds", time.perf_counter() - start)

@@ -16,12 +16,16 @@ than W (the feed-forward's 1,536) is several ciphertexts, one W-wide block of co
   (``ops.times_values`` with one matrix shared by every row; one level). The affine maps of the
   polynomials that follow (onto Chebyshev's [-1, 1]) and the attention's 1/sqrt(d_head) fold into
   the weights: no level.
-- Q K^T, both encrypted, by key offsets: ciphertext ``r`` is ``Q * rot(K, r*W)`` summed over each
-  head's d_head slots, so slot ``t*W + h*d_head`` holds head h's score of query t against key
-  ``(t + r) mod rows``. A row's statistics (mean, variance, the exact softmax's total) are sums
-  over the offsets: additions, no rotations. One level for the product.
-- The softmax runs elementwise on the offsets' ciphertexts with its spec's polynomial exp.
-- P V, V encrypted: ``sum_r bcast(p_r) * rot(V, r*W)``, ``bcast`` copying each head's probability
+- Q K^T, both encrypted, by key offsets: ``Q * rot(K, r*W)`` summed over each head's d_head slots
+  leaves head h's score of query t against key ``(t + r) mod rows`` in slot ``t*W + h*d_head``, and
+  the head's other d_head - 1 slots unused. So the offsets move into lanes (``_lanes``): the k-th
+  offset, masked, to slot ``k mod d_head`` of each head in lane ciphertext ``k // d_head`` (a rotation
+  and the mask's level). One level for the product, one for the lanes.
+- The softmax runs elementwise on the lane ciphertexts with its spec's polynomial exp (one or two a
+  layer, not one per offset). A row's statistics (mean, variance, the exact softmax's total) are
+  totals over a head's lanes: ``log2 d_head`` rotations, a mask (one level) and the broadcast back.
+- P V, V encrypted: each offset's probabilities rotated back to its heads' first slots and masked
+  (one level), then ``sum_r bcast(p_r) * rot(V, r*W)``, ``bcast`` copying each head's probability
   over its d_head slots (rotations). One level.
 - LayerNorm: row totals by rotations (``log2 W``), a plaintext 1/d on the first slot of each row
   and its broadcast; the variance as ``E[x^2] - mean^2``; then the kind's own work.
@@ -55,7 +59,7 @@ from cgf_bert.fhe.ops import (
     reciprocal,
     repeated_squaring,
     rotsum,
-    times_int,
+    row_total,
 )
 from cgf_bert.fhe.references import _unit_map
 
@@ -287,25 +291,41 @@ class EncoderCircuit:
             masks[r] = m.ravel()
         return masks
 
+    def _lanes(self, masks: dict) -> dict[int, tuple[int, int]]:
+        """{offset r: (group g, lane j)}: the k-th offset's scores move to lane ``j = k mod d_head`` of
+        each head's d_head slots in lane ciphertext ``g = k // d_head``. A head's score of an offset sits
+        in one slot of d_head (``rotsum``), so d_head offsets share a ciphertext: 2 lane ciphertexts carry
+        64 offsets at d_head = 32, where the softmax ran on 64 ciphertexts with 1 slot in 43 a score."""
+        return {r: divmod(k, self.dh) for k, r in enumerate(sorted(masks))}
+
     def attention(self, ops, boot, x, i: int, log: StageLog):
         lw, W, sm = self.w.layers[i], self.lay.width, self.approx.softmax.for_layer(i)
         poly = PolyExp(sm.values["degree"], sm.values["exp_lo"], sm.values["exp_hi"], sm.values["squarings"])
+        need = self._score_need(sm)
         log.current = f"layer {i} / Q K V"
-        x = boot(x, min(self._score_need(sm, poly) + 1, boot.usable), f"layer {i} input")  # Q and K then need no bootstrap
-        (q,) = self.linear(ops, [x], lw["q"], scale=1.0 / math.sqrt(self.dh), row_scale=self._q_scale(sm, poly))
+        x = boot(x, min(need + 1, boot.usable), f"layer {i} input")  # Q and K then need no bootstrap
+        (q,) = self.linear(ops, [x], lw["q"], scale=1.0 / math.sqrt(self.dh))
         (k,) = self.linear(ops, [x], lw["k"])
         (v,) = self.linear(ops, [x], lw["v"])
-        q, k = boot(q, self._score_need(sm, poly), f"layer {i} q"), boot(k, self._score_need(sm, poly), f"layer {i} k")
+        q, k = boot(q, need, f"layer {i} q"), boot(k, need, f"layer {i} k")
         log.current = f"layer {i} / Q K^T"
         masks = self._offset_masks()
-        scores = {r: rotsum(ops, ops.mul(q, ops.rotate(k, r * W)), self.dh) for r in masks}
+        lanes = self._lanes(masks)
+        groups = 1 + max(g for g, _ in lanes.values())
+        scores, lane_mask = [None] * groups, [np.zeros(self.lay.slots) for _ in range(groups)]
+        for r, (g, j) in lanes.items():  # each offset's scores masked (garbage out of the other slots) into its lane
+            s = ops.rotate(ops.mul_plain(rotsum(ops, ops.mul(q, ops.rotate(k, r * W)), self.dh), masks[r]), -j)
+            scores[g] = s if scores[g] is None else ops.add(scores[g], s)
+            lane_mask[g] += np.roll(masks[r], j)
+        first = (sum(masks.values()) > 0).astype(np.float64)  # each query row's first slot of each head
         log.current = f"layer {i} / softmax"
-        probs, scale = (self._cgf if sm.name == "cgf_poly" else self._exact)(ops, boot, scores, masks, sm, poly, i)
+        probs, scale = (self._cgf if sm.name == "cgf_poly" else self._exact)(ops, boot, scores, lane_mask, first, sm, poly, i)
         log.current = f"layer {i} / P V"
         v = boot(v, 1, f"layer {i} v")
+        probs = [boot(p, 2, f"layer {i} probs") for p in probs]
         out = None
-        for r in list(probs):
-            p = boot(probs.pop(r), 1, f"layer {i} probs")
+        for r, (g, j) in lanes.items():  # each offset's probabilities back to a head's first slot, alone
+            p = ops.mul_plain(ops.rotate(probs[g], j), masks[r])
             term = ops.mul(broadcast(ops, p, self.dh), ops.rotate(v, r * W))
             out = term if out is None else ops.add(out, term)
         log.current = f"layer {i} / output"
@@ -314,104 +334,79 @@ class EncoderCircuit:
         (o,) = self.linear(ops, [out], (w_o / scale, b_o))  # the probabilities' public factor, not the bias's
         return o
 
-    def _score_need(self, sm, poly: PolyExp) -> int:
-        """Levels Q and K need so that no offset's ciphertext is bootstrapped before P V: the product,
-        the statistics (CGF's one level; exact's one, then its product with each reciprocal), the
-        exp, and P V."""
-        stats = (1 + self._packed) if sm.name == "cgf_poly" else 2 + normalisation(sm.values).steps
-        return min(1 + stats + poly.depth + 1, self._top)
-
-    def _kappa(self, sm, poly: PolyExp) -> np.ndarray:
-        """(rows,): ``kappa = sqrt(a c) / n`` of each row's example, the factor CGF's statistics want on its scores."""
-        if sm.name != "cgf_poly" or sm.values["coeff"] <= 0:
-            return np.ones(self.lay.rows)
-        a, _ = _unit_map(poly)
-        return math.sqrt(a * sm.values["coeff"]) / self._nrow
-
-    def _q_scale(self, sm, poly: PolyExp) -> np.ndarray:
-        """(rows,): the factor CGF folds into Q's weights (and its scores carry). One example: ``kappa``
-        (``_cgf``'s one-level statistics). Packed examples: ``sqrt(d_head)``, undoing the attention's
-        scaling, their statistics' masks carrying every factor: a Q of ``kappa``'s size (1e-3) would
-        bootstrap by a bound below 1/2 and lose a level the scores need, and packing takes one already."""
-        if sm.name != "cgf_poly":
-            return np.ones(self.lay.rows)
-        return np.full(self.lay.rows, math.sqrt(self.dh)) if self._packed else self._kappa(sm, poly)
+    @staticmethod
+    def _score_need(sm) -> int:
+        """Levels Q and K need to reach the exp's input: the product, the lanes' mask and the statistics
+        (CGF's two for ``c > 0``, its mean's one else; the exact softmax's mean, one). The exp's input is
+        then bootstrapped on the lane ciphertexts, one or two a layer, rather than Q and K to a depth
+        that carries every offset through P V."""
+        return 2 + (2 if sm.name == "cgf_poly" and sm.values["coeff"] > 0 else 1)
 
     def _per_slot(self, per_row: np.ndarray) -> np.ndarray:
         return np.repeat(per_row, self.lay.width)
 
-    def _cgf(self, ops, boot, scores, masks, sm, poly, i):
-        """CGF: ``PolyExp(s - mu - c var) * mask / n`` per offset; mu and var are sums over the offsets.
+    def _cgf(self, ops, boot, scores, lane_mask, first, sm, poly, i):
+        """CGF: ``PolyExp(s - mu - c var) * mask / n`` on each lane ciphertext.
 
-        The scores arrive as ``s' = kappa s`` (``_q_scale``). With ``S1 = sum_r s'_r`` and ``S2 = sum_r
-        s'_r^2`` (an invalid key's score is 0, its K row being 0, so the sums need no mask; slots other
-        than a head's first hold garbage that never mixes into them), the exp's input on [-1, 1] is
-        ``t_r = (a / kappa) s'_r - (a / (n kappa)) S1 - (n S2 - S1^2) - b``, where ``n S2 - S1^2 = a c
-        var``: every term one level below the scores (``n S2`` by additions), so the statistics cost one
-        level, not two. The mask and ``1/n`` ride on the exp's coefficients.
-
-        Packed examples (``_packed``): a key of another example is a real token, its score not 0, so the
-        sums are masked: ``S1`` and ``a mu`` by plaintext products, ``n S2`` as the masked squares times
-        each row's ``n`` (one product: lengths may differ), so the statistics cost two levels."""
+        With ``S1 = sum kappa s`` and ``S2 = sum (kappa s)^2`` over a row's keys (``kappa = sqrt(a c) /
+        n``, a per-row factor riding on the totals' masks), the exp's input on [-1, 1] is ``t = a s - a mu
+        - (n S2 - S1^2) - b``, where ``n S2 - S1^2 = a c var``: two levels below the lanes. The mask and
+        ``1/n`` ride on the exp's coefficients."""
         a, b = _unit_map(poly)
         c = sm.values["coeff"]
-        n, kappa = self._per_slot(self._nrow), self._per_slot(self._q_scale(sm, poly))
-        if self._packed:  # s = kappa_q s_raw (``_q_scale``): each sum's mask turns it into s' = kappa s_raw
-            f = self._per_slot(self._kappa(sm, poly)) / kappa
-            total = self._sum(ops, {r: ops.mul_plain(s, masks[r] * f) for r, s in scores.items()})  # S1
-            shared = self._sum(ops, {r: ops.mul_plain(s, masks[r] * (a / (n * kappa))) for r, s in scores.items()})  # a mu
-        else:
-            total = self._sum(ops, scores)  # S1
-            shared = ops.mul_plain(total, a / (n * kappa))  # a mu
+        n = self._per_slot(self._nrow)
+        kappa = math.sqrt(a * max(c, 0.0)) / n
+        summed = rotsum(ops, self._sum(ops, scores), self.dh)  # at each head's first slot: the row's total
+        shared = broadcast(ops, ops.mul_plain(summed, first * (a / n)), self.dh)  # a mu
         if c > 0:
-            if self._packed:
-                n_sq = self._sum(ops, {r: ops.mul_plain(ops.square(s), masks[r] * n * f * f) for r, s in scores.items()})  # n S2
-            else:
-                n_sq = times_int(ops, self._sum(ops, {r: ops.square(s) for r, s in scores.items()}), self._lengths[0])
-            shared = ops.add(shared, ops.sub(n_sq, ops.square(total)))  # + a c var
-        weight_of = lambda r: masks[r] * (1.0 / n) ** (0.5**poly.squarings)  # noqa: E731
-        probs = {}
-        for r in list(scores):  # each offset's scores freed once used: the memory of one set of offsets, not two
-            s = scores.pop(r)
-            t = ops.add_const(ops.sub(ops.mul_plain(s, masks[r] * (a / kappa)), shared), -b)  # to_unit(s - mu - c var)
-            # Slots other than a head's first carry -(a c var of garbage) - b: the exp's weights zero them, but its
-            # Chebyshev basis sees them, so they must stay near [-1, 1] (T_8(2) = 1.9e4): measured in the simulation.
+            s1 = broadcast(ops, ops.mul_plain(summed, first * kappa), self.dh)
+            n_sq = row_total(ops, self._sum(ops, [ops.square(s) for s in scores]), first * n * kappa**2, self.dh)
+            shared = ops.add(shared, ops.sub(n_sq, ops.square(s1)))  # + a c var
+        probs = []
+        for g, s in enumerate(scores):
+            t = ops.add_const(ops.sub(ops.mul_plain(s, lane_mask[g] * a), shared), -b)  # to_unit(s - mu - c var)
+            # Lanes without a key carry -(a mu + a c var) - b: the exp's weights zero them, but its Chebyshev
+            # basis sees them, so they must stay near [-1, 1] (T_8(2) = 1.9e4): measured in the simulation.
             boot.watch(t, f"layer {i} exp input, every slot", EXP_SLOT_LIMIT)
             t = boot(t, poly.depth, f"layer {i} exp input")
-            probs[r] = repeated_squaring(ops, chebyshev_series(ops, t, poly.coeffs, weight_of(r)), poly.squarings)
+            weight = lane_mask[g] * (1.0 / n) ** (0.5**poly.squarings)
+            probs.append(repeated_squaring(ops, chebyshev_series(ops, t, poly.coeffs, weight), poly.squarings))
         return probs, 1.0
 
-    def _exact(self, ops, boot, scores, masks, sm, poly, i):
-        """The exact softmax as CKKS runs it: ``PolyExp(s - mu)`` per offset (its last ``norm_steps``
-        squarings left out), the total over the offsets, its reciprocal by Goldschmidt on [sum_lo,
-        sum_hi]; then each left-out squaring divided by its own total (probabilities held as ``G * p``,
-        ``ExactCircuit.prob_scale``)."""
+    def _exact(self, ops, boot, scores, lane_mask, first, sm, poly, i):
+        """The exact softmax as CKKS runs it: ``PolyExp(s - mu)`` on each lane ciphertext (its last
+        ``norm_steps`` squarings left out), each row's total over its lanes, its reciprocal by Goldschmidt
+        on [sum_lo, sum_hi] at each head's first slot, broadcast over the lanes; then each left-out
+        squaring divided by its own total (probabilities held as ``G * p``, ``ExactCircuit.prob_scale``)."""
         a, b = _unit_map(poly)
         norm = normalisation(sm.values)
         n = self._per_slot(self._nrow)
         if norm.steps and max(self._lengths) > norm.keys:
             raise CgfBertError(f"{max(self._lengths)} tokens: more valid keys than the softmax's keys={norm.keys} (its later row sums' bound)")
         g = float(norm.keys) if norm.steps else norm.bound[1]
-        mu = self._sum(ops, {r: ops.mul_plain(s, masks[r] * (a / n)) for r, s in scores.items()})  # a mu
-        es = {}
-        for r in list(scores):
-            s = scores.pop(r)
-            t = ops.add_const(ops.sub(ops.mul_plain(s, masks[r] * a), mu), -b)
+        mu = row_total(ops, self._sum(ops, scores), first * (a / n), self.dh)  # a mu
+        es = []
+        for k, s in enumerate(scores):
+            t = ops.add_const(ops.sub(ops.mul_plain(s, lane_mask[k] * a), mu), -b)
             t = boot(t, poly.depth - norm.steps, f"layer {i} exp input")
-            es[r] = repeated_squaring(ops, chebyshev_series(ops, t, poly.coeffs, masks[r]), poly.squarings - norm.steps)
-        first = (sum(masks.values()) > 0).astype(np.float64)
-        y = reciprocal(ops, self._sum(ops, es), first, norm.bound, norm.iters, g, boot, f"layer {i}")
-        probs = {r: ops.mul(boot(es.pop(r), 1, f"layer {i} exp"), y) for r in list(es)}
+            es.append(repeated_squaring(ops, chebyshev_series(ops, t, poly.coeffs, lane_mask[k]), poly.squarings - norm.steps))
+
+        def inverse_total(xs, bound, iters, site):  # gain / (each row's total), in all its lanes
+            y = reciprocal(ops, rotsum(ops, self._sum(ops, xs), self.dh), first, bound, iters, g, boot, site)
+            return broadcast(ops, y, self.dh)
+
+        y = inverse_total(es, norm.bound, norm.iters, f"layer {i}")
+        probs = [ops.mul(boot(e, 1, f"layer {i} exp"), y) for e in es]
         for j in range(norm.steps):  # G^2 p^2 sums to G^2 sum p^2, in G^2 [1/keys, 1]
-            sq = {r: ops.square(boot(probs.pop(r), 1, f"layer {i} step {j} p")) for r in list(probs)}
-            y = reciprocal(ops, self._sum(ops, sq), first, norm.step_bound(g), norm.step_iters, g, boot, f"layer {i} step {j}")
-            probs = {r: ops.mul(boot(sq.pop(r), 1, f"layer {i} step {j} square"), y) for r in list(sq)}
+            sq = [ops.square(boot(p, 1, f"layer {i} step {j} p")) for p in probs]
+            y = inverse_total(sq, norm.step_bound(g), norm.step_iters, f"layer {i} step {j}")
+            probs = [ops.mul(boot(s, 1, f"layer {i} step {j} square"), y) for s in sq]
         return probs, g
 
     @staticmethod
-    def _sum(ops, xs: dict):
+    def _sum(ops, xs: list):
         out = None
-        for x in xs.values():
+        for x in xs:
             out = x if out is None else ops.add(out, x)
         return out
 
@@ -426,7 +421,6 @@ class EncoderCircuit:
         self._eid, self._nrow = np.full(self.lay.rows, -1), np.ones(self.lay.rows)
         for e, (start, n) in enumerate(zip(self.starts(self._lengths), self._lengths)):
             self._eid[start:start + n], self._nrow[start:start + n] = e, n
-        self._packed = len(self._lengths) > 1
 
     @staticmethod
     def starts(lengths) -> list[int]:
