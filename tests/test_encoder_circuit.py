@@ -96,7 +96,7 @@ def test_levels_each_stage_consumes_are_the_declared_depths(tiny_bert):
     """LayerNorm and GELU as the registry declares them; the softmax's offsets in this layout."""
     model = _model(tiny_bert, POLY)
     circuit = E.EncoderCircuit(E.Weights.of(model), POLY, E.TokenLayout.for_model(1024, 32))
-    circuit._n, circuit._top = 5, 10_000
+    circuit._n = 5
     circuit._pad = np.zeros(1024)
     sim = B.SimulatedCkks(1024, 1000)
     log = A.StageLog()

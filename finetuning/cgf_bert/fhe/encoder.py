@@ -433,7 +433,6 @@ class EncoderCircuit:
         first row). ``lengths``: the tokens of each example packed in it, consecutive rows (an int for one).
         ``probe(i, x)``, if given, sees layer i's output ciphertext (a measurement, not the protocol)."""
         self._pack(lengths)
-        self._top = boot.usable
         n = self._n
         pad = np.zeros((self.lay.rows, self.lay.width))
         pad[n:, :self.w.hidden] = np.where(np.arange(self.w.hidden) % 2, -1.0, 1.0)  # mean 0, variance 1
