@@ -435,3 +435,79 @@ def test_operations_are_counted_at_the_level_they_run():
     ops.rotate(x, 0)  # no rotation at all
     ops.cheb_basis(Levelled(np.zeros(4), 9), 4)  # T_2 .. T_4: three products
     assert log.level_table() == {"mul_plain": {"5": 1}, "mul": {"9": 3, "3": 1}, "rotate": {"5": 1}}
+
+
+def _manual_ranges(model, examples):
+    """GELU inputs and LayerNorm v = var + eps by a forward written out here (the independent reference)."""
+    bert, gelu, var = model.bert, {}, {}
+    for ids, tt in examples:
+        with torch.no_grad():
+            h = bert.embeddings(input_ids=ids[None], token_type_ids=tt[None])
+            for k, layer in enumerate(bert.encoder.layer):
+                a = layer.attention.output.dense(layer.attention.self(h)[0])
+                r1 = a + h
+                v1 = r1.var(-1, unbiased=False) + layer.attention.output.LayerNorm.eps
+                h1 = layer.attention.output.LayerNorm(r1)
+                u = layer.intermediate.dense(h1)
+                r2 = layer.output.dense(layer.intermediate.intermediate_act_fn(u)) + h1
+                v2 = r2.var(-1, unbiased=False) + layer.output.LayerNorm.eps
+                h = layer.output.LayerNorm(r2)
+                for store, key, t in ((gelu, k, u), (var, k, torch.cat([v1, v2]))):
+                    lo, hi = store.get(key, (np.inf, -np.inf))
+                    store[key] = (min(lo, float(t.min())), max(hi, float(t.max())))
+    return gelu, var
+
+
+def test_the_polynomial_form_takes_each_layers_intervals_from_the_measured_inputs(tiny_bert):
+    from cgf_bert.approx.chebyshev import ChebyshevFit
+    from cgf_bert.fhe import forms as F
+    from cgf_bert.model.replaced import counting
+
+    approx = Approximations(softmax=Spec.make("softmax", "cgf_poly"))
+    model = _model(tiny_bert, approx)
+    examples = [_example(n, seed=s)[0:2] for s, n in enumerate((7, 12, 20))]
+    span = F.op_ranges(model, examples)
+    gelu, var = _manual_ranges(model, examples)
+    for k in gelu:
+        assert span[("gelu", k)] == pytest.approx(gelu[k], rel=1e-9) and span[("layernorm", k)] == pytest.approx(var[k], rel=1e-9)
+    form = F.polynomial_form(approx, model, examples, keys=32)
+    assert form.softmax == approx.softmax  # already a polynomial: kept
+    with torch.no_grad():
+        exact = [model(input_ids=i[None], attention_mask=torch.ones_like(i)[None], token_type_ids=t[None])["logits"] for i, t in examples]
+    model.set_approx(form)
+    with counting(model.bert) as counter, torch.no_grad():
+        poly = [model(input_ids=i[None], attention_mask=torch.ones_like(i)[None], token_type_ids=t[None])["logits"] for i, t in examples]
+    assert counter.result()["outside"] == 0  # the calibration's own inputs lie inside every interval
+    for k in gelu:
+        g, ln = form.gelu.for_layer(k), form.layernorm.for_layer(k)
+        assert g.values["lo"] < gelu[k][0] and g.values["hi"] > gelu[k][1]
+        assert ChebyshevFit("gelu", g.values["degree"], g.values["lo"], g.values["hi"]).max_error() <= F.FIT_TOL
+        assert ln.values["var_lo"] < var[k][0] / 1.5 and ln.values["var_hi"] > var[k][1] * 1.5
+        v = torch.from_numpy(np.geomspace(ln.values["var_lo"], ln.values["var_hi"], 999))
+        y = ChebyshevFit("rsqrt", ln.values["degree"], ln.values["var_lo"], ln.values["var_hi"])(v)
+        for _ in range(ln.values["newton"]):
+            y = y * (1.5 - 0.5 * v * y * y)
+        assert float((y * v.sqrt() - 1).abs().max()) <= F.RSQRT_TOL
+    for e, p in zip(exact, poly):
+        np.testing.assert_allclose(p.numpy(), e.numpy(), atol=2e-2)
+
+
+def test_the_polynomial_form_keeps_a_checkpoints_own_polynomial_layers(tiny_bert):
+    from cgf_bert.fhe import forms as F
+
+    own = Spec.make("layernorm", "exact", layers={1: Spec.make("layernorm", "ln_poly", var_lo=0.01, var_hi=10.0, newton=4)})
+    approx = Approximations(softmax=Spec.make("softmax", "cgf_poly"), layernorm=own)
+    model = _model(tiny_bert, approx)
+    form = F.polynomial_form(approx, model, [_example(9)], keys=32)
+    assert form.layernorm.for_layer(1) == own.for_layer(1)
+    assert all(form.layernorm.for_layer(k).name == "ln_poly" for k in range(len(model.bert.encoder.layer)))
+    assert form.layernorm.for_layer(0) != own.for_layer(1) and form.gelu.depth is not None and form.pooler.depth is not None
+
+
+def test_a_fit_no_degree_can_meet_is_refused_before_any_work():
+    from cgf_bert.fhe import forms as F
+
+    with pytest.raises(CgfBertError, match="no fit of degree"):
+        F.fit_form("gelu", -500.0, 500.0)
+    with pytest.raises(CgfBertError, match="1/sqrt"):
+        F.rsqrt_form(1e-9, 1e9)

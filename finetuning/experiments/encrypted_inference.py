@@ -23,8 +23,13 @@ specs). Operations that are
 not polynomial (an exact softmax, erf GELU, LayerNorm, tanh) are replaced by their polynomial
 kinds first (``--polynomial``, on by default): ``exact`` -> ``exact_poly`` with the row-sum bound
 measured on the calibration examples and the square-and-normalise steps that keep it narrow
-(``--norm-steps``; a single division would need a bound 5e16 wide, 17 decades, for the teacher), GELU -> ``gelu_poly``, LayerNorm -> ``ln_poly``, tanh ->
-``tanh_poly``; a checkpoint's own polynomial specs are kept.
+(``--norm-steps``; a single division would need a bound 5e16 wide, 17 decades, for the teacher),
+GELU -> ``gelu_poly``, LayerNorm -> ``ln_poly``, tanh -> ``tanh_poly``, each layer's on its own
+interval measured on the calibration examples (1.25 times the GELU and tanh inputs' range, the
+LayerNorm variances' range widened 2-fold each way) at the least degree, and for LayerNorm the
+fewest Newton steps, that meet ``fhe.forms``' tolerances there; a checkpoint's own polynomial
+specs are kept. A fixed interval is wrong for some checkpoint: a CGF student's layer-0 variances
+reach 5e4, where ``ln_poly``'s default [0.1, 130] drives the polynomial to infinity.
 
 ``--pack K`` packs K dev examples (of at most 64/K tokens) into one ciphertext's rows: one circuit
 serves them, so each example's stage table and projected time are the ciphertext's divided by K.
@@ -243,6 +248,8 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     fit = lay.rows // args.pack  # tokens an example may have for ``pack`` of them to share a ciphertext
     calibration = [(i, t) for i, t, _ in examples_of(data["train"], fit, args.calibrate)]
     approx = F.polynomial_form(meta["approx"], model, calibration, lay.rows, args.norm_steps) if args.polynomial else meta["approx"]
+    if approx != meta["approx"]:
+        note(f"  polynomial form (intervals from {len(calibration)} training examples): {approx.label()}")
     if args.polynomial and meta["approx"].softmax.depth is None and approx.softmax.name == "exact_poly":
         sm = approx.softmax.values
         chosen = F.Steps(sm["norm_steps"], (sm["sum_lo"], sm["sum_hi"]))
@@ -468,11 +475,13 @@ def main():
         err = max(r["max_abs_error"] for r in res["examples"]) if not lost else float("inf")
         boots = np.mean([r["bootstraps"] for r in res["examples"]])
         over = sum(bool(r["bound_overflows"]) for r in res["examples"])
+        strayed = sum(bool((r["poly_inputs_outside"] or {}).get("outside")) for r in res["examples"])
         what = {"sim": f"slot simulation, bootstrap noise {args.noise.sigma:.1e} rms" if args.noise else "slot simulation, no CKKS noise", "interactive": "CKKS, interactive refreshes", "bootstrap": "CKKS, non-interactive"}[args.backend]
         print(f"{res['label']} [{what}; {res['layers']} encoder layers]: predictions equal on {ok}/{len(res['examples'])}, "
               f"max logit error {err:.1e}, {boots:.0f} bootstraps per example"
               + (f"; {over} examples overflowed a bootstrap bound (under CKKS those values are wrong)" if over else "")
-              + (f"; {lost} examples' logits not finite (a value the circuit cannot hold)" if lost else ""))
+              + (f"; {lost} examples' logits not finite (a value the circuit cannot hold)" if lost else "")
+              + (f"; in {strayed} examples a polynomial's inputs left its interval (the reference itself is off there)" if strayed else ""))
     out, out["non_finite"] = strict_json(out, NON_FINITE)
     print(f"plot: {png}\nsaved {write_json(Path(args.results_dir) / 'fhe' / f'encrypted_inference-{stamp}.json', out)}")
 

@@ -225,14 +225,18 @@ class EncoderCircuit:
 
     def layernorm(self, ops, boot, x, spec, wb: tuple, site: str):
         """The spec's LayerNorm over ``hidden`` features of each row (``ln_poly`` or ``ln_affine``)."""
-        gamma, beta = (np.pad(v, (0, self.lay.width - len(v))) for v in wb)
+        used = np.repeat((np.arange(self.lay.rows) < self._n).astype(np.float64), self.lay.width)
+        # gamma and beta ride on the row mask, so rows past the tokens leave every LayerNorm as 0 and
+        # enter the next one as the pad alone: a variance inside the fit's interval, whatever it is
+        gamma, beta = (self.lay.tile(np.pad(v, (0, self.lay.width - len(v)))) * used for v in wb)
         d, p = self.w.hidden, spec.values
-        x = ops.add_plain(boot(x, 2, f"{site} input"), self._pad)  # rows past the tokens: variance 1, not 0
+        pad_var = math.sqrt(p["var_lo"] * p["var_hi"]) if spec.name == "ln_poly" else 1.0
+        x = ops.add_plain(boot(x, 2, f"{site} input"), self._pad * math.sqrt(pad_var))  # not variance 0, far below var_lo
         mean = self.row_mean(ops, x, d)
         if spec.name == "ln_affine":  # (x - mean) * gamma / sqrt(constant + eps): two levels
             var = p["var_attention"] if site.endswith("ln1") else p["var_output"]
-            return ops.add_plain(ops.mul_plain(ops.sub(x, mean), self.lay.tile(gamma) * (var + self.w.eps) ** -0.5), self.lay.tile(beta))
-        cw = ops.mul_plain(ops.sub(x, mean), self.lay.tile(gamma))  # (x - mean) * gamma, beside the variance
+            return ops.add_plain(ops.mul_plain(ops.sub(x, mean), gamma * (var + self.w.eps) ** -0.5), beta)
+        cw = ops.mul_plain(ops.sub(x, mean), gamma)  # (x - mean) * gamma, beside the variance
         fit = ChebyshevFit("rsqrt", p["degree"], p["var_lo"], p["var_hi"])
         A, B = _unit(fit.lo, fit.hi)
         sq = ops.square(x)
@@ -248,7 +252,7 @@ class EncoderCircuit:
             y, half_v = boot(y, 3, f"{site} newton y"), boot(half_v, 3, f"{site} newton v")
             y = ops.mul(y, ops.add_const(ops.neg(ops.mul(ops.mul(half_v, y), y)), 1.5))
         y, cw = boot(y, 1, f"{site} rsqrt"), boot(cw, 1, f"{site} centred")
-        return ops.add_plain(ops.mul(cw, y), self.lay.tile(beta))
+        return ops.add_plain(ops.mul(cw, y), beta)
 
     def activation(self, ops, boot, t, spec, site: str):
         """GELU or the pooler's tanh on an input already mapped onto the fit's [-1, 1] (or raw for quad)."""

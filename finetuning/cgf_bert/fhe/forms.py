@@ -1,21 +1,30 @@
 """The polynomial form of a checkpoint's ops: what an encrypted evaluator runs in place of each op
-that is not a polynomial, with the exact softmax's intervals and row-sum bound measured on
-calibration examples (never fixed constants)."""
+that is not a polynomial, with every interval measured on calibration examples (never fixed
+constants): the exact softmax's exp interval and row-sum bound, and each layer's GELU inputs,
+LayerNorm variances and the pooler's tanh inputs. A fit's degree (and LayerNorm's Newton steps)
+is the cheapest in levels that meets its tolerance on the whole measured interval."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from cgf_bert import CgfBertError
 from cgf_bert.approx.approximations import Approximations
+from cgf_bert.approx.chebyshev import ChebyshevFit
 from cgf_bert.approx.spec import Spec
 from cgf_bert.model.attention import self_attentions
+from cgf_bert.model.replaced import layer_norms
 
-POLYNOMIAL = {"gelu": Spec.make("gelu", "gelu_poly"), "layernorm": Spec.make("layernorm", "ln_poly"),
-              "pooler": Spec.make("pooler", "tanh_poly")}
+# Each op an encrypted evaluator cannot run, and the polynomial kind it runs instead.
+POLYNOMIAL = {"gelu": "gelu_poly", "layernorm": "ln_poly", "pooler": "tanh_poly"}
+DEGREES = (8, 16, 32, 64, 128)  # the fits' degrees tried, cheapest first (a power of two fills its levels)
+FIT_TOL = 1e-3  # GELU's and tanh's largest |fit - fn| on the interval (gelu_poly's default d=64 gives 1.3e-3 on [-18, 25])
+RSQRT_TOL = 1e-4  # LayerNorm's largest relative error of 1/sqrt(v) after Newton, 3 times a bootstrap's slot error
+VAR_MARGIN = 2.0  # a LayerNorm's variance interval: [lo / this, hi * this] of the calibration's (it spans decades)
 
 # The widest first row-sum bound (hi / lo) the exact softmax's circuit is given. Goldschmidt's e starts
 # about 8 lo/hi below 1, and a bootstrap's worst slot error is 3e-5 of its bound (records ckks_costs):
@@ -88,13 +97,95 @@ def exact_form(form: Spec, model, calibration, keys: int, steps: int | None) -> 
                                                  "sum_lo": lo, "sum_hi": hi, "norm_steps": chosen.steps, "keys": keys})
 
 
+def op_ranges(model, examples) -> dict:
+    """(min, max) on ``examples`` under the checkpoint's own ops: per layer the GELU inputs and the
+    ``v = var + eps`` both LayerNorms divide by the sqrt of; the pooler's tanh inputs."""
+    bert, span = model.bert, {}
+
+    def seen(key, t):
+        lo, hi = span.get(key, (math.inf, -math.inf))
+        span[key] = (min(lo, float(t.min())), max(hi, float(t.max())))
+
+    hooks = [bert.pooler.dense.register_forward_hook(lambda m, i, out: seen("pooler", out))]
+    for k, layer in enumerate(bert.encoder.layer):
+        hooks.append(layer.intermediate.dense.register_forward_hook(lambda m, i, out, k=k: seen(("gelu", k), out)))
+        for ln in layer_norms(layer).values():
+            hooks.append(ln.register_forward_pre_hook(
+                lambda m, i, k=k: seen(("layernorm", k), i[0].double().var(-1, unbiased=False) + m.eps)))
+    try:
+        for ids, tt in examples:
+            with torch.no_grad():
+                model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], token_type_ids=tt[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    return span
+
+
+def fit_form(op: str, lo: float, hi: float) -> Spec:
+    """GELU's or tanh's polynomial kind on EXP_MARGIN times [lo, hi] about its centre, of the least
+    degree within FIT_TOL there."""
+    c, h = (lo + hi) / 2, EXP_MARGIN * (hi - lo) / 2
+    a, b = math.floor(c - h), math.ceil(c + h)
+    name = POLYNOMIAL[op]
+    for d in DEGREES:
+        if ChebyshevFit(name.split("_")[0], d, a, b).max_error() <= FIT_TOL:
+            return Spec.make(op, name, degree=d, lo=a, hi=b)
+    raise CgfBertError(f"{op}: no fit of degree <= {DEGREES[-1]} is within {FIT_TOL:g} of it on the measured "
+                       f"[{a}, {b}] (inputs {lo:.3g}..{hi:.3g} on the calibration examples)")
+
+
+def rsqrt_form(lo: float, hi: float) -> Spec:
+    """``ln_poly`` on [lo / VAR_MARGIN, hi * VAR_MARGIN]: the degree and Newton steps of fewest levels
+    whose 1/sqrt(v) is within RSQRT_TOL (relative) on the whole interval."""
+    a, b = float(f"{lo / VAR_MARGIN:.2g}"), float(f"{hi * VAR_MARGIN:.2g}")
+    v = np.geomspace(a, b, 4001)
+    best = None
+    for d in DEGREES:
+        fit = ChebyshevFit("rsqrt", d, a, b)
+        y = fit(torch.from_numpy(v)).numpy()
+        for n in range(17):
+            if np.abs(y * np.sqrt(v) - 1).max() <= RSQRT_TOL:
+                if best is None or fit.depth + 3 * n < best[0]:
+                    best = (fit.depth + 3 * n, d, n)
+                break
+            y = y * (1.5 - 0.5 * v * y * y)
+    if best is None:
+        raise CgfBertError(f"layernorm: no fit of degree <= {DEGREES[-1]} with at most 16 Newton steps gives 1/sqrt(v) "
+                           f"within {RSQRT_TOL:g} on [{a:g}, {b:g}] (variances {lo:.3g}..{hi:.3g} on the calibration examples)")
+    return Spec.make("layernorm", "ln_poly", degree=best[1], var_lo=a, var_hi=b, newton=best[2])
+
+
+def measured_forms(model, calibration) -> dict[str, Spec]:
+    """Each op of POLYNOMIAL in its polynomial kind, per layer where it is per layer, with intervals
+    from ``op_ranges`` on the calibration examples."""
+    span = op_ranges(model, calibration)
+    out = {"pooler": fit_form("pooler", *span["pooler"])}
+    for op, form in (("gelu", lambda r: fit_form("gelu", *r)), ("layernorm", lambda r: rsqrt_form(*r))):
+        layers = {k: form(span[(op, k)]) for k in range(len(model.bert.encoder.layer))}
+        widest = max(layers.values(), key=lambda s: s.depth)
+        out[op] = Spec.make(op, widest.name, layers={k: s for k, s in layers.items() if s != widest}, **widest.values)
+    return out
+
+
+def _kept(own: Spec, measured: Spec, layers: int) -> Spec:
+    """``measured`` where ``own`` is exact, ``own`` in the layers where it already is a polynomial."""
+    if own.op == "pooler" or own.is_exact:
+        return measured
+    mixed = {k: own.for_layer(k) if own.for_layer(k).depth is not None else measured.for_layer(k) for k in range(layers)}
+    base = measured.plain()
+    return Spec.make(own.op, base.name, layers={k: s for k, s in mixed.items() if s != base}, **base.values)
+
+
 def polynomial_form(approx: Approximations, model, calibration, keys: int, steps: int | None = None) -> Approximations:
-    """Each op the circuit cannot run replaced by its polynomial kind (the checkpoint's own kept); the
-    exact softmax's bound and steps from ``exact_form`` (``keys``: the most tokens an example has)."""
+    """Each op the circuit cannot run replaced by its polynomial kind on the calibration's measured
+    intervals (``measured_forms``; the checkpoint's own polynomial ops kept); the exact softmax's
+    bound and steps from ``exact_form`` (``keys``: the most tokens an example has)."""
     out = approx
-    for op, spec in POLYNOMIAL.items():
-        if getattr(approx, op).depth is None:
-            out = out.replace(**{op: spec})
+    missing = [op for op in POLYNOMIAL if getattr(approx, op).depth is None]
+    if missing:
+        forms = measured_forms(model, calibration)
+        out = out.replace(**{op: _kept(getattr(approx, op), forms[op], len(model.bert.encoder.layer)) for op in missing})
     if approx.softmax.depth is None:
         if approx.softmax.layers:  # exact_form measures one bound for the model, not one per layer
             raise CgfBertError(f"softmax {approx.softmax.label()}: a per-layer softmax gets no polynomial form here; "
