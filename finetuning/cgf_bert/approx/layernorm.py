@@ -73,10 +73,15 @@ def ln_poly(x, weight, bias, eps, where="output", degree=32, var_lo=0.1, var_hi=
     v = var + eps
     if counter is not None:
         counter.add(v.detach(), fit.lo, fit.hi)
+    return c * rsqrt(v, fit, newton) * weight + bias
+
+
+def rsqrt(v: torch.Tensor, fit: ChebyshevFit, newton: int) -> torch.Tensor:
+    """1/sqrt(v) as CKKS runs it: the fit's first guess, then ``newton`` steps y <- y (3 - v y^2) / 2."""
     y = fit(v)
     for _ in range(newton):
         y = y * (1.5 - 0.5 * v * y * y)
-    return c * y * weight + bias
+    return y
 
 
 VAR = dict(above=0.0)

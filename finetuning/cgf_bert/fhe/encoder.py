@@ -200,7 +200,7 @@ class EncoderCircuit:
         level). One level."""
         w, b = wb
         lay, W = self.lay, self.lay.width
-        used = (np.arange(lay.rows) < self._n).astype(np.float64)
+        used = self._used_rows()
         rows = used if row_scale is None else used * row_scale
         out = []
         for o in range(lay.blocks(w.shape[1])):
@@ -225,7 +225,7 @@ class EncoderCircuit:
 
     def layernorm(self, ops, boot, x, spec, wb: tuple, site: str):
         """The spec's LayerNorm over ``hidden`` features of each row (``ln_poly`` or ``ln_affine``)."""
-        used = np.repeat((np.arange(self.lay.rows) < self._n).astype(np.float64), self.lay.width)
+        used = self._per_slot(self._used_rows())
         # gamma and beta ride on the row mask, so rows past the tokens leave every LayerNorm as 0 and
         # enter the next one as the pad alone: a variance inside the fit's interval, whatever it is
         gamma, beta = (self.lay.tile(np.pad(v, (0, self.lay.width - len(v)))) * used for v in wb)
@@ -345,6 +345,10 @@ class EncoderCircuit:
         then bootstrapped on the lane ciphertexts, one or two a layer, rather than Q and K to a depth
         that carries every offset through P V."""
         return 2 + (2 if sm.name == "cgf_poly" and sm.values["coeff"] > 0 else 1)
+
+    def _used_rows(self) -> np.ndarray:
+        """(rows,): 1 on the examples' token rows, 0 past them."""
+        return (np.arange(self.lay.rows) < self._n).astype(np.float64)
 
     def _per_slot(self, per_row: np.ndarray) -> np.ndarray:
         return np.repeat(per_row, self.lay.width)

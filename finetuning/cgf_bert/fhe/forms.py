@@ -15,6 +15,7 @@ import torch
 from cgf_bert import CgfBertError
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.chebyshev import ChebyshevFit
+from cgf_bert.approx.layernorm import rsqrt
 from cgf_bert.approx.spec import Spec
 from cgf_bert.model.attention import self_attentions
 from cgf_bert.model.replaced import layer_norms
@@ -45,13 +46,18 @@ def centred_rows(model, examples) -> list[torch.Tensor]:
     for m in mods:
         m.tap = tap
     try:
-        for ids, tt in examples:
-            with torch.no_grad():
-                model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], token_type_ids=tt[None])
+        _forward(model, examples)
     finally:
         for m in mods:
             m.tap = None
     return rows
+
+
+def _forward(model, examples) -> None:
+    """Each (ids, token types) example through ``model`` alone, unpadded (what the taps and hooks see)."""
+    with torch.no_grad():
+        for ids, tt in examples:
+            model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], token_type_ids=tt[None])
 
 
 def row_sum_bound(rows: list[torch.Tensor], steps: int = 0) -> tuple[float, float]:
@@ -113,9 +119,7 @@ def op_ranges(model, examples) -> dict:
             hooks.append(ln.register_forward_pre_hook(
                 lambda m, i, k=k: seen(("layernorm", k), i[0].double().var(-1, unbiased=False) + m.eps)))
     try:
-        for ids, tt in examples:
-            with torch.no_grad():
-                model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None], token_type_ids=tt[None])
+        _forward(model, examples)
     finally:
         for h in hooks:
             h.remove()
@@ -139,21 +143,18 @@ def rsqrt_form(lo: float, hi: float) -> Spec:
     """``ln_poly`` on [lo / VAR_MARGIN, hi * VAR_MARGIN]: the degree and Newton steps of fewest levels
     whose 1/sqrt(v) is within RSQRT_TOL (relative) on the whole interval."""
     a, b = float(f"{lo / VAR_MARGIN:.2g}"), float(f"{hi * VAR_MARGIN:.2g}")
-    v = np.geomspace(a, b, 4001)
+    v = torch.from_numpy(np.geomspace(a, b, 4001))
     best = None
     for d in DEGREES:
         fit = ChebyshevFit("rsqrt", d, a, b)
-        y = fit(torch.from_numpy(v)).numpy()
-        for n in range(17):
-            if np.abs(y * np.sqrt(v) - 1).max() <= RSQRT_TOL:
-                if best is None or fit.depth + 3 * n < best[0]:
-                    best = (fit.depth + 3 * n, d, n)
-                break
-            y = y * (1.5 - 0.5 * v * y * y)
+        n = next((n for n in range(17) if float((rsqrt(v, fit, n) * v.sqrt() - 1).abs().max()) <= RSQRT_TOL), None)
+        if n is not None:
+            spec = Spec.make("layernorm", "ln_poly", degree=d, var_lo=a, var_hi=b, newton=n)
+            best = spec if best is None or spec.depth < best.depth else best  # the registry's depth: levels
     if best is None:
         raise CgfBertError(f"layernorm: no fit of degree <= {DEGREES[-1]} with at most 16 Newton steps gives 1/sqrt(v) "
                            f"within {RSQRT_TOL:g} on [{a:g}, {b:g}] (variances {lo:.3g}..{hi:.3g} on the calibration examples)")
-    return Spec.make("layernorm", "ln_poly", degree=best[1], var_lo=a, var_hi=b, newton=best[2])
+    return best
 
 
 def measured_forms(model, calibration) -> dict[str, Spec]:
@@ -163,9 +164,13 @@ def measured_forms(model, calibration) -> dict[str, Spec]:
     out = {"pooler": fit_form("pooler", *span["pooler"])}
     for op, form in (("gelu", lambda r: fit_form("gelu", *r)), ("layernorm", lambda r: rsqrt_form(*r))):
         layers = {k: form(span[(op, k)]) for k in range(len(model.bert.encoder.layer))}
-        widest = max(layers.values(), key=lambda s: s.depth)
-        out[op] = Spec.make(op, widest.name, layers={k: s for k, s in layers.items() if s != widest}, **widest.values)
+        out[op] = _layered(max(layers.values(), key=lambda s: s.depth), layers)
     return out
+
+
+def _layered(base: Spec, layers: dict[int, Spec]) -> Spec:
+    """``base`` with each layer's spec where it differs from it."""
+    return Spec.make(base.op, base.name, layers={k: s for k, s in layers.items() if s != base}, **base.values)
 
 
 def _kept(own: Spec, measured: Spec, layers: int) -> Spec:
@@ -173,8 +178,7 @@ def _kept(own: Spec, measured: Spec, layers: int) -> Spec:
     if own.op == "pooler" or own.is_exact:
         return measured
     mixed = {k: own.for_layer(k) if own.for_layer(k).depth is not None else measured.for_layer(k) for k in range(layers)}
-    base = measured.plain()
-    return Spec.make(own.op, base.name, layers={k: s for k, s in mixed.items() if s != base}, **base.values)
+    return _layered(measured.plain(), mixed)
 
 
 def polynomial_form(approx: Approximations, model, calibration, keys: int, steps: int | None = None) -> Approximations:
