@@ -6,6 +6,8 @@ polynomial specs (``BertMRPC`` through transformers' BertModel), on a tiny rando
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -470,8 +472,9 @@ def test_the_polynomial_form_takes_each_layers_intervals_from_the_measured_input
     gelu, var = _manual_ranges(model, examples)
     for k in gelu:
         assert span[("gelu", k)] == pytest.approx(gelu[k], rel=1e-9) and span[("layernorm", k)] == pytest.approx(var[k], rel=1e-9)
+    assert F.polynomial_form(approx, model, examples, keys=32, own_exp=True).softmax == approx.softmax  # already a polynomial: kept
     form = F.polynomial_form(approx, model, examples, keys=32)
-    assert form.softmax == approx.softmax  # already a polynomial: kept
+    assert form.softmax == F.cgf_form(approx.softmax, model, examples)  # its exp cut to the measured arguments
     with torch.no_grad():
         exact = [model(input_ids=i[None], attention_mask=torch.ones_like(i)[None], token_type_ids=t[None])["logits"] for i, t in examples]
     model.set_approx(form)
@@ -490,6 +493,69 @@ def test_the_polynomial_form_takes_each_layers_intervals_from_the_measured_input
         assert float((y * v.sqrt() - 1).abs().max()) <= F.RSQRT_TOL
     for e, p in zip(exact, poly):
         np.testing.assert_allclose(p.numpy(), e.numpy(), atol=2e-2)
+
+
+def _manual_cgf_arguments(model, examples, c):
+    """Per layer, CGF's exp argument s - mu - c var from Q and K written out here (the independent reference)."""
+    bert, heads, out = model.bert, model.bert.config.num_attention_heads, {}
+    for ids, tt in examples:
+        with torch.no_grad():
+            h = bert.embeddings(input_ids=ids[None], token_type_ids=tt[None])[0]
+            for k, layer in enumerate(bert.encoder.layer):
+                sa = layer.attention.self
+                q, kk = (f(h).view(len(ids), heads, -1).transpose(0, 1) for f in (sa.query, sa.key))
+                s = q @ kk.transpose(1, 2) / math.sqrt(q.shape[-1])
+                x = s - s.mean(-1, keepdim=True) - c * ((s - s.mean(-1, keepdim=True)) ** 2).mean(-1, keepdim=True)
+                lo, hi = out.get(k, (np.inf, -np.inf))
+                out[k] = (min(lo, float(x.min())), max(hi, float(x.max())))
+                out_ = layer(h[None])
+                h = (out_[0] if isinstance(out_, tuple) else out_)[0]
+    return out
+
+
+def test_cgfs_exp_takes_the_fewest_squarings_its_measured_arguments_allow(tiny_bert):
+    from cgf_bert.approx.polyexp import PolyExp
+    from cgf_bert.fhe import forms as F
+
+    own = Spec.make("softmax", "cgf_poly")  # d=8 [-256, 16] k=8, as trained
+    model = _model(tiny_bert, Approximations(softmax=own))
+    examples = [_example(n, seed=s) for s, n in enumerate((7, 12, 20))]
+    span = F.cgf_arguments(model, examples, [0.5] * len(model.bert.encoder.layer))
+    manual = _manual_cgf_arguments(model, examples, 0.5)
+    form = F.cgf_form(own, model, examples)
+
+    def error(lo, k):  # the largest relative error of exp on [lo, 16] with k squarings, on a grid of its own
+        x = torch.linspace(lo, 16.0, 5001, dtype=torch.float64)
+        return float((PolyExp(8, lo, 16.0, k)(x) / torch.exp(x) - 1).abs().max())
+
+    for k, (lo, hi) in manual.items():
+        assert span[k] == pytest.approx((lo, hi), rel=1e-9)
+        v = form.for_layer(k).values
+        assert v["exp_lo"] <= F.EXP_MARGIN * lo and v["exp_hi"] >= F.EXP_MARGIN * hi  # the margin is held
+        assert v["exp_lo"] / 2.0 ** v["squarings"] == -1.0 and v["degree"] == 8  # the fit's left end and degree kept
+        assert error(v["exp_lo"], v["squarings"]) <= F.EXP_REL_TOL
+        k_ = v["squarings"] - 1  # one squaring fewer would not hold the margin, or would miss the tolerance
+        assert k_ < 0 or v["exp_lo"] / 2 > F.EXP_MARGIN * lo or error(v["exp_lo"] / 2, k_) > F.EXP_REL_TOL
+    assert form.depth < own.depth  # the tiny BERT's arguments are far inside [-256, 16]
+    assert F.fewer_squarings(own, -200.0, 5.0) == own  # a wide layer keeps its squarings
+    with torch.no_grad():  # inside its intervals the narrowed model is the trained one
+        want = [model(input_ids=i[None], attention_mask=torch.ones_like(i)[None], token_type_ids=t[None])["logits"] for i, t in examples]
+        model.set_approx(Approximations(softmax=form))
+        got = [model(input_ids=i[None], attention_mask=torch.ones_like(i)[None], token_type_ids=t[None])["logits"] for i, t in examples]
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-6, atol=1e-9)
+
+
+def test_cgfs_attention_refreshes_its_input_once_where_one_bootstrap_holds_it(tiny_bert):
+    narrow = Spec.make("softmax", "cgf_poly", exp_lo=-32.0, squarings=5)  # depth 9: 1 + 4 + 9 + 2 = 16 levels
+    approx = POLY.replace(softmax=narrow)
+    model = _model(tiny_bert, approx)
+    out, ref, _, boot = _simulate(model, approx, 9, top=17)
+    inside = lambda booted: [s for s in booted if "exp input" in s or "probs" in s]  # noqa: E731  (between the scores and P V)
+    assert not inside(boot.booted) and boot.booted["layer 1 input"]  # the layer input took it
+    np.testing.assert_allclose(out, ref, rtol=1e-9, atol=1e-10)
+    _, _, _, boot = _simulate(_model(tiny_bert, POLY), POLY, 9, top=17)  # depth 12: 19 levels, no one bootstrap holds them
+    assert inside(boot.booted)
 
 
 def test_the_polynomial_form_keeps_a_checkpoints_own_polynomial_layers(tiny_bert):

@@ -30,7 +30,11 @@ LayerNorm variances' range widened 2-fold each way) at the least degree, and for
 fewest Newton steps, that meet ``fhe.forms``' tolerances there; a checkpoint's own polynomial
 specs are kept. A fixed interval is wrong for some checkpoint: the CGF recipe student of seed 42
 has layer-0 variances up to about 135, past ``ln_poly``'s default [0.1, 130], and the default's
-fit out there, through its Newton steps, stopped the calibration with a non-finite value.
+fit out there, through its Newton steps, stopped the calibration with a non-finite value. A CGF
+softmax keeps its exp's degree, but each layer takes the fewest squarings whose interval holds 1.25
+times its measured arguments (``--own-exp`` keeps the checkpoint's): that student's layers 1-5 stay
+in [-22, 10] where layer 0 needs [-256, 16]. Where the whole attention then fits the levels of one
+bootstrap, the layer's input is refreshed once instead of the lane ciphertexts at the exp's input.
 
 ``--pack K`` packs K dev examples (of at most 64/K tokens) into one ciphertext's rows: one circuit
 serves them, so each example's stage table and projected time are the ciphertext's divided by K.
@@ -83,17 +87,6 @@ from cgf_bert.train.run import prepare_data
 
 NON_FINITE = {"": "the circuit's values left float64 (an iteration driven past its range, e.g. by bootstrap noise)"}
 SLOTS, TOP = 32768, 17  # desilofhe 2.0's bootstrappable engine: 2^15 slots, 17 levels after a bootstrap
-
-
-def examples_of(split, rows: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
-    """The first ``count`` examples of ``split`` with at most ``rows`` tokens: (ids, token types, label)."""
-    out = []
-    for ex in split:
-        if len(ex["input_ids"]) <= rows:
-            out.append((torch.tensor(ex["input_ids"]), torch.tensor(ex["token_type_ids"]), int(ex["labels"])))
-        if len(out) == count:
-            break
-    return out
 
 
 def packs(examples: list, per: int, rows: int) -> list[list]:
@@ -247,8 +240,9 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     lay = E.TokenLayout.for_model(SLOTS, model.bert.config.hidden_size)
     top, reserve = backend.top, backend.reserve
     fit = lay.rows // args.pack  # tokens an example may have for ``pack`` of them to share a ciphertext
-    calibration = [(i, t) for i, t, _ in examples_of(data["train"], fit, args.calibrate)]
-    approx = F.polynomial_form(meta["approx"], model, calibration, lay.rows, args.norm_steps) if args.polynomial else meta["approx"]
+    calibration = [(i, t) for i, t, _ in F.examples_of(data["train"], fit, args.calibrate)]
+    approx = F.polynomial_form(meta["approx"], model, calibration, lay.rows, args.norm_steps,
+                                                     own_exp=args.own_exp) if args.polynomial else meta["approx"]
     if approx != meta["approx"]:
         note(f"  polynomial form (intervals from {len(calibration)} training examples): {approx.label()}")
     if args.polynomial and meta["approx"].softmax.depth is None and approx.softmax.name == "exact_poly":
@@ -263,7 +257,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     bounds = P.calibrate(circuit, (_one([P.embed(model, ids, tt) for ids, tt in g]) for g in groups), top, reserve)
     rows, stages = [], {}
     limit = min(fit, args.max_tokens or fit)
-    chosen = examples_of(data["validation"], limit, args.examples)
+    chosen = F.examples_of(data["validation"], limit, args.examples)
     if not chosen:
         raise CgfBertError(f"no dev example has at most {limit} tokens")
     if len(chosen) < args.examples:
@@ -426,6 +420,9 @@ def main():
     p.add_argument("--norm-steps", type=number(int, "norm-steps", min=0),
                    help="square-and-normalise steps of an exact softmax's polynomial form (exact_poly's norm_steps; default: the "
                         f"fewest whose first row-sum bound, measured on --calibrate examples, is at most {F.FIRST_SUM_RATIO:g} wide)")
+    p.add_argument("--own-exp", action="store_true",
+                   help="keep a CGF checkpoint's exp polynomial in every layer (default: each layer's squarings cut to the fewest "
+                        "whose interval holds 1.25 times its exp arguments measured on --calibrate examples, fhe.forms.cgf_form)")
     p.add_argument("--costs", type=cost_table, help="seconds per operation (a record of experiments.ckks_costs) to price the stages")
     p.add_argument("--backend", choices=("sim", "interactive", "bootstrap"), default="sim",
                    help="sim: numpy slot vectors that count CKKS levels (default); interactive: CKKS, the client refreshing "

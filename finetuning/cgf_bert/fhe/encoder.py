@@ -170,6 +170,7 @@ class Weights:
 
 EXP_SLOT_LIMIT = 2.0  # |t| the exp's basis may see in slots its weights discard (T_8(2) = 1.9e4: safe in CKKS)
 QUAD_SCALE = math.sqrt(0.125)  # quad's input scaled so that 0.125 x^2 is a bare square
+PROBS_NEED = 2  # P V on the probabilities: the offset's mask, then the product with V
 
 
 def _unit(lo: float, hi: float) -> tuple[float, float]:
@@ -307,7 +308,7 @@ class EncoderCircuit:
         poly = PolyExp(sm.values["degree"], sm.values["exp_lo"], sm.values["exp_hi"], sm.values["squarings"])
         need = self._score_need(sm)
         log.current = f"layer {i} / Q K V"
-        x = boot(x, min(need + 1, boot.usable), f"layer {i} input")  # Q and K then need no bootstrap
+        x = boot(x, self._input_need(sm, poly, need, boot.usable), f"layer {i} input")
         (q,) = self.linear(ops, [x], lw["q"], scale=1.0 / math.sqrt(self.dh))
         (k,) = self.linear(ops, [x], lw["k"])
         (v,) = self.linear(ops, [x], lw["v"])
@@ -326,7 +327,7 @@ class EncoderCircuit:
         probs, scale = (self._cgf if sm.name == "cgf_poly" else self._exact)(ops, boot, scores, lane_mask, first, sm, poly, i)
         log.current = f"layer {i} / P V"
         v = boot(v, 1, f"layer {i} v")
-        probs = [boot(p, 2, f"layer {i} probs") for p in probs]
+        probs = [boot(p, PROBS_NEED, f"layer {i} probs") for p in probs]
         out = None
         for r, (g, j) in lanes.items():  # each offset's probabilities back to a head's first slot, alone
             p = ops.mul_plain(ops.rotate(probs[g], j), masks[r])
@@ -337,6 +338,14 @@ class EncoderCircuit:
         w_o, b_o = lw["o"]
         (o,) = self.linear(ops, [out], (w_o / scale, b_o))  # the probabilities' public factor, not the bias's
         return o
+
+    @staticmethod
+    def _input_need(sm, poly, need: int, usable: int) -> int:
+        """Levels the layer's input is refreshed to: CGF's whole attention up to P V's input (Q and K, the
+        scores' ``need``, the exp, PROBS_NEED) where one bootstrap holds it, so that one ciphertext is
+        refreshed instead of the one or two lane ciphertexts at the exp's input; else Q's and K's."""
+        whole = 1 + need + poly.depth + PROBS_NEED
+        return whole if sm.name == "cgf_poly" and whole <= usable else min(need + 1, usable)
 
     @staticmethod
     def _score_need(sm) -> int:

@@ -16,6 +16,7 @@ from cgf_bert import CgfBertError
 from cgf_bert.approx.approximations import Approximations
 from cgf_bert.approx.chebyshev import ChebyshevFit
 from cgf_bert.approx.layernorm import rsqrt
+from cgf_bert.approx.polyexp import PolyExp
 from cgf_bert.approx.spec import Spec
 from cgf_bert.model.attention import self_attentions
 from cgf_bert.model.replaced import layer_norms
@@ -32,6 +33,20 @@ VAR_MARGIN = 2.0  # a LayerNorm's variance interval: [lo / this, hi * this] of t
 # at 1e3 the start keeps 30 times that margin; the teacher's single division (a bound 5e16 wide) had none.
 FIRST_SUM_RATIO = 1e3
 EXP_MARGIN = 1.25  # the exact softmax's exp interval: this times the calibration's centred scores' range
+# CGF's exp with fewer squarings: its largest relative error on the narrowed interval (the trained
+# d=8 [-256, 16] k=8 gives 1.5e-8; k=5 on [-32, 16] 5.2e-8), 30 times below a bootstrap's slot error.
+EXP_REL_TOL = 1e-6
+
+
+def examples_of(split, rows: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """The first ``count`` examples of ``split`` with at most ``rows`` tokens: (ids, token types, label)."""
+    out = []
+    for ex in split:
+        if len(ex["input_ids"]) <= rows:
+            out.append((torch.tensor(ex["input_ids"]), torch.tensor(ex["token_type_ids"]), int(ex["labels"])))
+        if len(out) == count:
+            break
+    return out
 
 
 def centred_rows(model, examples) -> list[torch.Tensor]:
@@ -101,6 +116,52 @@ def exact_form(form: Spec, model, calibration, keys: int, steps: int | None) -> 
     lo, hi = chosen.bound
     return Spec.make("softmax", "exact_poly", **{**form.values, "exp_lo": math.floor(lo_x), "exp_hi": math.ceil(hi_x),
                                                  "sum_lo": lo, "sum_hi": hi, "norm_steps": chosen.steps, "keys": keys})
+
+
+def cgf_arguments(model, examples, coeffs: list[float]) -> dict[int, tuple[float, float]]:
+    """Per layer, (min, max) of CGF's exp argument ``s - mu - c var`` (``c = coeffs[layer]``) on ``examples``."""
+    span: dict[int, tuple[float, float]] = {}
+    mods = self_attentions(model.bert)
+    for k, m in enumerate(mods):
+        def tap(module, scores, mask, probs, value, out, k=k):
+            s = scores.double()
+            x = s - s.mean(-1, keepdim=True) - coeffs[k] * s.var(-1, unbiased=False, keepdim=True)
+            lo, hi = span.get(k, (math.inf, -math.inf))
+            span[k] = (min(lo, float(x.min())), max(hi, float(x.max())))
+        m.tap = tap
+    try:
+        _forward(model, examples)
+    finally:
+        for m in mods:
+            m.tap = None
+    return span
+
+
+def fewer_squarings(spec: Spec, lo: float, hi: float) -> Spec:
+    """``cgf_poly`` ``spec`` with the fewest squarings whose interval still holds EXP_MARGIN times the
+    measured arguments [lo, hi]: each squaring left out halves the interval's lower end (the fit's own
+    interval [lo/2^k, hi/2^k] keeps its left end), at a level less, where the fit stays within
+    EXP_REL_TOL of exp. ``spec`` itself where none is cheaper (a wide layer, like layer 0's heads)."""
+    v = spec.values
+    if EXP_MARGIN * hi > v["exp_hi"]:
+        return spec
+    for k in range(v["squarings"] + 1):
+        low = v["exp_lo"] / 2.0 ** (v["squarings"] - k)
+        if low > EXP_MARGIN * lo:
+            continue
+        poly = PolyExp(v["degree"], low, v["exp_hi"], k)
+        x = torch.linspace(low, v["exp_hi"], 20001, dtype=torch.float64)
+        if float((poly(x) / torch.exp(x) - 1).abs().max()) <= EXP_REL_TOL:
+            return Spec.make("softmax", "cgf_poly", **{**v, "exp_lo": low, "squarings": k})
+    return spec
+
+
+def cgf_form(form: Spec, model, calibration) -> Spec:
+    """A ``cgf_poly`` softmax with each layer's squarings cut to its measured arguments (``fewer_squarings``)."""
+    layers = form.per_layer(len(model.bert.encoder.layer))
+    span = cgf_arguments(model, calibration, [s.values["coeff"] for s in layers])
+    narrowed = {k: fewer_squarings(s, *span[k]) for k, s in enumerate(layers)}
+    return _layered(max(narrowed.values(), key=lambda s: s.depth), narrowed)
 
 
 def op_ranges(model, examples) -> dict:
@@ -181,10 +242,12 @@ def _kept(own: Spec, measured: Spec, layers: int) -> Spec:
     return _layered(measured.plain(), mixed)
 
 
-def polynomial_form(approx: Approximations, model, calibration, keys: int, steps: int | None = None) -> Approximations:
+def polynomial_form(approx: Approximations, model, calibration, keys: int, steps: int | None = None,
+                    own_exp: bool = False) -> Approximations:
     """Each op the circuit cannot run replaced by its polynomial kind on the calibration's measured
     intervals (``measured_forms``; the checkpoint's own polynomial ops kept); the exact softmax's
-    bound and steps from ``exact_form`` (``keys``: the most tokens an example has)."""
+    bound and steps from ``exact_form`` (``keys``: the most tokens an example has); CGF's exp with
+    each layer's squarings cut to its measured arguments (``cgf_form``) unless ``own_exp``."""
     out = approx
     missing = [op for op in POLYNOMIAL if getattr(approx, op).depth is None]
     if missing:
@@ -198,4 +261,7 @@ def polynomial_form(approx: Approximations, model, calibration, keys: int, steps
         if form.name == "exact_poly":
             form = exact_form(form, model, calibration, keys, steps)
         out = out.replace(softmax=form)
+    sm = out.softmax
+    if not own_exp and all(s.name == "cgf_poly" for s in sm.per_layer(len(model.bert.encoder.layer))):
+        out = out.replace(softmax=cgf_form(sm, model, calibration))
     return out
