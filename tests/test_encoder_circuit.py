@@ -558,6 +558,19 @@ def test_cgfs_attention_refreshes_its_input_once_where_one_bootstrap_holds_it(ti
     assert inside(boot.booted)
 
 
+def test_the_forms_intervals_come_from_the_measured_examples_and_the_exact_row_sums_from_the_calibration(tiny_bert):
+    from cgf_bert.fhe import forms as F
+
+    model = _model(tiny_bert, Approximations())
+    calibration, measure = [_example(7)], [_example(n, seed=s) for s, n in enumerate((12, 20, 30))]
+    form = F.polynomial_form(Approximations(), model, calibration, keys=32, measure=measure)
+    span = F.op_ranges(model, measure)
+    for k in range(len(model.bert.encoder.layer)):
+        g = form.gelu.for_layer(k).values
+        assert g["lo"] < span[("gelu", k)][0] and g["hi"] > span[("gelu", k)][1]
+    assert form.softmax == F.exact_form(Approximations().softmax.with_polynomial(), model, calibration, 32, None)
+
+
 def test_the_polynomial_form_keeps_a_checkpoints_own_polynomial_layers(tiny_bert):
     from cgf_bert.fhe import forms as F
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import run_script
 
 from cgf_bert.approx.approximations import Approximations
@@ -57,6 +58,15 @@ def test_coeff_sweep_trains_once_then_reuses_records(tiny_bert, tiny_mrpc, tmp_p
     summary = json.loads(sorted(tmp_path.glob("experiments/coeff_sweep-*.json"))[-1].read_text())
     assert summary["exact_accuracy"] == [exact["best"]["accuracy"]] and summary["exact_records"] == [exact["name"]]
     assert f"exact {exact['best']['accuracy'] * 100:.2f}" in out
+    # --recorded tabulates the records alone, paired by seed against --base; a missing run is refused first
+    acc = {c: json.loads(next(tmp_path.glob(f"*-finetune-cgf{c}-s1.json")).read_text())["best"]["accuracy"] for c in ("0.5", "0.7")}
+    in_process(monkeypatch, capsys, "experiments.coeff_sweep", *args, "--recorded")
+    summary = json.loads(sorted(tmp_path.glob("experiments/coeff_sweep-*.json"))[-1].read_text())
+    assert summary["base"] == 0.5 and summary["paired_vs_base"]["0.7"] == pytest.approx([(acc["0.7"] - acc["0.5"]) * 100])
+    code, _, err = run_script(monkeypatch, capsys, "experiments.coeff_sweep", *args[:8], "--coeffs", 0.5, 0.9, "--seeds", 1,
+                              "--results-dir", tmp_path, "--recorded")
+    assert code != 0 and "no record for c=0.9 seed 1" in err
+    assert len(list(tmp_path.glob("*.json"))) == 3  # nothing trained by either
 
 
 def test_records_that_predate_a_setting_are_found_with_its_default(tmp_path):

@@ -243,15 +243,17 @@ def _kept(own: Spec, measured: Spec, layers: int) -> Spec:
 
 
 def polynomial_form(approx: Approximations, model, calibration, keys: int, steps: int | None = None,
-                    own_exp: bool = False) -> Approximations:
-    """Each op the circuit cannot run replaced by its polynomial kind on the calibration's measured
-    intervals (``measured_forms``; the checkpoint's own polynomial ops kept); the exact softmax's
-    bound and steps from ``exact_form`` (``keys``: the most tokens an example has); CGF's exp with
-    each layer's squarings cut to its measured arguments (``cgf_form``) unless ``own_exp``."""
-    out = approx
+                    own_exp: bool = False, measure=None) -> Approximations:
+    """Each op the circuit cannot run replaced by its polynomial kind on intervals measured on
+    ``measure`` (default: the calibration examples; ``measured_forms``; the checkpoint's own
+    polynomial ops kept); CGF's exp with each layer's squarings cut to its measured arguments
+    (``cgf_form``) unless ``own_exp``. The exact softmax's bound and steps come from ``exact_form`` on
+    the calibration examples (``keys``: the most tokens an example has): its row sums grow with the
+    keys a row has, so they are measured on examples the circuit's rows can hold."""
+    out, measure = approx, calibration if measure is None else measure
     missing = [op for op in POLYNOMIAL if getattr(approx, op).depth is None]
     if missing:
-        forms = measured_forms(model, calibration)
+        forms = measured_forms(model, measure)
         out = out.replace(**{op: _kept(getattr(approx, op), forms[op], len(model.bert.encoder.layer)) for op in missing})
     if approx.softmax.depth is None:
         if approx.softmax.layers:  # exact_form measures one bound for the model, not one per layer
@@ -263,5 +265,5 @@ def polynomial_form(approx: Approximations, model, calibration, keys: int, steps
         out = out.replace(softmax=form)
     sm = out.softmax
     if not own_exp and all(s.name == "cgf_poly" for s in sm.per_layer(len(model.bert.encoder.layer))):
-        out = out.replace(softmax=cgf_form(sm, model, calibration))
+        out = out.replace(softmax=cgf_form(sm, model, measure))
     return out

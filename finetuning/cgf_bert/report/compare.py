@@ -21,9 +21,12 @@ def paired(a: list[dict], b: list[dict]) -> dict[str, Any]:
 
 
 def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, title: str, hline: float | None = None,
-                           hline_label: str = "exact softmax", seeds: list[int] | None = None, single: str | None = None) -> Path:
+                           hline_label: str = "exact softmax", seeds: list[int] | None = None, single: str | None = None,
+                           by_seed: bool = False) -> Path:
     """PNG of mean dev accuracy vs coefficient with std error bars (one point per coefficient); with
-    one seed per point a plain marker, its label naming the seed (``seeds``, when given) or ``single``."""
+    one seed per point a plain marker, its label naming the seed (``seeds``, when given) or ``single``.
+    ``by_seed`` (every point has one value per seed of ``seeds``, in order) adds each seed's own line:
+    the comparison is paired by seed, and a spread of means hides whether the seeds agree."""
     plt = pyplot()
     cs = sorted(points)
     stats = [mean_std(points[c]) for c in cs]
@@ -35,6 +38,9 @@ def plot_accuracy_vs_coeff(points: dict[float, list[float]], path: str | Path, t
     else:
         n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
         ax.errorbar(cs, means, yerr=[s * 100 for _, s in stats], marker="o", capsize=4, label=f"CGF, mean ± std over {n} seeds")
+    if by_seed and seeds and len(seeds) > 1:
+        for k, seed in enumerate(seeds):
+            ax.plot(cs, [points[c][k] * 100 for c in cs], ls=":", marker=".", lw=1, alpha=0.7, label=f"seed {seed}")
     if hline is not None:
         ax.axhline(hline * 100, color="gray", ls="--", label=hline_label)
     ax.set_xlabel("CGF variance coefficient c")
@@ -51,7 +57,8 @@ def replot_coeff_sweep(record: dict, path: str | Path) -> Path:
     exact, seeds = record.get("exact_accuracy"), record.get("seeds", [])
     points = {float(c): v for c, v in record["accuracy"].items()}
     return plot_accuracy_vs_coeff(points, path, f"CGF {record['method']}: dev accuracy vs c", hline=mean_std(exact)[0] if exact else None,
-                                  hline_label="exact softmax, same seed" + ("" if len(seeds) == 1 else "s"), seeds=seeds)
+                                  hline_label="exact softmax, same seed" + ("" if len(seeds) == 1 else "s"), seeds=seeds,
+                                  by_seed=all(len(v) == len(seeds) for v in points.values()))
 
 
 def _delta(recs: list[dict], ref: list[dict]) -> dict[str, Any] | None:
