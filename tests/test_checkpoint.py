@@ -147,3 +147,19 @@ def test_failed_write_keeps_the_old_checkpoint(tiny_bert, tmp_path, monkeypatch)
     monkeypatch.undo()
     assert read_checkpoint(path)[1]["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_the_code_version_is_the_one_read_at_import_not_at_save(monkeypatch):
+    """A run of hours records the code it started with: saving never asks git again (the tree may have moved on)."""
+    import subprocess
+
+    from cgf_bert.store import provenance
+
+    before, changed = provenance.code_version(), provenance.uncommitted_files()
+
+    def no_git(*a, **k):
+        raise AssertionError("git consulted at save time")
+
+    monkeypatch.setattr(subprocess, "run", no_git)
+    assert provenance.code_version() == before and provenance.uncommitted_files() == changed
+    assert before == provenance._AT_IMPORT[0] and before

@@ -20,7 +20,18 @@ RESULTS_DIR = REPO_ROOT / "results"  # committed; checkpoints are not
 
 
 def code_version() -> str:
-    """``git describe`` of the code that ran (``-dirty`` if uncommitted changes), else the package version."""
+    """``git describe`` of the code that ran (``-dirty`` if uncommitted changes), else the package version.
+    Read when this module is imported (``_AT_IMPORT``): a run of hours records the code it started
+    with, not whatever the tree holds when it saves."""
+    return _AT_IMPORT[0]
+
+
+def uncommitted_files() -> list[str]:
+    """Tracked files that differed from the commit in ``code_version`` when the code was imported (what '-dirty' means)."""
+    return list(_AT_IMPORT[1])
+
+
+def _describe() -> str:
     try:
         out = subprocess.run(
             ["git", "describe", "--always", "--dirty", "--abbrev=12"],
@@ -31,13 +42,15 @@ def code_version() -> str:
         return f"v{__version__}"
 
 
-def uncommitted_files() -> list[str]:
-    """Tracked files that differ from the commit in ``code_version`` (what '-dirty' means)."""
+def _changed() -> tuple[str, ...]:
     try:
         out = subprocess.run(["git", "diff", "--name-only", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True)
-        return out.stdout.split()
+        return tuple(out.stdout.split())
     except (OSError, subprocess.SubprocessError):
-        return []
+        return ()
+
+
+_AT_IMPORT = (_describe(), _changed())
 
 
 def cpu_model() -> str:
