@@ -149,7 +149,7 @@ def test_failed_write_keeps_the_old_checkpoint(tiny_bert, tmp_path, monkeypatch)
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
 
 
-def test_the_code_version_is_the_one_read_at_import_not_at_save(monkeypatch):
+def test_the_code_version_is_read_at_import_and_never_asked_of_git_again(monkeypatch):
     """A run of hours records the code it started with: saving never asks git again (the tree may have moved on)."""
     import subprocess
 

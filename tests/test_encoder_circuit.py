@@ -475,6 +475,7 @@ def test_the_polynomial_form_takes_each_layers_intervals_from_the_measured_input
     assert F.polynomial_form(approx, model, examples, keys=32, own_exp=True).softmax == approx.softmax  # already a polynomial: kept
     form = F.polynomial_form(approx, model, examples, keys=32)
     assert form.softmax == F.cgf_form(approx.softmax, model, examples)  # its exp cut to the measured arguments
+    assert form.softmax.depth < approx.softmax.depth
     with torch.no_grad():
         exact = [model(input_ids=i[None], attention_mask=torch.ones_like(i)[None], token_type_ids=t[None])["logits"] for i, t in examples]
     model.set_approx(form)
@@ -525,11 +526,11 @@ def test_cgfs_exp_takes_the_fewest_squarings_its_measured_arguments_allow(tiny_b
     form = F.cgf_form(own, model, examples)
 
     def error(lo, k):  # the largest relative error of exp on [lo, 16] with k squarings, on a grid of its own
-        x = torch.linspace(lo, 16.0, 5001, dtype=torch.float64)
+        x = torch.linspace(lo, 16.0, F.EXP_GRID, dtype=torch.float64)
         return float((PolyExp(8, lo, 16.0, k)(x) / torch.exp(x) - 1).abs().max())
 
     for k, (lo, hi) in manual.items():
-        assert span[k] == pytest.approx((lo, hi), rel=1e-9)
+        assert span[k]["arg"] == pytest.approx((lo, hi), rel=1e-9)
         v = form.for_layer(k).values
         assert v["exp_lo"] <= F.EXP_MARGIN * lo and v["exp_hi"] >= F.EXP_MARGIN * hi  # the margin is held
         assert v["exp_lo"] / 2.0 ** v["squarings"] == -1.0 and v["degree"] == 8  # the fit's left end and degree kept
@@ -538,6 +539,11 @@ def test_cgfs_exp_takes_the_fewest_squarings_its_measured_arguments_allow(tiny_b
         assert k_ < 0 or v["exp_lo"] / 2 > F.EXP_MARGIN * lo or error(v["exp_lo"] / 2, k_) > F.EXP_REL_TOL
     assert form.depth < own.depth  # the tiny BERT's arguments are far inside [-256, 16]
     assert F.fewer_squarings(own, -200.0, 5.0) == own  # a wide layer keeps its squarings
+    assert F.fewer_squarings(own, -10.0, 5.0).values["squarings"] == 4  # [-16, 16]
+    # a row shift of up to 200 would put the lanes without a key at to_unit(-200) = -12.5 of [-16, 16]: more squarings
+    wide_shift = F.fewer_squarings(own, -10.0, 5.0, shift=(0.0, 200.0))
+    poly = PolyExp(8, wide_shift.values["exp_lo"], 16.0, wide_shift.values["squarings"])
+    assert wide_shift.values["squarings"] > 4 and abs(poly.to_unit(-225.0)) <= 2.0
     with torch.no_grad():  # inside its intervals the narrowed model is the trained one
         want = [model(input_ids=i[None], attention_mask=torch.ones_like(i)[None], token_type_ids=t[None])["logits"] for i, t in examples]
         model.set_approx(Approximations(softmax=form))
@@ -568,6 +574,8 @@ def test_the_forms_intervals_come_from_the_measured_examples_and_the_exact_row_s
     for k in range(len(model.bert.encoder.layer)):
         g = form.gelu.for_layer(k).values
         assert g["lo"] < span[("gelu", k)][0] and g["hi"] > span[("gelu", k)][1]
+    measured = F.measured_forms(model, measure)
+    assert form.gelu == measured["gelu"] and form.layernorm == measured["layernorm"] and form.pooler == measured["pooler"]
     assert form.softmax == F.exact_form(Approximations().softmax.with_polynomial(), model, calibration, 32, None)
 
 

@@ -34,7 +34,7 @@ def main():
     p.add_argument("--teacher", default=TEACHER_PATH, help="teacher for --distill (default: %(default)s)")
     p.add_argument("--no-reuse", dest="reuse", action="store_false", help="train even where a matching record exists")
     p.add_argument("--recorded", action="store_true", help="train nothing: tabulate the records, refusing if a run has none")
-    p.add_argument("--base", type=float, help="the coefficient the others are compared with, paired by seed (default: 0.5 if swept, else the first)")
+    p.add_argument("--base", type=number(float, "base", min=0.0), help="the coefficient the others are compared with, paired by seed (default: 0.5 if swept, else the first)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="run records and the sweep summary (default: %(default)s)")
     args = p.parse_args()
     cfg = config_from_args(TrainConfig, args, seed=args.seeds[0])
@@ -43,6 +43,8 @@ def main():
     if base not in args.coeffs:
         raise CgfBertError(f"--base {base:g} is not one of --coeffs {' '.join(f'{c:g}' for c in args.coeffs)}")
     cell = lambda c, seed: dataclasses.replace(cfg, approx=cfg.approx.replace(softmax=softmax_spec("cgf", coeff=c)), seed=seed)  # noqa: E731
+    if args.recorded and not args.reuse:
+        raise CgfBertError("--recorded trains nothing; --no-reuse would retrain every run: give one of them")
     if args.recorded:
         missing = [f"c={c:g} seed {s}" for c in args.coeffs for s in args.seeds if find_record(cell(c, s), dcfg, args.results_dir) is None]
         if missing:
@@ -51,7 +53,7 @@ def main():
     names: dict[float, list[str]] = {}
     for c in args.coeffs:
         for seed in args.seeds:
-            rec = run_or_reuse(cell(c, seed), dcfg, args.teacher, args.results_dir, args.reuse)
+            rec = run_or_reuse(cell(c, seed), dcfg, args.teacher, args.results_dir, args.reuse or args.recorded)
             acc.setdefault(c, []).append(rec["best"]["accuracy"])
             names.setdefault(c, []).append(rec["name"])
     paired = {c: [(a - b) * 100 for a, b in zip(acc[c], acc[base])] for c in args.coeffs if c != base}

@@ -247,8 +247,9 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     approx = F.polynomial_form(meta["approx"], model, calibration, lay.rows, args.norm_steps, own_exp=args.own_exp,
                                measure=measure) if args.polynomial else meta["approx"]
     if approx != meta["approx"]:
-        note(f"  polynomial form (intervals from {len(measure)} training examples, an exact softmax's row sums from "
-             f"{len(calibration)}): {approx.label()}")
+        exact = approx.softmax.name == "exact_poly" and meta["approx"].softmax.depth is None
+        note(f"  polynomial form (intervals from {len(measure)} training examples"
+             + (f", the exact softmax's from {len(calibration)}" if exact else "") + f"): {approx.label()}")
     if args.polynomial and meta["approx"].softmax.depth is None and approx.softmax.name == "exact_poly":
         sm = approx.softmax.values
         chosen = F.Steps(sm["norm_steps"], (sm["sum_lo"], sm["sum_hi"]))
@@ -426,7 +427,7 @@ def main():
                         f"fewest whose first row-sum bound, measured on --calibrate examples, is at most {F.FIRST_SUM_RATIO:g} wide)")
     p.add_argument("--form-examples", type=number(int, "form-examples", min=1), default=500,
                    help="training examples (any length) the polynomial form's intervals are measured on: GELU, LayerNorm, tanh, "
-                        "CGF's exp (an exact softmax's row sums: --calibrate examples that fit the rows) (default: %(default)s)")
+                        "CGF's exp (an exact softmax's exp interval and row sums: the --calibrate examples, which fit the rows) (default: %(default)s)")
     p.add_argument("--own-exp", action="store_true",
                    help="keep a CGF checkpoint's exp polynomial in every layer (default: each layer's squarings cut to the fewest "
                         "whose interval holds 1.25 times its exp arguments measured on --form-examples examples, fhe.forms.cgf_form)")

@@ -120,7 +120,8 @@ def main():
                    help="training examples the LayerNorm constants are averaged over (default: %(default)s)")
     p.add_argument("--forms", nargs="*", type=form_pair, default=[(8, 32), (500, 128)], metavar="COUNT:TOKENS",
                    help="a row each: the encrypted circuit's polynomial form, intervals measured on the first COUNT training "
-                        "examples of at most TOKENS tokens (8:32 is encrypted_inference's default with --pack 2; default: 8:32 500:128)")
+                        "examples of at most TOKENS tokens, for intervals and an exact softmax's bounds alike (8:32: what encrypted_inference "
+                        "measured before --form-examples; 500:128: about its default now; default: 8:32 500:128)")
     add_config_args(p, TrainConfig, only=("device", "data_dir", "eval_batch_size", "max_length"))
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record and plot go to RESULTS_DIR/experiments/ (default: %(default)s)")
     args = p.parse_args()

@@ -18,6 +18,7 @@ from cgf_bert.approx.chebyshev import ChebyshevFit
 from cgf_bert.approx.layernorm import rsqrt
 from cgf_bert.approx.polyexp import PolyExp
 from cgf_bert.approx.spec import Spec
+from cgf_bert.fhe.encoder import EXP_SLOT_LIMIT
 from cgf_bert.model.attention import self_attentions
 from cgf_bert.model.replaced import layer_norms
 
@@ -36,6 +37,7 @@ EXP_MARGIN = 1.25  # the exact softmax's exp interval: this times the calibratio
 # CGF's exp with fewer squarings: its largest relative error on the narrowed interval (the trained
 # d=8 [-256, 16] k=8 gives 1.5e-8; k=5 on [-32, 16] 5.2e-8), 30 times below a bootstrap's slot error.
 EXP_REL_TOL = 1e-6
+EXP_GRID = 20001  # points of [lo, hi] that relative error is checked on
 
 
 def examples_of(split, rows: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -118,30 +120,48 @@ def exact_form(form: Spec, model, calibration, keys: int, steps: int | None) -> 
                                                  "sum_lo": lo, "sum_hi": hi, "norm_steps": chosen.steps, "keys": keys})
 
 
-def cgf_arguments(model, examples, coeffs: list[float]) -> dict[int, tuple[float, float]]:
-    """Per layer, (min, max) of CGF's exp argument ``s - mu - c var`` (``c = coeffs[layer]``) on ``examples``."""
-    span: dict[int, tuple[float, float]] = {}
+def cgf_arguments(model, examples, coeffs: list[float]) -> dict[int, dict[str, tuple[float, float]]]:
+    """Per layer, on ``examples``: (min, max) of CGF's exp argument ``s - mu - c var`` (``"arg"``) and of
+    the row's shift ``mu + c var`` (``"shift"``, what the circuit's lanes without a key carry into the
+    exp's basis), ``c = coeffs[layer]``."""
+    span: dict[int, dict[str, tuple[float, float]]] = {}
+
+    def seen(k, key, t):
+        lo, hi = span.setdefault(k, {}).get(key, (math.inf, -math.inf))
+        span[k][key] = (min(lo, float(t.min())), max(hi, float(t.max())))
+
     mods = self_attentions(model.bert)
     for k, m in enumerate(mods):
         def tap(module, scores, mask, probs, value, out, k=k):
             s = scores.double()
-            x = s - s.mean(-1, keepdim=True) - coeffs[k] * s.var(-1, unbiased=False, keepdim=True)
-            lo, hi = span.get(k, (math.inf, -math.inf))
-            span[k] = (min(lo, float(x.min())), max(hi, float(x.max())))
+            shift = s.mean(-1, keepdim=True) + coeffs[k] * s.var(-1, unbiased=False, keepdim=True)
+            seen(k, "arg", s - shift)
+            seen(k, "shift", shift)
         m.tap = tap
     try:
         _forward(model, examples)
     finally:
         for m in mods:
             m.tap = None
+    if len(span) < len(mods):
+        raise CgfBertError(f"CGF's exp arguments: no example reached the attention ({len(examples)} examples given)")
     return span
 
 
-def fewer_squarings(spec: Spec, lo: float, hi: float) -> Spec:
+def _widened(lo: float, hi: float) -> tuple[float, float]:
+    """EXP_MARGIN times [lo, hi] about its centre."""
+    c, h = (lo + hi) / 2, EXP_MARGIN * (hi - lo) / 2
+    return c - h, c + h
+
+
+def fewer_squarings(spec: Spec, lo: float, hi: float, shift: tuple[float, float] | None = None) -> Spec:
     """``cgf_poly`` ``spec`` with the fewest squarings whose interval still holds EXP_MARGIN times the
     measured arguments [lo, hi]: each squaring left out halves the interval's lower end (the fit's own
     interval [lo/2^k, hi/2^k] keeps its left end), at a level less, where the fit stays within
-    EXP_REL_TOL of exp. ``spec`` itself where none is cheaper (a wide layer, like layer 0's heads)."""
+    EXP_REL_TOL of exp and, given the rows' ``shift`` range, the lanes without a key (which carry
+    ``to_unit(-shift)``) stay within EXP_SLOT_LIMIT of the basis. ``spec`` itself where none is
+    cheaper (a wide layer, like layer 0's heads) or where the arguments pass its upper end, which is
+    kept (the circuit then counts those inputs as outside, as for any polynomial)."""
     v = spec.values
     if EXP_MARGIN * hi > v["exp_hi"]:
         return spec
@@ -150,7 +170,9 @@ def fewer_squarings(spec: Spec, lo: float, hi: float) -> Spec:
         if low > EXP_MARGIN * lo:
             continue
         poly = PolyExp(v["degree"], low, v["exp_hi"], k)
-        x = torch.linspace(low, v["exp_hi"], 20001, dtype=torch.float64)
+        if shift is not None and max(abs(float(poly.to_unit(-m))) for m in _widened(*shift)) > EXP_SLOT_LIMIT:
+            continue
+        x = torch.linspace(low, v["exp_hi"], EXP_GRID, dtype=torch.float64)
         if float((poly(x) / torch.exp(x) - 1).abs().max()) <= EXP_REL_TOL:
             return Spec.make("softmax", "cgf_poly", **{**v, "exp_lo": low, "squarings": k})
     return spec
@@ -160,7 +182,7 @@ def cgf_form(form: Spec, model, calibration) -> Spec:
     """A ``cgf_poly`` softmax with each layer's squarings cut to its measured arguments (``fewer_squarings``)."""
     layers = form.per_layer(len(model.bert.encoder.layer))
     span = cgf_arguments(model, calibration, [s.values["coeff"] for s in layers])
-    narrowed = {k: fewer_squarings(s, *span[k]) for k, s in enumerate(layers)}
+    narrowed = {k: fewer_squarings(s, *span[k]["arg"], shift=span[k]["shift"]) for k, s in enumerate(layers)}
     return _layered(max(narrowed.values(), key=lambda s: s.depth), narrowed)
 
 
