@@ -530,7 +530,7 @@ def test_cgfs_exp_takes_the_fewest_squarings_its_measured_arguments_allow(tiny_b
         return float((PolyExp(8, lo, 16.0, k)(x) / torch.exp(x) - 1).abs().max())
 
     for k, (lo, hi) in manual.items():
-        assert span[k]["arg"] == pytest.approx((lo, hi), rel=1e-9)
+        assert span[("arg", k)] == pytest.approx((lo, hi), rel=1e-9)
         v = form.for_layer(k).values
         assert v["exp_lo"] <= F.EXP_MARGIN * lo and v["exp_hi"] >= F.EXP_MARGIN * hi  # the margin is held
         assert v["exp_lo"] / 2.0 ** v["squarings"] == -1.0 and v["degree"] == 8  # the fit's left end and degree kept

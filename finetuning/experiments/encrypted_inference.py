@@ -246,11 +246,11 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     measure = [(i, t) for i, t, _ in F.examples_of(data["train"], math.inf, args.form_examples)]
     approx = F.polynomial_form(meta["approx"], model, calibration, lay.rows, args.norm_steps, own_exp=args.own_exp,
                                measure=measure) if args.polynomial else meta["approx"]
+    exact = args.polynomial and meta["approx"].softmax.depth is None and approx.softmax.name == "exact_poly"  # exact_form made it
     if approx != meta["approx"]:
-        exact = approx.softmax.name == "exact_poly" and meta["approx"].softmax.depth is None
         note(f"  polynomial form (intervals from {len(measure)} training examples"
              + (f", the exact softmax's from {len(calibration)}" if exact else "") + f"): {approx.label()}")
-    if args.polynomial and meta["approx"].softmax.depth is None and approx.softmax.name == "exact_poly":
+    if exact:
         sm = approx.softmax.values
         chosen = F.Steps(sm["norm_steps"], (sm["sum_lo"], sm["sum_hi"]))
         note(f"  exact softmax: {chosen.steps} square-and-normalise steps, first row sums in [{sm['sum_lo']:.3g}, {sm['sum_hi']:.3g}]"

@@ -19,7 +19,7 @@ from cgf_bert.approx.layernorm import rsqrt
 from cgf_bert.approx.polyexp import PolyExp
 from cgf_bert.approx.spec import Spec
 from cgf_bert.fhe.encoder import EXP_SLOT_LIMIT
-from cgf_bert.model.attention import self_attentions
+from cgf_bert.model.attention import tapped
 from cgf_bert.model.replaced import layer_norms
 
 # Each op an encrypted evaluator cannot run, and the polynomial kind it runs instead.
@@ -59,15 +59,16 @@ def centred_rows(model, examples) -> list[torch.Tensor]:
         x = scores.double() - scores.double().mean(-1, keepdim=True)
         rows.append(x.reshape(-1, x.shape[-1]))
 
-    mods = self_attentions(model.bert)
-    for m in mods:
-        m.tap = tap
-    try:
+    layers = len(model.bert.encoder.layer)
+    with tapped(model.bert, dict.fromkeys(range(layers), tap)):
         _forward(model, examples)
-    finally:
-        for m in mods:
-            m.tap = None
     return rows
+
+
+def _extend(span: dict, key, t: torch.Tensor) -> None:
+    """``span[key]``, a (min, max), widened to hold ``t``."""
+    lo, hi = span.get(key, (math.inf, -math.inf))
+    span[key] = (min(lo, float(t.min())), max(hi, float(t.max())))
 
 
 def _forward(model, examples) -> None:
@@ -120,30 +121,24 @@ def exact_form(form: Spec, model, calibration, keys: int, steps: int | None) -> 
                                                  "sum_lo": lo, "sum_hi": hi, "norm_steps": chosen.steps, "keys": keys})
 
 
-def cgf_arguments(model, examples, coeffs: list[float]) -> dict[int, dict[str, tuple[float, float]]]:
-    """Per layer, on ``examples``: (min, max) of CGF's exp argument ``s - mu - c var`` (``"arg"``) and of
-    the row's shift ``mu + c var`` (``"shift"``, what the circuit's lanes without a key carry into the
-    exp's basis), ``c = coeffs[layer]``."""
-    span: dict[int, dict[str, tuple[float, float]]] = {}
+def cgf_arguments(model, examples, coeffs: list[float]) -> dict[tuple[str, int], tuple[float, float]]:
+    """Per layer k, on ``examples``: (min, max) of CGF's exp argument ``s - mu - c var`` (``("arg", k)``)
+    and of the row's shift ``mu + c var`` (``("shift", k)``, what the circuit's lanes without a key carry
+    into the exp's basis), ``c = coeffs[k]``."""
+    span: dict = {}
 
-    def seen(k, key, t):
-        lo, hi = span.setdefault(k, {}).get(key, (math.inf, -math.inf))
-        span[k][key] = (min(lo, float(t.min())), max(hi, float(t.max())))
-
-    mods = self_attentions(model.bert)
-    for k, m in enumerate(mods):
-        def tap(module, scores, mask, probs, value, out, k=k):
+    def tap_of(k):
+        def tap(module, scores, mask, probs, value, out):
             s = scores.double()
             shift = s.mean(-1, keepdim=True) + coeffs[k] * s.var(-1, unbiased=False, keepdim=True)
-            seen(k, "arg", s - shift)
-            seen(k, "shift", shift)
-        m.tap = tap
-    try:
+            _extend(span, ("arg", k), s - shift)
+            _extend(span, ("shift", k), shift)
+        return tap
+
+    layers = len(model.bert.encoder.layer)
+    with tapped(model.bert, {k: tap_of(k) for k in range(layers)}):
         _forward(model, examples)
-    finally:
-        for m in mods:
-            m.tap = None
-    if len(span) < len(mods):
+    if len(span) < 2 * layers:
         raise CgfBertError(f"CGF's exp arguments: no example reached the attention ({len(examples)} examples given)")
     return span
 
@@ -182,7 +177,7 @@ def cgf_form(form: Spec, model, calibration) -> Spec:
     """A ``cgf_poly`` softmax with each layer's squarings cut to its measured arguments (``fewer_squarings``)."""
     layers = form.per_layer(len(model.bert.encoder.layer))
     span = cgf_arguments(model, calibration, [s.values["coeff"] for s in layers])
-    narrowed = {k: fewer_squarings(s, *span[k]["arg"], shift=span[k]["shift"]) for k, s in enumerate(layers)}
+    narrowed = {k: fewer_squarings(s, *span[("arg", k)], shift=span[("shift", k)]) for k, s in enumerate(layers)}
     return _layered(max(narrowed.values(), key=lambda s: s.depth), narrowed)
 
 
@@ -190,11 +185,7 @@ def op_ranges(model, examples) -> dict:
     """(min, max) on ``examples`` under the checkpoint's own ops: per layer the GELU inputs and the
     ``v = var + eps`` both LayerNorms divide by the sqrt of; the pooler's tanh inputs."""
     bert, span = model.bert, {}
-
-    def seen(key, t):
-        lo, hi = span.get(key, (math.inf, -math.inf))
-        span[key] = (min(lo, float(t.min())), max(hi, float(t.max())))
-
+    seen = lambda key, t: _extend(span, key, t)  # noqa: E731
     hooks = [bert.pooler.dense.register_forward_hook(lambda m, i, out: seen("pooler", out))]
     for k, layer in enumerate(bert.encoder.layer):
         hooks.append(layer.intermediate.dense.register_forward_hook(lambda m, i, out, k=k: seen(("gelu", k), out)))
@@ -212,8 +203,8 @@ def op_ranges(model, examples) -> dict:
 def fit_form(op: str, lo: float, hi: float) -> Spec:
     """GELU's or tanh's polynomial kind on EXP_MARGIN times [lo, hi] about its centre, of the least
     degree within FIT_TOL there."""
-    c, h = (lo + hi) / 2, EXP_MARGIN * (hi - lo) / 2
-    a, b = math.floor(c - h), math.ceil(c + h)
+    wide_lo, wide_hi = _widened(lo, hi)
+    a, b = math.floor(wide_lo), math.ceil(wide_hi)
     name = POLYNOMIAL[op]
     for d in DEGREES:
         if ChebyshevFit(name.split("_")[0], d, a, b).max_error() <= FIT_TOL:
