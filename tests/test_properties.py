@@ -117,7 +117,7 @@ def _values():
     return st.one_of(floats, ints, odd, st.text(max_size=6))
 
 
-@pytest.mark.parametrize("target", [t for t in TARGETS if t not in ("summarize.py", "experiments.replot")])  # these take no number
+@pytest.mark.parametrize("target", [t for t in TARGETS if t not in ("summarize.py", "experiments.replot", "experiments.reprice")])  # these take no number
 @FAST
 @given(data=st.data())
 def test_option_values_are_accepted_into_a_valid_config_or_refused_in_one_line(target, data):

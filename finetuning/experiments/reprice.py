@@ -1,0 +1,72 @@
+"""Price a recorded ``experiments.encrypted_inference`` run with another cost table: its operation
+counts per stage (a slot simulation's counts are exact) times the seconds per operation of an
+``experiments.ckks_costs`` record. No model is loaded and nothing runs again (seconds).
+
+What it answers: the same circuit with another bootstrap key, thread count or machine. A projection
+like the run's own ``projected_seconds``: priced at the top level (``encrypted_inference.cost_table``
+says why), so a measured run is the check.
+
+    cd finetuning
+    python -m experiments.reprice ../results/fhe/encrypted_inference-20261202-165238.json \\
+        --costs ../results/fhe/ckks_costs-RECORD.json
+"""
+
+import json
+import time
+from pathlib import Path
+
+from cgf_bert import CgfBertError
+from cgf_bert.cli import ArgumentParser, run_main
+from cgf_bert.fhe.accounting import Counted
+from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, repo_relative
+from cgf_bert.store.records import write_json
+from experiments.encrypted_inference import cost_table, summed
+
+
+def reprice(record: dict, costs: dict) -> list[dict]:
+    """Per model of ``record``: minutes per example (the mean over its examples, each example's share
+    of its ciphertext) in all and by stage kind, bootstraps per example, and the record's own projection."""
+    out = []
+    for res in record["results"]:
+        examples = res["examples"]
+        if not examples or not all(ex.get("stages") for ex in examples):
+            raise CgfBertError(f"{res.get('label', '?')}: the record keeps no stage table per example to price")
+        kinds: dict[str, float] = {}
+        for ex in examples:
+            for kind, d in summed(ex["stages"]).items():
+                kinds[kind] = kinds.get(kind, 0.0) + sum(d.get(op, 0) * costs[op] for op in Counted.COSTED) / 60 / len(examples)
+        recorded = [ex.get("projected_seconds") for ex in examples]
+        out.append({"checkpoint": res["checkpoint"], "label": res["label"],
+                    "minutes_per_example": sum(kinds.values()),
+                    "by_stage_minutes": kinds,
+                    "bootstraps_per_example": sum(ex["bootstraps"] for ex in examples) / len(examples),
+                    "recorded_minutes_per_example": None if None in recorded else sum(recorded) / 60 / len(recorded)})
+    return out
+
+
+def main():
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("record", help="an experiments.encrypted_inference record (results/fhe/encrypted_inference-*.json)")
+    p.add_argument("--costs", type=cost_table, required=True, help="an experiments.ckks_costs record: the seconds per operation")
+    p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record goes to RESULTS_DIR/fhe/ (default: %(default)s)")
+    args = p.parse_args()
+    try:
+        record = json.loads(Path(args.record).read_text())
+        record["results"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CgfBertError(f"{args.record}: not an encrypted_inference record ({e})") from None
+    rows = reprice(record, args.costs)
+    for r in rows:
+        was = r["recorded_minutes_per_example"]
+        print(f"{r['label'][:60]}: {r['minutes_per_example']:.1f} min per example"
+              + (f" (recorded projection {was:.1f})" if was is not None else "") + f", {r['bootstraps_per_example']:g} bootstraps")
+        for kind, m in r["by_stage_minutes"].items():
+            print(f"    {kind:<22} {m:7.1f} min")
+    out = {"command": command_line(), "code_version": code_version(), "record": repo_relative(Path(args.record)),
+           "record_command": record.get("command"), "costs": args.costs, "results": rows}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    print(f"saved {write_json(Path(args.results_dir) / 'fhe' / f'reprice-{stamp}.json', out)}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,57 @@
+"""``experiments.reprice``: a recorded run's operation counts priced with another cost table."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cgf_bert import CgfBertError
+from experiments import reprice as R
+
+ROOT = Path(__file__).resolve().parents[1]
+COSTS = {"mul": 0.5, "square": 0.25, "mul_plain": 0.1, "rotate": 0.2, "bootstraps": 60.0}
+
+
+def _record():
+    stages = [{"stage": "layer 0 / softmax", "mul": 2, "bootstraps": 1, "seconds": 9.0},
+              {"stage": "layer 1 / softmax", "mul_plain": 30, "rotate": 5},
+              {"stage": "layer 0 / feed-forward", "square": 4}]
+    ex = {"stages": stages, "bootstraps": 1, "projected_seconds": 120.0}
+    other = {"stages": [{"stage": "layer 0 / softmax", "bootstraps": 3}], "bootstraps": 3, "projected_seconds": 60.0}
+    return {"command": "x", "results": [{"checkpoint": "c.pt", "label": "cgf", "examples": [ex, other]}]}
+
+
+def test_prices_each_stage_kind_by_hand():
+    (row,) = R.reprice(_record(), COSTS)
+    # example 0: softmax 2*0.5 + 60 + 30*0.1 + 5*0.2 = 65 s, feed-forward 4*0.25 = 1 s; example 1: softmax 180 s
+    assert row["by_stage_minutes"]["softmax"] == pytest.approx((65 + 180) / 2 / 60)
+    assert row["by_stage_minutes"]["feed-forward"] == pytest.approx(1 / 2 / 60)
+    assert row["minutes_per_example"] == pytest.approx((66 + 180) / 2 / 60)
+    assert row["bootstraps_per_example"] == 2
+    assert row["recorded_minutes_per_example"] == pytest.approx(1.5)
+
+
+def test_refuses_a_record_without_stage_tables():
+    rec = _record()
+    del rec["results"][0]["examples"][1]["stages"]
+    with pytest.raises(CgfBertError, match="no stage table"):
+        R.reprice(rec, COSTS)
+
+
+def test_committed_run_repriced_with_its_own_costs_gives_its_projection():
+    """An independent check on a real record: its own cost table reproduces the projection the run wrote."""
+    rec = json.loads((ROOT / "results/fhe/encrypted_inference-20261202-165238.json").read_text())
+    for row in R.reprice(rec, rec["costs"]):
+        assert row["minutes_per_example"] == pytest.approx(row["recorded_minutes_per_example"], rel=1e-9)
+
+
+def test_cli_refuses_a_file_that_is_no_record(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text("[1, 2]")
+    costs = ROOT / "results/fhe/ckks_costs-20261201-123225.json"
+    r = subprocess.run([sys.executable, "-m", "experiments.reprice", str(bad), "--costs", str(costs), "--results-dir", str(tmp_path)],
+                       cwd=ROOT / "finetuning", capture_output=True, text=True)
+    assert r.returncode != 0 and "not an encrypted_inference record" in r.stderr
+    assert not (tmp_path / "fhe").exists()
