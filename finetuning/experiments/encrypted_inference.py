@@ -276,7 +276,8 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         start = time.perf_counter()
         planned: list[dict] = []
         with np.errstate(over="ignore", invalid="ignore"):  # values driven past float64 are reported below, not warned about
-            got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=c,
+            drops = P.level_plan(circuit, emb, top, reserve, bounds) if args.level_plan else None
+            got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=c, drops=drops,
                                         probe=P.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
         share = 1.0 / len(group)  # the ciphertext's cost, shared by the examples packed in it
@@ -285,7 +286,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         plan = {kind: d.get("bootstraps", 0) for kind, d in summed(table).items()}
         per_layer, wall_seconds = planned, None
         if args.backend != "sim":
-            measured, got, per_layer = encrypted(circuit, backend(), bounds, emb, hidden)
+            measured, got, per_layer = encrypted(circuit, backend(), bounds, emb, hidden, drops)
             table = _shared(measured, share)
             wall_seconds = round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1)
         got = np.atleast_2d(got)
@@ -294,7 +295,8 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
                    "reference_logits": ref.tolist(), "simulated_logits": got[j].tolist(),
                    "bootstraps": round(sum(plan.values()), 2), "bootstrap_plan": plan, "bound_overflows": boot.overflows,
                    "watched_peaks": boot.watched, "poly_inputs_outside": counter.result(), "simulation_seconds": round(wall * share, 1),
-                   "projected_seconds": price(table, args.costs), "op_levels": levels}
+                   "projected_seconds": price(table, args.costs), "op_levels": levels, "level_drops": drops,
+                   "mean_levels": mean_levels(levels)}
             if args.backend != "sim":
                 row.update(simulated_per_layer=planned, encrypted_logits=got[j].tolist(), wall_seconds=wall_seconds)
             finite = bool(np.isfinite(got[j]).all())  # a NaN's argmax is 0: it must not count as a prediction
@@ -319,7 +321,12 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
             "per_example_mean_by_stage": {k: {m: round(v, 2) for m, v in d.items()} for k, d in stages.items()}}
 
 
-def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list) -> tuple[list[dict], np.ndarray, list[dict]]:
+def mean_levels(levels: dict) -> dict[str, float]:
+    """{op: the mean level it ran at} (an operation's cost grows with its level)."""
+    return {op: round(sum(float(lv) * n for lv, n in d.items()) / sum(d.values()), 2) for op, d in levels.items() if sum(d.values())}
+
+
+def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list, drops=None) -> tuple[list[dict], np.ndarray, list[dict]]:
     """One example through ``ops``: the measured stage table, the decrypted logits, the error after each layer."""
     log, per_layer, start = A.StageLog(), [], time.perf_counter()
     measure = P.layer_errors(circuit, ops, hidden, per_layer)
@@ -330,7 +337,7 @@ def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list) -> tupl
         note(f"    layer {i}: {time.perf_counter() - start:.0f} s so far, max abs error {e['max_abs_error']:.1e} "
               f"(largest value {e['max_abs_value']:.1f})")
 
-    got = P.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds), emb, log, probe)
+    got = P.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds, drops=drops), emb, log, probe)
     return log.table(), got, per_layer
 
 
@@ -431,6 +438,10 @@ def main():
     p.add_argument("--own-exp", action="store_true",
                    help="keep a CGF checkpoint's exp polynomial in every layer (default: each layer's squarings cut to the fewest "
                         "whose interval holds 1.25 times its exp arguments measured on --form-examples examples, fhe.forms.cgf_form)")
+    p.add_argument("--no-level-plan", dest="level_plan", action="store_false",
+                   help="keep every fresh ciphertext (the encryption, each bootstrap's output) at the top level instead of dropping "
+                        "at once the levels none of its descendants reaches before the next bootstrap (pipeline.level_plan: the same "
+                        "bootstraps and values, each operation on fewer levels)")
     p.add_argument("--costs", type=cost_table, help="seconds per operation (a record of experiments.ckks_costs) to price the stages")
     p.add_argument("--backend", choices=("sim", "interactive", "bootstrap"), default="sim",
                    help="sim: numpy slot vectors that count CKKS levels (default); interactive: CKKS, the client refreshing "

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cgf_bert import CgfBertError
-from cgf_bert.fhe.ops import FheOps, Levelled, LevelledNumpyOps
+from cgf_bert.fhe.ops import FheOps, Levelled, LevelledNumpyOps, Lineage
 
 
 def scaled_bound(bound: float) -> tuple[int | float, int | float]:
@@ -85,13 +85,18 @@ class SimulatedCkks(LevelledNumpyOps):
     run's 3.0e-6): the simulation says what the bootstraps' error does to each layer and to the
     logits, before anything is encrypted."""
 
-    def __init__(self, slots: int, top: int, reserve: int = 0, noise: BootstrapNoise | None = None, seed: int = 0):
-        super().__init__()
+    def __init__(self, slots: int, top: int, reserve: int = 0, noise: BootstrapNoise | None = None, seed: int = 0,
+                 lineage: Lineage | None = None):
+        super().__init__(lineage)
         self.slots, self.top, self.reserve = slots, top, reserve  # reserve: levels a bootstrap takes first (BootstrapOps)
         self.noise, self.rng = noise, np.random.default_rng(seed)
 
+    def _fresh(self, slots: np.ndarray, level: int) -> Levelled:
+        """A new ciphertext at ``level``, the root of its own lineage when one is kept."""
+        return Levelled(slots, level, frozenset() if self.lineage is None else self.lineage.root(level))
+
     def encrypt(self, v: np.ndarray) -> Levelled:
-        return Levelled(np.asarray(v, dtype=np.float64), self.top)
+        return self._fresh(np.asarray(v, dtype=np.float64), self.top)
 
     def peek(self, x: Levelled) -> np.ndarray:
         return x.slots
@@ -100,7 +105,7 @@ class SimulatedCkks(LevelledNumpyOps):
         slots = x.slots
         if self.noise:
             slots = slots + self.noise.draw(self.rng, slots.shape) * scaled_bound(bound)[1]
-        return Levelled(slots, self.top - (after_levels(bound) if self.reserve else 0))
+        return self._fresh(slots, self.top - (after_levels(bound) if self.reserve else 0))
 
 
 class CkksOps(FheOps):
