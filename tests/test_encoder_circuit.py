@@ -660,3 +660,53 @@ def test_under_real_encryption_the_level_plan_gives_the_same_logits_on_fewer_lev
     from cgf_bert.fhe.context import FheContext
 
     _encrypted_matches_the_model(tiny_bert, B.CkksOps(FheContext(17, thread_count=2)), planned=True)
+
+
+def test_a_rotation_takes_the_fewest_signed_power_of_two_steps():
+    """``signed_steps`` against a brute force over every set of distinct signed powers of two (64 slots), and the
+    rotation key alone: one key switch per set bit of the step mod the slots (-1 is 15 of them at 2^15 slots)."""
+    import itertools
+
+    from cgf_bert.fhe.ops import keyswitches, signed_steps
+
+    n = 64
+    steps = [s * (1 << i) for i in range(6) for s in (1, -1)]
+    for k in range(-n, n):
+        left, right = signed_steps(k, n)
+        assert (left - right - k) % n == 0 and left >= 0 and right >= 0
+        fewest = min(m for m in range(6) for c in itertools.combinations(steps, m)
+                     if sum(c) % n == k % n and len({abs(s) for s in c}) == m)
+        assert keyswitches(k, n) == fewest, k
+    assert [keyswitches(k, 32768, both_ways=False) for k in (1, -1, -16, 512, -512, 3 * 512)] == [1, 15, 11, 1, 6, 2]
+    assert [keyswitches(k, 32768) for k in (1, -1, -16, 512, -512, 3 * 512, 7)] == [1, 1, 1, 1, 1, 2, 2]
+
+
+def test_the_stage_log_prices_rotations_by_their_key_switches():
+    log = A.StageLog()
+    sim = B.SimulatedCkks(32768, 17, both_ways=False)
+    ops = A.Counted(sim, log)
+    x = sim.encrypt(np.zeros(32768))
+    for k in (1, -1, 3):
+        ops.rotate(x, k)
+    counts = log.stages["input"]
+    assert counts["rotate"] == 3 and counts["keyswitch"] == 1 + 15 + 2
+    costs = {"mul": 0.0, "square": 0.0, "mul_plain": 0.0, "rotate": 0.5, "bootstraps": 0.0}
+    assert A.stage_seconds(counts, costs) == 0.5 * 18
+    assert A.stage_seconds({"rotate": 3}, costs) == 0.5 * 3  # a record from before key switches were counted
+
+
+@needs_fhe
+def test_a_rotation_made_of_rotation_and_roll_key_steps_is_the_rotation():
+    """``BootstrapOps.rotate`` on desilofhe's general keys (a small ring: the same keys' kind, made in seconds)."""
+    import desilofhe
+
+    e = desilofhe.Engine(max_level=3, thread_count=2)
+    sk = e.create_secret_key()
+    ops = B.BootstrapOps.__new__(B.BootstrapOps)  # its keys, without the bootstrap key's minutes and gigabytes
+    ops.e, ops.slots, ops.rotation_key, ops.roll_key = e, int(e.slot_count), e.create_rotation_key(sk), e.create_roll_key(sk)
+    x = np.random.default_rng(0).normal(size=ops.slots)
+    ct = e.encrypt(x, e.create_public_key(sk))
+    for both_ways in (True, False):
+        ops.both_ways = both_ways
+        for k in (1, -1, 7, -24, 3 * 512, ops.slots - 3):
+            np.testing.assert_allclose(e.decrypt(ops.rotate(ct, k), sk), np.roll(x, -k), atol=1e-6)

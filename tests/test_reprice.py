@@ -55,3 +55,19 @@ def test_cli_refuses_a_file_that_is_no_record(tmp_path):
                        cwd=ROOT / "finetuning", capture_output=True, text=True)
     assert r.returncode != 0 and "not an encrypted_inference record" in r.stderr
     assert not (tmp_path / "fhe").exists()
+
+
+def test_prices_rotations_by_the_key_switches_each_keys_make_of_the_recorded_steps():
+    """Step 1 is one key switch either way; step -1 (32767 mod 2^15) is 15 with the rotation key alone, 1 with the
+    roll key too; a record without its steps is refused for --key."""
+    rec = _record()
+    for ex in rec["results"][0]["examples"]:
+        ex["rotation_steps"] = {"softmax": {"1": 2, "32767": 3}} if ex["stages"][0].get("mul") else {"softmax": {}}
+    rec["results"][0]["layout"] = {"slots": 32768}
+    costs = {**COSTS, "mul_plain": 0.0, "mul": 0.0, "square": 0.0, "bootstraps": 0.0}
+    small, medium = (R.reprice(rec, costs, key)[0] for key in ("small", "medium"))
+    assert small["by_stage_minutes"]["softmax"] == pytest.approx((2 + 3) * 0.2 / 2 / 60)
+    assert medium["by_stage_minutes"]["softmax"] == pytest.approx((2 + 3 * 15) * 0.2 / 2 / 60)
+    del rec["results"][0]["examples"][0]["rotation_steps"]
+    with pytest.raises(CgfBertError, match="no rotation steps"):
+        R.reprice(rec, costs, "small")

@@ -148,7 +148,7 @@ def stage_kind(stage: str) -> str:
 def price(table: list[dict], costs: dict | None) -> float | None:
     if costs is None:
         return None
-    return sum(row.get(op, 0) * costs[op] for row in table for op in A.Counted.COSTED)
+    return sum(A.stage_seconds(row, costs) for row in table)
 
 
 # (top, reserve) of each backend: the level a bootstrap (or the client's refresh) returns, and the
@@ -158,6 +158,12 @@ def price(table: list[dict], costs: dict | None) -> float | None:
 # circuit that cannot fit fails, before any key is made.
 # The simulation plans the non-interactive run: its levels are the bootstrap backend's.
 LEVELS = {"sim": (TOP, 1), "interactive": (TOP, 0), "bootstrap": (TOP, 1)}
+# The rotations of --backend bootstrap (and so the simulation's key switches) with each --key: desilofhe's
+# general rotation key makes a rotation by k from one key switch per set bit of k mod 2^15 (a rotation by -1:
+# 15); the small key comes with the roll key, whose right steps make any rotation from its fewest signed
+# powers of two (``ops.signed_steps``). The interactive backend has a fixed key per step: one key switch.
+ROTATION_KEYS = {"small": "rotation and roll keys: a rotation's key switches are its step's fewest signed powers of two",
+                 "medium": "rotation key only: a rotation's key switches are the set bits of its step mod 2^15"}
 
 
 class Backend:
@@ -278,6 +284,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         with np.errstate(over="ignore", invalid="ignore"):  # values driven past float64 are reported below, not warned about
             drops = P.level_plan(circuit, emb, top, reserve, bounds) if args.level_plan else None
             got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=c, drops=drops,
+                                        both_ways=args.key == "small",
                                         probe=P.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
         share = 1.0 / len(group)  # the ciphertext's cost, shared by the examples packed in it
@@ -296,6 +303,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
                    "bootstraps": round(sum(plan.values()), 2), "bootstrap_plan": plan, "bound_overflows": boot.overflows,
                    "watched_peaks": boot.watched, "poly_inputs_outside": counter.result(), "simulation_seconds": round(wall * share, 1),
                    "projected_seconds": price(table, args.costs), "op_levels": levels, "level_drops": drops,
+                   "rotation_steps": log.steps_by_kind(share),
                    "mean_levels": mean_levels(levels)}
             if args.backend != "sim":
                 row.update(simulated_per_layer=planned, encrypted_logits=got[j].tolist(), wall_seconds=wall_seconds)
@@ -451,8 +459,9 @@ def main():
                         "experiments.ckks_costs record, e.g. ../results/fhe/ckks_costs-20261201-212609.json, the small key) "
                         "or Gaussian of SIGMA on [-1, 1], scaled back with the bound (default: none, an exact simulation)")
     p.add_argument("--key", choices=("small", "medium"), default="small",
-                   help="bootstrap key of --backend bootstrap: small (8.5 GB of keys, 245 s a bootstrap here) or medium "
-                        "(about 20 GB in all, 65 s) (default: %(default)s)")
+                   help="bootstrap key of --backend bootstrap, and the keys the simulation counts rotations for: small (8.5 GB "
+                        "of keys, 245 s a bootstrap here, with the roll key: a rotation by -1 is one key switch) or medium (about "
+                        "20 GB in all, 65 s; no room for the roll key: a rotation by -1 is 15 key switches) (default: %(default)s)")
     p.add_argument("--threads", type=number(int, "threads", min=1), help="desilofhe's threads (default: the library's)")
     p.add_argument("--mode", choices=("cpu", "gpu"), default="cpu",
                    help="desilofhe's device for --backend interactive or bootstrap: cpu, or gpu with desilofhe's CUDA build "
@@ -484,7 +493,7 @@ def main():
     png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None, noise=noise, costs=args.costs)
     out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend, "mode": args.mode,
            "bootstrap_noise": noise,
-           "keys": keys, "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
+           "keys": keys, "rotation_keys": ROTATION_KEYS[args.key], "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
            "results": results, "plot": repo_relative(png)}
     for res in results:
         ok = sum(r["same_prediction"] for r in res["examples"])

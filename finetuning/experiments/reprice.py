@@ -17,24 +17,33 @@ from pathlib import Path
 
 from cgf_bert import CgfBertError
 from cgf_bert.cli import ArgumentParser, run_main
-from cgf_bert.fhe.accounting import Counted
+from cgf_bert.fhe.accounting import stage_seconds
+from cgf_bert.fhe.ops import keyswitches
 from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, repo_relative
 from cgf_bert.store.records import write_json
 from experiments.encrypted_inference import cost_table, summed
 
 
-def reprice(record: dict, costs: dict) -> list[dict]:
+def reprice(record: dict, costs: dict, key: str | None = None) -> list[dict]:
     """Per model of ``record``: minutes per example (the mean over its examples, each example's share
-    of its ciphertext) in all and by stage kind, bootstraps per example, and the record's own projection."""
+    of its ciphertext) in all and by stage kind, bootstraps per example, and the record's own projection.
+    With ``key``, rotations are priced by the key switches that bootstrap key's rotation keys make of each
+    recorded step (``encrypted_inference.ROTATION_KEYS``); else as the record counted them."""
     out = []
     for res in record["results"]:
         examples = res["examples"]
         if not examples or not all(ex.get("stages") for ex in examples):
             raise CgfBertError(f"{res.get('label', '?')}: the record keeps no stage table per example to price")
+        if key is not None and not all(ex.get("rotation_steps") for ex in examples):
+            raise CgfBertError(f"{res.get('label', '?')}: the record keeps no rotation steps to price for the {key} key's rotations")
+        slots = res.get("layout", {}).get("slots")
         kinds: dict[str, float] = {}
         for ex in examples:
             for kind, d in summed(ex["stages"]).items():
-                kinds[kind] = kinds.get(kind, 0.0) + sum(d.get(op, 0) * costs[op] for op in Counted.COSTED) / 60 / len(examples)
+                if key is not None:
+                    steps = ex["rotation_steps"].get(kind, {})
+                    d = {**d, "keyswitch": sum(n * keyswitches(int(k), slots, both_ways=key == "small") for k, n in steps.items())}
+                kinds[kind] = kinds.get(kind, 0.0) + stage_seconds(d, costs) / 60 / len(examples)
         recorded = [ex.get("projected_seconds") for ex in examples]
         out.append({"checkpoint": res["checkpoint"], "label": res["label"],
                     "minutes_per_example": sum(kinds.values()),
@@ -48,6 +57,9 @@ def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("record", help="an experiments.encrypted_inference record (results/fhe/encrypted_inference-*.json)")
     p.add_argument("--costs", type=cost_table, required=True, help="an experiments.ckks_costs record: the seconds per operation")
+    p.add_argument("--key", choices=("small", "medium"),
+                   help="price rotations by the key switches this bootstrap key's rotation keys make of each recorded step "
+                        "(small: with the roll key; medium: the rotation key alone) (default: as the record counted them)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record goes to RESULTS_DIR/fhe/ (default: %(default)s)")
     args = p.parse_args()
     try:
@@ -55,7 +67,7 @@ def main():
         record["results"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CgfBertError(f"{args.record}: not an encrypted_inference record ({e})") from None
-    rows = reprice(record, args.costs)
+    rows = reprice(record, args.costs, args.key)
     for r in rows:
         was = r["recorded_minutes_per_example"]
         print(f"{r['label'][:60]}: {r['minutes_per_example']:.1f} min per example"
@@ -63,7 +75,7 @@ def main():
         for kind, m in r["by_stage_minutes"].items():
             print(f"    {kind:<22} {m:7.1f} min")
     out = {"command": command_line(), "code_version": code_version(), "record": repo_relative(Path(args.record)),
-           "record_command": record.get("command"), "costs": args.costs, "results": rows}
+           "record_command": record.get("command"), "costs": args.costs, "key": args.key, "results": rows}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     print(f"saved {write_json(Path(args.results_dir) / 'fhe' / f'reprice-{stamp}.json', out)}")
 

@@ -20,6 +20,7 @@ class StageLog:
     stages: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))
     current: str = "input"
     levels: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))  # op -> level -> count
+    steps: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(float)))  # stage -> rotation step (mod the slots) -> count
 
     def count(self, what: str, n: float = 1.0, level: int | None = None):
         self.stages[self.current][what] += n
@@ -30,6 +31,14 @@ class StageLog:
         """{op: {level: count}} over the whole circuit: where its operations ran (an op's cost falls
         with the level; ``experiments.ckks_costs`` measures by how much)."""
         return {op: {str(k): v for k, v in sorted(d.items(), reverse=True)} for op, d in self.levels.items()}
+
+    def steps_by_kind(self, share: float = 1.0) -> dict[str, dict[str, float]]:
+        """{stage kind (the stage's last part): {rotation step: count * share}}: what reprices its rotations for other keys."""
+        out: dict = defaultdict(lambda: defaultdict(float))
+        for stage, d in self.steps.items():
+            for k, n in d.items():
+                out[stage.split(" / ")[-1]][str(k)] += n * share
+        return {kind: dict(sorted(d.items(), key=lambda kv: int(kv[0]))) for kind, d in out.items()}
 
     def table(self) -> list[dict]:
         return [{"stage": k, **{m: (round(v, 3) if isinstance(v, float) and not v.is_integer() else int(v)) for m, v in d.items()}}
@@ -60,6 +69,9 @@ class Counted:
                 self.log.count("mul", a[1] - 1, level)
             else:
                 self.log.count(name, level=level)
+            if name == "rotate" and hasattr(self.ops, "keyswitches"):  # what a rotation costs: its key switches
+                self.log.count("keyswitch", self.ops.keyswitches(a[1]), level)
+                self.log.steps[self.log.current][a[1] % self.ops.slots] += 1
             self.log.count("seconds", time.perf_counter() - start)
             return out
 
@@ -69,6 +81,15 @@ class Counted:
         """The level an operation runs at: its ciphertext operands', aligned to the lower (None on plain numpy)."""
         levels = [self.ops.level(x) for x in args[:2] if not isinstance(x, (int, float, np.ndarray))]
         return None if not levels or None in levels else min(levels)
+
+
+def stage_seconds(counts: dict, costs: dict) -> float:
+    """Seconds of a stage's operation ``counts`` at ``costs`` (an ``experiments.ckks_costs`` record's: its rotation
+    is one key switch, a fixed key's). Rotations are priced by their key switches where the stage counted them
+    (a rotation with desilofhe's general keys is one per set bit of its step: ``ops.signed_steps``); a record
+    from before they were counted prices one per rotation, which undercounts the general keys' rotations."""
+    ops = {**counts, "rotate": counts.get("keyswitch", counts.get("rotate", 0))}
+    return sum(ops.get(op, 0) * costs[op] for op in Counted.COSTED)
 
 
 class Refresher:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cgf_bert import CgfBertError
-from cgf_bert.fhe.ops import FheOps, Levelled, LevelledNumpyOps, Lineage
+from cgf_bert.fhe.ops import FheOps, Levelled, LevelledNumpyOps, Lineage, keyswitches, signed_steps
 
 
 def scaled_bound(bound: float) -> tuple[int | float, int | float]:
@@ -86,10 +86,14 @@ class SimulatedCkks(LevelledNumpyOps):
     logits, before anything is encrypted."""
 
     def __init__(self, slots: int, top: int, reserve: int = 0, noise: BootstrapNoise | None = None, seed: int = 0,
-                 lineage: Lineage | None = None):
+                 lineage: Lineage | None = None, both_ways: bool = True):
         super().__init__(lineage)
         self.slots, self.top, self.reserve = slots, top, reserve  # reserve: levels a bootstrap takes first (BootstrapOps)
         self.noise, self.rng = noise, np.random.default_rng(seed)
+        self.both_ways = both_ways  # rotations as BootstrapOps makes them: with the roll key too, or the rotation key alone
+
+    def keyswitches(self, k: int) -> int:
+        return keyswitches(k, self.slots, self.both_ways)
 
     def _fresh(self, slots: np.ndarray, level: int) -> Levelled:
         """A new ciphertext at ``level``, the root of its own lineage when one is kept."""
@@ -166,11 +170,13 @@ class BootstrapOps(FheOps):
         self.e, self.secret_key, self.public_key = e, sk, e.create_public_key(sk)
         self.rlk, self.conj_key, self.rotation_key = e.create_relinearization_key(sk), e.create_conjugation_key(sk), e.create_rotation_key(sk)
         if key == "small":
-            self.boot_keys = (e.create_roll_key(sk), e.create_small_bootstrap_key(sk))
-        else:
-            self.boot_keys = (e.create_bootstrap_key(sk, size=key),)
+            self.roll_key = e.create_roll_key(sk)
+            self.boot_keys = (self.roll_key, e.create_small_bootstrap_key(sk))
+        else:  # the roll key too (3.9 GB) would not fit 24 GB beside the medium key
+            self.roll_key, self.boot_keys = None, (e.create_bootstrap_key(sk, size=key),)
         self.keygen_s = time.perf_counter() - start
         self.top, self.slots = int(e.max_level), int(e.slot_count)
+        self.both_ways = self.roll_key is not None
 
     @property
     def key_bytes(self) -> int:
@@ -178,7 +184,17 @@ class BootstrapOps(FheOps):
         return int(sum(getattr(k, "nbytes", 0) for k in keys))
 
     def rotate(self, x, k: int):
-        return x if k == 0 else self.e.rotate(x, self.rotation_key, k)
+        """Left by ``k``: the rotation key's left steps, and with the roll key its right steps (``signed_steps``:
+        a rotation by -1 is one key switch, not 15)."""
+        left, right = signed_steps(k, self.slots, self.both_ways)
+        if left:
+            x = self.e.rotate(x, self.rotation_key, left)
+        if right:
+            x = self.e.roll(x, self.roll_key, right)
+        return x
+
+    def keyswitches(self, k: int) -> int:
+        return keyswitches(k, self.slots, self.both_ways)
 
     def encrypt(self, v: np.ndarray):
         return self.e.level_down(self.e.encrypt(np.ascontiguousarray(v, dtype=np.float64), self.public_key), self.top)

@@ -62,13 +62,14 @@ def layer_errors(circuit: EncoderCircuit, ops, hidden: list[np.ndarray], into: l
 
 def simulate(circuit: EncoderCircuit, emb: np.ndarray, top: int, reserve: int = 0, bounds: dict | None = None,
              record: bool = False, probe=None, margin: float = 1.0, noise=None, seed: int = 0, drops: list[int] | None = None,
-             lineage: Lineage | None = None) -> tuple[np.ndarray, StageLog, Refresher]:
+             lineage: Lineage | None = None, both_ways: bool = True) -> tuple[np.ndarray, StageLog, Refresher]:
     """``run`` on ``SimulatedCkks`` with ``top`` levels after a bootstrap (``emb``: one example or a list
     packed in one ciphertext): the plan and the logits
     (with ``noise``, each bootstrap's error drawn as ``SimulatedCkks`` says, from ``seed``; with ``drops``,
-    each fresh ciphertext lowered as ``level_plan`` planned; with a ``lineage``, the levels it needs kept)."""
+    each fresh ciphertext lowered as ``level_plan`` planned; with a ``lineage``, the levels it needs kept;
+    rotations counted in key switches as ``BootstrapOps`` makes them, ``both_ways`` with its roll key too)."""
     log = StageLog()
-    sim = SimulatedCkks(circuit.lay.slots, top, reserve, noise=noise, seed=seed, lineage=lineage)
+    sim = SimulatedCkks(circuit.lay.slots, top, reserve, noise=noise, seed=seed, lineage=lineage, both_ways=both_ways)
     boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin, drops=drops)
     return run(circuit, Counted(sim, log), boot, emb, log, probe), log, boot
 
