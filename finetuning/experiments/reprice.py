@@ -28,19 +28,21 @@ def reprice(record: dict, costs: dict, key: str | None = None) -> list[dict]:
     """Per model of ``record``: minutes per example (the mean over its examples, each example's share
     of its ciphertext) in all and by stage kind, bootstraps per example, and the record's own projection.
     With ``key``, rotations are priced by the key switches that bootstrap key's rotation keys make of each
-    recorded step (``encrypted_inference.ROTATION_KEYS``); else as the record counted them."""
+    recorded step (``encrypted_inference.ROTATION_KEYS``), or one each (``fixed``); else as the record counted them."""
     out = []
     for res in record["results"]:
         examples = res["examples"]
         if not examples or not all(ex.get("stages") for ex in examples):
             raise CgfBertError(f"{res.get('label', '?')}: the record keeps no stage table per example to price")
-        if key is not None and not all(ex.get("rotation_steps") for ex in examples):
+        if key in ("small", "medium") and not all(ex.get("rotation_steps") for ex in examples):
             raise CgfBertError(f"{res.get('label', '?')}: the record keeps no rotation steps to price for the {key} key's rotations")
         slots = res.get("layout", {}).get("slots")
         kinds: dict[str, float] = {}
         for ex in examples:
             for kind, d in summed(ex["stages"]).items():
-                if key is not None:
+                if key == "fixed":
+                    d = {**d, "keyswitch": d.get("rotate", 0)}
+                elif key is not None:
                     steps = ex["rotation_steps"].get(kind, {})
                     d = {**d, "keyswitch": sum(n * keyswitches(int(k), slots, both_ways=key == "small") for k, n in steps.items())}
                 kinds[kind] = kinds.get(kind, 0.0) + stage_seconds(d, costs) / 60 / len(examples)
@@ -57,9 +59,10 @@ def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("record", help="an experiments.encrypted_inference record (results/fhe/encrypted_inference-*.json)")
     p.add_argument("--costs", type=cost_table, required=True, help="an experiments.ckks_costs record: the seconds per operation")
-    p.add_argument("--key", choices=("small", "medium"),
+    p.add_argument("--key", choices=("small", "medium", "fixed"),
                    help="price rotations by the key switches this bootstrap key's rotation keys make of each recorded step "
-                        "(small: with the roll key; medium: the rotation key alone) (default: as the record counted them)")
+                        "(small: with the roll key; medium: the rotation key alone; fixed: a fixed key for every step, one "
+                        "key switch a rotation, as projections before key switches were counted) (default: as the record counted them)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record goes to RESULTS_DIR/fhe/ (default: %(default)s)")
     args = p.parse_args()
     try:
