@@ -710,3 +710,18 @@ def test_a_rotation_made_of_rotation_and_roll_key_steps_is_the_rotation():
         ops.both_ways = both_ways
         for k in (1, -1, 7, -24, 3 * 512, ops.slots - 3):
             np.testing.assert_allclose(e.decrypt(ops.rotate(ct, k), sk), np.roll(x, -k), atol=1e-6)
+
+
+@needs_fhe
+def test_ckks_costs_times_rotations_by_the_general_keys_with_their_key_switches():
+    import desilofhe
+    from experiments.ckks_costs import GENERAL_STEPS, general_rotations
+
+    e = desilofhe.Engine(max_level=3, thread_count=2)
+    sk = e.create_secret_key()
+    c = e.encrypt(np.zeros(e.slot_count), e.create_public_key(sk))
+    out, roll = general_rotations(e, sk, c, 1)
+    rows = {(r["step"], r["keys"]): r for r in out["rotations"]}
+    assert len(rows) == 2 * len(GENERAL_STEPS) and roll is not None
+    assert rows[(-1, "rotation key")]["keyswitches"] == int(np.log2(e.slot_count)) and rows[(-1, "rotation and roll keys")]["keyswitches"] == 1
+    assert all(r["seconds"] > 0 for r in rows.values())

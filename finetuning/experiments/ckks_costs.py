@@ -4,8 +4,10 @@
 Measured at the top level (17) on full 2^15-slot ciphertexts, each the median of --repeat runs:
 a product of two ciphertexts with relinearization (``mul``), a square, a product with a
 plaintext vector including its encoding (``mul_plain``, what the circuit does per diagonal) and
-with one encoded beforehand, a rotation with a fixed-step key (the products and the rotation again
-at levels 12, 7 and 3, and 8 rotations one by one against ``rotate_many``'s hoisted ones), and one bootstrap (``--key small``:
+with one encoded beforehand, a rotation with a fixed-step key (one key switch: the price of each key
+switch a rotation makes; the products and the rotation again at levels 12, 7 and 3, and 8 rotations one
+by one against ``rotate_many``'s hoisted ones), rotations by several steps with the general rotation
+key alone and with the roll key too (what the circuit's rotations are made of), and one bootstrap (``--key small``:
 desilofhe's small bootstrap key with its roll key; ``medium``: the bootstrap key, about 16 GB).
 Key generation times and sizes are recorded beside them.
 
@@ -59,6 +61,35 @@ def hoisting(e, sk, c, repeat: int) -> dict[str, float]:
             "rotate_many": timed(lambda: e.rotate_many(c, keys), repeat)}
 
 
+GENERAL_STEPS = (1, 3, 511, -1, -16, -512)  # left rotations by the general keys: one key switch per set bit, or per signed one
+
+
+def general_rotations(e, sk, c, repeat: int) -> tuple[dict, object]:
+    """Rotations by ``GENERAL_STEPS`` with desilofhe's general keys: the rotation key alone (what
+    ``BootstrapOps`` has with the medium key) and with the roll key's right steps too (``ops.signed_steps``,
+    the small key's set), each with the key switches ``ops.keyswitches`` counts for it, and the seconds
+    per key switch. The roll key is returned: the small bootstrap key uses it."""
+    from cgf_bert.fhe.ops import keyswitches, signed_steps
+
+    t = time.perf_counter()
+    rk, roll = e.create_rotation_key(sk), e.create_roll_key(sk)
+    made = time.perf_counter() - t
+
+    def both(k):
+        left, right = signed_steps(k, e.slot_count)
+        x = e.rotate(c, rk, left) if left else c
+        return e.roll(x, roll, right) if right else x
+
+    rows = []
+    for k in GENERAL_STEPS:
+        for keys, fn, n in (("rotation key", lambda: e.rotate(c, rk, k % e.slot_count), keyswitches(k, e.slot_count, both_ways=False)),
+                            ("rotation and roll keys", lambda: both(k), keyswitches(k, e.slot_count))):
+            sec = timed(fn, repeat)
+            rows.append({"step": k, "keys": keys, "keyswitches": n, "seconds": sec, "seconds_per_keyswitch": sec / n})
+            note(f"rotation by {k} with the {keys}: {n} key switches, {sec:.2f} s")
+    return {"keygen_seconds": made, "key_bytes": {"rotation": int(rk.nbytes), "roll": int(roll.nbytes)}, "rotations": rows}, roll
+
+
 def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("--key", choices=("small", "medium"), default="small", help="bootstrap key (default: %(default)s)")
@@ -93,9 +124,12 @@ def main():
     note(f"by level: {by_level}")
     hoisted = hoisting(e, sk, c, args.repeat)
     note(f"hoisted rotations: {hoisted}")
+    general, roll = general_rotations(e, sk, c, args.repeat)
+    if args.key != "small":
+        del roll  # room for the medium key
     t = time.perf_counter()
     if args.key == "small":
-        keys = (rlk, ck, e.create_roll_key(sk), e.create_small_bootstrap_key(sk))
+        keys = (rlk, ck, roll, e.create_small_bootstrap_key(sk))
     else:
         keys = (rlk, ck, e.create_bootstrap_key(sk, size="medium"))
     keygen[f"{args.key} bootstrap key"] = time.perf_counter() - t
@@ -109,6 +143,7 @@ def main():
            "slots": int(e.slot_count), "max_level": int(e.max_level), "bootstrap_key": args.key, "bootstrap_from_level": 3,
            "bootstrap_level_after": int(b.level), "bootstrap_max_error": error,
            "bootstrap_rms_error": rms, "seconds": seconds, "seconds_by_level": by_level, "hoisted_rotations": hoisted,
+           "general_key_rotations": general,
            "keygen_seconds": keygen, "key_bytes": {k: int(getattr(v, "nbytes", 0)) for k, v in
                                                    zip(("relinearization", "conjugation", "bootstrap"), (rlk, ck, keys[-1]))}}
     print(f"{seconds}\nbootstrap: level {b.level} after, max error {error:.1e}, rms error {rms:.1e}")
