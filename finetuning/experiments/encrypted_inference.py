@@ -41,6 +41,13 @@ bootstrap, the layer's input is refreshed once instead of the lane ciphertexts a
 ``--pack K`` packs K dev examples (of at most 64/K tokens) into one ciphertext's rows: one circuit
 serves them, so each example's stage table and projected time are the ciphertext's divided by K.
 
+A rotation is priced by its key switches (``accounting.stage_seconds``), as the bootstrap backend's keys
+make it (``--key``: with the small key's roll key, its fewest signed power-of-two steps; with the medium
+key, the rotation key alone, one per set bit of the step mod 2^15), and each example's rotation steps are
+recorded, so ``experiments.reprice --key`` prices them for the other keys. By default each fresh
+ciphertext drops at once the levels none of its descendants reaches (``pipeline.level_plan``,
+``--no-level-plan``): the same bootstraps and values, the operations on fewer levels.
+
 Bootstrap bounds (the public scale each refreshed value is divided by) are calibrated on
 --calibrate training examples (twice the largest |value| seen at each site); a dev value beyond
 its bound is counted (it would be wrong under CKKS), as are the inputs that leave a polynomial's
