@@ -307,9 +307,8 @@ ONE_LAYER = Approximations(softmax=Spec.make("softmax", "cgf_poly", degree=4, ex
                            pooler=Spec.make("pooler", "tanh_poly", degree=4))
 
 
-def _encrypted_matches_the_model(tiny_bert, ops, planned: bool = False):
-    """The tiny one-layer model under ``ops``: logits within 1e-3 of the model's, bootstraps where the plan put them
-    (``planned``: with the level plan's drops, each operation at the level the simulation put it)."""
+def _encrypted_matches_the_model(tiny_bert, ops):
+    """The tiny one-layer model under ``ops``: logits within 1e-3 of the model's, bootstraps where the plan put them."""
     model = _model(tiny_bert, ONE_LAYER)
     model.bert.encoder.layer = model.bert.encoder.layer[:1]
     ids, tt = _example(6)
@@ -317,13 +316,9 @@ def _encrypted_matches_the_model(tiny_bert, ops, planned: bool = False):
     circuit = E.EncoderCircuit(E.Weights.of(model), ONE_LAYER, E.TokenLayout.for_model(ops.slots, 32))
     reserve = getattr(ops, "reserve", 0)
     bounds = P.calibrate(circuit, [emb], ops.top, reserve)
-    drops = P.level_plan(circuit, emb, ops.top, reserve, bounds) if planned else None
-    _, plan, _ = P.simulate(circuit, emb, ops.top, reserve, bounds=bounds, drops=drops)
+    _, plan, _ = P.simulate(circuit, emb, ops.top, reserve, bounds=bounds)
     log = A.StageLog()
-    out = P.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds, drops=drops), emb, log)
-    if planned:
-        levels = lambda lg: {op: d for op, d in lg.level_table().items() if op != "keyswitch"}  # noqa: E731 (fixed keys here: one a rotation)
-        assert sum(drops) > 0 and levels(log) == levels(plan)  # every operation at the planned level
+    out = P.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds), emb, log)
     ref = P.reference_logits(model, ids, tt)
     np.testing.assert_allclose(out, ref, atol=1e-3 * np.abs(ref).max())
     booted = sum(d.get("bootstraps", 0) for d in log.stages.values())
@@ -603,64 +598,6 @@ def test_a_fit_no_degree_can_meet_is_refused_before_any_work():
         F.fit_form("gelu", -500.0, 500.0)
     with pytest.raises(CgfBertError, match="1/sqrt"):
         F.rsqrt_form(1e-9, 1e9)
-
-
-def test_a_lineage_finds_the_levels_no_descendant_reaches_and_a_plan_drops_them():
-    """A hand circuit: x fresh at 10, two products, then a step that needs 3 levels. Its lowest descendant
-    is at 8 and the step must find 3, so x can drop 5 levels; dropped, the step still needs no bootstrap."""
-    from cgf_bert.fhe.ops import Lineage
-
-    def circuit(sim, boot):
-        x = boot.fresh(sim.encrypt(np.full(8, 0.5)))
-        y = sim.square(sim.mul_plain(x, np.full(8, 2.0)))
-        return boot(y, 3, "step"), x
-
-    lineage = Lineage()
-    sim = B.SimulatedCkks(8, 10, lineage=lineage)
-    circuit(sim, A.Refresher(sim, A.StageLog(), 10))
-    assert lineage.drops() == [5]
-    sim = B.SimulatedCkks(8, 10)
-    boot = A.Refresher(sim, A.StageLog(), 10, drops=[5])
-    y, x = circuit(sim, boot)
-    assert (x.level, y.level) == (5, 3) and not boot.booted and np.allclose(y.slots, 1.0)
-    with pytest.raises(CgfBertError, match="made for another circuit"):
-        boot.fresh(x)
-
-
-@pytest.mark.parametrize("approx", [POLY, STEPS], ids=["cgf_poly+gelu_poly+ln_poly", "exact_poly-h2"])
-@pytest.mark.parametrize("lengths", [(9,), (7, 5)])
-def test_the_level_plan_keeps_the_bootstraps_and_values_and_leaves_no_level_unused(tiny_bert, approx, lengths):
-    """Planned, every fresh ciphertext drops what no descendant uses: the same bootstraps at the same
-    sites, the same logits bit for bit, operations on fewer levels, and a second lineage finds nothing
-    more to drop (every fresh ciphertext's lowest descendant is at level 0 or a step's declared need)."""
-    from cgf_bert.fhe.ops import Lineage
-
-    model = _model(tiny_bert, approx)
-    embs = [P.embed(model, *_example(n, seed=i)) for i, n in enumerate(lengths)]
-    emb = embs[0] if len(embs) == 1 else embs
-    circuit = E.EncoderCircuit(E.Weights.of(model), approx, E.TokenLayout.for_model(1024, model.bert.config.hidden_size))
-    bounds = P.calibrate(circuit, [emb], 17, 1)
-    out, log, boot = P.simulate(circuit, emb, 17, 1, bounds=bounds)
-    drops = P.level_plan(circuit, emb, 17, 1, bounds)
-    assert len(drops) == 1 + sum(boot.booted.values()) and sum(drops) > 0
-    again = Lineage()
-    planned, plan_log, plan_boot = P.simulate(circuit, emb, 17, 1, bounds=bounds, drops=drops, lineage=again)
-    assert np.array_equal(planned, out) and plan_boot.booted == boot.booted
-    assert again.drops() == [0] * len(drops)
-
-    def mean_level(lg):
-        t = lg.level_table()["mul_plain"]
-        return sum(int(k) * v for k, v in t.items()) / sum(t.values())
-
-    assert mean_level(plan_log) < mean_level(log)
-
-
-@needs_fhe
-def test_under_real_encryption_the_level_plan_gives_the_same_logits_on_fewer_levels(tiny_bert):
-    """The plan's level drops done by desilofhe (``level_down``), the client refreshing where levels run out."""
-    from cgf_bert.fhe.context import FheContext
-
-    _encrypted_matches_the_model(tiny_bert, B.CkksOps(FheContext(17, thread_count=2)), planned=True)
 
 
 def test_a_rotation_takes_the_fewest_signed_power_of_two_steps():

@@ -44,9 +44,7 @@ serves them, so each example's stage table and projected time are the ciphertext
 A rotation is priced by its key switches (``accounting.stage_seconds``), as the bootstrap backend's keys
 make it (``--key``: with the small key's roll key, its fewest signed power-of-two steps; with the medium
 key, the rotation key alone, one per set bit of the step mod 2^15), and each example's rotation steps are
-recorded, so ``experiments.reprice --key`` prices them for the other keys. By default each fresh
-ciphertext drops at once the levels none of its descendants reaches (``pipeline.level_plan``,
-``--no-level-plan``): the same bootstraps and values, the operations on fewer levels.
+recorded, so ``experiments.reprice --key`` prices them for the other keys.
 
 Bootstrap bounds (the public scale each refreshed value is divided by) are calibrated on
 --calibrate training examples (twice the largest |value| seen at each site); a dev value beyond
@@ -289,8 +287,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         start = time.perf_counter()
         planned: list[dict] = []
         with np.errstate(over="ignore", invalid="ignore"):  # values driven past float64 are reported below, not warned about
-            drops = P.level_plan(circuit, emb, top, reserve, bounds) if args.level_plan else None
-            got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=c, drops=drops,
+            got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=c,
                                         both_ways=args.key == "small",
                                         probe=P.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
@@ -300,7 +297,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         plan = {kind: d.get("bootstraps", 0) for kind, d in summed(table).items()}
         per_layer, wall_seconds = planned, None
         if args.backend != "sim":
-            measured, got, per_layer = encrypted(circuit, backend(), bounds, emb, hidden, drops)
+            measured, got, per_layer = encrypted(circuit, backend(), bounds, emb, hidden)
             table = _shared(measured, share)
             wall_seconds = round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1)
         got = np.atleast_2d(got)
@@ -309,9 +306,8 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
                    "reference_logits": ref.tolist(), "simulated_logits": got[j].tolist(),
                    "bootstraps": round(sum(plan.values()), 2), "bootstrap_plan": plan, "bound_overflows": boot.overflows,
                    "watched_peaks": boot.watched, "poly_inputs_outside": counter.result(), "simulation_seconds": round(wall * share, 1),
-                   "projected_seconds": price(table, args.costs), "op_levels": levels, "level_drops": drops,
-                   "rotation_steps": log.steps_by_kind(share),
-                   "mean_levels": mean_levels(levels)}
+                   "projected_seconds": price(table, args.costs), "op_levels": levels,
+                   "rotation_steps": log.steps_by_kind(share), "mean_levels": mean_levels(levels)}
             if args.backend != "sim":
                 row.update(simulated_per_layer=planned, encrypted_logits=got[j].tolist(), wall_seconds=wall_seconds)
             finite = bool(np.isfinite(got[j]).all())  # a NaN's argmax is 0: it must not count as a prediction
@@ -341,7 +337,7 @@ def mean_levels(levels: dict) -> dict[str, float]:
     return {op: round(sum(float(lv) * n for lv, n in d.items()) / sum(d.values()), 2) for op, d in levels.items() if sum(d.values())}
 
 
-def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list, drops=None) -> tuple[list[dict], np.ndarray, list[dict]]:
+def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list) -> tuple[list[dict], np.ndarray, list[dict]]:
     """One example through ``ops``: the measured stage table, the decrypted logits, the error after each layer."""
     log, per_layer, start = A.StageLog(), [], time.perf_counter()
     measure = P.layer_errors(circuit, ops, hidden, per_layer)
@@ -352,7 +348,7 @@ def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list, drops=N
         note(f"    layer {i}: {time.perf_counter() - start:.0f} s so far, max abs error {e['max_abs_error']:.1e} "
               f"(largest value {e['max_abs_value']:.1f})")
 
-    got = P.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds, drops=drops), emb, log, probe)
+    got = P.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds), emb, log, probe)
     return log.table(), got, per_layer
 
 
@@ -453,10 +449,6 @@ def main():
     p.add_argument("--own-exp", action="store_true",
                    help="keep a CGF checkpoint's exp polynomial in every layer (default: each layer's squarings cut to the fewest "
                         "whose interval holds 1.25 times its exp arguments measured on --form-examples examples, fhe.forms.cgf_form)")
-    p.add_argument("--no-level-plan", dest="level_plan", action="store_false",
-                   help="keep every fresh ciphertext (the encryption, each bootstrap's output) at the top level instead of dropping "
-                        "at once the levels none of its descendants reaches before the next bootstrap (pipeline.level_plan: the same "
-                        "bootstraps and values, each operation on fewer levels)")
     p.add_argument("--costs", type=cost_table, help="seconds per operation (a record of experiments.ckks_costs) to price the stages")
     p.add_argument("--backend", choices=("sim", "interactive", "bootstrap"), default="sim",
                    help="sim: numpy slot vectors that count CKKS levels (default); interactive: CKKS, the client refreshing "

@@ -103,10 +103,9 @@ class Refresher:
     """
 
     def __init__(self, ops, log: StageLog, top: int, bounds: dict[str, float] | None = None, record: bool = False,
-                 margin: float = 1.0, drops: list[int] | None = None):
+                 margin: float = 1.0):
         self.ops, self.log, self.top = ops, log, top
         self.bounds, self.record, self.margin = dict(bounds or {}), record, margin
-        self.drops, self.made = drops, 0  # the level plan (``pipeline.level_plan``); fresh ciphertexts so far
         self.seen: dict[str, float] = {}
         self.overflows: dict[str, float] = {}
         self.watched: dict[str, float] = {}
@@ -122,22 +121,6 @@ class Refresher:
         if peak > limit:
             self.overflows[site] = max(self.overflows.get(site, 0.0), peak / limit)
 
-    def fresh(self, x):
-        """A fresh ciphertext (the encryption, then each bootstrap's output, in order) lowered by the levels
-        the plan's ``drops`` say no descendant of it uses; as it is without a plan."""
-        k, self.made = self.made, self.made + 1
-        if self.drops is None:
-            return x
-        if k >= len(self.drops):
-            raise CgfBertError(f"the level plan has {len(self.drops)} fresh ciphertexts, this run makes more: it was made for another circuit")
-        return self.ops.level_down(x, self.ops.level(x) - self.drops[k]) if self.drops[k] else x
-
-    def _keep(self, x, levels: int) -> None:
-        """In a simulation that keeps a lineage: ``x`` must keep ``levels`` levels whatever the plan drops."""
-        lineage = getattr(self.ops, "lineage", None)
-        if lineage is not None:
-            lineage.reach(x.roots, self.ops.level(x) - levels)
-
     @property
     def usable(self) -> int:
         """Levels one step may use: a bootstrap's ``top`` less the ``reserve`` its own scaling takes."""
@@ -149,11 +132,8 @@ class Refresher:
         whenever its sum is inside its bound): no calibration can then miss a larger value."""
         if need > self.usable:
             raise CgfBertError(f"{site} needs {need} levels in one step, more than the {self.usable} a bootstrap leaves")
-        reserve = getattr(self.ops, "reserve", 0)
-        if self.ops.level(x) - reserve >= need:
-            self._keep(x, reserve + need)
+        if self.ops.level(x) - getattr(self.ops, "reserve", 0) >= need:
             return x
-        self._keep(x, reserve)  # the bootstrap's own scaling
         peak = float(np.abs(self.ops.peek(x)).max()) if hasattr(self.ops, "peek") else None
         if peak is not None and at_most is None:
             if self.record and not np.isfinite(peak):
@@ -171,9 +151,7 @@ class Refresher:
         start = time.perf_counter()
         out = self.ops.bootstrap(x, bound)
         self.log.count("bootstrap_seconds", time.perf_counter() - start)
-        out = self.fresh(out)
-        self._keep(out, reserve + need)
-        left = self.ops.level(out) - reserve
+        left = self.ops.level(out) - getattr(self.ops, "reserve", 0)
         if left < need:  # a bound below 1 is scaled back after the bootstrap, at the cost of a level
             raise CgfBertError(f"{site} needs {need} levels, but a bootstrap by its bound {bound:.3g} leaves {left}")
         return out

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from cgf_bert import CgfBertError
-from cgf_bert.fhe.ops import FheOps, Levelled, LevelledNumpyOps, Lineage, keyswitches, signed_steps
+from cgf_bert.fhe.ops import FheOps, Levelled, LevelledNumpyOps, keyswitches, signed_steps
 
 
 def scaled_bound(bound: float) -> tuple[int | float, int | float]:
@@ -86,8 +86,8 @@ class SimulatedCkks(LevelledNumpyOps):
     logits, before anything is encrypted."""
 
     def __init__(self, slots: int, top: int, reserve: int = 0, noise: BootstrapNoise | None = None, seed: int = 0,
-                 lineage: Lineage | None = None, both_ways: bool = True):
-        super().__init__(lineage)
+                 both_ways: bool = True):
+        super().__init__()
         self.slots, self.top, self.reserve = slots, top, reserve  # reserve: levels a bootstrap takes first (BootstrapOps)
         self.noise, self.rng = noise, np.random.default_rng(seed)
         self.both_ways = both_ways  # rotations as BootstrapOps makes them: with the roll key too, or the rotation key alone
@@ -95,12 +95,8 @@ class SimulatedCkks(LevelledNumpyOps):
     def keyswitches(self, k: int) -> int:
         return keyswitches(k, self.slots, self.both_ways)
 
-    def _fresh(self, slots: np.ndarray, level: int) -> Levelled:
-        """A new ciphertext at ``level``, the root of its own lineage when one is kept."""
-        return Levelled(slots, level, frozenset() if self.lineage is None else self.lineage.root(level))
-
     def encrypt(self, v: np.ndarray) -> Levelled:
-        return self._fresh(np.asarray(v, dtype=np.float64), self.top)
+        return Levelled(np.asarray(v, dtype=np.float64), self.top)
 
     def peek(self, x: Levelled) -> np.ndarray:
         return x.slots
@@ -109,7 +105,7 @@ class SimulatedCkks(LevelledNumpyOps):
         slots = x.slots
         if self.noise:
             slots = slots + self.noise.draw(self.rng, slots.shape) * scaled_bound(bound)[1]
-        return self._fresh(slots, self.top - (after_levels(bound) if self.reserve else 0))
+        return Levelled(slots, self.top - (after_levels(bound) if self.reserve else 0))
 
 
 class CkksOps(FheOps):

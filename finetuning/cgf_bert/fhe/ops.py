@@ -87,9 +87,6 @@ class FheOps:
     def neg(self, x):
         return self.e.negate(x)
 
-    def level_down(self, x, level: int):
-        return self.e.level_down(x, level)
-
     def rotate(self, x, k: int):
         """Left rotation: slot ``s`` receives slot ``s + k``."""
         return x if k == 0 else self.e.rotate(x, self.ctx.rotation_key(k, x.level))
@@ -134,9 +131,6 @@ class NumpyOps:
     def neg(self, x):
         return -x
 
-    def level_down(self, x, level):
-        return x
-
     def rotate(self, x, k):
         return np.roll(x, -k)  # left rotation, as desilofhe's rotate
 
@@ -150,34 +144,6 @@ class Levelled:
 
     slots: np.ndarray  # (slots,) float64
     level: int
-    roots: frozenset = frozenset()  # the fresh ciphertexts it descends from (``Lineage``): none unless one is kept
-
-
-class Lineage:
-    """The lowest level each fresh ciphertext's descendants reach (a fresh one: an encryption or a
-    bootstrap's output, numbered in the order they are made), and the levels a step must still find.
-
-    A fresh ciphertext comes at the top level whatever its path to the next bootstrap uses; the levels
-    no descendant reaches are carried through every operation for nothing, and an operation's cost
-    grows with the levels it carries. ``drops()`` is, for each, how many levels it can lose at once
-    (``Refresher.fresh``) with every descendant still at level 0 or more and every step still finding
-    the levels it declares: all levels only fall, by at most that much, so the same bootstraps fall in
-    the same places and the values are the same."""
-
-    def __init__(self):
-        self.low: list[int] = []
-
-    def root(self, level: int) -> frozenset:
-        self.low.append(level)
-        return frozenset((len(self.low) - 1,))
-
-    def reach(self, roots: frozenset, level: int) -> None:
-        for r in roots:
-            if level < self.low[r]:
-                self.low[r] = level
-
-    def drops(self) -> list[int]:
-        return [max(0, int(low)) for low in self.low]
 
 
 class LevelledNumpyOps:
@@ -187,11 +153,10 @@ class LevelledNumpyOps:
     operand; additions align to the lower level; constants and rotations are free; the Chebyshev
     basis puts ``T_i`` ``ceil(log2 i)`` levels below its argument. A result below level 0 is an
     error, as it is under CKKS without bootstrapping. So a circuit's depth is measured, not trusted.
-    With a ``lineage``, every value carries the fresh ciphertexts it descends from and reports its level.
     """
 
-    def __init__(self, lineage: Lineage | None = None):
-        self.np, self.lineage = NumpyOps(), lineage
+    def __init__(self):
+        self.np = NumpyOps()
 
     @staticmethod
     def encrypt(slots: np.ndarray, level: int) -> Levelled:
@@ -204,49 +169,42 @@ class LevelledNumpyOps:
     def level(self, x: Levelled) -> int:
         return x.level
 
-    def _at(self, slots: np.ndarray, level: int, *parents: Levelled) -> Levelled:
+    @staticmethod
+    def _at(slots: np.ndarray, level: int) -> Levelled:
         if level < 0:
             raise CgfBertError("the circuit needs more levels than the simulated ciphertext had (no bootstrapping)")
-        roots = parents[0].roots if len(parents) == 1 else frozenset().union(*(p.roots for p in parents))
-        if self.lineage is not None:
-            self.lineage.reach(roots, level)
-        return Levelled(slots, level, roots)
+        return Levelled(slots, level)
 
     def mul_plain(self, x, v):
-        return self._at(self.np.mul_plain(x.slots, v), x.level - 1, x)
+        return self._at(self.np.mul_plain(x.slots, v), x.level - 1)
 
     def add_plain(self, x, v):
-        return self._at(self.np.add_plain(x.slots, v), x.level, x)
+        return self._at(self.np.add_plain(x.slots, v), x.level)
 
     def add_const(self, x, c):
-        return self._at(self.np.add_const(x.slots, c), x.level, x)
+        return self._at(self.np.add_const(x.slots, c), x.level)
 
     def mul(self, x, y):
-        return self._at(self.np.mul(x.slots, y.slots), min(x.level, y.level) - 1, x, y)
+        return self._at(self.np.mul(x.slots, y.slots), min(x.level, y.level) - 1)
 
     def square(self, x):
-        return self._at(self.np.square(x.slots), x.level - 1, x)
+        return self._at(self.np.square(x.slots), x.level - 1)
 
     def add(self, x, y):
-        return self._at(self.np.add(x.slots, y.slots), min(x.level, y.level), x, y)
+        return self._at(self.np.add(x.slots, y.slots), min(x.level, y.level))
 
     def sub(self, x, y):
-        return self._at(self.np.sub(x.slots, y.slots), min(x.level, y.level), x, y)
+        return self._at(self.np.sub(x.slots, y.slots), min(x.level, y.level))
 
     def neg(self, x):
-        return self._at(self.np.neg(x.slots), x.level, x)
-
-    def level_down(self, x, level):
-        if level > x.level:
-            raise CgfBertError(f"a ciphertext at level {x.level} cannot be raised to {level} without a bootstrap")
-        return self._at(x.slots, level, x)
+        return self._at(self.np.neg(x.slots), x.level)
 
     def rotate(self, x, k):
-        return self._at(self.np.rotate(x.slots, k), x.level, x)
+        return self._at(self.np.rotate(x.slots, k), x.level)
 
     def cheb_basis(self, t, degree):
         basis = self.np.cheb_basis(t.slots, degree)  # T_1 .. T_d
-        return [self._at(ti, t.level - (i - 1).bit_length(), t) for i, ti in enumerate(basis, start=1)]  # ceil(log2 i)
+        return [self._at(ti, t.level - (i - 1).bit_length()) for i, ti in enumerate(basis, start=1)]  # ceil(log2 i)
 
 
 def rotsum(ops, x, width: int):

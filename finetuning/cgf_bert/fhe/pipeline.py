@@ -10,7 +10,6 @@ import torch
 from cgf_bert.fhe.accounting import Counted, Refresher, StageLog
 from cgf_bert.fhe.backends import SimulatedCkks, after_levels
 from cgf_bert.fhe.encoder import EncoderCircuit, as_numpy
-from cgf_bert.fhe.ops import Lineage
 
 
 def embed(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> np.ndarray:
@@ -41,7 +40,7 @@ def run(circuit: EncoderCircuit, ops, boot: Refresher, emb, log: StageLog, probe
     as ``forward``'s, on the packed rows)."""
     embs = emb if isinstance(emb, (list, tuple)) else [emb]
     lengths = [e.shape[0] for e in embs]
-    (x,) = [boot.fresh(ops.encrypt(v)) for v in circuit.lay.pack(np.concatenate(embs))]
+    (x,) = [ops.encrypt(v) for v in circuit.lay.pack(np.concatenate(embs))]
     logits = ops.decrypt(circuit.forward(ops, boot, x, lengths, log, probe)).reshape(circuit.lay.rows, circuit.lay.width)
     out = logits[circuit.starts(lengths), :2]
     return out if isinstance(emb, (list, tuple)) else out[0]
@@ -61,40 +60,16 @@ def layer_errors(circuit: EncoderCircuit, ops, hidden: list[np.ndarray], into: l
 
 
 def simulate(circuit: EncoderCircuit, emb: np.ndarray, top: int, reserve: int = 0, bounds: dict | None = None,
-             record: bool = False, probe=None, margin: float = 1.0, noise=None, seed: int = 0, drops: list[int] | None = None,
-             lineage: Lineage | None = None, both_ways: bool = True) -> tuple[np.ndarray, StageLog, Refresher]:
+             record: bool = False, probe=None, margin: float = 1.0, noise=None, seed: int = 0,
+             both_ways: bool = True) -> tuple[np.ndarray, StageLog, Refresher]:
     """``run`` on ``SimulatedCkks`` with ``top`` levels after a bootstrap (``emb``: one example or a list
     packed in one ciphertext): the plan and the logits
-    (with ``noise``, each bootstrap's error drawn as ``SimulatedCkks`` says, from ``seed``; with ``drops``,
-    each fresh ciphertext lowered as ``level_plan`` planned; with a ``lineage``, the levels it needs kept;
-    rotations counted in key switches as ``BootstrapOps`` makes them, ``both_ways`` with its roll key too)."""
+    (with ``noise``, each bootstrap's error drawn as ``SimulatedCkks`` says, from ``seed``; rotations
+    counted in key switches as ``BootstrapOps`` makes them, ``both_ways`` with its roll key too)."""
     log = StageLog()
-    sim = SimulatedCkks(circuit.lay.slots, top, reserve, noise=noise, seed=seed, lineage=lineage, both_ways=both_ways)
-    boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin, drops=drops)
+    sim = SimulatedCkks(circuit.lay.slots, top, reserve, noise=noise, seed=seed, both_ways=both_ways)
+    boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin)
     return run(circuit, Counted(sim, log), boot, emb, log, probe), log, boot
-
-
-PLAN_PASSES = 8
-
-
-def level_plan(circuit: EncoderCircuit, emb, top: int, reserve: int = 0, bounds: dict | None = None) -> list[int]:
-    """For each fresh ciphertext of ``emb``'s run (the encryption, then each bootstrap's output, in order), the
-    levels it can drop at once: those no descendant reaches before the next bootstrap (``ops.Lineage``).
-    Every operation then runs on fewer levels (cheaper) with the same bootstraps and the same values.
-
-    A product's level is its lower operand's, so a fresh ciphertext whose products all meet a lower one
-    reaches no level of its own there: only once the other is dropped does the first show what it can
-    drop. So the plan is measured again on the planned run until nothing more can drop (a fixed point,
-    at most ``PLAN_PASSES`` passes; each pass's drops are safe on their own)."""
-    drops: list[int] | None = None
-    for _ in range(PLAN_PASSES):
-        lineage = Lineage()
-        simulate(circuit, emb, top, reserve, bounds=bounds, drops=drops, lineage=lineage)
-        more = lineage.drops()
-        drops = more if drops is None else [a + b for a, b in zip(drops, more)]
-        if not any(more):
-            break
-    return drops
 
 
 CALIBRATION_PASSES = 4
