@@ -72,3 +72,11 @@ def test_prices_rotations_by_the_key_switches_each_keys_make_of_the_recorded_ste
     del rec["results"][0]["examples"][0]["rotation_steps"]
     with pytest.raises(CgfBertError, match="no rotation steps"):
         R.reprice(rec, costs, "small")
+
+
+def test_a_record_without_its_slot_count_is_refused_for_key_pricing():
+    rec = _record()
+    for ex in rec["results"][0]["examples"]:
+        ex["rotation_steps"] = {"softmax": {"1": 1}}
+    with pytest.raises(CgfBertError, match="no slot count"):
+        R.reprice(rec, COSTS, "medium")

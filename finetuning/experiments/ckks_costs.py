@@ -69,22 +69,16 @@ def general_rotations(e, sk, c, repeat: int) -> tuple[dict, object]:
     ``BootstrapOps`` has with the medium key) and with the roll key's right steps too (``ops.signed_steps``,
     the small key's set), each with the key switches ``ops.keyswitches`` counts for it, and the seconds
     per key switch. The roll key is returned: the small bootstrap key uses it."""
-    from cgf_bert.fhe.ops import keyswitches, signed_steps
+    from cgf_bert.fhe.ops import general_rotate, keyswitches
 
     t = time.perf_counter()
     rk, roll = e.create_rotation_key(sk), e.create_roll_key(sk)
     made = time.perf_counter() - t
-
-    def both(k):
-        left, right = signed_steps(k, e.slot_count)
-        x = e.rotate(c, rk, left) if left else c
-        return e.roll(x, roll, right) if right else x
-
     rows = []
     for k in GENERAL_STEPS:
-        for keys, fn, n in (("rotation key", lambda: e.rotate(c, rk, k % e.slot_count), keyswitches(k, e.slot_count, both_ways=False)),
-                            ("rotation and roll keys", lambda: both(k), keyswitches(k, e.slot_count))):
-            sec = timed(fn, repeat)
+        for keys, with_roll in (("rotation key", None), ("rotation and roll keys", roll)):
+            sec = timed(lambda: general_rotate(e, c, k, rk, with_roll), repeat)  # noqa: B023 (timed here, in the loop)
+            n = keyswitches(k, e.slot_count, with_roll is not None)
             rows.append({"step": k, "keys": keys, "keyswitches": n, "seconds": sec, "seconds_per_keyswitch": sec / n})
             note(f"rotation by {k} with the {keys}: {n} key switches, {sec:.2f} s")
     return {"keygen_seconds": made, "key_bytes": {"rotation": int(rk.nbytes), "roll": int(roll.nbytes)}, "rotations": rows}, roll

@@ -146,10 +146,6 @@ def cost_table(path: str) -> dict:
         raise argparse.ArgumentTypeError(f"{path}: not a cost record with seconds for {', '.join(A.Counted.COSTED)} ({e})") from None
 
 
-def stage_kind(stage: str) -> str:
-    return stage.split(" / ")[-1]
-
-
 def price(table: list[dict], costs: dict | None) -> float | None:
     if costs is None:
         return None
@@ -168,7 +164,8 @@ LEVELS = {"sim": (TOP, 1), "interactive": (TOP, 0), "bootstrap": (TOP, 1)}
 # 15); the small key comes with the roll key, whose right steps make any rotation from its fewest signed
 # powers of two (``ops.signed_steps``). The interactive backend has a fixed key per step: one key switch.
 ROTATION_KEYS = {"small": "rotation and roll keys: a rotation's key switches are its step's fewest signed powers of two",
-                 "medium": "rotation key only: a rotation's key switches are the set bits of its step mod 2^15"}
+                 "medium": "rotation key only: a rotation's key switches are the set bits of its step mod 2^15",
+                 "fixed": "a fixed key for every step (--backend interactive): one key switch a rotation"}
 
 
 class Backend:
@@ -237,16 +234,6 @@ def truncated(model, layers: int | None):
     return model
 
 
-def summed(table: list[dict]) -> dict:
-    out: dict = {}
-    for r in table:
-        agg = out.setdefault(stage_kind(r["stage"]), {})
-        for key, v in r.items():
-            if key != "stage":
-                agg[key] = agg.get(key, 0) + v
-    return out
-
-
 def evaluate(path: str, args, data, backend: Backend) -> dict:
     model, meta = load_model(path)
     model = truncated(model.eval().double(), args.layers)
@@ -288,13 +275,13 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         planned: list[dict] = []
         with np.errstate(over="ignore", invalid="ignore"):  # values driven past float64 are reported below, not warned about
             got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=c,
-                                        both_ways=args.key == "small",
+                                        both_ways=B.ROLL_KEY[args.key],
                                         probe=P.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
         share = 1.0 / len(group)  # the ciphertext's cost, shared by the examples packed in it
         table = _shared(log.table(), share)
         levels = {op: {lv: n * share for lv, n in d.items()} for op, d in log.level_table().items()}
-        plan = {kind: d.get("bootstraps", 0) for kind, d in summed(table).items()}
+        plan = {kind: d.get("bootstraps", 0) for kind, d in A.summed(table).items()}
         per_layer, wall_seconds = planned, None
         if args.backend != "sim":
             measured, got, per_layer = encrypted(circuit, backend(), bounds, emb, hidden)
@@ -307,13 +294,13 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
                    "bootstraps": round(sum(plan.values()), 2), "bootstrap_plan": plan, "bound_overflows": boot.overflows,
                    "watched_peaks": boot.watched, "poly_inputs_outside": counter.result(), "simulation_seconds": round(wall * share, 1),
                    "projected_seconds": price(table, args.costs), "op_levels": levels,
-                   "rotation_steps": log.steps_by_kind(share), "mean_levels": mean_levels(levels)}
+                   "rotation_steps": log.steps_by_kind(share), "mean_levels": A.mean_levels(levels)}
             if args.backend != "sim":
                 row.update(simulated_per_layer=planned, encrypted_logits=got[j].tolist(), wall_seconds=wall_seconds)
             finite = bool(np.isfinite(got[j]).all())  # a NaN's argmax is 0: it must not count as a prediction
             row.update(finite=finite, max_abs_error=float(np.abs(got[j] - ref).max()),
                        same_prediction=finite and bool(got[j].argmax() == ref.argmax()), per_layer=per_layer, stages=table)
-            for kind, d in summed(table).items():
+            for kind, d in A.summed(table).items():
                 agg = stages.setdefault(kind, {})
                 for key, v in d.items():
                     agg[key] = agg.get(key, 0) + v / len(chosen)
@@ -330,11 +317,6 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
             "layout": {"slots": lay.slots, "width": lay.width, "rows": lay.rows},
             "calibration_examples": len(calibration), "form_examples": len(measure), "examples_per_ciphertext": args.pack, "bounds": bounds, "examples": rows,
             "per_example_mean_by_stage": {k: {m: round(v, 2) for m, v in d.items()} for k, d in stages.items()}}
-
-
-def mean_levels(levels: dict) -> dict[str, float]:
-    """{op: the mean level it ran at} (an operation's cost grows with its level)."""
-    return {op: round(sum(float(lv) * n for lv, n in d.items()) / sum(d.values()), 2) for op, d in levels.items() if sum(d.values())}
 
 
 def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list) -> tuple[list[dict], np.ndarray, list[dict]]:
@@ -492,7 +474,7 @@ def main():
     png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None, noise=noise, costs=args.costs)
     out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend, "mode": args.mode,
            "bootstrap_noise": noise,
-           "keys": keys, "rotation_keys": ROTATION_KEYS[args.key], "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
+           "keys": keys, "rotation_keys": ROTATION_KEYS["fixed" if args.backend == "interactive" else args.key], "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
            "results": results, "plot": repo_relative(png)}
     for res in results:
         ok = sum(r["same_prediction"] for r in res["examples"])

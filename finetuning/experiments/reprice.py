@@ -17,11 +17,12 @@ from pathlib import Path
 
 from cgf_bert import CgfBertError
 from cgf_bert.cli import ArgumentParser, run_main
-from cgf_bert.fhe.accounting import stage_seconds
+from cgf_bert.fhe.accounting import stage_seconds, summed
+from cgf_bert.fhe.backends import ROLL_KEY
 from cgf_bert.fhe.ops import keyswitches
 from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, repo_relative
 from cgf_bert.store.records import write_json
-from experiments.encrypted_inference import cost_table, summed
+from experiments.encrypted_inference import cost_table
 
 
 def reprice(record: dict, costs: dict, key: str | None = None) -> list[dict]:
@@ -37,6 +38,8 @@ def reprice(record: dict, costs: dict, key: str | None = None) -> list[dict]:
         if key in ("small", "medium") and not all(ex.get("rotation_steps") for ex in examples):
             raise CgfBertError(f"{res.get('label', '?')}: the record keeps no rotation steps to price for the {key} key's rotations")
         slots = res.get("layout", {}).get("slots")
+        if key in ("small", "medium") and not slots:
+            raise CgfBertError(f"{res.get('label', '?')}: the record names no slot count to read its rotation steps by")
         kinds: dict[str, float] = {}
         for ex in examples:
             for kind, d in summed(ex["stages"]).items():
@@ -44,7 +47,7 @@ def reprice(record: dict, costs: dict, key: str | None = None) -> list[dict]:
                     d = {**d, "keyswitch": d.get("rotate", 0)}
                 elif key is not None:
                     steps = ex["rotation_steps"].get(kind, {})
-                    d = {**d, "keyswitch": sum(n * keyswitches(int(k), slots, both_ways=key == "small") for k, n in steps.items())}
+                    d = {**d, "keyswitch": sum(n * keyswitches(int(k), slots, ROLL_KEY[key]) for k, n in steps.items())}
                 kinds[kind] = kinds.get(kind, 0.0) + stage_seconds(d, costs) / 60 / len(examples)
         recorded = [ex.get("projected_seconds") for ex in examples]
         out.append({"checkpoint": res["checkpoint"], "label": res["label"],

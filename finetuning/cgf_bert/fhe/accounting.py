@@ -13,6 +13,27 @@ import numpy as np
 from cgf_bert import CgfBertError
 
 
+def stage_kind(stage: str) -> str:
+    """'layer 3 / softmax' -> 'softmax'."""
+    return stage.split(" / ")[-1]
+
+
+def summed(table: list[dict]) -> dict:
+    """A stage table's counts added up per stage kind (over the layers)."""
+    out: dict = {}
+    for r in table:
+        agg = out.setdefault(stage_kind(r["stage"]), {})
+        for key, v in r.items():
+            if key != "stage":
+                agg[key] = agg.get(key, 0) + v
+    return out
+
+
+def mean_levels(levels: dict) -> dict[str, float]:
+    """{op: the mean level it ran at} of a ``StageLog.level_table`` (an operation's cost grows with its level)."""
+    return {op: round(sum(float(lv) * n for lv, n in d.items()) / sum(d.values()), 2) for op, d in levels.items() if sum(d.values())}
+
+
 @dataclass
 class StageLog:
     """Per stage (e.g. 'layer 0 / softmax'): seconds, operations, bootstraps, level in and out."""
@@ -33,11 +54,11 @@ class StageLog:
         return {op: {str(k): v for k, v in sorted(d.items(), reverse=True)} for op, d in self.levels.items()}
 
     def steps_by_kind(self, share: float = 1.0) -> dict[str, dict[str, float]]:
-        """{stage kind (the stage's last part): {rotation step: count * share}}: what reprices its rotations for other keys."""
+        """{stage kind: {rotation step: count * share}}: what reprices its rotations for other keys."""
         out: dict = defaultdict(lambda: defaultdict(float))
         for stage, d in self.steps.items():
             for k, n in d.items():
-                out[stage.split(" / ")[-1]][str(k)] += n * share
+                out[stage_kind(stage)][str(k)] += n * share
         return {kind: dict(sorted(d.items(), key=lambda kv: int(kv[0]))) for kind, d in out.items()}
 
     def table(self) -> list[dict]:

@@ -16,7 +16,12 @@ from pathlib import Path
 import numpy as np
 
 from cgf_bert import CgfBertError
-from cgf_bert.fhe.ops import FheOps, Levelled, LevelledNumpyOps, keyswitches, signed_steps
+from cgf_bert.fhe.ops import FheOps, Levelled, LevelledNumpyOps, general_rotate, keyswitches
+
+
+# Which bootstrap key's set has desilofhe's roll key (right rotation steps) beside the rotation key: the small
+# key's does (it uses it); beside the medium key (15.3 GB) it would not fit 24 GB with the rotation key.
+ROLL_KEY = {"small": True, "medium": False}
 
 
 def scaled_bound(bound: float) -> tuple[int | float, int | float]:
@@ -171,14 +176,13 @@ class BootstrapOps(FheOps):
         sk = e.create_secret_key()
         self.e, self.secret_key, self.public_key = e, sk, e.create_public_key(sk)
         self.rlk, self.conj_key, self.rotation_key = e.create_relinearization_key(sk), e.create_conjugation_key(sk), e.create_rotation_key(sk)
-        if key == "small":
+        if ROLL_KEY[key]:
             self.roll_key = e.create_roll_key(sk)
             self.boot_keys = (self.roll_key, e.create_small_bootstrap_key(sk))
-        else:  # the roll key too (3.9 GB) would not fit 24 GB beside the medium key
+        else:
             self.roll_key, self.boot_keys = None, (e.create_bootstrap_key(sk, size=key),)
         self.keygen_s = time.perf_counter() - start
         self.top, self.slots = int(e.max_level), int(e.slot_count)
-        self.both_ways = self.roll_key is not None
 
     @property
     def key_bytes(self) -> int:
@@ -186,17 +190,10 @@ class BootstrapOps(FheOps):
         return int(sum(getattr(k, "nbytes", 0) for k in keys))
 
     def rotate(self, x, k: int):
-        """Left by ``k``: the rotation key's left steps, and with the roll key its right steps (``signed_steps``:
-        a rotation by -1 is one key switch, not 15)."""
-        left, right = signed_steps(k, self.slots, self.both_ways)
-        if left:
-            x = self.e.rotate(x, self.rotation_key, left)
-        if right:
-            x = self.e.roll(x, self.roll_key, right)
-        return x
+        return general_rotate(self.e, x, k, self.rotation_key, self.roll_key)
 
     def keyswitches(self, k: int) -> int:
-        return keyswitches(k, self.slots, self.both_ways)
+        return keyswitches(k, self.slots, self.roll_key is not None)
 
     def encrypt(self, v: np.ndarray):
         return self.e.level_down(self.e.encrypt(np.ascontiguousarray(v, dtype=np.float64), self.public_key), self.top)
