@@ -35,11 +35,12 @@ def reprice(record: dict, costs: dict, key: str | None = None) -> list[dict]:
         examples = res["examples"]
         if not examples or not all(ex.get("stages") for ex in examples):
             raise CgfBertError(f"{res.get('label', '?')}: the record keeps no stage table per example to price")
-        if key in ("small", "medium") and not all(ex.get("rotation_steps") for ex in examples):
-            raise CgfBertError(f"{res.get('label', '?')}: the record keeps no rotation steps to price for the {key} key's rotations")
         slots = res.get("layout", {}).get("slots")
-        if key in ("small", "medium") and not slots:
-            raise CgfBertError(f"{res.get('label', '?')}: the record names no slot count to read its rotation steps by")
+        if key in ROLL_KEY:  # priced from the recorded steps
+            if not all(ex.get("rotation_steps") for ex in examples):
+                raise CgfBertError(f"{res.get('label', '?')}: the record keeps no rotation steps to price for the {key} key's rotations")
+            if not slots:
+                raise CgfBertError(f"{res.get('label', '?')}: the record names no slot count to read its rotation steps by")
         kinds: dict[str, float] = {}
         for ex in examples:
             for kind, d in summed(ex["stages"]).items():

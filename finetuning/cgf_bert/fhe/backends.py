@@ -156,7 +156,7 @@ class BootstrapOps(FheOps):
 
     The general rotation key holds the power-of-two left steps: desilofhe makes a rotation by ``k``
     from one key switch per set bit of ``k mod 2^15``, so a right rotation by 1 takes 15 (measured:
-    5.5 s against 0.38 s). The roll key holds the right steps, so with it (the small key's set) each
+    4.6 s against 0.38 s, record ckks_costs-20261203-080628). The roll key holds the right steps, so with it (the small key's set) each
     rotation takes its fewest signed power-of-two steps (``ops.signed_steps``); the medium key leaves
     no room for it in 24 GB.
     """
