@@ -18,6 +18,7 @@ from cgf_bert.fhe import accounting as A
 from cgf_bert.fhe import backends as B
 from cgf_bert.fhe import encoder as E
 from cgf_bert.fhe import pipeline as P
+from cgf_bert.fhe.keys import FixedKeys, GeneralKeys
 from cgf_bert.fhe.ops import Levelled, LevelledNumpyOps
 from cgf_bert.model.bert import build_model
 
@@ -619,9 +620,14 @@ def test_a_rotation_takes_the_fewest_signed_power_of_two_steps():
     assert [keyswitches(k, 32768) for k in (1, -1, -16, 512, -512, 3 * 512, 7)] == [1, 1, 1, 1, 1, 2, 2]
 
 
+def test_the_medium_key_is_refused_without_its_fixed_keys():
+    with pytest.raises(CgfBertError, match="fixed keys chosen"):
+        B.BootstrapOps("medium")
+
+
 def test_the_stage_log_prices_rotations_by_their_key_switches():
     log = A.StageLog()
-    sim = B.SimulatedCkks(32768, 17, both_ways=False)
+    sim = B.SimulatedCkks(32768, 17, keys=GeneralKeys(32768, both_ways=False))
     ops = A.Counted(sim, log)
     x = sim.encrypt(np.zeros(32768))
     for k in (1, -1, 3):
@@ -644,10 +650,28 @@ def test_a_rotation_made_of_rotation_and_roll_key_steps_is_the_rotation():
     ops.e, ops.slots, ops.rotation_key = e, int(e.slot_count), e.create_rotation_key(sk)
     x = np.random.default_rng(0).normal(size=ops.slots)
     ct = e.encrypt(x, e.create_public_key(sk))
-    for roll_key in (e.create_roll_key(sk), None):  # the small key's set, and the medium key's (no roll key)
-        ops.roll_key = roll_key
+    for roll_key in (e.create_roll_key(sk), None):  # the small key's set, and the rotation key alone
+        ops.roll_key, ops.keys = roll_key, GeneralKeys(ops.slots, roll_key is not None)
         for k in (1, -1, 7, -24, 3 * 512, ops.slots - 3):
             np.testing.assert_allclose(e.decrypt(ops.rotate(ct, k), sk), np.roll(x, -k), atol=1e-6)
+
+
+@needs_fhe
+def test_a_rotation_made_of_fixed_key_steps_is_the_rotation():
+    """The medium key's set: fixed keys chosen for some rotations, every rotation the fewest of them (``FixedKeys.path``)."""
+    import desilofhe
+
+    e = desilofhe.Engine(max_level=3, thread_count=2)
+    sk = e.create_secret_key()
+    ops = B.BootstrapOps.__new__(B.BootstrapOps)
+    ops.e, ops.slots = e, int(e.slot_count)
+    ops.keys = FixedKeys.chosen({512: 10, -1: 10, 7: 3}, ops.slots, n=4)
+    ops.fixed = {s: e.create_fixed_rotation_key(sk, s) for s in ops.keys.steps}
+    x = np.random.default_rng(1).normal(size=ops.slots)
+    ct = e.encrypt(x, e.create_public_key(sk))
+    for k in (1, -1, 7, 512, -24, 3 * 512, ops.slots - 3):
+        assert len(ops.keys.path(k)) == ops.keyswitches(k)
+        np.testing.assert_allclose(e.decrypt(ops.rotate(ct, k), sk), np.roll(x, -k), atol=1e-6)
 
 
 @needs_fhe

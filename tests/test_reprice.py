@@ -65,9 +65,12 @@ def test_prices_rotations_by_the_key_switches_each_keys_make_of_the_recorded_ste
         ex["rotation_steps"] = {"softmax": {"1": 2, "32767": 3}} if ex["stages"][0].get("mul") else {"softmax": {}}
     rec["results"][0]["layout"] = {"slots": 32768}
     costs = {**COSTS, "mul_plain": 0.0, "mul": 0.0, "square": 0.0, "bootstraps": 0.0}
-    small, medium, fixed = (R.reprice(rec, costs, key)[0] for key in ("small", "medium", "fixed"))
+    small, alone, medium, fixed = (R.reprice(rec, costs, key)[0] for key in ("small", "rotation-key", "medium", "fixed"))
     assert small["by_stage_minutes"]["softmax"] == pytest.approx((2 + 3) * 0.2 / 2 / 60)
-    assert medium["by_stage_minutes"]["softmax"] == pytest.approx((2 + 3 * 15) * 0.2 / 2 / 60)
+    assert alone["by_stage_minutes"]["softmax"] == pytest.approx((2 + 3 * 15) * 0.2 / 2 / 60)
+    # the medium key's fixed keys are chosen for the recorded steps: 1 and -1 both get a key of their own
+    assert medium["by_stage_minutes"]["softmax"] == pytest.approx((2 + 3) * 0.2 / 2 / 60)
+    assert {1, 32767} <= set(medium["rotation_keys"]["steps"])
     assert fixed["by_stage_minutes"]["softmax"] == pytest.approx(5 * 0.2 / 2 / 60)  # the recorded rotations, one key switch each
     del rec["results"][0]["examples"][0]["rotation_steps"]
     with pytest.raises(CgfBertError, match="no rotation steps"):

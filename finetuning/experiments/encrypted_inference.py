@@ -42,9 +42,9 @@ bootstrap, the layer's input is refreshed once instead of the lane ciphertexts a
 serves them, so each example's stage table and projected time are the ciphertext's divided by K.
 
 A rotation is priced by its key switches (``accounting.stage_seconds``), as the bootstrap backend's keys
-make it (``--key``: with the small key's roll key, its fewest signed power-of-two steps; with the medium
-key, the rotation key alone, one per set bit of the step mod 2^15), and each example's rotation steps are
-recorded, so ``experiments.reprice --key`` prices them for the other keys.
+make it (``--key``: with the small key's rotation and roll keys, its fewest signed power-of-two steps; with
+the medium key, the fewest of 15 fixed keys chosen for the first checkpoint's circuit, ``fhe.keys``), and
+each example's rotation steps are recorded, so ``experiments.reprice --key`` prices them for the other keys.
 
 Bootstrap bounds (the public scale each refreshed value is divided by) are calibrated on
 --calibrate training examples (twice the largest |value| seen at each site); a dev value beyond
@@ -78,6 +78,7 @@ from cgf_bert.fhe import accounting as A
 from cgf_bert.fhe import backends as B
 from cgf_bert.fhe import encoder as E
 from cgf_bert.fhe import forms as F
+from cgf_bert.fhe import keys as K
 from cgf_bert.fhe import pipeline as P
 from cgf_bert.model.replaced import counting
 from cgf_bert.report.plots import pyplot, save
@@ -94,22 +95,6 @@ from cgf_bert.train.run import prepare_data
 
 NON_FINITE = {"": "the circuit's values left float64 (an iteration driven past its range, e.g. by bootstrap noise)"}
 SLOTS, TOP = 32768, 17  # desilofhe 2.0's bootstrappable engine: 2^15 slots, 17 levels after a bootstrap
-
-
-def packs(examples: list, per: int, rows: int) -> list[list]:
-    """Consecutive groups of at most ``per`` examples whose tokens fit ``rows`` together (one ciphertext each)."""
-    out: list[list] = []
-    for ex in examples:
-        if out and len(out[-1]) < per and sum(len(e[0]) for e in out[-1]) + len(ex[0]) <= rows:
-            out[-1].append(ex)
-        else:
-            out.append([ex])
-    return out
-
-
-def _one(embs: list[np.ndarray]):
-    """A pack as ``pipeline.run`` takes it: the array of a lone example, else the list."""
-    return embs[0] if len(embs) == 1 else embs
 
 
 def _shared(table: list[dict], share: float) -> list[dict]:
@@ -163,27 +148,30 @@ LEVELS = {"sim": (TOP, 1), "interactive": (TOP, 0), "bootstrap": (TOP, 1)}
 # general rotation key makes a rotation by k from one key switch per set bit of k mod 2^15 (a rotation by -1:
 # 15); the small key comes with the roll key, whose right steps make any rotation from its fewest signed
 # powers of two (``ops.signed_steps``). The interactive backend has a fixed key per step: one key switch.
-ROTATION_KEYS = {"small": "rotation and roll keys: a rotation's key switches are its step's fewest signed powers of two",
-                 "medium": "rotation key only: a rotation's key switches are the set bits of its step mod 2^15",
-                 "fixed": "a fixed key for every step (--backend interactive): one key switch a rotation"}
-
-
 class Backend:
-    """The encrypted backend of ``--backend``, its keys made on first use and then kept for every checkpoint."""
+    """The encrypted backend of ``--backend``, its keys made on first use and then kept for every checkpoint;
+    the rotation keys (``fhe.keys``) chosen once, for the first checkpoint's circuit, and counted by every simulation."""
 
     def __init__(self, args):
-        self.args, self.ops = args, None
+        self.args, self.ops, self.keys = args, None, None
         self.top, self.reserve = LEVELS[args.backend]
+
+    def rotation_keys(self, counts):
+        """The keys of ``--key`` (``counts()``: a circuit's rotations, what the medium key's are chosen for)."""
+        if self.keys is None:
+            self.keys = K.rotation_keys(self.args.key, SLOTS, counts() if self.args.key == "medium" else None)
+            note(f"  rotation keys: {self.keys.describe()}")
+        return self.keys
 
     def __call__(self):
         if self.ops is None:
-            self.ops = make_backend(self.args)
+            self.ops = make_backend(self.args, self.keys)
             if (self.ops.top, getattr(self.ops, "reserve", 0)) != (self.top, self.reserve):
                 raise CgfBertError(f"the {self.args.backend} backend gives {self.ops.top} levels, the plan was made for {self.top}")
         return self.ops
 
 
-def make_backend(args):
+def make_backend(args, keys=None):
     """The encrypted backend (keys made here)."""
     if args.backend == "interactive":
         from cgf_bert.fhe.context import FheContext
@@ -192,7 +180,7 @@ def make_backend(args):
     else:
         note(f"making the keys ({args.key} bootstrap key; measured here: the small one 1.5-2.5 min and 10 GB with its rotation key, "
              "the medium one about 20 GB)...")
-        ops = B.BootstrapOps(args.key, thread_count=args.threads, mode=args.mode)
+        ops = B.BootstrapOps(args.key, thread_count=args.threads, mode=args.mode, keys=keys)
     if ops.slots != SLOTS:
         raise CgfBertError(f"the {args.backend} backend has {ops.slots} slots, the layout is planned for {SLOTS}")
     return ops
@@ -256,8 +244,9 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     model.set_approx(approx)
     circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
     # packed and alone: a pack's circuit bootstraps other sites than a lone example's (a dev pack may be one short)
-    groups = packs(calibration, args.pack, lay.rows) + ([[ex] for ex in calibration] if args.pack > 1 else [])
-    bounds = P.calibrate(circuit, (_one([P.embed(model, ids, tt) for ids, tt in g]) for g in groups), top, reserve)
+    groups = P.packs(calibration, args.pack, lay.rows) + ([[ex] for ex in calibration] if args.pack > 1 else [])
+    bounds = P.calibrate(circuit, (P.one([P.embed(model, ids, tt) for ids, tt in g]) for g in groups), top, reserve)
+    keys = backend.rotation_keys(lambda: P.rotation_counts(circuit, P.one([P.embed(model, ids, tt) for ids, tt in groups[0]]), top, reserve, bounds))
     rows, stages = [], {}
     limit = min(fit, args.max_tokens or fit)
     chosen = F.examples_of(data["validation"], limit, args.examples)
@@ -266,16 +255,16 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     if len(chosen) < args.examples:
         note(f"  only {len(chosen)} dev examples have at most {limit} tokens")
     k = 0
-    for c, group in enumerate(packs([(ids, tt) for ids, tt, _ in chosen], args.pack, lay.rows)):
+    for c, group in enumerate(P.packs([(ids, tt) for ids, tt, _ in chosen], args.pack, lay.rows)):
         with counting(model.bert) as counter:
             refs = [P.reference(model, ids, tt) for ids, tt in group]
         hidden = [np.concatenate([h[i] for _, h in refs]) for i in range(len(refs[0][1]))]  # the packed rows, in order
-        emb = _one([P.embed(model, ids, tt) for ids, tt in group])
+        emb = P.one([P.embed(model, ids, tt) for ids, tt in group])
         start = time.perf_counter()
         planned: list[dict] = []
         with np.errstate(over="ignore", invalid="ignore"):  # values driven past float64 are reported below, not warned about
             got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=c,
-                                        both_ways=B.ROLL_KEY[args.key],
+                                        keys=keys,
                                         probe=P.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
         share = 1.0 / len(group)  # the ciphertext's cost, shared by the examples packed in it
@@ -441,8 +430,9 @@ def main():
                         "or Gaussian of SIGMA on [-1, 1], scaled back with the bound (default: none, an exact simulation)")
     p.add_argument("--key", choices=("small", "medium"), default="small",
                    help="bootstrap key of --backend bootstrap, and the keys the simulation counts rotations for: small (8.5 GB "
-                        "of keys, 245 s a bootstrap here, with the roll key: a rotation by -1 is one key switch) or medium (about "
-                        "20 GB in all, 65 s; no room for the roll key: a rotation by -1 is 15 key switches) (default: %(default)s)")
+                        "of keys, 245 s a bootstrap here, with the rotation and roll keys: a rotation takes its fewest signed "
+                        "powers of two) or medium (about 20 GB in all, 65 s, with 15 fixed rotation keys chosen for the circuit's "
+                        "rotations, printed: a rotation takes the fewest of them) (default: %(default)s)")
     p.add_argument("--threads", type=number(int, "threads", min=1), help="desilofhe's threads (default: the library's)")
     p.add_argument("--mode", choices=("cpu", "gpu"), default="cpu",
                    help="desilofhe's device for --backend interactive or bootstrap: cpu, or gpu with desilofhe's CUDA build "
@@ -474,7 +464,7 @@ def main():
     png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None, noise=noise, costs=args.costs)
     out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend, "mode": args.mode,
            "bootstrap_noise": noise,
-           "keys": keys, "rotation_keys": ROTATION_KEYS["fixed" if args.backend == "interactive" else args.key], "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
+           "keys": keys, "rotation_keys": "a fixed key for every step: one key switch a rotation" if args.backend == "interactive" else backend.keys.to_json(), "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
            "results": results, "plot": repo_relative(png)}
     for res in results:
         ok = sum(r["same_prediction"] for r in res["examples"])

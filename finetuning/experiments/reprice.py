@@ -18,8 +18,7 @@ from pathlib import Path
 from cgf_bert import CgfBertError
 from cgf_bert.cli import ArgumentParser, run_main
 from cgf_bert.fhe.accounting import stage_seconds, summed
-from cgf_bert.fhe.backends import ROLL_KEY
-from cgf_bert.fhe.ops import keyswitches
+from cgf_bert.fhe.keys import rotation_keys
 from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, repo_relative
 from cgf_bert.store.records import write_json
 from experiments.encrypted_inference import cost_table
@@ -29,18 +28,26 @@ def reprice(record: dict, costs: dict, key: str | None = None) -> list[dict]:
     """Per model of ``record``: minutes per example (the mean over its examples, each example's share
     of its ciphertext) in all and by stage kind, bootstraps per example, and the record's own projection.
     With ``key``, rotations are priced by the key switches that bootstrap key's rotation keys make of each
-    recorded step (``encrypted_inference.ROTATION_KEYS``), or one each (``fixed``); else as the record counted them."""
+    recorded step (``keys.rotation_keys``: the medium key's 15 fixed keys chosen for the model's recorded
+    rotations; ``rotation-key``, the rotation key alone), or one each (``fixed``); else as the record counted them."""
     out = []
     for res in record["results"]:
         examples = res["examples"]
         if not examples or not all(ex.get("stages") for ex in examples):
             raise CgfBertError(f"{res.get('label', '?')}: the record keeps no stage table per example to price")
         slots = res.get("layout", {}).get("slots")
-        if key in ROLL_KEY:  # priced from the recorded steps
+        keys = None
+        if key not in (None, "fixed"):  # priced from the recorded steps
             if not all(ex.get("rotation_steps") for ex in examples):
                 raise CgfBertError(f"{res.get('label', '?')}: the record keeps no rotation steps to price for the {key} key's rotations")
             if not slots:
                 raise CgfBertError(f"{res.get('label', '?')}: the record names no slot count to read its rotation steps by")
+            counts: dict[int, float] = {}
+            for ex in examples:
+                for steps in ex["rotation_steps"].values():
+                    for k, n in steps.items():
+                        counts[int(k)] = counts.get(int(k), 0.0) + n
+            keys = rotation_keys(key, slots, counts)
         kinds: dict[str, float] = {}
         for ex in examples:
             for kind, d in summed(ex["stages"]).items():
@@ -48,13 +55,14 @@ def reprice(record: dict, costs: dict, key: str | None = None) -> list[dict]:
                     d = {**d, "keyswitch": d.get("rotate", 0)}
                 elif key is not None:
                     steps = ex["rotation_steps"].get(kind, {})
-                    d = {**d, "keyswitch": sum(n * keyswitches(int(k), slots, ROLL_KEY[key]) for k, n in steps.items())}
+                    d = {**d, "keyswitch": sum(n * keys.switches(int(k)) for k, n in steps.items())}
                 kinds[kind] = kinds.get(kind, 0.0) + stage_seconds(d, costs) / 60 / len(examples)
         recorded = [ex.get("projected_seconds") for ex in examples]
         out.append({"checkpoint": res["checkpoint"], "label": res["label"],
                     "minutes_per_example": sum(kinds.values()),
                     "by_stage_minutes": kinds,
                     "bootstraps_per_example": sum(ex["bootstraps"] for ex in examples) / len(examples),
+                    "rotation_keys": keys.to_json() if keys else key,
                     "recorded_minutes_per_example": None if None in recorded else sum(recorded) / 60 / len(recorded)})
     return out
 
@@ -63,10 +71,11 @@ def main():
     p = ArgumentParser(description=__doc__)
     p.add_argument("record", help="an experiments.encrypted_inference record (results/fhe/encrypted_inference-*.json)")
     p.add_argument("--costs", type=cost_table, required=True, help="an experiments.ckks_costs record: the seconds per operation")
-    p.add_argument("--key", choices=("small", "medium", "fixed"),
-                   help="price rotations by the key switches this bootstrap key's rotation keys make of each recorded step "
-                        "(small: with the roll key; medium: the rotation key alone; fixed: a fixed key for every step, one "
-                        "key switch a rotation, as projections before key switches were counted) (default: as the record counted them)")
+    p.add_argument("--key", choices=("small", "medium", "rotation-key", "fixed"),
+                   help="price rotations by the key switches these rotation keys make of each recorded step (small: the "
+                        "rotation and roll keys; medium: 15 fixed keys chosen for the recorded rotations; rotation-key: the "
+                        "rotation key alone, what the medium key had before; fixed: a fixed key for every step, one key switch "
+                        "a rotation, as projections before key switches were counted) (default: as the record counted them)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record goes to RESULTS_DIR/fhe/ (default: %(default)s)")
     args = p.parse_args()
     try:
@@ -79,6 +88,8 @@ def main():
         was = r["recorded_minutes_per_example"]
         print(f"{r['label'][:60]}: {r['minutes_per_example']:.1f} min per example"
               + (f" (recorded projection {was:.1f})" if was is not None else "") + f", {r['bootstraps_per_example']:g} bootstraps")
+        if isinstance(r["rotation_keys"], dict):
+            print(f"    rotation keys: {r['rotation_keys']['describe']}")
         for kind, m in r["by_stage_minutes"].items():
             print(f"    {kind:<22} {m:7.1f} min")
     out = {"command": command_line(), "code_version": code_version(), "record": repo_relative(Path(args.record)),

@@ -16,12 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from cgf_bert import CgfBertError
-from cgf_bert.fhe.ops import FheOps, Levelled, LevelledNumpyOps, general_rotate, keyswitches
-
-
-# Which bootstrap key's set has desilofhe's roll key (right rotation steps) beside the rotation key: the small
-# key's does (it uses it); beside the medium key (15.3 GB) it would not fit 24 GB with the rotation key.
-ROLL_KEY = {"small": True, "medium": False}
+from cgf_bert.fhe.keys import FixedKeys, GeneralKeys
+from cgf_bert.fhe.ops import FheOps, Levelled, LevelledNumpyOps, general_rotate
 
 
 def scaled_bound(bound: float) -> tuple[int | float, int | float]:
@@ -91,14 +87,14 @@ class SimulatedCkks(LevelledNumpyOps):
     logits, before anything is encrypted."""
 
     def __init__(self, slots: int, top: int, reserve: int = 0, noise: BootstrapNoise | None = None, seed: int = 0,
-                 both_ways: bool = True):
+                 keys: GeneralKeys | FixedKeys | None = None):
         super().__init__()
         self.slots, self.top, self.reserve = slots, top, reserve  # reserve: levels a bootstrap takes first (BootstrapOps)
         self.noise, self.rng = noise, np.random.default_rng(seed)
-        self.both_ways = both_ways  # rotations as BootstrapOps makes them: with the roll key too, or the rotation key alone
+        self.keys = keys or GeneralKeys(slots)  # rotations counted as BootstrapOps makes them with these keys
 
     def keyswitches(self, k: int) -> int:
-        return keyswitches(k, self.slots, self.both_ways)
+        return self.keys.switches(k)
 
     def encrypt(self, v: np.ndarray) -> Levelled:
         return Levelled(np.asarray(v, dtype=np.float64), self.top)
@@ -149,22 +145,22 @@ class BootstrapOps(FheOps):
     bootstrap by bound 3.7 returned level 17 and by 0.2 level 16, at 9.8e-5 and 4.5e-6).
 
     Keys (made once, ``keygen_s`` and ``key_bytes`` say what they cost): the relinearization and
-    conjugation keys, one rotation key for every step (fixed keys for the ~150 steps a layer
-    rotates by would not fit 24 GB at this ring), and the small bootstrap key with its roll key
-    (``key="small"``: 8.5 GB of keys in all, measured) or the medium bootstrap key (15.3 GB alone,
-    its bootstraps 3.8 times faster: 65 s against 245 s here).
-
-    The general rotation key holds the power-of-two left steps: desilofhe makes a rotation by ``k``
-    from one key switch per set bit of ``k mod 2^15``, so a right rotation by 1 takes 15 (measured:
-    4.6 s against 0.38 s, record ckks_costs-20261203-080628). The roll key holds the right steps, so with it (the small key's set) each
-    rotation takes its fewest signed power-of-two steps (``ops.signed_steps``); the medium key leaves
-    no room for it in 24 GB.
+    conjugation keys, and either the small bootstrap key (``key="small"``: 8.5 GB of keys in all, measured)
+    with desilofhe's general rotation key and roll key, or the medium bootstrap key (15.3 GB alone, its
+    bootstraps 3.8 times faster: 65 s against 245 s here) with 15 fixed rotation keys chosen for the
+    circuit (``keys.FixedKeys``), the memory the rotation key would take: beside it the roll key does not
+    fit 24 GB, and the rotation key alone makes a right rotation by 1 from 15 key switches (4.6 s against
+    0.38 s, record ckks_costs-20261203-080628). A rotation is then the fewest key steps summing to it
+    (``keys``: signed powers of two with the small key's set).
     """
 
     interactive = False
     reserve = 1
 
-    def __init__(self, key: str = "small", thread_count: int | None = None, mode: str = "cpu"):
+    def __init__(self, key: str = "small", thread_count: int | None = None, mode: str = "cpu", keys: FixedKeys | None = None):
+        """``keys``: the medium key's fixed rotation keys (``keys.rotation_keys``: chosen for the circuit's rotations)."""
+        if key == "medium" and not isinstance(keys, FixedKeys):
+            raise CgfBertError("the medium key's rotation keys are fixed keys chosen for the circuit (keys.rotation_keys): none were given")
         try:
             import desilofhe
         except ImportError:
@@ -175,25 +171,33 @@ class BootstrapOps(FheOps):
         e = desilofhe.Engine(bootstrap=True, mode=mode, thread_count=thread_count)
         sk = e.create_secret_key()
         self.e, self.secret_key, self.public_key = e, sk, e.create_public_key(sk)
-        self.rlk, self.conj_key, self.rotation_key = e.create_relinearization_key(sk), e.create_conjugation_key(sk), e.create_rotation_key(sk)
-        if ROLL_KEY[key]:
-            self.roll_key = e.create_roll_key(sk)
+        self.rlk, self.conj_key = e.create_relinearization_key(sk), e.create_conjugation_key(sk)
+        self.top, self.slots = int(e.max_level), int(e.slot_count)
+        if key == "small":
+            self.keys = GeneralKeys(self.slots, both_ways=True)
+            self.rotation_key, self.roll_key = e.create_rotation_key(sk), e.create_roll_key(sk)
+            self.rotating = (self.rotation_key, self.roll_key)
             self.boot_keys = (self.roll_key, e.create_small_bootstrap_key(sk))
         else:
-            self.roll_key, self.boot_keys = None, (e.create_bootstrap_key(sk, size=key),)
+            self.keys, self.fixed = keys, {s: e.create_fixed_rotation_key(sk, s) for s in keys.steps}
+            self.rotating = tuple(self.fixed.values())
+            self.boot_keys = (e.create_bootstrap_key(sk, size=key),)
         self.keygen_s = time.perf_counter() - start
-        self.top, self.slots = int(e.max_level), int(e.slot_count)
 
     @property
     def key_bytes(self) -> int:
-        keys = (self.public_key, self.rlk, self.conj_key, self.rotation_key, *self.boot_keys)
-        return int(sum(getattr(k, "nbytes", 0) for k in keys))
+        keys = {id(k): k for k in (self.public_key, self.rlk, self.conj_key, *self.rotating, *self.boot_keys)}
+        return int(sum(getattr(k, "nbytes", 0) for k in keys.values()))
 
     def rotate(self, x, k: int):
+        if isinstance(self.keys, FixedKeys):
+            for step in self.keys.path(k):
+                x = self.e.rotate(x, self.fixed[step])
+            return x
         return general_rotate(self.e, x, k, self.rotation_key, self.roll_key)
 
     def keyswitches(self, k: int) -> int:
-        return keyswitches(k, self.slots, self.roll_key is not None)
+        return self.keys.switches(k)
 
     def encrypt(self, v: np.ndarray):
         return self.e.level_down(self.e.encrypt(np.ascontiguousarray(v, dtype=np.float64), self.public_key), self.top)

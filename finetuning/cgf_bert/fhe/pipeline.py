@@ -61,15 +61,31 @@ def layer_errors(circuit: EncoderCircuit, ops, hidden: list[np.ndarray], into: l
 
 def simulate(circuit: EncoderCircuit, emb: np.ndarray, top: int, reserve: int = 0, bounds: dict | None = None,
              record: bool = False, probe=None, margin: float = 1.0, noise=None, seed: int = 0,
-             both_ways: bool = True) -> tuple[np.ndarray, StageLog, Refresher]:
+             keys=None) -> tuple[np.ndarray, StageLog, Refresher]:
     """``run`` on ``SimulatedCkks`` with ``top`` levels after a bootstrap (``emb``: one example or a list
     packed in one ciphertext): the plan and the logits
     (with ``noise``, each bootstrap's error drawn as ``SimulatedCkks`` says, from ``seed``; rotations
-    counted in key switches as ``BootstrapOps`` makes them, ``both_ways`` with its roll key too)."""
+    counted in key switches as ``BootstrapOps`` makes them with ``keys``, ``fhe.keys``'; default the small key's set)."""
     log = StageLog()
-    sim = SimulatedCkks(circuit.lay.slots, top, reserve, noise=noise, seed=seed, both_ways=both_ways)
+    sim = SimulatedCkks(circuit.lay.slots, top, reserve, noise=noise, seed=seed, keys=keys)
     boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin)
     return run(circuit, Counted(sim, log), boot, emb, log, probe), log, boot
+
+
+def packs(examples: list, per: int, rows: int) -> list[list]:
+    """Consecutive groups of at most ``per`` examples whose tokens fit ``rows`` together (one ciphertext each)."""
+    out: list[list] = []
+    for ex in examples:
+        if out and len(out[-1]) < per and sum(len(e[0]) for e in out[-1]) + len(ex[0]) <= rows:
+            out[-1].append(ex)
+        else:
+            out.append([ex])
+    return out
+
+
+def one(embs: list[np.ndarray]):
+    """A pack as ``pipeline.run`` takes it: the array of a lone example, else the list."""
+    return embs[0] if len(embs) == 1 else embs
 
 
 CALIBRATION_PASSES = 4
@@ -96,6 +112,15 @@ def calibrate(circuit: EncoderCircuit, embeddings, top: int, reserve: int = 0, m
         if settled:
             break
     return bounds
+
+
+def rotation_counts(circuit: EncoderCircuit, emb, top: int, reserve: int, bounds: dict) -> dict[int, float]:
+    """{rotation step mod the slots: how many} of one run of the circuit on ``emb`` (what rotation keys are chosen for)."""
+    counts: dict[int, float] = {}
+    for d in simulate(circuit, emb, top, reserve, bounds=bounds)[1].steps.values():
+        for k, n in d.items():
+            counts[k] = counts.get(k, 0.0) + n
+    return counts
 
 
 def _levels_of(bounds: dict[str, float]) -> dict[str, int]:

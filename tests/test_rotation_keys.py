@@ -1,0 +1,55 @@
+"""``fhe.keys``: the key switches a rotation takes with each key set, and the medium key's fixed keys chosen
+for a circuit's rotations."""
+
+import itertools
+
+import pytest
+
+from cgf_bert import CgfBertError
+from cgf_bert.fhe.keys import FixedKeys, GeneralKeys, rotation_keys
+
+
+def _fewest(k: int, steps, slots: int) -> int:
+    """Brute force: the fewest steps (repeats allowed) summing to k mod slots."""
+    for m in range(slots):
+        if any(sum(c) % slots == k % slots for c in itertools.combinations_with_replacement(steps, m)):
+            return m
+    raise AssertionError(k)
+
+
+def test_a_rotation_is_the_fewest_fixed_key_steps_summing_to_it():
+    slots, steps = 64, (1, 9, 60)
+    keys = FixedKeys(slots, steps)
+    for k in range(-slots, slots):
+        path = keys.path(k)
+        assert sum(path) % slots == k % slots and set(path) <= set(steps)
+        assert keys.switches(k) == len(path) == _fewest(k, steps, slots), k
+    assert keys.cost({9: 2, -4: 1}) == 2 * 1 + 1 * _fewest(-4, steps, slots)
+
+
+def test_fixed_keys_without_step_one_are_refused():
+    with pytest.raises(CgfBertError, match="lack step 1"):
+        FixedKeys(64, (2, 4))
+
+
+def test_the_chosen_keys_make_the_circuits_rotations_in_fewer_key_switches_than_the_rotation_key():
+    """A circuit's rotations like the encoder's (broadcasts by -1..-16, key offsets by multiples of 512): 15 fixed keys
+    beat the 15 left powers of two of the rotation key, every step stays possible, and the choice is repeatable."""
+    slots = 32768
+    counts = {**{-(1 << i): 200 for i in range(5)}, **{1 << i: 200 for i in range(9)}, **{r * 512: 3 for r in range(1, 64)}}
+    chosen = FixedKeys.chosen(counts, slots, tries=200)
+    alone = GeneralKeys(slots, both_ways=False)
+    assert len(chosen.steps) == 15 and 1 in chosen.steps
+    assert chosen.cost(counts) < sum(n * alone.switches(k) for k, n in counts.items()) / 2
+    assert chosen == FixedKeys.chosen(counts, slots, tries=200)
+    assert all(chosen.switches(k) > 0 for k in range(1, slots, 997))
+
+
+def test_rotation_keys_by_bootstrap_key():
+    assert rotation_keys("small", 64) == GeneralKeys(64, True)
+    assert rotation_keys("rotation-key", 64) == GeneralKeys(64, False)
+    assert isinstance(rotation_keys("medium", 1024, {3: 1}), FixedKeys)
+    with pytest.raises(CgfBertError, match="none were given"):
+        rotation_keys("medium", 64)
+    with pytest.raises(CgfBertError, match="no rotation keys"):
+        rotation_keys("large", 64)
