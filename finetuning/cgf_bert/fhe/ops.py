@@ -61,6 +61,13 @@ def general_rotate(engine, x, k: int, rotation_key, roll_key=None):
     return x
 
 
+def plain_product(engine, x, v: np.ndarray):
+    """``x * v`` for a public slot vector ``v``: encoded as desilofhe's light plaintext (its coefficients
+    alone, expanded at the product) rather than passed as an array, which encodes it in full first: the
+    same result, a quarter less time (``experiments.ckks_costs``: ``mul_plain`` against ``mul_plain_array``)."""
+    return engine.multiply(x, engine.encode_to_light_plaintext(np.ascontiguousarray(v, dtype=np.float64), x.level))
+
+
 class FheOps:
     """Slot operations on desilofhe ciphertexts (rescaling and level alignment are automatic)."""
 
@@ -72,7 +79,7 @@ class FheOps:
         return int(x.level)
 
     def mul_plain(self, x, v: np.ndarray):  # one level
-        return self.e.multiply(x, np.ascontiguousarray(v, dtype=np.float64))
+        return plain_product(self.e, x, v)
 
     def add_plain(self, x, v: np.ndarray):
         return self.e.add(x, np.ascontiguousarray(v, dtype=np.float64))
