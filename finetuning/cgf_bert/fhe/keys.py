@@ -125,16 +125,11 @@ class FixedKeys:
         return cls(slots, tuple(sorted(best)))
 
 
-KEY_SETS = {  # bootstrap key -> the rotation keys beside it (what fits 24 GB with it)
-    "small": "the general rotation key and the roll key (30 power-of-two steps, 7.7 GB)",
-    "medium": f"{MEDIUM_FIXED_KEYS} fixed rotation keys chosen for the circuit's rotations (the roll key does not fit)",
-}
-
-
 def rotation_keys(key: str, slots: int, counts: Mapping[int, float] | None = None) -> GeneralKeys | FixedKeys:
-    """The rotation keys beside bootstrap key ``key`` (``KEY_SETS``); ``medium``'s are chosen for ``counts``
-    (rotation step -> how many, a slot simulation's). ``rotation-key`` (the rotation key alone) and ``fixed``
-    (a key for every step, one key switch a rotation) are what earlier records priced."""
+    """The rotation keys beside bootstrap key ``key``: the small key's general rotation and roll keys, the medium
+    key's 15 fixed keys (the roll key does not fit beside it in 24 GB) chosen for ``counts``
+    (rotation step -> how many, a slot simulation's); ``rotation-key``, the rotation key alone, is what the
+    medium key's rotations were priced with before."""
     if key == "small":
         return GeneralKeys(slots, True)
     if key == "rotation-key":

@@ -64,7 +64,7 @@ def general_rotate(engine, x, k: int, rotation_key, roll_key=None):
 def plain_product(engine, x, v: np.ndarray):
     """``x * v`` for a public slot vector ``v``: encoded as desilofhe's light plaintext (its coefficients
     alone, expanded at the product) rather than passed as an array, which encodes it in full first: the
-    same result, a quarter less time (``experiments.ckks_costs``: ``mul_plain`` against ``mul_plain_array``)."""
+    same result, with less encoding (``experiments.ckks_costs`` times both: ``mul_plain``, ``mul_plain_array``)."""
     return engine.multiply(x, engine.encode_to_light_plaintext(np.ascontiguousarray(v, dtype=np.float64), x.level))
 
 

@@ -65,7 +65,7 @@ def simulate(circuit: EncoderCircuit, emb: np.ndarray, top: int, reserve: int = 
     """``run`` on ``SimulatedCkks`` with ``top`` levels after a bootstrap (``emb``: one example or a list
     packed in one ciphertext): the plan and the logits
     (with ``noise``, each bootstrap's error drawn as ``SimulatedCkks`` says, from ``seed``; rotations
-    counted in key switches as ``BootstrapOps`` makes them with ``keys``, ``fhe.keys``'; default the small key's set)."""
+    counted in key switches as ``BootstrapOps`` makes them with ``keys`` (``fhe.keys``; default the small key's set))."""
     log = StageLog()
     sim = SimulatedCkks(circuit.lay.slots, top, reserve, noise=noise, seed=seed, keys=keys)
     boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin)
