@@ -267,8 +267,8 @@ def test_a_float64_model_forms_its_cgf_scores_in_float64(tiny_bert):
     assert seen == [torch.float64]
 
 
-@pytest.mark.parametrize("pack", [1, 2])
-def test_encrypted_inference_runs_a_student_and_the_teacher_and_records_the_stages(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, pack):
+@pytest.mark.parametrize("pack, key", [(1, "small"), (2, "medium")])
+def test_encrypted_inference_runs_a_student_and_the_teacher_and_records_the_stages(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, pack, key):
     import json
     import sys
 
@@ -280,10 +280,18 @@ def test_encrypted_inference_runs_a_student_and_the_teacher_and_records_the_stag
     paths = [save_checkpoint(tmp_path / f"{name}.pt", build_model(str(tiny_bert), approx), {"model": str(tiny_bert), "seed": 0})
              for name, approx in (("student", Approximations(softmax=softmax_spec("cgf"))), ("teacher", Approximations()))]
     monkeypatch.setattr(sys, "argv", ["encrypted_inference.py", *map(str, paths), "--examples", "2", "--calibrate", "2",
-                                      "--data-dir", str(tiny_mrpc), "--results-dir", str(tmp_path), "--pack", str(pack)])
+                                      "--data-dir", str(tiny_mrpc), "--results-dir", str(tmp_path), "--pack", str(pack), "--key", key])
     encrypted_inference.main()
     (record,) = tmp_path.glob("fhe/encrypted_inference-*.json")
-    student, teacher = json.loads(record.read_text())["results"]
+    rec = json.loads(record.read_text())
+    student, teacher = rec["results"]
+    # the medium key's fixed keys, chosen once and recorded, count every rotation of both models
+    keys = FixedKeys(32768, tuple(rec["rotation_keys"]["steps"])) if key == "medium" else GeneralKeys(32768)
+    assert rec["rotation_keys"]["kind"] == ("fixed" if key == "medium" else "general")
+    for res in (student, teacher):
+        for ex in res["examples"]:
+            counted = sum(st.get("keyswitch", 0) for st in ex["stages"])
+            assert counted == pytest.approx(sum(keys.cost(d) for d in ex["rotation_steps"].values())) and counted > 0
     assert student["label"].startswith("cgf_poly") and teacher["label"].startswith("exact_poly")
     for res in (student, teacher):
         assert len(res["examples"]) == 2 and all(ex["bootstraps"] > 0 for ex in res["examples"])
@@ -620,9 +628,13 @@ def test_a_rotation_takes_the_fewest_signed_power_of_two_steps():
     assert [keyswitches(k, 32768) for k in (1, -1, -16, 512, -512, 3 * 512, 7)] == [1, 1, 1, 1, 1, 2, 2]
 
 
-def test_the_medium_key_is_refused_without_its_fixed_keys():
-    with pytest.raises(CgfBertError, match="fixed keys chosen"):
+def test_the_bootstrap_keys_are_refused_without_their_rotation_keys():
+    with pytest.raises(CgfBertError, match="none were given"):
         B.BootstrapOps("medium")
+    with pytest.raises(CgfBertError, match="got 15 fixed"):
+        B.BootstrapOps("small", keys=FixedKeys.chosen({3: 1}, 32768))
+    with pytest.raises(CgfBertError, match="small or medium"):
+        B.BootstrapOps("large")
 
 
 def test_the_stage_log_prices_rotations_by_their_key_switches():
@@ -654,6 +666,22 @@ def test_a_rotation_made_of_rotation_and_roll_key_steps_is_the_rotation():
         ops.roll_key, ops.keys = roll_key, GeneralKeys(ops.slots, roll_key is not None)
         for k in (1, -1, 7, -24, 3 * 512, ops.slots - 3):
             np.testing.assert_allclose(e.decrypt(ops.rotate(ct, k), sk), np.roll(x, -k), atol=1e-6)
+
+
+@needs_fhe
+def test_a_plaintext_product_by_a_light_plaintext_is_the_product():
+    import desilofhe
+
+    from cgf_bert.fhe.ops import plain_product
+
+    e = desilofhe.Engine(max_level=3, thread_count=2)
+    sk = e.create_secret_key()
+    rng = np.random.default_rng(2)
+    x, v = rng.uniform(-1, 1, e.slot_count), rng.uniform(-1, 1, e.slot_count)
+    ct = e.encrypt(x, e.create_public_key(sk))
+    got = plain_product(e, ct, v)
+    assert got.level == ct.level - 1
+    np.testing.assert_allclose(e.decrypt(got, sk), x * v, atol=1e-6)
 
 
 @needs_fhe

@@ -83,3 +83,13 @@ def test_a_record_without_its_slot_count_is_refused_for_key_pricing():
         ex["rotation_steps"] = {"softmax": {"1": 1}}
     with pytest.raises(CgfBertError, match="no slot count"):
         R.reprice(rec, COSTS, "medium")
+
+
+def test_a_medium_key_record_repriced_for_the_medium_key_uses_the_runs_own_fixed_keys():
+    """The run counted each rotation by the 15 fixed keys it chose and recorded: priced for ``--key medium``
+    with its own costs, the record gives back its projection (keys chosen again from its dev steps would not)."""
+    rec = json.loads((ROOT / "results/fhe/encrypted_inference-20261203-095844.json").read_text())
+    assert rec["rotation_keys"]["kind"] == "fixed"
+    for row in R.reprice(rec, rec["costs"], "medium"):
+        assert row["rotation_keys"]["steps"] == rec["rotation_keys"]["steps"]
+        assert row["minutes_per_example"] == pytest.approx(row["recorded_minutes_per_example"], rel=1e-9)

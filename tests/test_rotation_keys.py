@@ -27,9 +27,20 @@ def test_a_rotation_is_the_fewest_fixed_key_steps_summing_to_it():
     assert keys.cost({9: 2, -4: 1}) == 2 * 1 + 1 * _fewest(-4, steps, slots)
 
 
-def test_fixed_keys_without_step_one_are_refused():
+def test_fixed_keys_without_step_one_are_refused_and_steps_are_taken_mod_the_slots():
     with pytest.raises(CgfBertError, match="lack step 1"):
         FixedKeys(64, (2, 4))
+    assert FixedKeys(64, (65, -1, 63, 2)).steps == (1, 2, 63)
+
+
+def test_the_local_search_improves_on_its_start_and_counts_equal_steps_mod_the_slots_together():
+    """Rotations by 1000 at 4096 slots: the start (step 1 and the signed powers of two 1000's decomposition
+    uses) takes 3 key switches each; the search finds the step itself. -1 and 4095 are one rotation."""
+    counts = {1000: 100, -1: 10, 4095: 3}
+    start = FixedKeys.chosen(counts, 4096, n=3, tries=0)
+    found = FixedKeys.chosen(counts, 4096, n=3, tries=200)
+    assert start.cost(counts) > found.cost(counts) == 100 + 13
+    assert {1000, 4095} <= set(found.steps)
 
 
 def test_the_chosen_keys_make_the_circuits_rotations_in_fewer_key_switches_than_the_rotation_key():
@@ -47,6 +58,7 @@ def test_the_chosen_keys_make_the_circuits_rotations_in_fewer_key_switches_than_
 
 def test_rotation_keys_by_bootstrap_key():
     assert rotation_keys("small", 64) == GeneralKeys(64, True)
+    assert rotation_keys("fixed", 64).switches(-3) == 1 and rotation_keys("fixed", 64).switches(64) == 0
     assert rotation_keys("rotation-key", 64) == GeneralKeys(64, False)
     assert isinstance(rotation_keys("medium", 1024, {3: 1}), FixedKeys)
     with pytest.raises(CgfBertError, match="none were given"):

@@ -68,7 +68,7 @@ GENERAL_STEPS = (1, 3, 511, -1, -16, -512)  # left rotations by the general keys
 
 def general_rotations(e, sk, c, repeat: int) -> tuple[dict, object]:
     """Rotations by ``GENERAL_STEPS`` with desilofhe's general keys: the rotation key alone (what
-    ``BootstrapOps`` has with the medium key) and with the roll key's right steps too (``ops.signed_steps``,
+    ``BootstrapOps`` had with the medium key before its fixed keys, ``keys.FixedKeys``) and with the roll key's right steps too (``ops.signed_steps``,
     the small key's set), each with the key switches ``ops.keyswitches`` counts for it, and the seconds
     per key switch. The roll key is returned: the small bootstrap key uses it."""
     from cgf_bert.fhe.ops import general_rotate, keyswitches

@@ -43,7 +43,8 @@ serves them, so each example's stage table and projected time are the ciphertext
 
 A rotation is priced by its key switches (``accounting.stage_seconds``), as the bootstrap backend's keys
 make it (``--key``: with the small key's rotation and roll keys, its fewest signed power-of-two steps; with
-the medium key, the fewest of 15 fixed keys chosen for the first checkpoint's circuit, ``fhe.keys``), and
+the medium key, the fewest of 15 fixed keys chosen for the rotations of the first checkpoint's circuit on
+its calibration examples, ``fhe.keys``), and
 each example's rotation steps are recorded, so ``experiments.reprice --key`` prices them for the other keys.
 
 Bootstrap bounds (the public scale each refreshed value is divided by) are calibrated on
@@ -144,10 +145,6 @@ def price(table: list[dict], costs: dict | None) -> float | None:
 # circuit that cannot fit fails, before any key is made.
 # The simulation plans the non-interactive run: its levels are the bootstrap backend's.
 LEVELS = {"sim": (TOP, 1), "interactive": (TOP, 0), "bootstrap": (TOP, 1)}
-# The rotations of --backend bootstrap (and so the simulation's key switches) with each --key: desilofhe's
-# general rotation key makes a rotation by k from one key switch per set bit of k mod 2^15 (a rotation by -1:
-# 15); the small key comes with the roll key, whose right steps make any rotation from its fewest signed
-# powers of two (``ops.signed_steps``). The interactive backend has a fixed key per step: one key switch.
 class Backend:
     """The encrypted backend of ``--backend``, its keys made on first use and then kept for every checkpoint;
     the rotation keys (``fhe.keys``) chosen once, for the first checkpoint's circuit, and counted by every simulation."""
@@ -156,10 +153,11 @@ class Backend:
         self.args, self.ops, self.keys = args, None, None
         self.top, self.reserve = LEVELS[args.backend]
 
-    def rotation_keys(self, counts):
-        """The keys of ``--key`` (``counts()``: a circuit's rotations, what the medium key's are chosen for)."""
+    def rotation_keys(self, counts: dict):
+        """The keys of ``--key`` (``counts``: a circuit's rotations, what the medium key's are chosen for); the
+        interactive backend's, a fixed key for every step."""
         if self.keys is None:
-            self.keys = K.rotation_keys(self.args.key, SLOTS, counts() if self.args.key == "medium" else None)
+            self.keys = K.rotation_keys("fixed" if self.args.backend == "interactive" else self.args.key, SLOTS, counts)
             note(f"  rotation keys: {self.keys.describe()}")
         return self.keys
 
@@ -180,7 +178,7 @@ def make_backend(args, keys=None):
     else:
         note(f"making the keys ({args.key} bootstrap key; measured here: the small one 1.5-2.5 min and 10 GB with its rotation key, "
              "the medium one about 20 GB)...")
-        ops = B.BootstrapOps(args.key, thread_count=args.threads, mode=args.mode, keys=keys)
+        ops = B.BootstrapOps(args.key, thread_count=args.threads, mode=args.mode, keys=keys if args.key == "medium" else None)
     if ops.slots != SLOTS:
         raise CgfBertError(f"the {args.backend} backend has {ops.slots} slots, the layout is planned for {SLOTS}")
     return ops
@@ -245,8 +243,9 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
     # packed and alone: a pack's circuit bootstraps other sites than a lone example's (a dev pack may be one short)
     groups = P.packs(calibration, args.pack, lay.rows) + ([[ex] for ex in calibration] if args.pack > 1 else [])
-    bounds = P.calibrate(circuit, (P.one([P.embed(model, ids, tt) for ids, tt in g]) for g in groups), top, reserve)
-    keys = backend.rotation_keys(lambda: P.rotation_counts(circuit, P.one([P.embed(model, ids, tt) for ids, tt in groups[0]]), top, reserve, bounds))
+    steps: dict = {}
+    bounds = P.calibrate(circuit, (P.one([P.embed(model, ids, tt) for ids, tt in g]) for g in groups), top, reserve, steps=steps)
+    keys = backend.rotation_keys(steps)
     rows, stages = [], {}
     limit = min(fit, args.max_tokens or fit)
     chosen = F.examples_of(data["validation"], limit, args.examples)
@@ -464,7 +463,7 @@ def main():
     png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None, noise=noise, costs=args.costs)
     out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend, "mode": args.mode,
            "bootstrap_noise": noise,
-           "keys": keys, "rotation_keys": "a fixed key for every step: one key switch a rotation" if args.backend == "interactive" else backend.keys.to_json(), "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
+           "keys": keys, "rotation_keys": backend.keys.to_json(), "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
            "results": results, "plot": repo_relative(png)}
     for res in results:
         ok = sum(r["same_prediction"] for r in res["examples"])

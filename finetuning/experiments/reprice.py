@@ -18,7 +18,7 @@ from pathlib import Path
 from cgf_bert import CgfBertError
 from cgf_bert.cli import ArgumentParser, run_main
 from cgf_bert.fhe.accounting import stage_seconds, summed
-from cgf_bert.fhe.keys import rotation_keys
+from cgf_bert.fhe.keys import FixedKeys, merged, rotation_keys
 from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, repo_relative
 from cgf_bert.store.records import write_json
 from experiments.encrypted_inference import cost_table
@@ -28,26 +28,26 @@ def reprice(record: dict, costs: dict, key: str | None = None) -> list[dict]:
     """Per model of ``record``: minutes per example (the mean over its examples, each example's share
     of its ciphertext) in all and by stage kind, bootstraps per example, and the record's own projection.
     With ``key``, rotations are priced by the key switches that bootstrap key's rotation keys make of each
-    recorded step (``keys.rotation_keys``: the medium key's 15 fixed keys chosen for the model's recorded
-    rotations; ``rotation-key``, the rotation key alone), or one each (``fixed``); else as the record counted them."""
-    out = []
+    recorded step (``keys.rotation_keys``; ``rotation-key``, the rotation key alone), or one each (``fixed``);
+    else as the record counted them. The medium key's 15 fixed keys are the record's own where it ran with
+    them; else, as a run holds one key set for all its checkpoints, chosen once, for the first model's recorded
+    rotations (its dev examples': the calibration rotations a run chooses them for are not recorded)."""
+    out, keys = [], None
+    if key == "medium" and (record.get("rotation_keys") or {}).get("kind") == "fixed":
+        slots = record["results"][0].get("layout", {}).get("slots")
+        keys = FixedKeys(slots, tuple(record["rotation_keys"]["steps"])) if slots else None
     for res in record["results"]:
         examples = res["examples"]
         if not examples or not all(ex.get("stages") for ex in examples):
             raise CgfBertError(f"{res.get('label', '?')}: the record keeps no stage table per example to price")
         slots = res.get("layout", {}).get("slots")
-        keys = None
         if key not in (None, "fixed"):  # priced from the recorded steps
             if not all(ex.get("rotation_steps") for ex in examples):
                 raise CgfBertError(f"{res.get('label', '?')}: the record keeps no rotation steps to price for the {key} key's rotations")
             if not slots:
                 raise CgfBertError(f"{res.get('label', '?')}: the record names no slot count to read its rotation steps by")
-            counts: dict[int, float] = {}
-            for ex in examples:
-                for steps in ex["rotation_steps"].values():
-                    for k, n in steps.items():
-                        counts[int(k)] = counts.get(int(k), 0.0) + n
-            keys = rotation_keys(key, slots, counts)
+            if keys is None or key != "medium":
+                keys = rotation_keys(key, slots, merged(d for ex in examples for d in ex["rotation_steps"].values()))
         kinds: dict[str, float] = {}
         for ex in examples:
             for kind, d in summed(ex["stages"]).items():
@@ -55,7 +55,7 @@ def reprice(record: dict, costs: dict, key: str | None = None) -> list[dict]:
                     d = {**d, "keyswitch": d.get("rotate", 0)}
                 elif key is not None:
                     steps = ex["rotation_steps"].get(kind, {})
-                    d = {**d, "keyswitch": sum(n * keys.switches(int(k)) for k, n in steps.items())}
+                    d = {**d, "keyswitch": keys.cost(steps)}
                 kinds[kind] = kinds.get(kind, 0.0) + stage_seconds(d, costs) / 60 / len(examples)
         recorded = [ex.get("projected_seconds") for ex in examples]
         out.append({"checkpoint": res["checkpoint"], "label": res["label"],
@@ -73,7 +73,8 @@ def main():
     p.add_argument("--costs", type=cost_table, required=True, help="an experiments.ckks_costs record: the seconds per operation")
     p.add_argument("--key", choices=("small", "medium", "rotation-key", "fixed"),
                    help="price rotations by the key switches these rotation keys make of each recorded step (small: the "
-                        "rotation and roll keys; medium: 15 fixed keys chosen for the recorded rotations; rotation-key: the "
+                        "rotation and roll keys; medium: the run's 15 fixed keys, or 15 chosen for the first model's recorded "
+                        "rotations; rotation-key: the "
                         "rotation key alone, what the medium key had before; fixed: a fixed key for every step, one key switch "
                         "a rotation, as projections before key switches were counted) (default: as the record counted them)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record goes to RESULTS_DIR/fhe/ (default: %(default)s)")

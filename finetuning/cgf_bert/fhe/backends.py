@@ -159,8 +159,11 @@ class BootstrapOps(FheOps):
 
     def __init__(self, key: str = "small", thread_count: int | None = None, mode: str = "cpu", keys: FixedKeys | None = None):
         """``keys``: the medium key's fixed rotation keys (``keys.rotation_keys``: chosen for the circuit's rotations)."""
-        if key == "medium" and not isinstance(keys, FixedKeys):
-            raise CgfBertError("the medium key's rotation keys are fixed keys chosen for the circuit (keys.rotation_keys): none were given")
+        if key not in ("small", "medium"):
+            raise CgfBertError(f"no bootstrap key {key!r}: small or medium")
+        if (key == "medium") != isinstance(keys, FixedKeys):
+            raise CgfBertError("the medium key's rotation keys are fixed keys chosen for the circuit (keys.rotation_keys), "
+                               "the small key's its general keys: " + ("none were given" if keys is None else f"got {keys.describe()}"))
         try:
             import desilofhe
         except ImportError:
@@ -179,6 +182,8 @@ class BootstrapOps(FheOps):
             self.rotating = (self.rotation_key, self.roll_key)
             self.boot_keys = (self.roll_key, e.create_small_bootstrap_key(sk))
         else:
+            if keys.slots != self.slots:
+                raise CgfBertError(f"fixed rotation keys chosen for {keys.slots} slots, the engine has {self.slots}")
             self.keys, self.fixed = keys, {s: e.create_fixed_rotation_key(sk, s) for s in keys.steps}
             self.rotating = tuple(self.fixed.values())
             self.boot_keys = (e.create_bootstrap_key(sk, size=key),)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -26,8 +26,43 @@ from cgf_bert.fhe.ops import _naf, keyswitches
 MEDIUM_FIXED_KEYS = 15  # beside the medium bootstrap key (15.3 GB): the general rotation key's 15 keys' memory
 
 
+def merged(tables: Iterable[Mapping]) -> dict[int, float]:
+    """{rotation step: how many} over tables of ``{step: count}`` (a ``StageLog``'s steps per stage, a
+    record's ``rotation_steps`` per stage kind)."""
+    out: dict[int, float] = {}
+    for table in tables:
+        for k, n in table.items():
+            out[int(k)] = out.get(int(k), 0.0) + n
+    return out
+
+
+class _Keys:
+    def switches(self, k: int) -> int:
+        raise NotImplementedError
+
+    def cost(self, counts: Mapping[int, float]) -> float:
+        """Key switches of rotations by each step ``k``, ``counts[k]`` times."""
+        return float(sum(n * self.switches(int(k)) for k, n in counts.items()))
+
+
 @dataclass(frozen=True)
-class GeneralKeys:
+class EveryStep(_Keys):
+    """A fixed key for every step (the interactive backend's ``CkksOps``): one key switch a rotation."""
+
+    slots: int
+
+    def switches(self, k: int) -> int:
+        return int(k % self.slots != 0)
+
+    def describe(self) -> str:
+        return "a fixed key for every step: one key switch a rotation"
+
+    def to_json(self) -> dict:
+        return {"kind": "every step", "describe": self.describe()}
+
+
+@dataclass(frozen=True)
+class GeneralKeys(_Keys):
     slots: int
     both_ways: bool = True
 
@@ -43,7 +78,7 @@ class GeneralKeys:
 
 
 @dataclass(frozen=True)
-class FixedKeys:
+class FixedKeys(_Keys):
     """Fixed rotation keys for ``steps`` (left steps mod ``slots``; step 1 always among them, so every
     rotation can be made)."""
 
@@ -51,6 +86,7 @@ class FixedKeys:
     steps: tuple[int, ...]
 
     def __post_init__(self):
+        object.__setattr__(self, "steps", tuple(sorted({int(s) % self.slots for s in self.steps} - {0})))
         if 1 not in self.steps:
             raise CgfBertError(f"fixed rotation keys {self.steps} lack step 1: some rotations could not be made")
 
@@ -81,11 +117,6 @@ class FixedKeys:
             k = (k - last[k]) % self.slots
         return out
 
-    def cost(self, counts: Mapping[int, float]) -> float:
-        """Key switches of rotations by each step ``k``, ``counts[k]`` times."""
-        dist = self._search[0]
-        return float(sum(n * dist[int(k) % self.slots] for k, n in counts.items()))
-
     def describe(self) -> str:
         signed = sorted(s if s <= self.slots // 2 else s - self.slots for s in self.steps)
         return f"{len(self.steps)} fixed rotation keys, steps {signed}: a rotation's key switches are the fewest of them summing to its step"
@@ -101,7 +132,10 @@ class FixedKeys:
         total does not grow (deterministic: ``seed``)."""
         if n < 1:
             raise CgfBertError(f"fixed rotation keys: need at least one, got {n}")
-        counts = {int(k) % slots: float(v) for k, v in counts.items() if int(k) % slots and v}
+        summed: dict[int, float] = {}
+        for k, v in counts.items():  # -1 and slots - 1 are one rotation
+            summed[int(k) % slots] = summed.get(int(k) % slots, 0.0) + float(v)
+        counts = {k: v for k, v in summed.items() if k and v}
         powers = [p % slots for i in range(slots.bit_length() - 1) for p in (1 << i, -(1 << i))]
         use = dict.fromkeys(powers, 0.0)
         for k, c in counts.items():
@@ -125,17 +159,19 @@ class FixedKeys:
         return cls(slots, tuple(sorted(best)))
 
 
-def rotation_keys(key: str, slots: int, counts: Mapping[int, float] | None = None) -> GeneralKeys | FixedKeys:
+def rotation_keys(key: str, slots: int, counts: Mapping[int, float] | None = None) -> GeneralKeys | FixedKeys | EveryStep:
     """The rotation keys beside bootstrap key ``key``: the small key's general rotation and roll keys, the medium
     key's 15 fixed keys (the roll key does not fit beside it in 24 GB) chosen for ``counts``
     (rotation step -> how many, a slot simulation's); ``rotation-key``, the rotation key alone, is what the
-    medium key's rotations were priced with before."""
+    medium key's rotations were priced with before; ``fixed``, a key for every step, the interactive backend's."""
     if key == "small":
         return GeneralKeys(slots, True)
     if key == "rotation-key":
         return GeneralKeys(slots, False)
+    if key == "fixed":
+        return EveryStep(slots)
     if key == "medium":
         if not counts:
             raise CgfBertError("the medium key's fixed rotation keys are chosen for a circuit's rotations: none were given")
         return FixedKeys.chosen(counts, slots)
-    raise CgfBertError(f"no rotation keys for {key!r}: one of small, medium, rotation-key")
+    raise CgfBertError(f"no rotation keys for {key!r}: one of small, medium, rotation-key, fixed")

@@ -111,7 +111,7 @@ class FheOps:
 
     def cheb_basis(self, t, degree: int) -> list:
         """``[T_1(t), ..., T_d(t)]``; ``T_i`` costs ``ceil(log2 i)`` levels (desilofhe's own basis)."""
-        # A product with a plaintext array leaves the ciphertext in NTT form, which the basis
+        # A plaintext product can leave the ciphertext in NTT form, which the basis
         # refuses; intt converts it (and leaves a coefficient-form ciphertext as it is).
         return list(self.e.make_chebyshev_basis(self.e.intt(t), degree, self.rlk))
 

@@ -10,6 +10,7 @@ import torch
 from cgf_bert.fhe.accounting import Counted, Refresher, StageLog
 from cgf_bert.fhe.backends import SimulatedCkks, after_levels
 from cgf_bert.fhe.encoder import EncoderCircuit, as_numpy
+from cgf_bert.fhe.keys import merged
 
 
 def embed(model, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> np.ndarray:
@@ -91,7 +92,8 @@ def one(embs: list[np.ndarray]):
 CALIBRATION_PASSES = 4
 
 
-def calibrate(circuit: EncoderCircuit, embeddings, top: int, reserve: int = 0, margin: float = 2.0) -> dict[str, float]:
+def calibrate(circuit: EncoderCircuit, embeddings, top: int, reserve: int = 0, margin: float = 2.0,
+              steps: dict | None = None) -> dict[str, float]:
     """The public bootstrap bounds: ``margin`` times the largest |value| each site refreshes, over the
     embedding outputs of calibration examples (training data, never the examples scored; each item one
     example, or a list packed as the scored ones will be).
@@ -99,28 +101,26 @@ def calibrate(circuit: EncoderCircuit, embeddings, top: int, reserve: int = 0, m
     A bound decides the level its bootstrap returns (``backends.scaled_bound``: one of at most 1/2 costs a
     level), so the sites the plan refreshes can change with the bounds: calibration runs again at its
     own bounds until they do not (at most 4 passes; a site never bounded is then refused, loudly, by
-    the ``Refresher``)."""
+    the ``Refresher``). ``steps``, if given, receives the last pass's rotations, ``{step: how many}`` over
+    every example (what the medium key's rotation keys are chosen for, ``keys.FixedKeys.chosen``)."""
     embeddings = list(embeddings)
     bounds: dict[str, float] = {}
     for _ in range(CALIBRATION_PASSES):
         new: dict[str, float] = {}
+        logs = []
         for emb in embeddings:
-            for site, peak in simulate(circuit, emb, top, reserve, bounds=bounds, record=True, margin=margin)[2].seen.items():
+            _, log, boot = simulate(circuit, emb, top, reserve, bounds=bounds, record=True, margin=margin)
+            logs.append(log)
+            for site, peak in boot.seen.items():
                 new[site] = max(new.get(site, 0.0), margin * peak, 1e-12)  # a site seen only at 0 still has a bound
+        if steps is not None:
+            steps.clear()
+            steps.update(merged(d for log in logs for d in log.steps.values()))
         settled = _levels_of(new) == _levels_of(bounds)
         bounds = new
         if settled:
             break
     return bounds
-
-
-def rotation_counts(circuit: EncoderCircuit, emb, top: int, reserve: int, bounds: dict) -> dict[int, float]:
-    """{rotation step mod the slots: how many} of one run of the circuit on ``emb`` (what rotation keys are chosen for)."""
-    counts: dict[int, float] = {}
-    for d in simulate(circuit, emb, top, reserve, bounds=bounds)[1].steps.values():
-        for k, n in d.items():
-            counts[k] = counts.get(k, 0.0) + n
-    return counts
 
 
 def _levels_of(bounds: dict[str, float]) -> dict[str, int]:
