@@ -400,6 +400,9 @@ def test_the_command_runs_under_ckks_with_interactive_refreshes(tiny_bert, tiny_
     assert ex["same_prediction"] and ex["max_abs_error"] < 1e-3 * np.abs(ex["reference_logits"]).max()
     assert ex["per_layer"][0]["max_abs_error"] < 1e-3 * ex["per_layer"][0]["max_abs_value"]
     assert ex["wall_seconds"] > 0 and sum(s.get("bootstraps", 0) for s in ex["stages"]) == ex["bootstraps"]
+    # the plan's own logits (exact, no noise) beside the encrypted ones: close, and not the same numbers
+    assert ex["simulated_logits"] != ex["encrypted_logits"]
+    np.testing.assert_allclose(ex["simulated_logits"], ex["encrypted_logits"], atol=1e-3 * np.abs(ex["reference_logits"]).max())
 
 
 @pytest.mark.parametrize("backend", ["sim", "bootstrap"])

@@ -266,6 +266,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
                                         keys=keys,
                                         probe=P.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
+        simulated = np.atleast_2d(got)
         share = 1.0 / len(group)  # the ciphertext's cost, shared by the examples packed in it
         table = _shared(log.table(), share)
         levels = {op: {lv: n * share for lv, n in d.items()} for op, d in log.level_table().items()}
@@ -278,7 +279,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         got = np.atleast_2d(got)
         for j, ((ids, _), (ref, _)) in enumerate(zip(group, refs)):
             row = {"tokens": len(ids), "label": chosen[k][2], "ciphertext": c, "examples_in_ciphertext": len(group),
-                   "reference_logits": ref.tolist(), "simulated_logits": got[j].tolist(),
+                   "reference_logits": ref.tolist(), "simulated_logits": simulated[j].tolist(),
                    "bootstraps": round(sum(plan.values()), 2), "bootstrap_plan": plan, "bound_overflows": boot.overflows,
                    "watched_peaks": boot.watched, "poly_inputs_outside": counter.result(), "simulation_seconds": round(wall * share, 1),
                    "projected_seconds": price(table, args.costs), "op_levels": levels,
