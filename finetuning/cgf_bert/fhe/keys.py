@@ -26,13 +26,15 @@ from cgf_bert.fhe.ops import _naf, keyswitches
 MEDIUM_FIXED_KEYS = 15  # beside the medium bootstrap key (15.3 GB): the general rotation key's 15 keys' memory
 
 
-def merged(tables: Iterable[Mapping]) -> dict[int, float]:
+def merged(tables: Iterable[Mapping], slots: int | None = None) -> dict[int, float]:
     """{rotation step: how many} over tables of ``{step: count}`` (a ``StageLog``'s steps per stage, a
-    record's ``rotation_steps`` per stage kind)."""
+    record's ``rotation_steps`` per stage kind); with ``slots``, steps equal mod the slots are one (-1 and
+    slots - 1 are one rotation)."""
     out: dict[int, float] = {}
     for table in tables:
         for k, n in table.items():
-            out[int(k)] = out.get(int(k), 0.0) + n
+            k = int(k) % slots if slots else int(k)
+            out[k] = out.get(k, 0.0) + float(n)
     return out
 
 
@@ -132,10 +134,7 @@ class FixedKeys(_Keys):
         total does not grow (deterministic: ``seed``)."""
         if n < 1:
             raise CgfBertError(f"fixed rotation keys: need at least one, got {n}")
-        summed: dict[int, float] = {}
-        for k, v in counts.items():  # -1 and slots - 1 are one rotation
-            summed[int(k) % slots] = summed.get(int(k) % slots, 0.0) + float(v)
-        counts = {k: v for k, v in summed.items() if k and v}
+        counts = {k: v for k, v in merged([counts], slots).items() if k and v}
         powers = [p % slots for i in range(slots.bit_length() - 1) for p in (1 << i, -(1 << i))]
         use = dict.fromkeys(powers, 0.0)
         for k, c in counts.items():
