@@ -81,8 +81,9 @@ from cgf_bert.fhe import encoder as E
 from cgf_bert.fhe import forms as F
 from cgf_bert.fhe import keys as K
 from cgf_bert.fhe import pipeline as P
+from cgf_bert.fhe import staged as S
 from cgf_bert.model.replaced import counting
-from cgf_bert.report.plots import pyplot, save
+from cgf_bert.report.encrypted import plot, price
 from cgf_bert.store.checkpoint import load_model, read_checkpoint
 from cgf_bert.store.provenance import (
     RESULTS_DIR,
@@ -132,12 +133,6 @@ def cost_table(path: str) -> dict:
         raise argparse.ArgumentTypeError(f"{path}: not a cost record with seconds for {', '.join(A.Counted.COSTED)} ({e})") from None
 
 
-def price(table: list[dict], costs: dict | None) -> float | None:
-    if costs is None:
-        return None
-    return sum(A.stage_seconds(row, costs) for row in table)
-
-
 # (top, reserve) of each backend: the level a bootstrap (or the client's refresh) returns, and the
 # levels its own scaling takes first (desilofhe 2.0's bootstrappable engine: 17 levels; one for
 # x / bound before the bootstrap, the product by the integer bound after it keeping the level:
@@ -145,13 +140,26 @@ def price(table: list[dict], costs: dict | None) -> float | None:
 # circuit that cannot fit fails, before any key is made.
 # The simulation plans the non-interactive run: its levels are the bootstrap backend's.
 LEVELS = {"sim": (TOP, 1), "interactive": (TOP, 0), "bootstrap": (TOP, 1)}
+# the options that shape a run's circuit, its examples and its keys: a run in pieces (--state) keeps them
+SHAPING = ("examples", "calibrate", "polynomial", "norm_steps", "form_examples", "own_exp", "backend", "key", "pack", "layers",
+           "max_tokens", "max_length")
+
+
 class Backend:
     """The encrypted backend of ``--backend``, its keys made on first use and then kept for every checkpoint;
     the rotation keys (``fhe.keys``) chosen once, for the first checkpoint's circuit, and counted by every simulation."""
 
-    def __init__(self, args):
-        self.args, self.ops, self.keys = args, None, None
+    def __init__(self, args, version: str = ""):
+        self.args, self.ops, self.keys, self.version = args, None, None, version
         self.top, self.reserve = LEVELS[args.backend]
+        self.pieces = args.state and S.Pieces(Path(args.state), None if args.stop_after is None else 60 * args.stop_after)
+        if self.pieces:
+            self.pieces.agree("options", {k: getattr(args, k) for k in SHAPING} | {"checkpoints": [repo_relative(c) for c in args.checkpoints]})
+
+    def piece(self) -> dict:
+        """What a run in pieces records of this one (its keys are made again at every start)."""
+        return {"code_version": self.version, "machine": machine(torch.device("cpu")),
+                "keygen_seconds": round(getattr(self.ops, "keygen_s", 0.0), 1), "threads": self.args.threads}
 
     def rotation_keys(self, counts: dict):
         """The keys of ``--key`` (``counts``: a circuit's rotations, what the medium key's are chosen for); the
@@ -163,22 +171,23 @@ class Backend:
 
     def __call__(self):
         if self.ops is None:
-            self.ops = make_backend(self.args, self.keys)
+            self.ops = make_backend(self.args, self.keys, self.pieces and self.pieces.secret_key)
             if (self.ops.top, getattr(self.ops, "reserve", 0)) != (self.top, self.reserve):
                 raise CgfBertError(f"the {self.args.backend} backend gives {self.ops.top} levels, the plan was made for {self.top}")
         return self.ops
 
 
-def make_backend(args, keys=None):
-    """The encrypted backend (keys made here)."""
+def make_backend(args, keys=None, secret_key=None):
+    """The encrypted backend (keys made here; the secret key read from ``secret_key`` if that file exists, else written there)."""
     if args.backend == "interactive":
         from cgf_bert.fhe.context import FheContext
 
-        ops = B.CkksOps(FheContext(TOP + 1, thread_count=args.threads, mode=args.mode))
+        ops = B.CkksOps(FheContext(TOP + 1, thread_count=args.threads, mode=args.mode, secret_key=secret_key))
     else:
         note(f"making the keys ({args.key} bootstrap key; measured here: the small one 1.5-2.5 min and 10 GB with its rotation key, "
              "the medium one about 20 GB)...")
-        ops = B.BootstrapOps(args.key, thread_count=args.threads, mode=args.mode, keys=keys if args.key == "medium" else None)
+        ops = B.BootstrapOps(args.key, thread_count=args.threads, mode=args.mode, keys=keys if args.key == "medium" else None,
+                             secret_key=secret_key)
     if ops.slots != SLOTS:
         raise CgfBertError(f"the {args.backend} backend has {ops.slots} slots, the layout is planned for {SLOTS}")
     return ops
@@ -188,6 +197,14 @@ def noise_needs_bootstraps(args) -> None:
     """``--noise`` models a bootstrap's error: the client's refresh (``--backend interactive``) has none."""
     if args.noise and args.backend == "interactive":
         raise CgfBertError("--noise: the interactive backend refreshes by decrypting and encrypting again, which adds no bootstrap error")
+
+
+def pieces_need_ckks(args) -> None:
+    """``--state`` keeps ciphertexts (the simulation has none); ``--stop-after`` stops a run that can go on (``--state``)."""
+    if args.state and args.backend == "sim":
+        raise CgfBertError("--state: the simulation keeps no ciphertexts; a run in pieces is --backend interactive or bootstrap")
+    if args.stop_after is not None and not args.state:
+        raise CgfBertError("--stop-after: a run stopped part-way goes on only from a --state folder")
 
 
 def gpu_available(args) -> None:
@@ -220,7 +237,8 @@ def truncated(model, layers: int | None):
     return model
 
 
-def evaluate(path: str, args, data, backend: Backend) -> dict:
+def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> dict:
+    """One checkpoint's record (``name``: its ciphertexts' names in a ``--state`` folder)."""
     model, meta = load_model(path)
     model = truncated(model.eval().double(), args.layers)
     lay = E.TokenLayout.for_model(SLOTS, model.bert.config.hidden_size)
@@ -246,6 +264,8 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
     steps: dict = {}
     bounds = P.calibrate(circuit, (P.one([P.embed(model, ids, tt) for ids, tt in g]) for g in groups), top, reserve, steps=steps)
     keys = backend.rotation_keys(steps)
+    if backend.pieces:  # a run in pieces goes on only with the circuit it began with
+        backend.pieces.agree(name, {"checkpoint": repo_relative(path), "label": approx.label(), "bounds": bounds, "rotation_keys": keys.to_json()})
     rows, stages = [], {}
     limit = min(fit, args.max_tokens or fit)
     chosen = F.examples_of(data["validation"], limit, args.examples)
@@ -273,7 +293,8 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
         plan = {kind: d.get("bootstraps", 0) for kind, d in A.summed(table).items()}
         per_layer, wall_seconds = planned, None
         if args.backend != "sim":
-            measured, got, per_layer = encrypted(circuit, backend(), bounds, emb, hidden)
+            measured, got, per_layer, pieces = S.encrypted(circuit, backend, bounds, emb, hidden, backend.pieces, f"{name}-pack{c}",
+                                                           backend.piece(), note)
             table = _shared(measured, share)
             wall_seconds = round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1)
         got = np.atleast_2d(got)
@@ -285,7 +306,7 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
                    "projected_seconds": price(table, args.costs), "op_levels": levels,
                    "rotation_steps": log.steps_by_kind(share), "mean_levels": A.mean_levels(levels)}
             if args.backend != "sim":
-                row.update(simulated_per_layer=planned, encrypted_logits=got[j].tolist(), wall_seconds=wall_seconds)
+                row.update(simulated_per_layer=planned, encrypted_logits=got[j].tolist(), wall_seconds=wall_seconds, pieces=pieces)
             finite = bool(np.isfinite(got[j]).all())  # a NaN's argmax is 0: it must not count as a prediction
             row.update(finite=finite, max_abs_error=float(np.abs(got[j] - ref).max()),
                        same_prediction=finite and bool(got[j].argmax() == ref.argmax()), per_layer=per_layer, stages=table)
@@ -306,92 +327,6 @@ def evaluate(path: str, args, data, backend: Backend) -> dict:
             "layout": {"slots": lay.slots, "width": lay.width, "rows": lay.rows},
             "calibration_examples": len(calibration), "form_examples": len(measure), "examples_per_ciphertext": args.pack, "bounds": bounds, "examples": rows,
             "per_example_mean_by_stage": {k: {m: round(v, 2) for m, v in d.items()} for k, d in stages.items()}}
-
-
-def encrypted(circuit, ops, bounds: dict, emb: np.ndarray, hidden: list) -> tuple[list[dict], np.ndarray, list[dict]]:
-    """One example through ``ops``: the measured stage table, the decrypted logits, the error after each layer."""
-    log, per_layer, start = A.StageLog(), [], time.perf_counter()
-    measure = P.layer_errors(circuit, ops, hidden, per_layer)
-
-    def probe(i, x):
-        measure(i, x)
-        e = per_layer[-1]
-        note(f"    layer {i}: {time.perf_counter() - start:.0f} s so far, max abs error {e['max_abs_error']:.1e} "
-              f"(largest value {e['max_abs_value']:.1f})")
-
-    got = P.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds), emb, log, probe)
-    return log.table(), got, per_layer
-
-
-def plot(results: list[dict], path: str, measured: bool, noise: dict | None = None, costs: dict | None = None):
-    """Bootstraps and time per stage (measured; in the simulation projected with ``costs``, else its ciphertext
-    products); the error after each layer."""
-    import textwrap
-
-    plt = pyplot()
-    kinds = list(results[0]["per_example_mean_by_stage"])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), layout="constrained")
-    width = 0.8 / len(results)
-    for j, res in enumerate(results):
-        st = res["per_example_mean_by_stage"]
-        x = np.arange(len(kinds)) + j * width
-        # the full label, wrapped: two students can differ only at its end
-        axes[0].bar(x, [st.get(k, {}).get("bootstraps", 0) for k in kinds], width, color=f"C{j}", label=textwrap.fill(res["label"], 150))
-        if measured:
-            axes[1].bar(x, [(st.get(k, {}).get("seconds", 0) + st.get(k, {}).get("bootstrap_seconds", 0)) / 60 for k in kinds], width, color=f"C{j}")
-        elif costs:
-            axes[1].bar(x, [price([st.get(k, {})], costs) / 60 for k in kinds], width, color=f"C{j}")
-        else:
-            axes[1].bar(x, [st.get(k, {}).get("mul", 0) + st.get(k, {}).get("square", 0) for k in kinds], width, color=f"C{j}")
-        _layer_errors(axes[2], res, f"C{j}")
-    titles = ("bootstraps by stage", "time by stage (measured)" if measured else
-              "time by stage (projected from measured op costs)" if costs else "ciphertext products by stage")
-    ylabels = ("bootstraps per example", "minutes" if measured or costs else "ciphertext products")
-    for ax, title, ylabel in zip(axes, titles, ylabels):
-        ax.set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds, rotation=30, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=10)
-        ax.set_ylabel(ylabel)
-        ax.margins(y=0.12)  # headroom: the tallest bar clear of the frame
-        ax.grid(alpha=0.3, axis="y")
-    n_layers = max(r["layers"] for r in results)
-    axes[2].set_yscale("log")
-    axes[2].set_xticks(range(n_layers))
-    axes[2].set_xlim(-0.5, n_layers - 0.5)
-    axes[2].set_xlabel("encoder layer")
-    axes[2].set_ylabel("max |error| after layer")
-    examples = sorted({len(r["examples"]) for r in results})
-    faint = "; faint: each example" if examples[-1] > 1 else ""
-    axes[2].set_title(f"layer output vs plaintext\nmean over {'/'.join(map(str, examples))} example(s){faint}", fontsize=10)
-    axes[2].grid(alpha=0.3)
-    fig.legend(loc="outside lower center", fontsize=8)  # outside the panels: no bar behind it
-    drawn = "" if not noise else (f" with Gaussian bootstrap errors, sigma {noise['rms']:.1e}" if noise["from"] == "gaussian"
-                                  else f" with bootstrap errors drawn from a real one's, {noise['rms']:.1e} rms")
-    kind = "CKKS with bootstraps, measured" if measured else "slot simulation" + (drawn or ", exact")
-    layers = sorted({r["layers"] for r in results})
-    fig.suptitle(f"The encoder as one CKKS circuit ({kind}): cost by stage over {'/'.join(map(str, layers))} encoder layer(s)"
-                 " + pooler + classifier", fontsize=10)
-    return save(fig, path)
-
-
-def _layer_errors(ax, res: dict, colour: str) -> None:
-    """One model's max error after each layer: its mean over the examples (one line, the legend's
-    colour), each example faint beneath it; a lone layer is a marked point with its value written."""
-    errs = np.array([[np.nan if e["max_abs_error"] is None else e["max_abs_error"]  # None: not finite in the record
-                      for e in ex["per_layer"]] for ex in res["examples"]], dtype=float)
-    errs[~np.isfinite(errs)] = np.nan  # inf or nan, as drawn before the record is written
-    errs = np.maximum(errs, 1e-17)  # log scale: an exact 0 drawn at the floor
-    layers = [e["layer"] for e in res["examples"][0]["per_layer"]]
-    if len(errs) > 1:
-        ax.plot(layers, errs.T, color=colour, alpha=0.2, lw=0.8)
-    if np.isnan(errs).all():  # nothing to draw: said in the panel, not left blank
-        ax.text(0.3, 0.03, "this model: not finite after any layer (see the record)", transform=ax.transAxes,
-                color=colour, fontsize=8, va="bottom", bbox={"facecolor": "white", "edgecolor": colour, "pad": 2})
-        return
-    with np.errstate(invalid="ignore"):
-        mean = np.nanmean(errs, 0)  # over the examples with a finite error at that layer
-    ax.plot(layers, mean, "o-", color=colour, ms=6)
-    if len(layers) == 1:
-        ax.annotate(f"{mean[0]:.1e}", (layers[0], mean[0]), xytext=(8, 0), textcoords="offset points", va="center", fontsize=9, color=colour)
 
 
 def replot(record: dict, path: str):
@@ -444,22 +379,37 @@ def main():
                    help="run only the first N encoder layers, then the pooler and classifier (the reference is the model cut the same way)")
     p.add_argument("--max-tokens", type=number(int, "max-tokens", min=2),
                    help="score only dev examples of at most this many tokens (default: those that fit a ciphertext)")
+    p.add_argument("--state", metavar="DIR",
+                   help="run in pieces (--backend interactive or bootstrap): after each encoder layer the ciphertext and the "
+                        "measurements so far go to DIR, and the same command goes on from the last finished layer. DIR holds "
+                        "the client's secret key: keep it out of the repository")
+    p.add_argument("--stop-after", type=number(float, "stop-after", min=0), metavar="MIN",
+                   help="with --state: begin no encoder layer that would end (timed as the last) more than MIN minutes after "
+                        "the start; the run stops with its state saved and a partial record")
     add_config_args(p, TrainConfig, only=("data_dir", "max_length"))
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record and plot go to RESULTS_DIR/fhe/ (default: %(default)s)")
-    p.checks += [gpu_available, noise_needs_bootstraps]
+    p.checks += [gpu_available, noise_needs_bootstraps, pieces_need_ckks]
     args = p.parse_args()
     cfg = config_from_args(TrainConfig, args)
     metas = {c: read_checkpoint(c)[1] for c in args.checkpoints}  # every file checked before any work
     _, data = prepare_data(next(iter(metas.values()))["model"], cfg.data_dir, cfg.max_length)
     started, results, version = time.time(), [], code_version()  # the code that runs, not the code at the end
-    backend = Backend(args)
-    for path in args.checkpoints:
-        note(f"{path}:")
-        results.append(evaluate(path, args, data, backend))
+    backend = Backend(args, version)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        for j, path in enumerate(args.checkpoints):
+            note(f"{path}:")
+            results.append(evaluate(path, args, data, backend, f"model{j}"))
+    except S.Stopped as stop:  # the state is on disk; what was measured so far is recorded
+        out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend,
+               "state": repo_relative(args.state), "stopped": str(stop), "progress": backend.pieces.progress()}
+        out, out["non_finite"] = strict_json(out, NON_FINITE)
+        path = write_json(Path(args.results_dir) / "fhe" / f"encrypted_inference_partial-{stamp}.json", out)
+        print(f"{stop}: the same command goes on from there.\nsaved {path} (what was measured so far)")
+        return
     ops = backend.ops
     keys = None if ops is None else {"keygen_seconds": round(getattr(ops, "keygen_s", 0.0), 1), "key_bytes": getattr(ops, "key_bytes", None),
                                      "interactive": ops.interactive}
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     noise = args.noise.to_json() if args.noise else None
     png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None, noise=noise, costs=args.costs)
     out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend, "mode": args.mode,

@@ -61,6 +61,20 @@ class StageLog:
                 out[stage_kind(stage)][str(k)] += n * share
         return {kind: dict(sorted(d.items(), key=lambda kv: int(kv[0]))) for kind, d in out.items()}
 
+    def to_json(self) -> dict:
+        """Everything logged, as JSON (``from_json`` reads it back): what a run stopped between layers keeps."""
+        return {"current": self.current, "stages": {k: dict(d) for k, d in self.stages.items()},
+                "levels": {op: {str(lv): n for lv, n in d.items()} for op, d in self.levels.items()},
+                "steps": {k: {str(s): n for s, n in d.items()} for k, d in self.steps.items()}}
+
+    @classmethod
+    def from_json(cls, obj: dict) -> StageLog:
+        log = cls(current=obj["current"])
+        for name, key in (("stages", str), ("levels", int), ("steps", int)):
+            for k, d in obj[name].items():
+                getattr(log, name)[k].update({key(m): float(v) for m, v in d.items()})
+        return log
+
     def table(self) -> list[dict]:
         return [{"stage": k, **{m: (round(v, 3) if isinstance(v, float) and not v.is_integer() else int(v)) for m, v in d.items()}}
                 for k, d in self.stages.items()]

@@ -157,22 +157,24 @@ class BootstrapOps(FheOps):
     interactive = False
     reserve = 1
 
-    def __init__(self, key: str = "small", thread_count: int | None = None, mode: str = "cpu", keys: FixedKeys | None = None):
-        """``keys``: the medium key's fixed rotation keys (``keys.rotation_keys``: chosen for the circuit's rotations)."""
+    def __init__(self, key: str = "small", thread_count: int | None = None, mode: str = "cpu", keys: FixedKeys | None = None,
+                 secret_key: Path | None = None):
+        """``keys``: the medium key's fixed rotation keys (``keys.rotation_keys``: chosen for the circuit's rotations);
+        ``secret_key``: a file the secret key is read from, or written to if absent (``context.client_key``)."""
         if key not in ("small", "medium"):
             raise CgfBertError(f"no bootstrap key {key!r}: small or medium")
         if (key == "medium") != isinstance(keys, FixedKeys):
             raise CgfBertError("the medium key's rotation keys are fixed keys chosen for the circuit (keys.rotation_keys), "
                                "the small key's its general keys: " + ("none were given" if keys is None else f"got {keys.describe()}"))
+        from cgf_bert.fhe.context import MISSING, client_key
+
         try:
             import desilofhe
         except ImportError:
-            from cgf_bert.fhe.context import MISSING
-
             raise CgfBertError(MISSING) from None
         start = time.perf_counter()
         e = desilofhe.Engine(bootstrap=True, mode=mode, thread_count=thread_count)
-        sk = e.create_secret_key()
+        sk = client_key(e, secret_key)
         self.e, self.secret_key, self.public_key = e, sk, e.create_public_key(sk)
         self.rlk, self.conj_key = e.create_relinearization_key(sk), e.create_conjugation_key(sk)
         self.top, self.slots = int(e.max_level), int(e.slot_count)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -10,6 +11,24 @@ from cgf_bert import CgfBertError
 from cgf_bert.fhe.ops import PV_DEPTH
 
 MISSING = 'encrypted evaluation needs desilofhe, the optional CKKS library: pip install -e ".[fhe]" (or pip install desilofhe)'
+
+
+def client_key(engine, path: Path | None = None):
+    """A new secret key, or the one in the file ``path``, written there first if it is absent: a run in
+    pieces (``fhe.staged``) keeps its client's key, and the server's keys are made again from it."""
+    if path is None:
+        return engine.create_secret_key()
+    path = Path(path)
+    if path.exists():
+        try:
+            return engine.read_secret_key(str(path))
+        except Exception as e:  # desilofhe raises RuntimeError (or ValueError) on a file it cannot read
+            raise CgfBertError(f"{path}: not a secret key this engine can read ({e})") from None
+    key = engine.create_secret_key()
+    tmp = path.with_name(path.name + ".tmp")  # whole or absent
+    engine.write_secret_key(key, str(tmp))
+    tmp.replace(path)
+    return key
 
 
 class FheContext:
@@ -25,7 +44,8 @@ class FheContext:
     ring 2^15 and rotate twice as slowly). No bootstrapping keys: circuits must fit in ``max_level``.
     """
 
-    def __init__(self, max_level: int, *, thread_count: int | None = None, mode: str = "cpu"):
+    def __init__(self, max_level: int, *, thread_count: int | None = None, mode: str = "cpu", secret_key: Path | None = None):
+        """``secret_key``: a file the secret key is read from, or written to if absent (``client_key``)."""
         try:
             import desilofhe  # optional dependency: imported only when a context is made
         except ImportError:
@@ -33,7 +53,7 @@ class FheContext:
 
         start = time.perf_counter()
         self.engine = desilofhe.Engine(max_level=max_level, mode=mode, thread_count=thread_count)
-        self.secret_key = self.engine.create_secret_key()
+        self.secret_key = client_key(self.engine, secret_key)
         self.public_key = self.engine.create_public_key(self.secret_key)
         self.relin_key = self.engine.create_relinearization_key(self.secret_key)
         self.keygen_s = time.perf_counter() - start  # secret, public and relinearization keys

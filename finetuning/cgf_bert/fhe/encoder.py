@@ -445,10 +445,12 @@ class EncoderCircuit:
         return [int(s) for s in np.cumsum((0, *lengths))[:-1]]
 
 
-    def forward(self, ops, boot, x, lengths, log: StageLog, probe=None):
+    def forward(self, ops, boot, x, lengths, log: StageLog, probe=None, first: int = 0):
         """Encrypted embedding output (one ciphertext) -> encrypted logits (slots 0 and 1 of each example's
         first row). ``lengths``: the tokens of each example packed in it, consecutive rows (an int for one).
-        ``probe(i, x)``, if given, sees layer i's output ciphertext (a measurement, not the protocol)."""
+        ``probe(i, x)``, if given, sees layer i's output ciphertext (a measurement, not the protocol).
+        ``first``: the encoder layer to start at, ``x`` then being layer ``first - 1``'s output (a run
+        going on from where it stopped: ``fhe.staged``)."""
         self._pack(lengths)
         n = self._n
         pad = np.zeros((self.lay.rows, self.lay.width))
@@ -456,7 +458,9 @@ class EncoderCircuit:
         self._pad = pad.ravel()
         L = len(self.w.layers)
         lns, gelus = self.approx.layernorm.per_layer(L), self.approx.gelu.per_layer(L)
-        for i, lw in enumerate(self.w.layers):
+        if not 0 <= first <= L:
+            raise CgfBertError(f"no encoder layer {first} to start at: the circuit has {L}")
+        for i, lw in enumerate(self.w.layers[first:], first):
             h = ops.add(self.attention(ops, boot, x, i, log), x)
             log.current = f"layer {i} / LayerNorm 1"
             h = self.layernorm(ops, boot, boot(h, 1, f"layer {i} ln1"), lns[i], lw["ln1"], f"layer {i} ln1")

@@ -78,6 +78,13 @@ class FheOps:
     def level(self, x) -> int:
         return int(x.level)
 
+    def write(self, x, path) -> None:
+        """The ciphertext to a file (``read`` takes it back, on any engine of the same parameters)."""
+        self.e.write_ciphertext(x, str(path))
+
+    def read(self, path):
+        return self.e.read_ciphertext(str(path))
+
     def mul_plain(self, x, v: np.ndarray):  # one level
         return plain_product(self.e, x, v)
 

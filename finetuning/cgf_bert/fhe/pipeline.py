@@ -35,14 +35,18 @@ def reference_logits(model, input_ids: torch.Tensor, token_type_ids: torch.Tenso
     return reference(model, input_ids, token_type_ids)[0]
 
 
-def run(circuit: EncoderCircuit, ops, boot: Refresher, emb, log: StageLog, probe=None) -> np.ndarray:
+def run(circuit: EncoderCircuit, ops, boot: Refresher, emb, log: StageLog, probe=None, start=None) -> np.ndarray:
     """Encrypt ``emb`` (T, hidden), or a list of several examples' packed in one ciphertext's consecutive
     rows, run the circuit, decrypt the logits: (2,) for one example, (examples, 2) for a list (``probe``
-    as ``forward``'s, on the packed rows)."""
+    as ``forward``'s, on the packed rows). ``start``: ``(layer, ciphertext)`` to go on from instead, the
+    ciphertext being the output of the layer before (``fhe.staged``); ``emb`` then gives only the lengths."""
     embs = emb if isinstance(emb, (list, tuple)) else [emb]
     lengths = [e.shape[0] for e in embs]
-    (x,) = [ops.encrypt(v) for v in circuit.lay.pack(np.concatenate(embs))]
-    logits = ops.decrypt(circuit.forward(ops, boot, x, lengths, log, probe)).reshape(circuit.lay.rows, circuit.lay.width)
+    if start is None:
+        (x,) = [ops.encrypt(v) for v in circuit.lay.pack(np.concatenate(embs))]
+        start = (0, x)
+    first, x = start
+    logits = ops.decrypt(circuit.forward(ops, boot, x, lengths, log, probe, first)).reshape(circuit.lay.rows, circuit.lay.width)
     out = logits[circuit.starts(lengths), :2]
     return out if isinstance(emb, (list, tuple)) else out[0]
 
