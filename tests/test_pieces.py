@@ -58,35 +58,70 @@ def test_a_stage_log_reads_back_from_json_as_it_was(tiny_bert):
     assert back.steps_by_kind() == log.steps_by_kind() and back.current == log.current
 
 
-class _NumpyFiles:
-    """Slot vectors written and read as files, as desilofhe's ciphertexts are."""
+class _FileSim(SimulatedCkks):
+    """The simulation with its values written and read as files, as desilofhe's ciphertexts are."""
 
     def write(self, x, path):
         with open(path, "wb") as f:
-            np.save(f, x.slots)
+            np.savez(f, slots=x.slots, level=x.level)
 
     def read(self, path):
-        return Levelled(np.load(path), 5)
+        with np.load(path) as f:
+            return Levelled(f["slots"], int(f["level"]))
 
 
-def test_the_state_keeps_the_last_layers_ciphertext_and_refuses_another_runs_options(tmp_path):
+def test_the_state_keeps_the_last_layers_ciphertext_and_refuses_another_runs(tmp_path):
     pieces = S.Pieces(tmp_path / "state")
+    assert (tmp_path / "state" / ".gitignore").read_text().splitlines()[-1] == "*"  # never committed by mistake
     pieces.agree("options", {"pack": 2, "layers": None})
     pieces.agree("options", {"pack": 2, "layers": None})  # the same run: agreed
     with pytest.raises(CgfBertError, match="belongs to another run: its options differ in pack"):
         pieces.agree("options", {"pack": 1, "layers": None})
-    ops = _NumpyFiles()
-    assert pieces.resume("m-pack0", ops) is None
+    ops = _FileSim(4, 17)
+    assert pieces.resume("m-pack0", ops) is None and pieces.saved("m-pack0") == {}
     for layer in range(2):
-        pieces.save("m-pack0", ops, Levelled(np.full(4, float(layer)), 5), {"layers_done": layer + 1})
+        pieces.save("m-pack0", ops, Levelled(np.full(4, float(layer)), 5), {"layers_done": layer + 1, "examples": [[2, 7]]})
     first, x = pieces.resume("m-pack0", ops)
-    assert first == 2 and np.array_equal(x.slots, np.full(4, 1.0))
+    assert first == 2 and np.array_equal(x.slots, np.full(4, 1.0)) and x.level == 5
     assert [p.name for p in (tmp_path / "state").glob("*.ct")] == ["m-pack0-after2.ct"]  # the older one removed
-    pieces.save("m-pack0", ops, None, {"layers_done": 2, "logits": [1.0, 2.0]})
-    assert not list((tmp_path / "state").glob("*.ct")) and pieces.progress()["m-pack0"]["logits"] == [1.0, 2.0]
-    (tmp_path / "state" / "m-pack0.json").write_text('{"layers_done": 1, "ciphertext": "gone.ct"}')
-    with pytest.raises(CgfBertError, match="state is damaged"):
-        pieces.resume("m-pack0", ops)
+    with pytest.raises(CgfBertError, match="begun on other examples"):
+        pieces.check("m-pack0", [[2, 8]])
+    with pytest.raises(CgfBertError, match="secret.key is missing, but the folder holds a run's progress"):
+        pieces.secret_key
+    (tmp_path / "state" / "m-pack0-after2.ct").unlink()
+    with pytest.raises(CgfBertError, match="not there; without it the run cannot go on"):
+        pieces.check("m-pack0", [[2, 7]])
+    pieces.save("m-pack0", ops, None, {"layers_done": 2, "logits": [1.0, float("nan")]})  # a state file may hold a NaN
+    assert pieces.progress()["m-pack0"]["logits"][0] == 1.0 and pieces.check("m-pack0", [[2, 7]])
+
+
+def test_a_run_stopped_between_layers_goes_on_to_the_whole_runs_logits_and_counts(tiny_bert, tmp_path):
+    """``staged.encrypted`` on the simulation: stopped after layer 0, then gone on with from its saved ciphertext,
+    it ends with the logits and the operations of the circuit run in one go; a process whose time is up
+    begins no other ciphertext, and makes no key for it."""
+    circuit, emb, bounds = _circuit(tiny_bert)
+    whole, log, _ = P.simulate(circuit, emb, 17, 1, bounds=bounds)
+    hidden = [np.zeros((6, 32))] * 2
+    early = S.Pieces(tmp_path / "state", stop_after=0)
+    with pytest.raises(S.Stopped, match="stopped after layer 0 of 2"):
+        S.encrypted(circuit, lambda: _FileSim(1024, 17, 1), bounds, emb, hidden, early, "a", [[1, 2]])
+
+    def no_keys():
+        raise AssertionError("keys made for a ciphertext there is no time for")
+
+    with pytest.raises(S.Stopped, match="b left after 0 of 2 layers"):
+        S.encrypted(circuit, no_keys, bounds, emb, hidden, early, "b", [[3, 4]])
+    later = S.Pieces(tmp_path / "state")
+    got = S.encrypted(circuit, lambda: _FileSim(1024, 17, 1), bounds, emb, hidden, later, "a", [[1, 2]])
+    np.testing.assert_array_equal(got.logits, whole)
+    assert [p["first_layer"] for p in got.pieces] == [0, 1] and [e["layer"] for e in got.per_layer] == [0, 1]
+
+    def counts(table):
+        return {r["stage"]: {k: v for k, v in r.items() if not k.endswith("seconds")} for r in table}
+
+    assert counts(got.table) == counts(log.table())
+    again = S.encrypted(circuit, no_keys, bounds, emb, hidden, S.Pieces(tmp_path / "state"), "a", [[1, 2]])  # done: read back
+    np.testing.assert_array_equal(again.logits, whole)
 
 
 def test_a_folder_that_cannot_be_written_is_refused(tmp_path):
@@ -128,12 +163,15 @@ def test_a_run_stopped_after_a_layer_goes_on_from_it_and_ends_with_the_models_lo
     assert [e["layer"] for e in ex["per_layer"]] == [0, 1] and [p["first_layer"] for p in ex["pieces"]] == [0, 1]
     assert ex["same_prediction"] and ex["max_abs_error"] < 1e-3 * np.abs(ex["reference_logits"]).max()
     assert all(e["max_abs_error"] < 1e-3 * e["max_abs_value"] for e in ex["per_layer"])
+    # the client's refresh is a fresh encryption: its measured error is CKKS's encoding noise, at every site the plan refreshed
+    assert ex["bootstrap_errors"] and max(ex["bootstrap_errors"].values()) < 1e-6
     record.unlink()
 
     _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags)  # done: read back, no key made
     (again,) = (tmp_path / "fhe").glob("encrypted_inference-*.json")
     rec = json.loads(again.read_text())
     assert rec["keys"] is None and rec["results"][0]["examples"][0]["encrypted_logits"] == ex["encrypted_logits"]
+    assert rec["state"] == "state" and all("keygen_seconds" in p for p in ex["pieces"])  # each piece made its keys
 
     with pytest.raises(CgfBertError, match="options differ in calibrate"):
         _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags, "--calibrate", "3")
@@ -148,3 +186,19 @@ def test_a_run_in_pieces_needs_ciphertexts_and_stopping_needs_a_state(tmp_path, 
         with pytest.raises(SystemExit) as exit_:
             encrypted_inference.main()
         assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bound", [3.7, 0.2])
+def test_each_sites_bootstrap_error_is_measured_on_the_bootstraps_own_range(bound):
+    """A simulated bootstrap adding a known error e on [-1, 1] (scaled back by 4 for bound 3.7, by 1/5 for
+    0.2: ``backends.scaled_bound``): the site's measured error is e, whatever the bound."""
+    from cgf_bert.fhe.backends import BootstrapNoise
+
+    e = 2.5e-6
+    sim = SimulatedCkks(64, 17, reserve=1, noise=BootstrapNoise(e, np.array([e]), "constant"))
+    boot = A.Refresher(sim, A.StageLog(), 17, bounds={"site": bound}, measure=True)
+    boot(Levelled(np.linspace(-0.1, 0.1, 64), 0), 2, "site")
+    assert boot.errors["site"] == pytest.approx(e, rel=1e-6)
+    quiet = A.Refresher(SimulatedCkks(64, 17, reserve=1), A.StageLog(), 17, bounds={"site": bound})
+    quiet(Levelled(np.zeros(64), 0), 2, "site")
+    assert quiet.errors == {}  # measured only when asked: it decrypts

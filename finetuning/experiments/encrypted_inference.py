@@ -74,7 +74,8 @@ from cgf_bert.cli import (
     number,
     run_main,
 )
-from cgf_bert.config import TrainConfig
+from cgf_bert.config import TASK, TrainConfig
+from cgf_bert.data.tasks import data_fingerprint
 from cgf_bert.fhe import accounting as A
 from cgf_bert.fhe import backends as B
 from cgf_bert.fhe import encoder as E
@@ -150,16 +151,20 @@ class Backend:
     the rotation keys (``fhe.keys``) chosen once, for the first checkpoint's circuit, and counted by every simulation."""
 
     def __init__(self, args, version: str = ""):
-        self.args, self.ops, self.keys, self.version = args, None, None, version
+        self.args, self.ops, self.keys, self.version, self.told = args, None, None, version, False
         self.top, self.reserve = LEVELS[args.backend]
-        self.pieces = args.state and S.Pieces(Path(args.state), None if args.stop_after is None else 60 * args.stop_after)
+        self.pieces = S.Pieces(Path(args.state), None if args.stop_after is None else 60 * args.stop_after) if args.state else None
         if self.pieces:
             self.pieces.agree("options", {k: getattr(args, k) for k in SHAPING} | {"checkpoints": [repo_relative(c) for c in args.checkpoints]})
 
     def piece(self) -> dict:
-        """What a run in pieces records of this one (its keys are made again at every start)."""
-        return {"code_version": self.version, "machine": machine(torch.device("cpu")),
-                "keygen_seconds": round(getattr(self.ops, "keygen_s", 0.0), 1), "threads": self.args.threads}
+        """What a ciphertext's piece of a run records of this process: the keys' time where its keys were made
+        (they are made again at every start), a reuse after."""
+        ops, first = self.ops, not self.told
+        keygen = getattr(ops, "keygen_s", None) or getattr(getattr(ops, "ctx", None), "keygen_s", 0.0)
+        self.told = True
+        return {"code_version": self.version, "machine": machine(torch.device("cpu")), "threads": self.args.threads,
+                **({"keygen_seconds": round(keygen, 1)} if first else {"keys": "made for an earlier ciphertext of this piece"})}
 
     def rotation_keys(self, counts: dict):
         """The keys of ``--key`` (``counts``: a circuit's rotations, what the medium key's are chosen for); the
@@ -171,7 +176,7 @@ class Backend:
 
     def __call__(self):
         if self.ops is None:
-            self.ops = make_backend(self.args, self.keys, self.pieces and self.pieces.secret_key)
+            self.ops = make_backend(self.args, self.keys, self.pieces.secret_key if self.pieces else None)
             if (self.ops.top, getattr(self.ops, "reserve", 0)) != (self.top, self.reserve):
                 raise CgfBertError(f"the {self.args.backend} backend gives {self.ops.top} levels, the plan was made for {self.top}")
         return self.ops
@@ -197,6 +202,12 @@ def noise_needs_bootstraps(args) -> None:
     """``--noise`` models a bootstrap's error: the client's refresh (``--backend interactive``) has none."""
     if args.noise and args.backend == "interactive":
         raise CgfBertError("--noise: the interactive backend refreshes by decrypting and encrypting again, which adds no bootstrap error")
+
+
+def state_name(path: str) -> str:
+    """A state folder as a record names it: relative to the repository, or only its name (no machine's path)."""
+    rel = repo_relative(path)
+    return rel if not Path(rel).is_absolute() else Path(path).name
 
 
 def pieces_need_ckks(args) -> None:
@@ -283,7 +294,7 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
         planned: list[dict] = []
         with np.errstate(over="ignore", invalid="ignore"):  # values driven past float64 are reported below, not warned about
             got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=c,
-                                        keys=keys,
+                                        keys=keys, measure=args.backend != "sim" and bool(args.noise),
                                         probe=P.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
         simulated = np.atleast_2d(got)
@@ -293,9 +304,9 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
         plan = {kind: d.get("bootstraps", 0) for kind, d in A.summed(table).items()}
         per_layer, wall_seconds = planned, None
         if args.backend != "sim":
-            measured, got, per_layer, pieces = S.encrypted(circuit, backend, bounds, emb, hidden, backend.pieces, f"{name}-pack{c}",
-                                                           backend.piece(), note)
-            table = _shared(measured, share)
+            measured = S.encrypted(circuit, backend, bounds, emb, hidden, backend.pieces, f"{name}-pack{c}",
+                                   [ids.tolist() for ids, _ in group], backend.piece, note)
+            got, per_layer, table = measured.logits, measured.per_layer, _shared(measured.table, share)
             wall_seconds = round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1)
         got = np.atleast_2d(got)
         for j, ((ids, _), (ref, _)) in enumerate(zip(group, refs)):
@@ -306,7 +317,8 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
                    "projected_seconds": price(table, args.costs), "op_levels": levels,
                    "rotation_steps": log.steps_by_kind(share), "mean_levels": A.mean_levels(levels)}
             if args.backend != "sim":
-                row.update(simulated_per_layer=planned, encrypted_logits=got[j].tolist(), wall_seconds=wall_seconds, pieces=pieces)
+                row.update(simulated_per_layer=planned, encrypted_logits=got[j].tolist(), wall_seconds=wall_seconds, pieces=measured.pieces,
+                           bootstrap_errors=measured.bootstrap_errors, simulated_bootstrap_errors=boot.errors)
             finite = bool(np.isfinite(got[j]).all())  # a NaN's argmax is 0: it must not count as a prediction
             row.update(finite=finite, max_abs_error=float(np.abs(got[j] - ref).max()),
                        same_prediction=finite and bool(got[j].argmax() == ref.argmax()), per_layer=per_layer, stages=table)
@@ -395,6 +407,8 @@ def main():
     _, data = prepare_data(next(iter(metas.values()))["model"], cfg.data_dir, cfg.max_length)
     started, results, version = time.time(), [], code_version()  # the code that runs, not the code at the end
     backend = Backend(args, version)
+    if backend.pieces:
+        backend.pieces.agree("data", data_fingerprint(TASK, cfg.data_dir))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     try:
         for j, path in enumerate(args.checkpoints):
@@ -402,20 +416,20 @@ def main():
             results.append(evaluate(path, args, data, backend, f"model{j}"))
     except S.Stopped as stop:  # the state is on disk; what was measured so far is recorded
         out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend,
-               "state": repo_relative(args.state), "stopped": str(stop), "progress": backend.pieces.progress()}
+               "state": state_name(args.state), "stopped": str(stop), "progress": backend.pieces.progress()}
         out, out["non_finite"] = strict_json(out, NON_FINITE)
         path = write_json(Path(args.results_dir) / "fhe" / f"encrypted_inference_partial-{stamp}.json", out)
-        print(f"{stop}: the same command goes on from there.\nsaved {path} (what was measured so far)")
+        print(f"{stop}, its state in {args.state}: the same command goes on from there.\nsaved {path} (what was measured so far)")
         return
     ops = backend.ops
     keys = None if ops is None else {"keygen_seconds": round(getattr(ops, "keygen_s", 0.0), 1), "key_bytes": getattr(ops, "key_bytes", None),
                                      "interactive": ops.interactive}
     noise = args.noise.to_json() if args.noise else None
-    png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=ops is not None, noise=noise, costs=args.costs)
+    png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=args.backend != "sim", noise=noise, costs=args.costs)
     out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend, "mode": args.mode,
            "bootstrap_noise": noise,
            "keys": keys, "rotation_keys": backend.keys.to_json(), "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
-           "results": results, "plot": repo_relative(png)}
+           "results": results, "plot": repo_relative(png), "state": state_name(args.state) if args.state else None}
     for res in results:
         ok = sum(r["same_prediction"] for r in res["examples"])
         lost = sum(not r["finite"] for r in res["examples"])

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cgf_bert import CgfBertError
+from cgf_bert.fhe.backends import scaled_bound
 
 
 def stage_kind(stage: str) -> str:
@@ -135,12 +136,17 @@ class Refresher:
     site's largest |value| is recorded (``seen``), for calibration, numpy ops only; a site without a
     bound then takes ``margin`` times its value, as calibration will set it. A value beyond its bound
     is counted in ``overflows`` (the result would be wrong under CKKS), never hidden.
+
+    With ``measure=True`` each bootstrap's input and output are decrypted (the client's key: a measurement,
+    not the protocol) and ``errors`` keeps, per site, the largest change it made, scaled back by the factor its
+    bound multiplies the bootstrap's [-1, 1] range by (``backends.scaled_bound``): the error on that range, what ``experiments.ckks_costs`` measures on a fresh ciphertext.
     """
 
     def __init__(self, ops, log: StageLog, top: int, bounds: dict[str, float] | None = None, record: bool = False,
-                 margin: float = 1.0):
+                 margin: float = 1.0, measure: bool = False):
         self.ops, self.log, self.top = ops, log, top
-        self.bounds, self.record, self.margin = dict(bounds or {}), record, margin
+        self.bounds, self.record, self.margin, self.measure = dict(bounds or {}), record, margin, measure
+        self.errors: dict[str, float] = {}
         self.seen: dict[str, float] = {}
         self.overflows: dict[str, float] = {}
         self.watched: dict[str, float] = {}
@@ -186,6 +192,10 @@ class Refresher:
         start = time.perf_counter()
         out = self.ops.bootstrap(x, bound)
         self.log.count("bootstrap_seconds", time.perf_counter() - start)
+        if self.measure:
+            scale = abs(scaled_bound(bound)[1])  # what the [-1, 1] range is multiplied by after the bootstrap
+            change = float(np.abs(self.ops.decrypt(out) - self.ops.decrypt(x)).max()) / scale
+            self.errors[site] = max(self.errors.get(site, 0.0), change)
         left = self.ops.level(out) - getattr(self.ops, "reserve", 0)
         if left < need:  # a bound below 1 is scaled back after the bootstrap, at the cost of a level
             raise CgfBertError(f"{site} needs {need} levels, but a bootstrap by its bound {bound:.3g} leaves {left}")

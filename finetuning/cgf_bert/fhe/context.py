@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -22,11 +23,12 @@ def client_key(engine, path: Path | None = None):
     if path.exists():
         try:
             return engine.read_secret_key(str(path))
-        except Exception as e:  # desilofhe raises RuntimeError (or ValueError) on a file it cannot read
-            raise CgfBertError(f"{path}: not a secret key this engine can read ({e})") from None
+        except (RuntimeError, ValueError, OSError) as e:  # what desilofhe raises on a file it cannot read
+            raise CgfBertError(f"{path}: this engine cannot read it as a secret key ({e})") from None
     key = engine.create_secret_key()
     tmp = path.with_name(path.name + ".tmp")  # whole or absent
     engine.write_secret_key(key, str(tmp))
+    os.chmod(tmp, 0o600)  # the client's alone
     tmp.replace(path)
     return key
 

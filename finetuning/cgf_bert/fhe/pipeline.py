@@ -66,14 +66,15 @@ def layer_errors(circuit: EncoderCircuit, ops, hidden: list[np.ndarray], into: l
 
 def simulate(circuit: EncoderCircuit, emb: np.ndarray, top: int, reserve: int = 0, bounds: dict | None = None,
              record: bool = False, probe=None, margin: float = 1.0, noise=None, seed: int = 0,
-             keys=None) -> tuple[np.ndarray, StageLog, Refresher]:
+             keys=None, measure: bool = False) -> tuple[np.ndarray, StageLog, Refresher]:
     """``run`` on ``SimulatedCkks`` with ``top`` levels after a bootstrap (``emb``: one example or a list
     packed in one ciphertext): the plan and the logits
     (with ``noise``, each bootstrap's error drawn as ``SimulatedCkks`` says, from ``seed``; rotations
-    counted in key switches as ``BootstrapOps`` makes them with ``keys`` (``fhe.keys``; default the small key's set))."""
+    counted in key switches as ``BootstrapOps`` makes them with ``keys`` (``fhe.keys``; default the small key's set);
+    ``measure``: each site's largest bootstrap error kept, as ``Refresher`` says)."""
     log = StageLog()
     sim = SimulatedCkks(circuit.lay.slots, top, reserve, noise=noise, seed=seed, keys=keys)
-    boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin)
+    boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin, measure=measure)
     return run(circuit, Counted(sim, log), boot, emb, log, probe), log, boot
 
 

@@ -2,24 +2,28 @@
 go to a state folder, so a run that stops (``Pieces.stop_after``, or is killed) goes on from its last
 finished layer when the same command is given again.
 
-Why: on this 2-core CPU one layer of the whole student under real bootstraps takes about 40 minutes per
-ciphertext (summary.md finding 84), and six layers take longer than a working session. In pieces, the
-non-interactive result can be measured at all, and each piece's time is kept beside the others.
+Why: on this 2-core CPU one layer of the whole student under real bootstraps takes 20-40 minutes per
+ciphertext (summary.md findings 84 and 86), and six layers take longer than a working session. In pieces,
+the non-interactive result can be measured at all, and each piece's time is kept beside the others.
 
-The folder holds:
+The folder holds (and a ``.gitignore`` of ``*``, so that none of it is committed by mistake):
 
-- ``secret.key``: the client's secret key (``context.client_key``). It decrypts everything in the folder: keep
-  the folder out of the repository. The server's keys are made again from it at every start; each
-  piece records what that cost.
-- ``state.json``: what must not change between the pieces (the options that shape the circuit, and per
-  checkpoint its bootstrap bounds and rotation keys). A start that differs is refused before any key is made.
+- ``secret.key``: the client's secret key (``context.client_key``), readable by its owner only. It decrypts
+  everything in the folder. The server's keys are made again from it at every start; each piece records
+  what that cost. A folder with progress but without its key is refused: a new key cannot read the old
+  ciphertexts.
+- ``state.json``: what must not change between the pieces (the options that shape the circuit, the data,
+  and per checkpoint its form, bootstrap bounds and rotation keys). A start that differs is refused.
 - per ciphertext ``{tag}-after{n}.ct`` (the output of its last finished layer, the ``n``-th) and ``{tag}.json``
-  (the layers done, the stage log, the errors after each layer, the pieces, and at the end the decrypted logits).
+  (the examples' tokens, the layers done, the stage log, the errors after each layer and of each bootstrap
+  site, the pieces, and at the end the decrypted logits). Its times are the whole ciphertext's, shared by
+  the examples packed in it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +33,10 @@ import numpy as np
 from cgf_bert import CgfBertError
 from cgf_bert.fhe import pipeline as P
 from cgf_bert.fhe.accounting import Counted, Refresher, StageLog
-from cgf_bert.store.records import write_json
+from cgf_bert.store.atomic import atomic_write
 
 SECRET = "secret.key"
+UNREADABLE = (RuntimeError, ValueError, OSError)  # what desilofhe raises on a file it cannot read
 
 
 class Stopped(Exception):
@@ -43,30 +48,41 @@ def _plain(obj):
     return json.loads(json.dumps(obj))
 
 
+def _write(path: Path, obj) -> None:
+    """State files are whole or absent, and may hold a non-finite value (a record says where; they are not records)."""
+    text = json.dumps(obj, indent=1)
+    atomic_write(path, lambda f: f.write(text), binary=False)
+
+
 @dataclass
 class Pieces:
-    """A state folder (see the module): ``agree`` what must not change, ``saved``/``save`` each ciphertext's progress.
+    """A state folder (see the module): ``agree`` what must not change, ``saved``/``save``/``resume`` each
+    ciphertext's progress.
 
-    ``stop_after``: seconds after ``started`` past which no new layer is begun, the last layer's time
-    being the estimate of the next's (None: never stop)."""
+    ``stop_after``: seconds after ``started`` past which no new layer is begun, the last layer this process
+    ran being the estimate of the next's (None: never stop)."""
 
     root: Path
     stop_after: float | None = None
     started: float = field(default_factory=time.perf_counter)
+    last_layer: float | None = None  # seconds of the last layer this process ran
 
     def __post_init__(self):
         self.root = Path(self.root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".writable.tmp"
-            probe.write_text("")
-            probe.unlink()
+            (self.root / ".gitignore").write_text("# a run's state: the client's secret key and ciphertexts\n*\n")
         except OSError as e:
             raise CgfBertError(f"--state {self.root}: cannot write there ({e})") from None
 
     @property
     def secret_key(self) -> Path:
-        return self.root / SECRET
+        """The client's key file; refused if missing where progress is kept (a new key cannot read it)."""
+        path = self.root / SECRET
+        if not path.exists() and (self.progress() or list(self.root.glob("*.ct"))):
+            raise CgfBertError(f"{path} is missing, but the folder holds a run's progress that only that key can "
+                               "decrypt: restore the key, or start the run again in a new folder")
+        return path
 
     def agree(self, name: str, value) -> None:
         """Record ``value`` under ``name`` in ``state.json``, or refuse it if an earlier piece recorded another."""
@@ -82,13 +98,13 @@ class Pieces:
             raise CgfBertError(f"--state {self.root} belongs to another run: its {name} differ"
                                + (f" in {', '.join(keys)}" if keys else "") + " (a new folder starts a new run)")
         if name not in state:
-            write_json(path, {**state, name: value})
+            _write(path, {**state, name: value})
 
-    def saved(self, tag: str) -> dict | None:
-        """The progress of ciphertext ``tag`` (None: not begun)."""
+    def saved(self, tag: str) -> dict:
+        """The progress of ciphertext ``tag`` ({}: not begun)."""
         path = self.root / f"{tag}.json"
         if not path.exists():
-            return None
+            return {}
         try:
             return json.loads(path.read_text())
         except ValueError as e:
@@ -105,71 +121,105 @@ class Pieces:
             ops.write(x, tmp)
             tmp.replace(self.root / name)
             progress["ciphertext"] = name
-        write_json(self.root / f"{tag}.json", progress)
-        for old in self.root.glob(f"{tag}-after*.ct"):
+        _write(self.root / f"{tag}.json", progress)
+        for old in [*self.root.glob(f"{tag}-after*.ct"), *self.root.glob(f"{tag}-after*.ct.tmp")]:
             if old.name != progress.get("ciphertext"):
                 old.unlink()
+
+    def check(self, tag: str, examples) -> dict:
+        """``tag``'s progress, refused if it was made on other examples (``examples``: their tokens) or its
+        ciphertext is gone; checked before any key is made."""
+        got = self.saved(tag)
+        if got.get("examples", _plain(examples)) != _plain(examples):
+            raise CgfBertError(f"{self.root}: {tag} was begun on other examples (the data read differs); "
+                               "a new folder starts a new run")
+        if got.get("layers_done") and "logits" not in got and not (self.root / got.get("ciphertext", "")).is_file():
+            raise CgfBertError(f"{self.root}: {tag}'s progress names the ciphertext {got.get('ciphertext')!r}, which is "
+                               "not there; without it the run cannot go on from its last layer")
+        return got
 
     def resume(self, tag: str, ops):
         """``(layer, ciphertext)`` to go on from (``pipeline.run``'s ``start``), or None to begin."""
         got = self.saved(tag)
-        if not got or not got["layers_done"]:
+        if not got.get("layers_done"):
             return None
-        path = self.root / got.get("ciphertext", "")
+        path = self.root / got["ciphertext"]
         try:
             return got["layers_done"], ops.read(path)
-        except Exception as e:  # desilofhe: RuntimeError on a file it cannot read
-            raise CgfBertError(f"{path}: not a ciphertext this engine can read ({e}); the state is damaged "
-                               "(a new folder starts the run again)") from None
+        except UNREADABLE as e:
+            raise CgfBertError(f"{path}: this engine cannot read it as a ciphertext ({e})") from None
 
-    def time_up(self, last_layer_seconds: float) -> bool:
-        """Whether another layer, taking as long as the last, would end past ``stop_after``."""
-        if self.stop_after is None:
+    def time_up(self) -> bool:
+        """Whether another layer, taking as long as this process's last, would end past ``stop_after``."""
+        if self.stop_after is None or self.last_layer is None:
             return False
-        return time.perf_counter() - self.started + last_layer_seconds > self.stop_after
+        return time.perf_counter() - self.started + self.last_layer > self.stop_after
 
     def progress(self) -> dict:
         """Every ciphertext's progress (the secret key and the ciphertexts left out): a stopped run's record."""
         return {p.stem: json.loads(p.read_text()) for p in sorted(self.root.glob("*.json")) if p.name != "state.json"}
 
 
+@dataclass
+class Measured:
+    """What ``encrypted`` measured of one ciphertext, over every piece: the stage table, the decrypted logits,
+    the error after each layer, the pieces (each: its first layer, layers, seconds and what ``piece`` gave)
+    and each bootstrap site's largest error on its [-1, 1] range (``Refresher``'s ``measure``)."""
+
+    table: list[dict]
+    logits: np.ndarray
+    per_layer: list[dict]
+    pieces: list[dict]
+    bootstrap_errors: dict[str, float]
+
+
 def encrypted(circuit, make_ops, bounds: dict, emb, hidden: list, pieces: Pieces | None = None, tag: str = "",
-              piece: dict | None = None, say=lambda text: None):
-    """One ciphertext (``emb``: one example or a packed list) through the ops ``make_ops()`` gives: the measured
-    stage table, the decrypted logits, the error after each layer and the pieces the run took.
+              examples=None, piece=dict, say=lambda text: None) -> Measured:
+    """One ciphertext (``emb``: one example or a packed list, ``examples`` their tokens) through the ops
+    ``make_ops()`` gives.
 
     With ``pieces``, after each layer the ciphertext and the progress are saved under ``tag``; a run saved
     part-way goes on from its last layer, one saved whole returns its result without making any key; past
-    ``pieces.stop_after`` it raises ``Stopped`` between two layers. ``piece``: what to record of this piece
-    (the code version, the keys' time); ``say``: where each layer's progress is told."""
-    saved = (pieces.saved(tag) if pieces else None) or {}
+    ``pieces.stop_after`` it raises ``Stopped`` before a layer, this ciphertext's first included. ``piece()``:
+    what to record of this piece, asked once the keys are made; ``say``: where each layer's time is told."""
+    saved = pieces.check(tag, examples) if pieces else {}
     if "logits" in saved:
-        return StageLog.from_json(saved["log"]).table(), np.array(saved["logits"]), saved["per_layer"], saved["pieces"]
+        return Measured(StageLog.from_json(saved["log"]).table(), np.array(saved["logits"]), saved["per_layer"],
+                        saved["pieces"], saved.get("bootstrap_errors", {}))
+    if pieces and pieces.time_up():
+        raise Stopped(f"{tag} left after {saved.get('layers_done', 0)} of {len(circuit.w.layers)} layers: no time for another")
     ops = make_ops()
     log = StageLog.from_json(saved["log"]) if saved else StageLog()
-    per_layer, history = list(saved.get("per_layer", [])), list(saved.get("pieces", []))
-    this = {**(piece or {}), "first_layer": saved.get("layers_done", 0), "layers": 0, "seconds": 0.0}
-    history.append(this)
+    out = Measured([], np.array([]), list(saved.get("per_layer", [])), list(saved.get("pieces", [])),
+                   dict(saved.get("bootstrap_errors", {})))
+    this = {**piece(), "first_layer": saved.get("layers_done", 0), "layers": 0, "seconds": 0.0}
+    out.pieces.append(this)
     start = pieces.resume(tag, ops) if pieces else None
-    layers, measure = len(circuit.w.layers), P.layer_errors(circuit, ops, hidden, per_layer)
-    began = last = time.perf_counter()
+    boot = Refresher(ops, log, ops.top, bounds=bounds, measure=True)
+    boot.errors = out.bootstrap_errors
+    layers, measure = len(circuit.w.layers), P.layer_errors(circuit, ops, hidden, out.per_layer)
+    began, last = time.perf_counter(), [time.perf_counter()]
+
+    def progress(**more) -> dict:
+        return {"examples": examples, "layers_done": this["first_layer"] + this["layers"], "log": log.to_json(),
+                "per_layer": out.per_layer, "pieces": out.pieces, "bootstrap_errors": out.bootstrap_errors, **more}
 
     def probe(i, x):
-        nonlocal last
         measure(i, x)
         now = time.perf_counter()
-        took, last = now - last, now
+        took, last[0] = now - last[0], now
         this.update(layers=i + 1 - this["first_layer"], seconds=round(now - began, 1))
-        e = per_layer[-1]
+        e = out.per_layer[-1]
         say(f"    layer {i}: {took:.0f} s, max abs error {e['max_abs_error']:.1e} (largest value {e['max_abs_value']:.1f})")
         if pieces:
-            pieces.save(tag, ops, x, {"layers_done": i + 1, "log": log.to_json(), "per_layer": per_layer, "pieces": history})
-            if i + 1 < layers and pieces.time_up(took):
-                raise Stopped(f"{tag} stopped after layer {i} of {layers} (0-{layers - 1}), its state in {pieces.root}")
+            pieces.last_layer = took
+            pieces.save(tag, ops, x, progress())
+            if i + 1 < layers and pieces.time_up():
+                raise Stopped(f"{tag} stopped after layer {i} of {layers} (0-{layers - 1})")
 
-    got = P.run(circuit, Counted(ops, log), Refresher(ops, log, ops.top, bounds=bounds), emb, log, probe, start)
+    out.logits = P.run(circuit, Counted(ops, log), boot, emb, log, probe, start)
     this["seconds"] = round(time.perf_counter() - began, 1)
+    out.table = log.table()
     if pieces:
-        pieces.save(tag, ops, None, {"layers_done": layers, "log": log.to_json(), "per_layer": per_layer, "pieces": history,
-                                     "logits": np.asarray(got).tolist()})
-    return log.table(), got, per_layer, history
+        pieces.save(tag, ops, None, progress(logits=np.asarray(out.logits).tolist()))
+    return out
