@@ -83,8 +83,8 @@ from cgf_bert.fhe import forms as F
 from cgf_bert.fhe import keys as K
 from cgf_bert.fhe import pipeline as P
 from cgf_bert.fhe import staged as S
+from cgf_bert.fhe.figures import plot, price
 from cgf_bert.model.replaced import counting
-from cgf_bert.report.encrypted import plot, price
 from cgf_bert.store.checkpoint import load_model, read_checkpoint
 from cgf_bert.store.provenance import (
     RESULTS_DIR,
@@ -211,11 +211,9 @@ def state_name(path: str) -> str:
 
 
 def pieces_need_ckks(args) -> None:
-    """``--state`` keeps ciphertexts (the simulation has none); ``--stop-after`` stops a run that can go on (``--state``)."""
+    """``--state`` keeps ciphertexts (the simulation has none)."""
     if args.state and args.backend == "sim":
         raise CgfBertError("--state: the simulation keeps no ciphertexts; a run in pieces is --backend interactive or bootstrap")
-    if args.stop_after is not None and not args.state:
-        raise CgfBertError("--stop-after: a run stopped part-way goes on only from a --state folder")
 
 
 def gpu_available(args) -> None:
@@ -402,6 +400,8 @@ def main():
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record and plot go to RESULTS_DIR/fhe/ (default: %(default)s)")
     p.checks += [gpu_available, noise_needs_bootstraps, pieces_need_ckks]
     args = p.parse_args()
+    if args.stop_after is not None and not args.state:  # refused before any work (each flag alone parses)
+        raise CgfBertError("--stop-after: a run stopped part-way goes on only from a --state folder")
     cfg = config_from_args(TrainConfig, args)
     metas = {c: read_checkpoint(c)[1] for c in args.checkpoints}  # every file checked before any work
     _, data = prepare_data(next(iter(metas.values()))["model"], cfg.data_dir, cfg.max_length)
