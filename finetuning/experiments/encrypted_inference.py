@@ -161,7 +161,7 @@ class Backend:
         """What a ciphertext's piece of a run records of this process: the keys' time where its keys were made
         (they are made again at every start), a reuse after."""
         ops, first = self.ops, not self.told
-        keygen = getattr(ops, "keygen_s", None) or getattr(getattr(ops, "ctx", None), "keygen_s", 0.0)
+        keygen = ops.keygen_s
         self.told = True
         return {"code_version": self.version, "machine": machine(torch.device("cpu")), "threads": self.args.threads,
                 **({"keygen_seconds": round(keygen, 1)} if first else {"keys": "made for an earlier ciphertext of this piece"})}
@@ -422,7 +422,7 @@ def main():
         print(f"{stop}, its state in {args.state}: the same command goes on from there.\nsaved {path} (what was measured so far)")
         return
     ops = backend.ops
-    keys = None if ops is None else {"keygen_seconds": round(getattr(ops, "keygen_s", 0.0), 1), "key_bytes": getattr(ops, "key_bytes", None),
+    keys = None if ops is None else {"keygen_seconds": round(ops.keygen_s, 1), "key_bytes": getattr(ops, "key_bytes", None),
                                      "interactive": ops.interactive}
     noise = args.noise.to_json() if args.noise else None
     png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=args.backend != "sim", noise=noise, costs=args.costs)

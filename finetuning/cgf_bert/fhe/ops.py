@@ -74,6 +74,7 @@ class FheOps:
     def __init__(self, ctx: FheContext):
         self.ctx, self.e, self.rlk = ctx, ctx.engine, ctx.relin_key
         self.slots = ctx.slots
+        self.keygen_s = ctx.keygen_s  # the context's keys; a bootstrapping backend sets its own
 
     def level(self, x) -> int:
         return int(x.level)
