@@ -102,13 +102,14 @@ def test_a_run_stopped_between_layers_goes_on_to_the_whole_runs_logits_and_count
     circuit, emb, bounds = _circuit(tiny_bert)
     whole, log, _ = P.simulate(circuit, emb, 17, 1, bounds=bounds)
     hidden = [np.zeros((6, 32))] * 2
-    early = S.Pieces(tmp_path / "state", stop_after=0)
-    with pytest.raises(S.Stopped, match="stopped after layer 0 of 2"):
-        S.encrypted(circuit, lambda: _FileSim(1024, 17, 1), bounds, emb, hidden, early, "a", [[1, 2]])
-
     def no_keys():
         raise AssertionError("keys made for a ciphertext there is no time for")
 
+    with pytest.raises(S.Stopped, match="a left after 0 of 2 layers"):  # 0: no layer begun, no key made
+        S.encrypted(circuit, no_keys, bounds, emb, hidden, S.Pieces(tmp_path / "state", stop_after=0), "a", [[1, 2]])
+    early = S.Pieces(tmp_path / "state", stop_after=1e-6)  # any layer outlasts it: stopped after the first
+    with pytest.raises(S.Stopped, match="stopped after layer 0 of 2"):
+        S.encrypted(circuit, lambda: _FileSim(1024, 17, 1), bounds, emb, hidden, early, "a", [[1, 2]])
     with pytest.raises(S.Stopped, match="b left after 0 of 2 layers"):
         S.encrypted(circuit, no_keys, bounds, emb, hidden, early, "b", [[3, 4]])
     later = S.Pieces(tmp_path / "state")
@@ -146,15 +147,22 @@ def _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags):
 
 @needs_fhe
 def test_a_run_stopped_after_a_layer_goes_on_from_it_and_ends_with_the_models_logits(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, capsys):
-    """--stop-after 0 stops after layer 0 with a partial record; the same command (new keys, made from the saved
-    secret key) goes on from layer 1; once done, the command gives the result again without making a key."""
+    """--stop-after 0.0001 stops after layer 0 with a partial record; --stop-after 0 then records the same progress
+    and makes no key (how a killed run gets its record); the same command (new keys, made from the saved secret key)
+    goes on from layer 1; once done, the command gives the result again without making a key."""
     state = tmp_path / "state"
     flags = ("--backend", "interactive", "--threads", "2", "--layers", "2", "--state", str(state))
-    out = _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags, "--stop-after", "0")
+    out = _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags, "--stop-after", "0.0001")
     assert "stopped after layer 0 of 2" in out and "the same command goes on" in out
     (partial,) = (tmp_path / "fhe").glob("encrypted_inference_partial-*.json")
     (progress,) = json.loads(partial.read_text())["progress"].values()
     assert progress["layers_done"] == 1 and [e["layer"] for e in progress["per_layer"]] == [0] and "logits" not in progress
+    partial.unlink()
+    out = _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags, "--stop-after", "0")
+    assert "left after 1 of 2 layers" in out  # no layer begun (the sim's test checks no key is made)
+    (again,) = (tmp_path / "fhe").glob("encrypted_inference_partial-*.json")
+    assert list(json.loads(again.read_text())["progress"].values()) == [progress]
+    again.unlink()
     assert (state / "secret.key").exists() and [p.name for p in state.glob("*.ct")] == ["model0-pack0-after1.ct"]
 
     _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags)

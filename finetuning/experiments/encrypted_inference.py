@@ -395,7 +395,8 @@ def main():
                         "the client's secret key: keep it out of the repository")
     p.add_argument("--stop-after", type=number(float, "stop-after", min=0), metavar="MIN",
                    help="with --state: begin no encoder layer that would end (timed as the last) more than MIN minutes after "
-                        "the start; the run stops with its state saved and a partial record")
+                        "the start; the run stops with its state saved and a partial record. 0: begin none and make no key, only "
+                        "the partial record of what DIR holds (after a run that was killed)")
     add_config_args(p, TrainConfig, only=("data_dir", "max_length"))
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record and plot go to RESULTS_DIR/fhe/ (default: %(default)s)")
     p.checks += [gpu_available, noise_needs_bootstraps, pieces_need_ckks]

@@ -150,7 +150,10 @@ class Pieces:
             raise CgfBertError(f"{path}: this engine cannot read it as a ciphertext ({e})") from None
 
     def time_up(self) -> bool:
-        """Whether another layer, taking as long as this process's last, would end past ``stop_after``."""
+        """Whether another layer, taking as long as this process's last, would end past ``stop_after``. At 0 no
+        layer is begun and no key made: the partial record of what the folder holds (a killed run leaves none)."""
+        if self.stop_after == 0:
+            return True
         if self.stop_after is None or self.last_layer is None:
             return False
         return time.perf_counter() - self.started + self.last_layer > self.stop_after
