@@ -163,6 +163,10 @@ def test_a_bootstrap_returns_17_levels_unless_its_bound_is_below_one_half():
     assert boot(low, 15, "small").level == 16 and boot(low, 16, "large").level == 17
     with pytest.raises(CgfBertError, match="small needs 16 levels, but a bootstrap by its bound 0.2 leaves 15"):
         boot(low, 16, "small")
+    # the mean the bootstrap gets, on its [-1, 1]: ones by 3.7 enter as 1/4, by 0.2 as 5 (x m, m = 5)
+    assert boot.means == pytest.approx({"large": 0.25, "small": 5.0})
+    boot(B.Levelled(np.r_[np.full(8, 2.0), np.full(8, -2.0)], 2), 16, "large")  # mean 0: the largest is kept
+    assert boot.means["large"] == pytest.approx(0.25)
 
 
 def test_a_simulated_bootstrap_adds_its_error_scaled_back_with_the_bound(tmp_path):

@@ -311,7 +311,7 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
             row = {"tokens": len(ids), "label": chosen[k][2], "ciphertext": c, "examples_in_ciphertext": len(group),
                    "reference_logits": ref.tolist(), "simulated_logits": simulated[j].tolist(),
                    "bootstraps": round(sum(plan.values()), 2), "bootstrap_plan": plan, "bound_overflows": boot.overflows,
-                   "watched_peaks": boot.watched, "poly_inputs_outside": counter.result(), "simulation_seconds": round(wall * share, 1),
+                   "bootstrap_input_means": boot.means, "watched_peaks": boot.watched, "poly_inputs_outside": counter.result(), "simulation_seconds": round(wall * share, 1),
                    "projected_seconds": price(table, args.costs), "op_levels": levels,
                    "rotation_steps": log.steps_by_kind(share), "mean_levels": A.mean_levels(levels)}
             if args.backend != "sim":

@@ -135,7 +135,9 @@ class Refresher:
     and scales back; ``bounds`` maps a call site to its public bound. With ``record=True`` every
     site's largest |value| is recorded (``seen``), for calibration, numpy ops only; a site without a
     bound then takes ``margin`` times its value, as calibration will set it. A value beyond its bound
-    is counted in ``overflows`` (the result would be wrong under CKKS), never hidden.
+    is counted in ``overflows`` (the result would be wrong under CKKS), never hidden. ``means`` keeps, per
+    site, the largest |mean over all slots| of what the bootstrap gets (the value scaled by its bound,
+    numpy ops only): a real bootstrap adds an error that grows about as its cube (summary 88).
 
     With ``measure=True`` each bootstrap's input and output are decrypted (the client's key: a measurement,
     not the protocol) and ``errors`` keeps, per site, the largest change it made, scaled back by the factor its
@@ -148,6 +150,7 @@ class Refresher:
         self.bounds, self.record, self.margin, self.measure = dict(bounds or {}), record, margin, measure
         self.errors: dict[str, float] = {}
         self.seen: dict[str, float] = {}
+        self.means: dict[str, float] = {}
         self.overflows: dict[str, float] = {}
         self.watched: dict[str, float] = {}
         self.booted: dict[str, int] = defaultdict(int)  # bootstraps per call site
@@ -187,6 +190,9 @@ class Refresher:
             bound = max(self.margin * peak, 1e-12)
         if peak is not None and peak > bound:
             self.overflows[site] = max(self.overflows.get(site, 0.0), peak / bound)
+        if peak is not None:
+            mean = abs(float(np.mean(self.ops.peek(x)))) * abs(scaled_bound(bound)[0])
+            self.means[site] = max(self.means.get(site, 0.0), mean)
         self.log.count("bootstraps")
         self.booted[site] += 1
         start = time.perf_counter()
