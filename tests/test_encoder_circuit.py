@@ -729,24 +729,30 @@ def test_ckks_costs_times_rotations_by_the_general_keys_with_their_key_switches(
 def test_bootstrap_inputs_shapes_span_the_bootstrap_range_and_errors_are_measured_against_the_input():
     """Each shape stays on [-1, 1] with the mean its label states; the error is the bootstrap's change, on a
     stand-in engine whose bootstrap adds a known vector (the real one runs as the experiment, minutes long)."""
-    from experiments.bootstrap_inputs import SHAPES, bootstrap_errors
+    from experiments.bootstrap_inputs import FROM_LEVEL, SHAPES, bootstrap_errors
 
     rng = np.random.default_rng(0)
-    means = {name: s.make(rng, 4096) for name, s in SHAPES.items()}
-    assert all(np.abs(x).max() <= 1 for x in means.values())
-    assert abs(means["uniform"].mean()) < 0.05 and abs(means["variance"].mean() + 0.495) < 0.01 and means["constant"].std() == 0
+    samples = {name: s.make(rng, 4096) for name, s in SHAPES.items()}
+    expected = {"uniform": 0.0, "small": 0.0, "positive": 0.5, "variance": -0.495, "constant": 0.5, "near_one": 0.9}
+    assert set(expected) == set(SHAPES) and all(np.abs(x).max() <= 1 for x in samples.values())
+    assert all(abs(samples[n].mean() - m) < 0.02 for n, m in expected.items()) and samples["constant"].std() == 0
 
     added = rng.normal(0, 1e-5, 4096)
 
     class Engine:  # a ciphertext is its slot vector; the bootstrap adds ``added`` and returns at level 16
         encrypt = staticmethod(lambda x, pk: np.array(x))
-        level_down = staticmethod(lambda c, level: c)
+
+        @staticmethod
+        def level_down(c, level):
+            assert level == FROM_LEVEL  # bootstrapped from where ckks_costs bootstraps
+            return c
+
         decrypt = staticmethod(lambda c, sk: np.asarray(c))
 
         @staticmethod
         def bootstrap(c, *keys):
             return type("Ct", (np.ndarray,), {"level": 16})(c.shape, buffer=(c + added).astype(np.float64))
 
-    row = bootstrap_errors(Engine, None, None, (), means["positive"])
+    row = bootstrap_errors(Engine, None, None, (), samples["positive"])
     assert row["max_error"] == pytest.approx(np.abs(added).max()) and row["rms_error"] == pytest.approx(np.sqrt(np.mean(added**2)))
-    assert row["mean"] == pytest.approx(means["positive"].mean()) and row["level_after"] == 16
+    assert row["mean"] == pytest.approx(samples["positive"].mean()) and row["level_after"] == 16

@@ -102,6 +102,7 @@ def test_a_run_stopped_between_layers_goes_on_to_the_whole_runs_logits_and_count
     circuit, emb, bounds = _circuit(tiny_bert)
     whole, log, _ = P.simulate(circuit, emb, 17, 1, bounds=bounds)
     hidden = [np.zeros((6, 32))] * 2
+
     def no_keys():
         raise AssertionError("keys made for a ciphertext there is no time for")
 
@@ -158,8 +159,12 @@ def test_a_run_stopped_after_a_layer_goes_on_from_it_and_ends_with_the_models_lo
     (progress,) = json.loads(partial.read_text())["progress"].values()
     assert progress["layers_done"] == 1 and [e["layer"] for e in progress["per_layer"]] == [0] and "logits" not in progress
     partial.unlink()
-    out = _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags, "--stop-after", "0")
-    assert "left after 1 of 2 layers" in out  # no layer begun (the sim's test checks no key is made)
+    from experiments import encrypted_inference
+
+    with monkeypatch.context() as m:
+        m.setattr(encrypted_inference, "make_backend", lambda *a, **k: pytest.fail("a key made under --stop-after 0"))
+        out = _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags, "--stop-after", "0")
+    assert "left after 1 of 2 layers" in out and "the command without --stop-after 0 goes on" in out
     (again,) = (tmp_path / "fhe").glob("encrypted_inference_partial-*.json")
     assert list(json.loads(again.read_text())["progress"].values()) == [progress]
     again.unlink()
@@ -196,6 +201,12 @@ def test_a_run_in_pieces_needs_ciphertexts_and_stopping_needs_a_state(tmp_path, 
     monkeypatch.setattr(sys, "argv", ["encrypted_inference.py", str(tmp_path / "x.pt"), "--backend", "interactive", "--stop-after", "5"])
     with pytest.raises(CgfBertError, match="goes on only from a --state folder"):
         encrypted_inference.main()  # before the checkpoint is read
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setattr(sys, "argv", ["encrypted_inference.py", str(tmp_path / "x.pt"), "--backend", "interactive",
+                                      "--state", str(tmp_path / "empty"), "--stop-after", "0"])
+    with pytest.raises(CgfBertError, match="holds no run's progress"):
+        encrypted_inference.main()  # nothing to record: refused before any work, the folder left as it was
+    assert not list((tmp_path / "empty").iterdir())
 
 
 @pytest.mark.parametrize("bound", [3.7, 0.2])

@@ -3,12 +3,13 @@ in their mean.
 
 Why: inside the encoder circuit every bootstrap site but one erred as much as a bootstrap of uniform
 values on [-1, 1] does (``experiments.ckks_costs``, about 2-3e-5 at most over 32,768 slots with the
-medium key), while LayerNorm's variance, mapped onto the rsqrt fit's [-1, 1], erred about seven times
+medium key), while LayerNorm's variance, mapped onto the rsqrt fit's [-1, 1], erred about eight times
 more (summary, finding 87). That input sits near one end of its range in nearly every slot: its slots'
 mean, the message polynomial's constant coefficient, is as large as the values themselves, where
 uniform values spread over all coefficients and leave each one about 1/sqrt(N) of that. A bootstrap's
 modular reduction is approximated on the coefficients, not on the slots. Each shape here is bootstrapped
-once from level 3, as ``ckks_costs`` does, and its slot errors are recorded with the shape's mean.
+once from level ``FROM_LEVEL``, as ``ckks_costs`` does, on values of its own seed (its index here), and its
+slot errors are recorded with the shape's mean.
 
     cd finetuning
     python -m experiments.bootstrap_inputs --key medium   # fhe extra; ~20 GB and ~15 min with the medium key
@@ -35,6 +36,7 @@ class Shape:
     make: Callable[[np.random.Generator, int], np.ndarray]
 
 
+FROM_LEVEL = 3  # as experiments.ckks_costs bootstraps
 SHAPES = {
     "uniform": Shape("uniform on [-1, 1], mean 0 (the ckks_costs probe)", lambda r, n: r.uniform(-1, 1, n)),
     "small": Shape("uniform on [-0.05, 0.05], mean 0", lambda r, n: r.uniform(-0.05, 0.05, n)),
@@ -46,7 +48,7 @@ SHAPES = {
 }
 
 
-def bootstrap_errors(e, sk, pk, keys, x: np.ndarray, level: int = 3) -> dict:
+def bootstrap_errors(e, sk, pk, keys, x: np.ndarray, level: int = FROM_LEVEL) -> dict:
     """One bootstrap of ``x`` encrypted and taken down to ``level``: its slot errors against ``x``."""
     c = e.level_down(e.encrypt(x, pk), level)
     start = time.perf_counter()
@@ -71,7 +73,6 @@ def main():
     import torch
 
     out_dir = Path(args.results_dir) / "fhe"
-    out_dir.mkdir(parents=True, exist_ok=True)  # a path that cannot be written fails here, before the keys
     start = time.perf_counter()
     e = desilofhe.Engine(bootstrap=True, mode="cpu", thread_count=args.threads)
     sk = e.create_secret_key()
@@ -82,14 +83,17 @@ def main():
         keys = (rlk, ck, e.create_bootstrap_key(sk, size="medium"))
     keygen = time.perf_counter() - start
     note(f"keys: {keygen:.0f} s")
-    rng, rows = np.random.default_rng(0), {}
-    for name in args.shapes:
-        rows[name] = {"shape": SHAPES[name].label, **bootstrap_errors(e, sk, pk, keys, SHAPES[name].make(rng, e.slot_count))}
+    rows = {}
+    for name in dict.fromkeys(args.shapes):  # each once, on its own seed whichever come before it
+        x = SHAPES[name].make(np.random.default_rng(list(SHAPES).index(name)), e.slot_count)
+        rows[name] = {"shape": SHAPES[name].label, "seed": list(SHAPES).index(name), **bootstrap_errors(e, sk, pk, keys, x)}
         r = rows[name]
         print(f"{name:>9}: mean {r['mean']:+.3f}, max error {r['max_error']:.1e}, rms {r['rms_error']:.1e} ({r['seconds']:.0f} s)", flush=True)
     record = {"command": command_line(), "code_version": code_version(), "machine": machine(torch.device("cpu")),
-              "bootstrap_key": args.key, "slots": int(e.slot_count), "bootstrap_from_level": 3, "keygen_seconds": keygen, "shapes": rows}
+              "bootstrap_key": args.key, "slots": int(e.slot_count), "max_level": int(e.max_level), "bootstrap_from_level": FROM_LEVEL,
+              "keygen_seconds": keygen, "key_bytes": int(sum(getattr(k, "nbytes", 0) for k in keys)), "shapes": rows}
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    out_dir.mkdir(parents=True, exist_ok=True)  # --results-dir was checked writable as parsed
     print(f"saved {write_json(out_dir / f'bootstrap_inputs-{stamp}.json', record)}")
 
 

@@ -395,14 +395,16 @@ def main():
                         "the client's secret key: keep it out of the repository")
     p.add_argument("--stop-after", type=number(float, "stop-after", min=0), metavar="MIN",
                    help="with --state: begin no encoder layer that would end (timed as the last) more than MIN minutes after "
-                        "the start; the run stops with its state saved and a partial record. 0: begin none and make no key, only "
-                        "the partial record of what DIR holds (after a run that was killed)")
+                        "the start; the run stops with its state saved and a partial record. 0: after calibrating, begin none and make "
+                        "no key, only the partial record of what DIR holds (after a run that was killed)")
     add_config_args(p, TrainConfig, only=("data_dir", "max_length"))
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record and plot go to RESULTS_DIR/fhe/ (default: %(default)s)")
     p.checks += [gpu_available, noise_needs_bootstraps, pieces_need_ckks]
     args = p.parse_args()
     if args.stop_after is not None and not args.state:  # refused before any work (each flag alone parses)
         raise CgfBertError("--stop-after: a run stopped part-way goes on only from a --state folder")
+    if args.stop_after == 0 and not [p for p in Path(args.state).glob("*.json") if p.name != "state.json"]:
+        raise CgfBertError(f"--stop-after 0 records what {args.state} holds, and it holds no run's progress")
     cfg = config_from_args(TrainConfig, args)
     metas = {c: read_checkpoint(c)[1] for c in args.checkpoints}  # every file checked before any work
     _, data = prepare_data(next(iter(metas.values()))["model"], cfg.data_dir, cfg.max_length)
@@ -410,6 +412,7 @@ def main():
     backend = Backend(args, version)
     if backend.pieces:
         backend.pieces.agree("data", data_fingerprint(TASK, cfg.data_dir))
+        backend.pieces.secret_key  # noqa: B018 (refused here, not after calibration, if progress has lost its key)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     try:
         for j, path in enumerate(args.checkpoints):
@@ -420,7 +423,8 @@ def main():
                "state": state_name(args.state), "stopped": str(stop), "progress": backend.pieces.progress()}
         out, out["non_finite"] = strict_json(out, NON_FINITE)
         path = write_json(Path(args.results_dir) / "fhe" / f"encrypted_inference_partial-{stamp}.json", out)
-        print(f"{stop}, its state in {args.state}: the same command goes on from there.\nsaved {path} (what was measured so far)")
+        more = "the command without --stop-after 0" if args.stop_after == 0 else "the same command"
+        print(f"{stop}, its state in {args.state}: {more} goes on from there.\nsaved {path} (what was measured so far)")
         return
     ops = backend.ops
     keys = None if ops is None else {"keygen_seconds": round(ops.keygen_s, 1), "key_bytes": getattr(ops, "key_bytes", None),

@@ -74,7 +74,11 @@ class FheOps:
     def __init__(self, ctx: FheContext):
         self.ctx, self.e, self.rlk = ctx, ctx.engine, ctx.relin_key
         self.slots = ctx.slots
-        self.keygen_s = ctx.keygen_s  # the context's keys; a bootstrapping backend sets its own
+        self.keygen_s = ctx.keygen_s  # the context's keys (its rotation keys are made on first use); a bootstrapping backend sets its own
+
+    @property
+    def key_bytes(self) -> int:
+        return self.ctx.key_bytes
 
     def level(self, x) -> int:
         return int(x.level)

@@ -60,7 +60,8 @@ class Pieces:
     ciphertext's progress.
 
     ``stop_after``: seconds after ``started`` past which no new layer is begun, the last layer this process
-    ran being the estimate of the next's (None: never stop)."""
+    ran being the estimate of the next's (None: never stop; 0: begin no layer and make no key, where any
+    positive value still runs the first layer a process begins)."""
 
     root: Path
     stop_after: float | None = None
