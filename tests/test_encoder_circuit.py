@@ -195,8 +195,8 @@ def test_the_circuits_error_under_bootstrap_noise_grows_with_the_noise(tiny_bert
     ids, tt = _example(9)
     circuit = E.EncoderCircuit(E.Weights.of(model), POLY, E.TokenLayout.for_model(1024, model.bert.config.hidden_size))
     emb, ref = P.embed(model, ids, tt), P.reference_logits(model, ids, tt)
-    bounds = P.calibrate(circuit, [emb], 17, 1)
-    errs = [np.abs(P.simulate(circuit, emb, 17, 1, bounds=bounds, noise=B.BootstrapNoise(s))[0] - ref).max() for s in (1e-8, 1e-6)]
+    bounds, centres = P.calibrate(circuit, [emb], 17, 1)
+    errs = [np.abs(P.simulate(circuit, emb, 17, 1, bounds=bounds, centres=centres, noise=B.BootstrapNoise(s))[0] - ref).max() for s in (1e-8, 1e-6)]
     assert errs[0] > 1e-11 and 30 < errs[1] / errs[0] < 300
 
 
@@ -206,8 +206,8 @@ def test_calibration_settles_on_bounds_whose_plan_bootstraps_exactly_the_sites_i
     ids, tt = _example(9)
     circuit = E.EncoderCircuit(E.Weights.of(model), POLY, E.TokenLayout.for_model(1024, model.bert.config.hidden_size))
     emb = P.embed(model, ids, tt)
-    bounds = P.calibrate(circuit, [emb], 17, 1)
-    _, _, again = P.simulate(circuit, emb, 17, 1, bounds=bounds, record=True)
+    bounds, centres = P.calibrate(circuit, [emb], 17, 1)
+    _, _, again = P.simulate(circuit, emb, 17, 1, bounds=bounds, centres=centres, record=True)
     assert set(again.seen) == set(bounds) and not again.overflows
 
 
@@ -328,10 +328,10 @@ def _encrypted_matches_the_model(tiny_bert, ops):
     emb = P.embed(model, ids, tt)
     circuit = E.EncoderCircuit(E.Weights.of(model), ONE_LAYER, E.TokenLayout.for_model(ops.slots, 32))
     reserve = getattr(ops, "reserve", 0)
-    bounds = P.calibrate(circuit, [emb], ops.top, reserve)
-    _, plan, _ = P.simulate(circuit, emb, ops.top, reserve, bounds=bounds)
+    bounds, centres = P.calibrate(circuit, [emb], ops.top, reserve)
+    _, plan, _ = P.simulate(circuit, emb, ops.top, reserve, bounds=bounds, centres=centres)
     log = A.StageLog()
-    out = P.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds), emb, log)
+    out = P.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds, centres=centres), emb, log)
     ref = P.reference_logits(model, ids, tt)
     np.testing.assert_allclose(out, ref, atol=1e-3 * np.abs(ref).max())
     booted = sum(d.get("bootstraps", 0) for d in log.stages.values())

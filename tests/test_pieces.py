@@ -29,16 +29,16 @@ def _circuit(tiny_bert):
     ids, tt = _example(6)
     circuit = E.EncoderCircuit(E.Weights.of(model), POLY, E.TokenLayout.for_model(1024, model.bert.config.hidden_size))
     emb = P.embed(model, ids, tt)
-    return circuit, emb, P.calibrate(circuit, [emb], 17, 1)
+    return (circuit, emb, *P.calibrate(circuit, [emb], 17, 1))
 
 
 def test_a_circuit_started_at_a_layer_from_the_layer_befores_output_ends_as_the_whole_run(tiny_bert):
     """``forward(first=1)`` on layer 0's output: the same logits and the same operations after layer 0."""
-    circuit, emb, bounds = _circuit(tiny_bert)
+    circuit, emb, bounds, centres = _circuit(tiny_bert)
     outputs = {}
-    whole, log, _ = P.simulate(circuit, emb, 17, 1, bounds=bounds, probe=lambda i, x: outputs.setdefault(i, x))
+    whole, log, _ = P.simulate(circuit, emb, 17, 1, bounds=bounds, centres=centres, probe=lambda i, x: outputs.setdefault(i, x))
     ops, rest = SimulatedCkks(1024, 17, 1), A.StageLog()
-    boot = A.Refresher(ops, rest, 17, bounds=bounds)
+    boot = A.Refresher(ops, rest, 17, bounds=bounds, centres=centres)
     got = P.run(circuit, A.Counted(ops, rest), boot, emb, rest, start=(1, outputs[0]))
     np.testing.assert_array_equal(got, whole)
     assert not any(stage.startswith("layer 0") for stage in rest.stages)
@@ -51,8 +51,8 @@ def test_a_circuit_started_at_a_layer_from_the_layer_befores_output_ends_as_the_
 
 
 def test_a_stage_log_reads_back_from_json_as_it_was(tiny_bert):
-    circuit, emb, bounds = _circuit(tiny_bert)
-    _, log, _ = P.simulate(circuit, emb, 17, 1, bounds=bounds)
+    circuit, emb, bounds, centres = _circuit(tiny_bert)
+    _, log, _ = P.simulate(circuit, emb, 17, 1, bounds=bounds, centres=centres)
     back = A.StageLog.from_json(json.loads(json.dumps(log.to_json())))
     assert back.table() == log.table() and back.level_table() == log.level_table()
     assert back.steps_by_kind() == log.steps_by_kind() and back.current == log.current
@@ -99,22 +99,22 @@ def test_a_run_stopped_between_layers_goes_on_to_the_whole_runs_logits_and_count
     """``staged.encrypted`` on the simulation: stopped after layer 0, then gone on with from its saved ciphertext,
     it ends with the logits and the operations of the circuit run in one go; a process whose time is up
     begins no other ciphertext, and makes no key for it."""
-    circuit, emb, bounds = _circuit(tiny_bert)
-    whole, log, _ = P.simulate(circuit, emb, 17, 1, bounds=bounds)
+    circuit, emb, bounds, centres = _circuit(tiny_bert)
+    whole, log, _ = P.simulate(circuit, emb, 17, 1, bounds=bounds, centres=centres)
     hidden = [np.zeros((6, 32))] * 2
 
     def no_keys():
         raise AssertionError("keys made for a ciphertext there is no time for")
 
     with pytest.raises(S.Stopped, match="a left after 0 of 2 layers"):  # 0: no layer begun, no key made
-        S.encrypted(circuit, no_keys, bounds, emb, hidden, S.Pieces(tmp_path / "state", stop_after=0), "a", [[1, 2]])
+        S.encrypted(circuit, no_keys, bounds, emb, hidden, S.Pieces(tmp_path / "state", stop_after=0), "a", [[1, 2]], centres=centres)
     early = S.Pieces(tmp_path / "state", stop_after=1e-6)  # any layer outlasts it: stopped after the first
     with pytest.raises(S.Stopped, match="stopped after layer 0 of 2"):
-        S.encrypted(circuit, lambda: _FileSim(1024, 17, 1), bounds, emb, hidden, early, "a", [[1, 2]])
+        S.encrypted(circuit, lambda: _FileSim(1024, 17, 1), bounds, emb, hidden, early, "a", [[1, 2]], centres=centres)
     with pytest.raises(S.Stopped, match="b left after 0 of 2 layers"):
-        S.encrypted(circuit, no_keys, bounds, emb, hidden, early, "b", [[3, 4]])
+        S.encrypted(circuit, no_keys, bounds, emb, hidden, early, "b", [[3, 4]], centres=centres)
     later = S.Pieces(tmp_path / "state")
-    got = S.encrypted(circuit, lambda: _FileSim(1024, 17, 1), bounds, emb, hidden, later, "a", [[1, 2]])
+    got = S.encrypted(circuit, lambda: _FileSim(1024, 17, 1), bounds, emb, hidden, later, "a", [[1, 2]], centres=centres)
     np.testing.assert_array_equal(got.logits, whole)
     assert [p["first_layer"] for p in got.pieces] == [0, 1] and [e["layer"] for e in got.per_layer] == [0, 1]
 
@@ -122,7 +122,7 @@ def test_a_run_stopped_between_layers_goes_on_to_the_whole_runs_logits_and_count
         return {r["stage"]: {k: v for k, v in r.items() if not k.endswith("seconds")} for r in table}
 
     assert counts(got.table) == counts(log.table())
-    again = S.encrypted(circuit, no_keys, bounds, emb, hidden, S.Pieces(tmp_path / "state"), "a", [[1, 2]])  # done: read back
+    again = S.encrypted(circuit, no_keys, bounds, emb, hidden, S.Pieces(tmp_path / "state"), "a", [[1, 2]], centres=centres)  # done: read back
     np.testing.assert_array_equal(again.logits, whole)
 
 

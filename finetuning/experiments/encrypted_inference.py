@@ -47,10 +47,12 @@ the medium key, the fewest of 15 fixed keys chosen for the rotations of the firs
 its calibration examples, ``fhe.keys``), and
 each example's rotation steps are recorded, so ``experiments.reprice --key`` prices them for the other keys.
 
-Bootstrap bounds (the public scale each refreshed value is divided by) are calibrated on
---calibrate training examples (twice the largest |value| seen at each site); a dev value beyond
-its bound is counted (it would be wrong under CKKS), as are the inputs that leave a polynomial's
-interval in the reference.
+Bootstrap centres and bounds are calibrated on --calibrate training examples: each site's centre is
+the mean of what it refreshes, subtracted before the bootstrap and added back after (a bootstrap's
+error grows with its input's mean, summary.md finding 88; --no-centre leaves it out), and its bound
+(the public scale the centred value is divided by) twice the largest |value - centre| seen there. A
+dev value beyond its bound is counted (it would be wrong under CKKS), as are the inputs that leave a
+polynomial's interval in the reference.
 
     cd finetuning
     python -m experiments.encrypted_inference ../checkpoints/STUDENT.pt ../checkpoints_teacher/teacher.pt --examples 8
@@ -271,10 +273,13 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
     # packed and alone: a pack's circuit bootstraps other sites than a lone example's (a dev pack may be one short)
     groups = P.packs(calibration, args.pack, lay.rows) + ([[ex] for ex in calibration] if args.pack > 1 else [])
     steps: dict = {}
-    bounds = P.calibrate(circuit, (P.one([P.embed(model, ids, tt) for ids, tt in g]) for g in groups), top, reserve, steps=steps)
+    bounds, centres = P.calibrate(circuit, (P.one([P.embed(model, ids, tt) for ids, tt in g]) for g in groups), top, reserve,
+                                  steps=steps, centre=args.centre)
     keys = backend.rotation_keys(steps)
     if backend.pieces:  # a run in pieces goes on only with the circuit it began with
-        backend.pieces.agree(name, {"checkpoint": repo_relative(path), "label": approx.label(), "bounds": bounds, "rotation_keys": keys.to_json()})
+        # centres only where the circuit has them: a state from before they existed is an uncentred run's
+        backend.pieces.agree(name, {"checkpoint": repo_relative(path), "label": approx.label(), "bounds": bounds, "rotation_keys": keys.to_json()}
+                             | ({"centres": centres} if centres else {}))
     rows, stages = [], {}
     limit = min(fit, args.max_tokens or fit)
     chosen = F.examples_of(data["validation"], limit, args.examples)
@@ -291,7 +296,7 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
         start = time.perf_counter()
         planned: list[dict] = []
         with np.errstate(over="ignore", invalid="ignore"):  # values driven past float64 are reported below, not warned about
-            got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, noise=args.noise, seed=c,
+            got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, centres=centres, noise=args.noise, seed=c,
                                         keys=keys, measure=args.backend != "sim" and bool(args.noise),
                                         probe=P.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
@@ -303,7 +308,7 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
         per_layer, wall_seconds = planned, None
         if args.backend != "sim":
             measured = S.encrypted(circuit, backend, bounds, emb, hidden, backend.pieces, f"{name}-pack{c}",
-                                   [ids.tolist() for ids, _ in group], backend.piece, note)
+                                   [ids.tolist() for ids, _ in group], backend.piece, note, centres)
             got, per_layer, table = measured.logits, measured.per_layer, _shared(measured.table, share)
             wall_seconds = round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1)
         got = np.atleast_2d(got)
@@ -316,7 +321,8 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
                    "rotation_steps": log.steps_by_kind(share), "mean_levels": A.mean_levels(levels)}
             if args.backend != "sim":
                 row.update(simulated_per_layer=planned, encrypted_logits=got[j].tolist(), wall_seconds=wall_seconds, pieces=measured.pieces,
-                           bootstrap_errors=measured.bootstrap_errors, simulated_bootstrap_errors=boot.errors)
+                           bootstrap_errors=measured.bootstrap_errors, bootstrap_offsets=measured.bootstrap_offsets,
+                           simulated_bootstrap_errors=boot.errors)
             finite = bool(np.isfinite(got[j]).all())  # a NaN's argmax is 0: it must not count as a prediction
             row.update(finite=finite, max_abs_error=float(np.abs(got[j] - ref).max()),
                        same_prediction=finite and bool(got[j].argmax() == ref.argmax()), per_layer=per_layer, stages=table)
@@ -335,7 +341,7 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
     return {"checkpoint": repo_relative(path), "trained": {k: meta.get(k) for k in ("seed", "epoch", "dev", "code_version")},
             "approx": approx.to_json(), "label": approx.label(), "layers": len(model.bert.encoder.layer),
             "layout": {"slots": lay.slots, "width": lay.width, "rows": lay.rows},
-            "calibration_examples": len(calibration), "form_examples": len(measure), "examples_per_ciphertext": args.pack, "bounds": bounds, "examples": rows,
+            "calibration_examples": len(calibration), "form_examples": len(measure), "examples_per_ciphertext": args.pack, "bounds": bounds, "centres": centres, "examples": rows,
             "per_example_mean_by_stage": {k: {m: round(v, 2) for m, v in d.items()} for k, d in stages.items()}}
 
 
@@ -385,6 +391,10 @@ def main():
     p.add_argument("--pack", type=number(int, "pack", min=1), default=1,
                    help="examples per ciphertext: consecutive dev examples share one (their tokens in its rows; attention "
                         "never crosses them) and its cost; calibration is packed the same way (default: %(default)s)")
+    p.add_argument("--no-centre", dest="centre", action="store_false",
+                   help="bootstrap each value as it is, instead of less a public centre (its site's mean over the --calibrate "
+                        "examples) added back after: a real bootstrap errs by an offset that grows as the cube of its input's "
+                        "mean (summary.md, finding 88). A --state run begun before centres existed goes on only with this")
     p.add_argument("--layers", type=number(int, "layers", min=1),
                    help="run only the first N encoder layers, then the pooler and classifier (the reference is the model cut the same way)")
     p.add_argument("--max-tokens", type=number(int, "max-tokens", min=2),

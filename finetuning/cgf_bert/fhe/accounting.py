@@ -132,24 +132,35 @@ class Refresher:
     """Bootstraps a ciphertext when a step needs more levels than it has left.
 
     ``ops.bootstrap(x, bound)`` scales by ``1/bound`` into the bootstrap's input range, refreshes
-    and scales back; ``bounds`` maps a call site to its public bound. With ``record=True`` every
-    site's largest |value| is recorded (``seen``), for calibration, numpy ops only; a site without a
-    bound then takes ``margin`` times its value, as calibration will set it. A value beyond its bound
-    is counted in ``overflows`` (the result would be wrong under CKKS), never hidden. ``means`` keeps, per
-    site, the largest |mean over all slots| of what the bootstrap gets (the value scaled by its bound,
-    numpy ops only): a real bootstrap adds an error that grows about as its cube (summary 88).
+    and scales back; ``bounds`` maps a call site to its public bound. ``centres`` maps a site to a public
+    constant subtracted before its bootstrap and added back after (no level either way), so that what the
+    bootstrap gets has about mean 0: a real bootstrap adds an offset that grows about as the cube of its
+    input's mean (summary 88), and a centred input also needs a smaller bound. The bound is then on
+    |value - centre|. With ``record=True`` every site's largest |value - centre| is recorded (``seen``),
+    with its extent (``extents``: lowest and highest slot) and each call's mean over all slots
+    (``slot_means``), for calibration, numpy ops only; a site without a bound then takes ``margin`` times
+    its value, as calibration will set it. A value beyond its bound is counted in ``overflows`` (the result
+    would be wrong under CKKS), never hidden. ``means`` keeps, per site, the largest |mean over all slots|
+    of what the bootstrap gets (the centred value scaled by its bound, numpy ops only).
 
     With ``measure=True`` each bootstrap's input and output are decrypted (the client's key: a measurement,
     not the protocol) and ``errors`` keeps, per site, the largest change it made, scaled back by the factor its
-    bound multiplies the bootstrap's [-1, 1] range by (``backends.scaled_bound``): the error on that range, what ``experiments.ckks_costs`` measures on a fresh ciphertext.
+    bound multiplies the bootstrap's [-1, 1] range by (``backends.scaled_bound``): the error on that range,
+    what ``experiments.ckks_costs`` measures on a fresh ciphertext; ``offsets`` keeps the signed mean change
+    over all slots, on the same range, of the call whose |offset| was largest: the bias, apart from the
+    noise that averages out.
     """
 
     def __init__(self, ops, log: StageLog, top: int, bounds: dict[str, float] | None = None, record: bool = False,
-                 margin: float = 1.0, measure: bool = False):
+                 margin: float = 1.0, measure: bool = False, centres: dict[str, float] | None = None):
         self.ops, self.log, self.top = ops, log, top
         self.bounds, self.record, self.margin, self.measure = dict(bounds or {}), record, margin, measure
+        self.centres = dict(centres or {})
         self.errors: dict[str, float] = {}
+        self.offsets: dict[str, float] = {}
         self.seen: dict[str, float] = {}
+        self.extents: dict[str, tuple[float, float]] = {}
+        self.slot_means: dict[str, list[float]] = defaultdict(list)
         self.means: dict[str, float] = {}
         self.overflows: dict[str, float] = {}
         self.watched: dict[str, float] = {}
@@ -178,11 +189,16 @@ class Refresher:
             raise CgfBertError(f"{site} needs {need} levels in one step, more than the {self.usable} a bootstrap leaves")
         if self.ops.level(x) - getattr(self.ops, "reserve", 0) >= need:
             return x
-        peak = float(np.abs(self.ops.peek(x)).max()) if hasattr(self.ops, "peek") else None
-        if peak is not None and at_most is None:
+        centre = 0.0 if at_most is not None else self.centres.get(site, 0.0)
+        slots = self.ops.peek(x) if hasattr(self.ops, "peek") else None  # numpy ops: what calibration sees
+        peak = None if slots is None else float(np.abs(slots - centre).max())
+        if slots is not None and at_most is None:
             if self.record and not np.isfinite(peak):
                 raise CgfBertError(f"{site}: a calibration value is not finite ({peak}): no bound can be set from it")
             self.seen[site] = max(self.seen.get(site, 0.0), peak)
+            lo, hi = self.extents.get(site, (np.inf, -np.inf))
+            self.extents[site] = (min(lo, float(slots.min())), max(hi, float(slots.max())))
+            self.slot_means[site].append(float(np.mean(slots)))
         bound = at_most if at_most is not None else self.bounds.get(site)
         if bound is None:
             if not self.record:
@@ -190,18 +206,23 @@ class Refresher:
             bound = max(self.margin * peak, 1e-12)
         if peak is not None and peak > bound:
             self.overflows[site] = max(self.overflows.get(site, 0.0), peak / bound)
-        if peak is not None:
-            mean = abs(float(np.mean(self.ops.peek(x)))) * abs(scaled_bound(bound)[0])
+        if slots is not None:
+            mean = abs(float(np.mean(slots)) - centre) * abs(scaled_bound(bound)[0])
             self.means[site] = max(self.means.get(site, 0.0), mean)
         self.log.count("bootstraps")
         self.booted[site] += 1
         start = time.perf_counter()
-        out = self.ops.bootstrap(x, bound)
+        y = self.ops.add_const(x, -centre) if centre else x
+        out = self.ops.bootstrap(y, bound)
+        out = self.ops.add_const(out, centre) if centre else out
         self.log.count("bootstrap_seconds", time.perf_counter() - start)
         if self.measure:
             scale = abs(scaled_bound(bound)[1])  # what the [-1, 1] range is multiplied by after the bootstrap
-            change = float(np.abs(self.ops.decrypt(out) - self.ops.decrypt(x)).max()) / scale
-            self.errors[site] = max(self.errors.get(site, 0.0), change)
+            change = (self.ops.decrypt(out) - self.ops.decrypt(x)) / scale
+            self.errors[site] = max(self.errors.get(site, 0.0), float(np.abs(change).max()))
+            offset = float(np.mean(change))
+            if abs(offset) >= abs(self.offsets.get(site, 0.0)):
+                self.offsets[site] = offset
         left = self.ops.level(out) - getattr(self.ops, "reserve", 0)
         if left < need:  # a bound below 1 is scaled back after the bootstrap, at the cost of a level
             raise CgfBertError(f"{site} needs {need} levels, but a bootstrap by its bound {bound:.3g} leaves {left}")

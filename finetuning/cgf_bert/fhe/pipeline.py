@@ -66,15 +66,15 @@ def layer_errors(circuit: EncoderCircuit, ops, hidden: list[np.ndarray], into: l
 
 def simulate(circuit: EncoderCircuit, emb: np.ndarray, top: int, reserve: int = 0, bounds: dict | None = None,
              record: bool = False, probe=None, margin: float = 1.0, noise=None, seed: int = 0,
-             keys=None, measure: bool = False) -> tuple[np.ndarray, StageLog, Refresher]:
+             keys=None, measure: bool = False, centres: dict | None = None) -> tuple[np.ndarray, StageLog, Refresher]:
     """``run`` on ``SimulatedCkks`` with ``top`` levels after a bootstrap (``emb``: one example or a list
     packed in one ciphertext): the plan and the logits
     (with ``noise``, each bootstrap's error drawn as ``SimulatedCkks`` says, from ``seed``; rotations
     counted in key switches as ``BootstrapOps`` makes them with ``keys`` (``fhe.keys``; default the small key's set);
-    ``measure``: each site's largest bootstrap error kept, as ``Refresher`` says)."""
+    ``measure``: each site's largest bootstrap error kept, as ``Refresher`` says; ``centres``: its centres)."""
     log = StageLog()
     sim = SimulatedCkks(circuit.lay.slots, top, reserve, noise=noise, seed=seed, keys=keys)
-    boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin, measure=measure)
+    boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin, measure=measure, centres=centres)
     return run(circuit, Counted(sim, log), boot, emb, log, probe), log, boot
 
 
@@ -98,34 +98,42 @@ CALIBRATION_PASSES = 4
 
 
 def calibrate(circuit: EncoderCircuit, embeddings, top: int, reserve: int = 0, margin: float = 2.0,
-              steps: dict | None = None) -> dict[str, float]:
-    """The public bootstrap bounds: ``margin`` times the largest |value| each site refreshes, over the
-    embedding outputs of calibration examples (training data, never the examples scored; each item one
-    example, or a list packed as the scored ones will be).
+              steps: dict | None = None, centre: bool = True) -> tuple[dict[str, float], dict[str, float]]:
+    """The public bootstrap bounds and centres (``Refresher``), over the embedding outputs of calibration
+    examples (training data, never the examples scored; each item one example, or a list packed as the
+    scored ones will be). A site's centre is the mean over all slots of what it refreshes, averaged over
+    every call (with ``centre=False``, none: 0); its bound is ``margin`` times the largest |value - centre|.
 
     A bound decides the level its bootstrap returns (``backends.scaled_bound``: one of at most 1/2 costs a
     level), so the sites the plan refreshes can change with the bounds: calibration runs again at its
-    own bounds until they do not (at most 4 passes; a site never bounded is then refused, loudly, by
-    the ``Refresher``). ``steps``, if given, receives the last pass's rotations, ``{step: how many}`` over
-    every example (what the medium key's rotation keys are chosen for, ``keys.FixedKeys.chosen``)."""
+    own bounds and centres until they do not (at most 4 passes; a site never bounded is then refused,
+    loudly, by the ``Refresher``). ``steps``, if given, receives the last pass's rotations, ``{step: how many}``
+    over every example (what the medium key's rotation keys are chosen for, ``keys.FixedKeys.chosen``)."""
     embeddings = list(embeddings)
     bounds: dict[str, float] = {}
+    centres: dict[str, float] = {}
     for _ in range(CALIBRATION_PASSES):
-        new: dict[str, float] = {}
+        extents: dict[str, tuple[float, float]] = {}
+        slot_means: dict[str, list[float]] = {}
         logs = []
         for emb in embeddings:
-            _, log, boot = simulate(circuit, emb, top, reserve, bounds=bounds, record=True, margin=margin)
+            _, log, boot = simulate(circuit, emb, top, reserve, bounds=bounds, record=True, margin=margin, centres=centres)
             logs.append(log)
-            for site, peak in boot.seen.items():
-                new[site] = max(new.get(site, 0.0), margin * peak, 1e-12)  # a site seen only at 0 still has a bound
+            for site, (lo, hi) in boot.extents.items():
+                was = extents.get(site, (lo, hi))
+                extents[site] = (min(was[0], lo), max(was[1], hi))
+                slot_means.setdefault(site, []).extend(boot.slot_means[site])
+        new_centres = {site: float(np.mean(m)) for site, m in slot_means.items()} if centre else {}
+        new = {site: max(margin * max(hi - new_centres.get(site, 0.0), new_centres.get(site, 0.0) - lo), 1e-12)
+               for site, (lo, hi) in extents.items()}  # a site seen only at its centre still has a bound
         if steps is not None:
             steps.clear()
             steps.update(merged(d for log in logs for d in log.steps.values()))
         settled = _levels_of(new) == _levels_of(bounds)
-        bounds = new
+        bounds, centres = new, new_centres
         if settled:
             break
-    return bounds
+    return bounds, centres
 
 
 def _levels_of(bounds: dict[str, float]) -> dict[str, int]:

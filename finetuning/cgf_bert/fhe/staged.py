@@ -168,45 +168,48 @@ class Pieces:
 class Measured:
     """What ``encrypted`` measured of one ciphertext, over every piece: the stage table, the decrypted logits,
     the error after each layer, the pieces (each: its first layer, layers, seconds and what ``piece`` gave)
-    and each bootstrap site's largest error on its [-1, 1] range (``Refresher``'s ``measure``)."""
+    and each bootstrap site's largest error and signed mean offset on its [-1, 1] range (``Refresher``'s ``measure``)."""
 
     table: list[dict]
     logits: np.ndarray
     per_layer: list[dict]
     pieces: list[dict]
     bootstrap_errors: dict[str, float]
+    bootstrap_offsets: dict[str, float] = field(default_factory=dict)
 
 
 def encrypted(circuit, make_ops, bounds: dict, emb, hidden: list, pieces: Pieces | None = None, tag: str = "",
-              examples=None, piece=dict, say=lambda text: None) -> Measured:
+              examples=None, piece=dict, say=lambda text: None, centres: dict | None = None) -> Measured:
     """One ciphertext (``emb``: one example or a packed list, ``examples`` their tokens) through the ops
     ``make_ops()`` gives.
 
     With ``pieces``, after each layer the ciphertext and the progress are saved under ``tag``; a run saved
     part-way goes on from its last layer, one saved whole returns its result without making any key; past
     ``pieces.stop_after`` it raises ``Stopped`` before a layer, this ciphertext's first included. ``piece()``:
-    what to record of this piece, asked once the keys are made; ``say``: where each layer's time is told."""
+    what to record of this piece, asked once the keys are made; ``say``: where each layer's time is told;
+    ``centres``: the bootstrap centres (``Refresher``)."""
     saved = pieces.check(tag, examples) if pieces else {}
     if "logits" in saved:
         return Measured(StageLog.from_json(saved["log"]).table(), np.array(saved["logits"]), saved["per_layer"],
-                        saved["pieces"], saved.get("bootstrap_errors", {}))
+                        saved["pieces"], saved.get("bootstrap_errors", {}), saved.get("bootstrap_offsets", {}))
     if pieces and pieces.time_up():
         raise Stopped(f"{tag} left after {saved.get('layers_done', 0)} of {len(circuit.w.layers)} layers: no time for another")
     ops = make_ops()
     log = StageLog.from_json(saved["log"]) if saved else StageLog()
     out = Measured([], np.array([]), list(saved.get("per_layer", [])), list(saved.get("pieces", [])),
-                   dict(saved.get("bootstrap_errors", {})))
+                   dict(saved.get("bootstrap_errors", {})), dict(saved.get("bootstrap_offsets", {})))
     this = {**piece(), "first_layer": saved.get("layers_done", 0), "layers": 0, "seconds": 0.0}
     out.pieces.append(this)
     start = pieces.resume(tag, ops) if pieces else None
-    boot = Refresher(ops, log, ops.top, bounds=bounds, measure=True)
-    boot.errors = out.bootstrap_errors
+    boot = Refresher(ops, log, ops.top, bounds=bounds, measure=True, centres=centres)
+    boot.errors, boot.offsets = out.bootstrap_errors, out.bootstrap_offsets
     layers, measure = len(circuit.w.layers), P.layer_errors(circuit, ops, hidden, out.per_layer)
     began, last = time.perf_counter(), [time.perf_counter()]
 
     def progress(**more) -> dict:
         return {"examples": examples, "layers_done": this["first_layer"] + this["layers"], "log": log.to_json(),
-                "per_layer": out.per_layer, "pieces": out.pieces, "bootstrap_errors": out.bootstrap_errors, **more}
+                "per_layer": out.per_layer, "pieces": out.pieces, "bootstrap_errors": out.bootstrap_errors,
+                "bootstrap_offsets": out.bootstrap_offsets, **more}
 
     def probe(i, x):
         measure(i, x)
