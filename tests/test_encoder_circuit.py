@@ -211,6 +211,65 @@ def test_calibration_settles_on_bounds_whose_plan_bootstraps_exactly_the_sites_i
     assert set(again.seen) == set(bounds) and not again.overflows
 
 
+def test_a_centred_bootstrap_gets_the_value_less_its_centre_and_gives_it_back_at_no_level():
+    """A bootstrap whose input of mean m on [-1, 1] errs by bias * m^3 in every slot (``BootstrapNoise.bias``):
+    uncentred, a value near 0.5 comes back off by that offset (times 4 after a bound of 3.7, which enters
+    it as m / 4); less its centre 0.5 it comes back as it was, at the level the uncentred one returns, and the
+    offset each site made is measured with its sign."""
+    bias, v = 1e-3, 0.5 + np.linspace(-0.01, 0.01, 16)
+    for bound, before, after in ((0.7, 1.0, 1.0), (3.7, 0.25, 4.0)):
+        sim = B.SimulatedCkks(16, 17, reserve=1, noise=B.BootstrapNoise(bias=bias))
+        plain = A.Refresher(sim, A.StageLog(), 17, bounds={"s": bound}, measure=True)
+        centred = A.Refresher(sim, A.StageLog(), 17, bounds={"s": bound}, centres={"s": 0.5}, measure=True)
+        off, kept = plain(Levelled(v, 2), 16, "s"), centred(Levelled(v, 2), 16, "s")
+        m = np.mean(v) * before
+        np.testing.assert_allclose(off.slots - v, bias * m**3 * after, rtol=1e-9)
+        np.testing.assert_allclose(kept.slots, v, atol=1e-15)  # mean(v) is 0.5: no offset at all
+        assert off.level == kept.level == 17
+        assert plain.offsets["s"] == pytest.approx(bias * m**3) and abs(centred.offsets["s"]) < 1e-15
+        assert plain.means["s"] == pytest.approx(m) and centred.means["s"] < 1e-12
+    with pytest.raises(CgfBertError, match="needs 16 levels"):  # a centre is no reason to skip the level check
+        A.Refresher(B.SimulatedCkks(16, 17, reserve=1), A.StageLog(), 17, bounds={"s": 0.2}, centres={"s": 0.5})(Levelled(v, 2), 16, "s")
+
+
+def test_calibrated_centres_are_each_sites_mean_and_its_bound_the_spread_around_it(tiny_bert):
+    """Each site's centre is the mean of every slot it refreshes; its bound twice the largest |value - centre|.
+    Without centres the bounds are twice the largest |value|, as before centres existed (an old run's state agrees)."""
+    model = _model(tiny_bert, POLY)
+    ids, tt = _example(9)
+    circuit = E.EncoderCircuit(E.Weights.of(model), POLY, E.TokenLayout.for_model(1024, model.bert.config.hidden_size))
+    emb = P.embed(model, ids, tt)
+    bounds, centres = P.calibrate(circuit, [emb], 17, 1)
+    plain, none = P.calibrate(circuit, [emb], 17, 1, centre=False)
+    assert none == {} and set(centres) == set(bounds)
+    _, _, seen = P.simulate(circuit, emb, 17, 1, bounds=bounds, centres=centres, record=True)
+    _, _, raw = P.simulate(circuit, emb, 17, 1, bounds=plain, record=True)
+    for site, c in centres.items():
+        lo, hi = seen.extents[site]
+        assert c == pytest.approx(np.mean(seen.slot_means[site]))
+        assert bounds[site] == pytest.approx(2 * max(hi - c, c - lo)) and seen.seen[site] == pytest.approx(bounds[site] / 2)
+    for site, bound in plain.items():  # bounds decide levels, so the two plans may refresh other sites
+        assert bound == pytest.approx(2 * raw.seen[site])
+    assert not seen.overflows and max(seen.means.values()) < 0.05 < max(raw.means.values())  # the biased sites centred
+
+
+def test_centring_takes_a_biased_bootstraps_error_out_of_the_logits(tiny_bert):
+    """The same circuit, exact, is the same with or without centres; under bootstraps that err by 1.5e-3 m^3
+    (the medium key's law, summary 88-89) the centred one's logits are far nearer the reference."""
+    model = _model(tiny_bert, POLY)
+    ids, tt = _example(9)
+    circuit = E.EncoderCircuit(E.Weights.of(model), POLY, E.TokenLayout.for_model(1024, model.bert.config.hidden_size))
+    emb, ref = P.embed(model, ids, tt), P.reference_logits(model, ids, tt)
+    bounds, centres = P.calibrate(circuit, [emb], 17, 1)
+    plain, _ = P.calibrate(circuit, [emb], 17, 1, centre=False)
+    np.testing.assert_allclose(P.simulate(circuit, emb, 17, 1, bounds=bounds, centres=centres)[0],
+                               P.simulate(circuit, emb, 17, 1, bounds=plain)[0], rtol=1e-9, atol=1e-12)
+    noise = B.BootstrapNoise(bias=1.5e-3)
+    off = np.abs(P.simulate(circuit, emb, 17, 1, bounds=plain, noise=noise)[0] - ref).max()
+    kept = np.abs(P.simulate(circuit, emb, 17, 1, bounds=bounds, centres=centres, noise=noise)[0] - ref).max()
+    assert kept < off / 10
+
+
 def test_the_noise_option_takes_none_a_sigma_or_a_record_and_refuses_the_rest(tmp_path):
     import argparse
 
@@ -433,11 +492,12 @@ def test_a_gpu_mode_this_desilofhe_cannot_serve_is_refused_when_parsed(backend, 
     assert not list(tmp_path.iterdir())
 
 
-def test_bootstrap_noise_for_the_clients_refresh_is_refused_when_parsed(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("flag", [("--noise", "1e-6"), ("--noise-bias", "1.5e-3")])
+def test_bootstrap_noise_for_the_clients_refresh_is_refused_when_parsed(tmp_path, monkeypatch, capsys, flag):
     """The interactive backend's refresh is a decryption and a fresh encryption: no bootstrap error to draw."""
     from conftest import run_script
 
-    code, _, err = run_script(monkeypatch, capsys, "experiments.encrypted_inference", "missing.pt", "--noise", "1e-6",
+    code, _, err = run_script(monkeypatch, capsys, "experiments.encrypted_inference", "missing.pt", *flag,
                               "--backend", "interactive", "--results-dir", tmp_path)
     assert code == 2 and "adds no bootstrap error" in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())
@@ -733,7 +793,7 @@ def test_bootstrap_inputs_shapes_span_the_bootstrap_range_and_errors_are_measure
 
     rng = np.random.default_rng(0)
     samples = {name: s.make(rng, 4096) for name, s in SHAPES.items()}
-    expected = {"uniform": 0.0, "small": 0.0, "positive": 0.5, "variance": -0.495, "constant": 0.5, "near_one": 0.9}
+    expected = {"uniform": 0.0, "small": 0.0, "positive": 0.5, "variance": -0.495, "constant": 0.5, "near_one": 0.9, "negative": -0.5}
     assert set(expected) == set(SHAPES) and all(np.abs(x).max() <= 1 for x in samples.values())
     assert all(abs(samples[n].mean() - m) < 0.02 for n, m in expected.items()) and samples["constant"].std() == 0
 
@@ -756,3 +816,4 @@ def test_bootstrap_inputs_shapes_span_the_bootstrap_range_and_errors_are_measure
     row = bootstrap_errors(Engine, None, None, (), samples["positive"])
     assert row["max_error"] == pytest.approx(np.abs(added).max()) and row["rms_error"] == pytest.approx(np.sqrt(np.mean(added**2)))
     assert row["mean"] == pytest.approx(samples["positive"].mean()) and row["level_after"] == 16
+    assert row["mean_error"] == pytest.approx(added.mean())  # signed: the offset's direction

@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from cgf_bert import CgfBertError
 from cgf_bert.cli import ArgumentParser, note, number, run_main
-from cgf_bert.fhe.context import MISSING
+from cgf_bert.fhe.context import desilofhe
 from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine
 from cgf_bert.store.records import write_json
 
@@ -45,6 +44,7 @@ SHAPES = {
                       lambda r, n: -0.495 + r.uniform(-0.05, 0.05, n)),
     "constant": Shape("0.5 in every slot", lambda r, n: np.full(n, 0.5)),
     "near_one": Shape("0.9 + uniform on [-0.05, 0.05]", lambda r, n: 0.9 + r.uniform(-0.05, 0.05, n)),
+    "negative": Shape("uniform on [-1, 0], mean -0.5: is the offset odd in the mean?", lambda r, n: r.uniform(-1, 0, n)),
 }
 
 
@@ -56,7 +56,8 @@ def bootstrap_errors(e, sk, pk, keys, x: np.ndarray, level: int = FROM_LEVEL) ->
     seconds = time.perf_counter() - start
     err = e.decrypt(b, sk) - x
     return {"mean": float(np.mean(x)), "max_abs_value": float(np.abs(x).max()), "max_error": float(np.abs(err).max()),
-            "rms_error": float(np.sqrt(np.mean(err**2))), "seconds": seconds, "level_after": int(b.level)}
+            "rms_error": float(np.sqrt(np.mean(err**2))), "mean_error": float(np.mean(err)), "seconds": seconds,
+            "level_after": int(b.level)}
 
 
 def main():
@@ -66,15 +67,12 @@ def main():
     p.add_argument("--threads", type=number(int, "threads", min=1), default=None, help="desilofhe threads (default: the library's)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record goes to RESULTS_DIR/fhe/ (default: %(default)s)")
     args = p.parse_args()
-    try:
-        import desilofhe
-    except ImportError:
-        raise CgfBertError(MISSING) from None
+    lib = desilofhe()
     import torch
 
     out_dir = Path(args.results_dir) / "fhe"
     start = time.perf_counter()
-    e = desilofhe.Engine(bootstrap=True, mode="cpu", thread_count=args.threads)
+    e = lib.Engine(bootstrap=True, mode="cpu", thread_count=args.threads)
     sk = e.create_secret_key()
     pk, rlk, ck = e.create_public_key(sk), e.create_relinearization_key(sk), e.create_conjugation_key(sk)
     if args.key == "small":
@@ -88,7 +86,8 @@ def main():
         x = SHAPES[name].make(np.random.default_rng(list(SHAPES).index(name)), e.slot_count)
         rows[name] = {"shape": SHAPES[name].label, "seed": list(SHAPES).index(name), **bootstrap_errors(e, sk, pk, keys, x)}
         r = rows[name]
-        print(f"{name:>9}: mean {r['mean']:+.3f}, max error {r['max_error']:.1e}, rms {r['rms_error']:.1e} ({r['seconds']:.0f} s)", flush=True)
+        print(f"{name:>9}: mean {r['mean']:+.3f}, max error {r['max_error']:.1e}, rms {r['rms_error']:.1e}, "
+              f"mean error {r['mean_error']:+.1e} ({r['seconds']:.0f} s)", flush=True)
     record = {"command": command_line(), "code_version": code_version(), "machine": machine(torch.device("cpu")),
               "bootstrap_key": args.key, "slots": int(e.slot_count), "max_level": int(e.max_level), "bootstrap_from_level": FROM_LEVEL,
               "keygen_seconds": keygen, "key_bytes": int(sum(getattr(k, "nbytes", 0) for k in keys)), "shapes": rows}

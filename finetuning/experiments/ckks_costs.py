@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from cgf_bert import CgfBertError
 from cgf_bert.cli import ArgumentParser, note, number, run_main
-from cgf_bert.fhe.context import MISSING
+from cgf_bert.fhe.context import desilofhe
 from cgf_bert.fhe.ops import plain_product
 from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine
 from cgf_bert.store.records import write_json
@@ -93,15 +92,12 @@ def main():
     p.add_argument("--threads", type=number(int, "threads", min=1), default=None, help="desilofhe threads (default: the library's)")
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record goes to RESULTS_DIR/fhe/ (default: %(default)s)")
     args = p.parse_args()
-    try:
-        import desilofhe
-    except ImportError:
-        raise CgfBertError(MISSING) from None
+    lib = desilofhe()
     import torch
 
     keygen = {}
     t = time.perf_counter()
-    e = desilofhe.Engine(bootstrap=True, mode="cpu", thread_count=args.threads)
+    e = lib.Engine(bootstrap=True, mode="cpu", thread_count=args.threads)
     sk = e.create_secret_key()
     pk, rlk, ck = e.create_public_key(sk), e.create_relinearization_key(sk), e.create_conjugation_key(sk)
     keygen["engine, secret, public, relinearization and conjugation keys"] = time.perf_counter() - t

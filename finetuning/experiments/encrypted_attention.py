@@ -110,12 +110,9 @@ def with_layer(spec: Spec, layer: int, plain: Spec) -> Spec:
 
 def require_fhe() -> None:
     """The optional CKKS library, checked before any data loads."""
-    from cgf_bert.fhe.context import MISSING
+    from cgf_bert.fhe.context import desilofhe
 
-    try:
-        import desilofhe  # noqa: F401
-    except ImportError:
-        raise CgfBertError(MISSING) from None
+    desilofhe()
 
 
 def context_for(*circuits):

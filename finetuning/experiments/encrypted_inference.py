@@ -60,6 +60,7 @@ polynomial's interval in the reference.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -202,7 +203,7 @@ def make_backend(args, keys=None, secret_key=None):
 
 def noise_needs_bootstraps(args) -> None:
     """``--noise`` models a bootstrap's error: the client's refresh (``--backend interactive``) has none."""
-    if args.noise and args.backend == "interactive":
+    if (args.noise or args.noise_bias) and args.backend == "interactive":
         raise CgfBertError("--noise: the interactive backend refreshes by decrypting and encrypting again, which adds no bootstrap error")
 
 
@@ -225,14 +226,11 @@ def gpu_available(args) -> None:
         return
     if args.backend == "sim":
         raise CgfBertError("--mode gpu: the simulation runs on numpy; a GPU serves --backend interactive or bootstrap")
-    try:
-        import desilofhe
-    except ImportError:
-        from cgf_bert.fhe.context import MISSING
+    from cgf_bert.fhe.context import desilofhe
 
-        raise CgfBertError(MISSING) from None
+    lib = desilofhe()
     try:
-        desilofhe.Engine(max_level=2, mode="gpu")
+        lib.Engine(max_level=2, mode="gpu")
     except Exception as e:  # the CPU build: RuntimeError("Not supported mode"); no device: the CUDA error
         raise CgfBertError(f"--mode gpu: this desilofhe cannot run on a GPU ({e}); its CUDA build on a machine with one can") from None
 
@@ -379,6 +377,10 @@ def main():
                    help="the simulation's bootstrap error: each slot's error drawn from those a real bootstrap made (RECORD: an "
                         "experiments.ckks_costs record, e.g. ../results/fhe/ckks_costs-20261201-212609.json, the small key) "
                         "or Gaussian of SIGMA on [-1, 1], scaled back with the bound (default: none, an exact simulation)")
+    p.add_argument("--noise-bias", type=number(float, "noise-bias"), default=0.0, metavar="K",
+                   help="the simulation's bootstrap also errs in every slot by K m^3, m the mean over all slots of its input on "
+                        "[-1, 1]: the offset real bootstraps add (summary.md 88-89: |K| = 1.5e-3 on the medium key, sign not "
+                        "measured) (default: %(default)s)")
     p.add_argument("--key", choices=("small", "medium"), default="small",
                    help="bootstrap key of --backend bootstrap, and the keys the simulation counts rotations for: small (8.5 GB "
                         "of keys, 245 s a bootstrap here, with the rotation and roll keys: a rotation takes its fewest signed "
@@ -415,6 +417,7 @@ def main():
         raise CgfBertError("--stop-after: a run stopped part-way goes on only from a --state folder")
     if args.stop_after == 0 and not [p for p in Path(args.state).glob("*.json") if p.name != "state.json"]:
         raise CgfBertError(f"--stop-after 0 records what {args.state} holds, and it holds no run's progress")
+    args.noise = dataclasses.replace(args.noise, bias=args.noise_bias)
     cfg = config_from_args(TrainConfig, args)
     metas = {c: read_checkpoint(c)[1] for c in args.checkpoints}  # every file checked before any work
     _, data = prepare_data(next(iter(metas.values()))["model"], cfg.data_dir, cfg.max_length)
@@ -452,7 +455,7 @@ def main():
         boots = np.mean([r["bootstraps"] for r in res["examples"]])
         over = sum(bool(r["bound_overflows"]) for r in res["examples"])
         strayed = sum(bool((r["poly_inputs_outside"] or {}).get("outside")) for r in res["examples"])
-        what = {"sim": f"slot simulation, bootstrap noise {args.noise.sigma:.1e} rms" if args.noise else "slot simulation, no CKKS noise", "interactive": "CKKS, interactive refreshes", "bootstrap": "CKKS, non-interactive"}[args.backend]
+        what = {"sim": f"slot simulation, bootstrap noise {args.noise.sigma:.1e} rms" + (f", offset {args.noise.bias:g} m^3" if args.noise.bias else "") if args.noise else "slot simulation, no CKKS noise", "interactive": "CKKS, interactive refreshes", "bootstrap": "CKKS, non-interactive"}[args.backend]
         print(f"{res['label']} [{what}; {res['layers']} encoder layers]: predictions equal on {ok}/{len(res['examples'])}, "
               f"max logit error {err:.1e}, {boots:.0f} bootstraps per example"
               + (f"; {over} examples overflowed a bootstrap bound (under CKKS those values are wrong)" if over else "")

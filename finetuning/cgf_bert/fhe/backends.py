@@ -44,11 +44,16 @@ class BootstrapNoise:
     bootstrap (``measured``: an ``experiments.ckks_costs`` record's npz), or Gaussian of ``sigma``.
     Measured twice on the small key: 1.1-1.2e-6 rms and 3.0-3.7e-5 max over 32,768 slots, unrelated
     to the value (correlation 0.002), with a tail 30 rms wide that no Gaussian has, so the measured
-    errors are resampled rather than summarised."""
+    errors are resampled rather than summarised.
+
+    ``bias``: every slot also errs by ``bias * m**3``, ``m`` the mean over all slots of what the bootstrap
+    gets: the offset a real bootstrap adds to an input of nonzero mean (summary.md 88-89: |bias| = 1.5e-3
+    fitted on the medium key, ``experiments.bootstrap_inputs``; its sign was not measured)."""
 
     sigma: float = 0.0
     errors: np.ndarray | None = field(default=None, repr=False)
     source: str = "gaussian"
+    bias: float = 0.0
 
     @classmethod
     def measured(cls, record: str | Path) -> BootstrapNoise:
@@ -63,7 +68,11 @@ class BootstrapNoise:
         return cls(float(np.sqrt(np.mean(errors**2))), errors, path.name)
 
     def __bool__(self) -> bool:
-        return self.sigma > 0
+        return self.sigma > 0 or self.bias != 0
+
+    def offset(self, mean: float) -> float:
+        """The error every slot gets from the input's ``mean`` on [-1, 1]."""
+        return self.bias * mean**3
 
     def draw(self, rng: np.random.Generator, shape) -> np.ndarray:
         if self.errors is not None:
@@ -71,7 +80,7 @@ class BootstrapNoise:
         return rng.normal(0.0, self.sigma, shape)
 
     def to_json(self) -> dict:
-        return {"rms": self.sigma, "from": self.source}
+        return {"rms": self.sigma, "from": self.source, "bias": self.bias}
 
 
 class SimulatedCkks(LevelledNumpyOps):
@@ -80,7 +89,7 @@ class SimulatedCkks(LevelledNumpyOps):
     ``reserve`` is 0, the client's refresh).
 
     With ``noise`` (a ``BootstrapNoise``), each bootstrap adds to every slot an error drawn on the
-    bootstrap's [-1, 1] and scaled back with the value (times the integer bound, or over ``m``:
+    bootstrap's [-1, 1] (and the noise's offset for the input's mean there) and scaled back with the value (times the integer bound, or over ``m``:
     ``scaled_bound``). The products and rotations add far smaller errors and are left out (checked: on
     the real run of a CGF student's layer 0 the simulation's logit error was 2.9e-6, the encrypted
     run's 3.0e-6): the simulation says what the bootstraps' error does to each layer and to the
@@ -105,7 +114,9 @@ class SimulatedCkks(LevelledNumpyOps):
     def bootstrap(self, x: Levelled, bound: float) -> Levelled:
         slots = x.slots
         if self.noise:
-            slots = slots + self.noise.draw(self.rng, slots.shape) * scaled_bound(bound)[1]
+            before, after = scaled_bound(bound)
+            drawn = self.noise.draw(self.rng, slots.shape) if self.noise.sigma > 0 else 0.0
+            slots = slots + (drawn + self.noise.offset(float(np.mean(slots)) * before)) * after
         return Levelled(slots, self.top - (after_levels(bound) if self.reserve else 0))
 
 
@@ -166,14 +177,10 @@ class BootstrapOps(FheOps):
         if (key == "medium") != isinstance(keys, FixedKeys):
             raise CgfBertError("the medium key's rotation keys are fixed keys chosen for the circuit (keys.rotation_keys), "
                                "the small key's its general keys: " + ("none were given" if keys is None else f"got {keys.describe()}"))
-        from cgf_bert.fhe.context import MISSING, client_key
+        from cgf_bert.fhe.context import client_key, desilofhe
 
-        try:
-            import desilofhe
-        except ImportError:
-            raise CgfBertError(MISSING) from None
         start = time.perf_counter()
-        e = desilofhe.Engine(bootstrap=True, mode=mode, thread_count=thread_count)
+        e = desilofhe().Engine(bootstrap=True, mode=mode, thread_count=thread_count)
         sk = client_key(e, secret_key)
         self.e, self.secret_key, self.public_key = e, sk, e.create_public_key(sk)
         self.rlk, self.conj_key = e.create_relinearization_key(sk), e.create_conjugation_key(sk)

@@ -14,6 +14,15 @@ from cgf_bert.fhe.ops import PV_DEPTH
 MISSING = 'encrypted evaluation needs desilofhe, the optional CKKS library: pip install -e ".[fhe]" (or pip install desilofhe)'
 
 
+def desilofhe():
+    """The optional CKKS library, imported only where it is used; without it, a readable refusal (``MISSING``)."""
+    try:
+        import desilofhe as lib
+    except ImportError:
+        raise CgfBertError(MISSING) from None
+    return lib
+
+
 def client_key(engine, path: Path | None = None):
     """A new secret key, or the one in the file ``path``, written there first if it is absent: a run in
     pieces (``fhe.staged``) keeps its client's key, and the server's keys are made again from it."""
@@ -48,13 +57,9 @@ class FheContext:
 
     def __init__(self, max_level: int, *, thread_count: int | None = None, mode: str = "cpu", secret_key: Path | None = None):
         """``secret_key``: a file the secret key is read from, or written to if absent (``client_key``)."""
-        try:
-            import desilofhe  # optional dependency: imported only when a context is made
-        except ImportError:
-            raise CgfBertError(MISSING) from None
-
+        lib = desilofhe()  # optional dependency: imported only when a context is made
         start = time.perf_counter()
-        self.engine = desilofhe.Engine(max_level=max_level, mode=mode, thread_count=thread_count)
+        self.engine = lib.Engine(max_level=max_level, mode=mode, thread_count=thread_count)
         self.secret_key = client_key(self.engine, secret_key)
         self.public_key = self.engine.create_public_key(self.secret_key)
         self.relin_key = self.engine.create_relinearization_key(self.secret_key)
