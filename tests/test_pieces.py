@@ -95,6 +95,26 @@ def test_the_state_keeps_the_last_layers_ciphertext_and_refuses_another_runs(tmp
     assert pieces.progress()["m-pack0"]["logits"][0] == 1.0 and pieces.check("m-pack0", [[2, 7]])
 
 
+def test_a_state_begun_before_centres_goes_on_only_without_them(tiny_bert, tmp_path):
+    """A state folder from before centres existed pinned each checkpoint's bounds alone: the uncentred
+    calibration (--no-centre) agrees with it exactly; the centred one is refused, saying how to go on."""
+    from experiments.encrypted_inference import pinned
+
+    from cgf_bert.fhe.keys import GeneralKeys
+    from cgf_bert.store.provenance import repo_relative
+
+    circuit, emb, bounds, centres = _circuit(tiny_bert)
+    plain, none = P.calibrate(circuit, [emb], 17, 1, centre=False)
+    keys, pieces = GeneralKeys(1024), S.Pieces(tmp_path / "state")
+    old = {"checkpoint": repo_relative("checkpoints/x.pt"), "label": "L", "bounds": plain, "rotation_keys": keys.to_json()}
+    pieces.agree("model0", old)  # as the state of the run in pieces begun before centres was written
+    assert pinned("checkpoints/x.pt", "L", plain, none, keys) == old
+    pieces.agree("model0", pinned("checkpoints/x.pt", "L", plain, none, keys))
+    with pytest.raises(CgfBertError, match="differ in bounds, centres"):
+        pieces.agree("model0", pinned("checkpoints/x.pt", "L", bounds, centres, keys))
+    assert "centres" not in pieces.agreed("model0")
+
+
 def test_a_run_stopped_between_layers_goes_on_to_the_whole_runs_logits_and_counts(tiny_bert, tmp_path):
     """``staged.encrypted`` on the simulation: stopped after layer 0, then gone on with from its saved ciphertext,
     it ends with the logits and the operations of the circuit run in one go; a process whose time is up

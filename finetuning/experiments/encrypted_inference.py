@@ -204,7 +204,8 @@ def make_backend(args, keys=None, secret_key=None):
 def noise_needs_bootstraps(args) -> None:
     """``--noise`` models a bootstrap's error: the client's refresh (``--backend interactive``) has none."""
     if (args.noise or args.noise_bias) and args.backend == "interactive":
-        raise CgfBertError("--noise: the interactive backend refreshes by decrypting and encrypting again, which adds no bootstrap error")
+        flag = "--noise" if args.noise else "--noise-bias"
+        raise CgfBertError(f"{flag}: the interactive backend refreshes by decrypting and encrypting again, which adds no bootstrap error")
 
 
 def state_name(path: str) -> str:
@@ -246,6 +247,13 @@ def truncated(model, layers: int | None):
     return model
 
 
+def pinned(path: str, label: str, bounds: dict, centres: dict, keys) -> dict:
+    """What a run in pieces keeps fixed per checkpoint: the centres only where the circuit has them, so that
+    a state begun before centres existed is an uncentred run's and goes on under --no-centre."""
+    return {"checkpoint": repo_relative(path), "label": label, "bounds": bounds, "rotation_keys": keys.to_json()} | (
+        {"centres": centres} if centres else {})
+
+
 def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> dict:
     """One checkpoint's record (``name``: its ciphertexts' names in a ``--state`` folder)."""
     model, meta = load_model(path)
@@ -275,9 +283,13 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
                                   steps=steps, centre=args.centre)
     keys = backend.rotation_keys(steps)
     if backend.pieces:  # a run in pieces goes on only with the circuit it began with
-        # centres only where the circuit has them: a state from before they existed is an uncentred run's
-        backend.pieces.agree(name, {"checkpoint": repo_relative(path), "label": approx.label(), "bounds": bounds, "rotation_keys": keys.to_json()}
-                             | ({"centres": centres} if centres else {}))
+        try:
+            backend.pieces.agree(name, pinned(path, approx.label(), bounds, centres, keys))
+        except CgfBertError as e:
+            began = backend.pieces.agreed(name)
+            if centres and began and "centres" not in began:
+                raise CgfBertError(f"{e}; it was begun without bootstrap centres: go on with --no-centre") from None
+            raise
     rows, stages = [], {}
     limit = min(fit, args.max_tokens or fit)
     chosen = F.examples_of(data["validation"], limit, args.examples)
@@ -320,7 +332,7 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
             if args.backend != "sim":
                 row.update(simulated_per_layer=planned, encrypted_logits=got[j].tolist(), wall_seconds=wall_seconds, pieces=measured.pieces,
                            bootstrap_errors=measured.bootstrap_errors, bootstrap_offsets=measured.bootstrap_offsets,
-                           simulated_bootstrap_errors=boot.errors)
+                           simulated_bootstrap_errors=boot.errors, simulated_bootstrap_offsets=boot.offsets)
             finite = bool(np.isfinite(got[j]).all())  # a NaN's argmax is 0: it must not count as a prediction
             row.update(finite=finite, max_abs_error=float(np.abs(got[j] - ref).max()),
                        same_prediction=finite and bool(got[j].argmax() == ref.argmax()), per_layer=per_layer, stages=table)

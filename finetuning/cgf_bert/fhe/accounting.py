@@ -135,8 +135,8 @@ class Refresher:
     and scales back; ``bounds`` maps a call site to its public bound. ``centres`` maps a site to a public
     constant subtracted before its bootstrap and added back after (no level either way), so that what the
     bootstrap gets has about mean 0: a real bootstrap adds an offset that grows about as the cube of its
-    input's mean (summary 88), and a centred input also needs a smaller bound. The bound is then on
-    |value - centre|. With ``record=True`` every site's largest |value - centre| is recorded (``seen``),
+    input's mean (summary 88). The bound is then on |value - centre|: smaller for a value of one sign
+    (LayerNorm's variance), possibly larger for one spread unevenly about 0. With ``record=True`` every site's largest |value - centre| is recorded (``seen``),
     with its extent (``extents``: lowest and highest slot) and each call's mean over all slots
     (``slot_means``), for calibration, numpy ops only; a site without a bound then takes ``margin`` times
     its value, as calibration will set it. A value beyond its bound is counted in ``overflows`` (the result

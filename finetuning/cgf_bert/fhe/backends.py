@@ -71,8 +71,11 @@ class BootstrapNoise:
         return self.sigma > 0 or self.bias != 0
 
     def offset(self, mean: float) -> float:
-        """The error every slot gets from the input's ``mean`` on [-1, 1]."""
-        return self.bias * mean**3
+        """The error every slot gets from the input's ``mean`` on [-1, 1] (numpy's power: a value driven past
+        float64 by the noise comes back non-finite, to be reported, as the slots do, not raised)."""
+        if not self.bias:
+            return 0.0
+        return self.bias * float(np.power(np.float64(mean), 3))
 
     def draw(self, rng: np.random.Generator, shape) -> np.ndarray:
         if self.errors is not None:

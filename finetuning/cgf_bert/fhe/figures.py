@@ -57,8 +57,11 @@ def plot(results: list[dict], path: str, measured: bool, noise: dict | None = No
     axes[2].set_title(f"layer output vs plaintext\nmean over {'/'.join(map(str, examples))} example(s){faint}", fontsize=10)
     axes[2].grid(alpha=0.3)
     fig.legend(loc="outside lower center", fontsize=8)  # outside the panels: no bar behind it
-    drawn = "" if not noise else (f" with Gaussian bootstrap errors, sigma {noise['rms']:.1e}" if noise["from"] == "gaussian"
-                                  else f" with bootstrap errors drawn from a real one's, {noise['rms']:.1e} rms")
+    drawn = "" if not noise or not noise["rms"] else (
+        f" with Gaussian bootstrap errors, sigma {noise['rms']:.1e}" if noise["from"] == "gaussian"
+        else f" with bootstrap errors drawn from a real one's, {noise['rms']:.1e} rms")
+    if noise and noise.get("bias"):
+        drawn += f"{',' if drawn else ' with'} an offset {noise['bias']:g} m^3"
     kind = "CKKS with bootstraps, measured" if measured else "slot simulation" + (drawn or ", exact")
     layers = sorted({r["layers"] for r in results})
     fig.suptitle(f"The encoder as one CKKS circuit ({kind}): cost by stage over {'/'.join(map(str, layers))} encoder layer(s)"

@@ -85,13 +85,20 @@ class Pieces:
                                "decrypt: restore the key, or start the run again in a new folder")
         return path
 
-    def agree(self, name: str, value) -> None:
-        """Record ``value`` under ``name`` in ``state.json``, or refuse it if an earlier piece recorded another."""
+    def agreed(self, name: str):
+        """What ``state.json`` holds under ``name`` (None: nothing yet)."""
+        return self._state().get(name)
+
+    def _state(self) -> dict:
         path = self.root / "state.json"
         try:
-            state = json.loads(path.read_text()) if path.exists() else {}
+            return json.loads(path.read_text()) if path.exists() else {}
         except ValueError as e:
             raise CgfBertError(f"{path}: not JSON ({e}); the folder is not a run's state") from None
+
+    def agree(self, name: str, value) -> None:
+        """Record ``value`` under ``name`` in ``state.json``, or refuse it if an earlier piece recorded another."""
+        path, state = self.root / "state.json", self._state()
         value = _plain(value)
         if name in state and state[name] != value:
             old = state[name]
