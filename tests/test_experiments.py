@@ -20,7 +20,7 @@ from cgf_bert.config import DistillConfig, TrainConfig
 from cgf_bert.report.stats import fmt_pm, mean_std, t_interval
 from cgf_bert.report.summary import plot_paired_deltas, render
 from cgf_bert.report.tables import paired_deltas, reference_groups
-from cgf_bert.store.records import config_json, write_json
+from cgf_bert.store.records import config_json, free_stamp, write_json
 from cgf_bert.train.sweeps import find_record
 
 FINETUNING = Path(__file__).resolve().parents[1] / "finetuning"
@@ -255,3 +255,14 @@ def test_the_single_replacement_contrasts_are_the_rows_their_plan_trains():
     singles = {recipe_with(**{op: spec}) for op, spec in POLY.items()}
     assert trained == singles
     assert singles | {recipe_with(), recipe_with(**POLY)} <= {row for _, a, b in CONTRASTS for row in (a, b)}
+
+
+def test_two_runs_begun_in_the_same_second_keep_both_records(tmp_path):
+    """The stamp of a run begun at ``start`` moves past a second whose record another run already wrote."""
+    import time
+
+    start = time.mktime((2026, 12, 3, 20, 27, 21, 0, 0, -1))
+    first = free_stamp(tmp_path, "run-{}.json", "run-{}.png", start=start)
+    assert first == "20261203-202721"
+    (tmp_path / f"run-{first}.png").write_text("")  # either file takes the stamp
+    assert free_stamp(tmp_path, "run-{}.json", "run-{}.png", start=start) == "20261203-202722"

@@ -96,7 +96,7 @@ from cgf_bert.store.provenance import (
     machine,
     repo_relative,
 )
-from cgf_bert.store.records import strict_json, write_json
+from cgf_bert.store.records import free_stamp, strict_json, write_json
 from cgf_bert.train.run import prepare_data
 
 NON_FINITE = {"": "the circuit's values left float64 (an iteration driven past its range, e.g. by bootstrap noise)"}
@@ -438,7 +438,6 @@ def main():
     if backend.pieces:
         backend.pieces.agree("data", data_fingerprint(TASK, cfg.data_dir))
         backend.pieces.secret_key  # noqa: B018 (refused here, not after calibration, if progress has lost its key)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
     try:
         for j, path in enumerate(args.checkpoints):
             note(f"{path}:")
@@ -447,6 +446,7 @@ def main():
         out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend,
                "state": state_name(args.state), "stopped": str(stop), "progress": backend.pieces.progress()}
         out, out["non_finite"] = strict_json(out, NON_FINITE)
+        stamp = free_stamp(Path(args.results_dir) / "fhe", "encrypted_inference_partial-{}.json", start=started)
         path = write_json(Path(args.results_dir) / "fhe" / f"encrypted_inference_partial-{stamp}.json", out)
         more = "the command without --stop-after 0" if args.stop_after == 0 else "the same command"
         print(f"{stop}, its state in {args.state}: {more} goes on from there.\nsaved {path} (what was measured so far)")
@@ -455,6 +455,7 @@ def main():
     keys = None if ops is None else {"keygen_seconds": round(ops.keygen_s, 1), "key_bytes": getattr(ops, "key_bytes", None),
                                      "interactive": ops.interactive}
     noise = args.noise.to_json() if args.noise else None
+    stamp = free_stamp(Path(args.results_dir) / "fhe", "encrypted_inference-{}.json", "encrypted_inference-{}.png", start=started)
     png = plot(results, f"{args.results_dir}/fhe/encrypted_inference-{stamp}.png", measured=args.backend != "sim", noise=noise, costs=args.costs)
     out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend, "mode": args.mode,
            "bootstrap_noise": noise,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,17 @@ def strict_json(obj: Any, reasons: dict[str, str] | None = None, where: str = ""
         return x
 
     return walk(obj, where), notes
+
+
+def free_stamp(folder: str | Path, *names: str, start: float | None = None) -> str:
+    """The first time stamp (``%Y%m%d-%H%M%S``, from ``start``, default now) that none of ``names`` (each with
+    ``{}`` for the stamp) takes in ``folder``: two runs begun in the same second, side by side, keep both records."""
+    t = time.time() if start is None else start
+    while True:
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(t))
+        if not any((Path(folder) / name.format(stamp)).exists() for name in names):
+            return stamp
+        t += 1
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
