@@ -391,8 +391,8 @@ def main():
                         "or Gaussian of SIGMA on [-1, 1], scaled back with the bound (default: none, an exact simulation)")
     p.add_argument("--noise-bias", type=number(float, "noise-bias"), default=0.0, metavar="K",
                    help="the simulation's bootstrap also errs in every slot by K m^3, m the mean over all slots of its input on "
-                        "[-1, 1]: the offset real bootstraps add (summary.md 88-89: |K| = 1.5e-3 on the medium key, sign not "
-                        "measured) (default: %(default)s)")
+                        "[-1, 1]: the offset real bootstraps add (summary.md 88-93: K = -1.5e-3 on the medium key, the offset "
+                        "opposing the mean; pass it as --noise-bias=-1.5e-3) (default: %(default)s)")
     p.add_argument("--key", choices=("small", "medium"), default="small",
                    help="bootstrap key of --backend bootstrap, and the keys the simulation counts rotations for: small (8.5 GB "
                         "of keys, 245 s a bootstrap here, with the rotation and roll keys: a rotation takes its fewest signed "

@@ -47,8 +47,8 @@ class BootstrapNoise:
     errors are resampled rather than summarised.
 
     ``bias``: every slot also errs by ``bias * m**3``, ``m`` the mean over all slots of what the bootstrap
-    gets: the offset a real bootstrap adds to an input of nonzero mean (summary.md 88-89: |bias| = 1.5e-3
-    fitted on the medium key, ``experiments.bootstrap_inputs``; its sign was not measured)."""
+    gets: the offset a real bootstrap adds to an input of nonzero mean (summary.md 88-93: -1.5e-3 on the
+    medium key, ``experiments.bootstrap_inputs``: the offset opposes the mean)."""
 
     sigma: float = 0.0
     errors: np.ndarray | None = field(default=None, repr=False)
