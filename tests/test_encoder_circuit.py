@@ -122,6 +122,48 @@ def test_a_non_polynomial_op_is_refused_before_any_work(tiny_bert):
         E.EncoderCircuit(E.Weights.of(model), POLY.replace(gelu=Spec.make("gelu", "exact")), E.TokenLayout.for_model(1024, 32))
 
 
+def test_level_drops_are_the_levels_no_step_needs_worked_by_hand():
+    """Input at 10 (reserve 1): a product (9), a step needing 3 (no bootstrap: 9 - 1 >= 3, so 5 to spare),
+    two products (7), a step needing 8 (a bootstrap; its scaling keeps one level, so 6 to spare); the
+    bootstrap's output (10) a product (9) and a step needing 7 (no bootstrap: 1 to spare), then the output."""
+    def run(drops):
+        sim = B.SimulatedCkks(8, 10, reserve=1)
+        boot = A.Refresher(sim, A.StageLog(), 10, bounds={"a": 1.0, "b": 1.0}, drops=drops)
+        x = boot.origin(sim.encrypt(np.full(8, 0.5)), "input")
+        z = boot(sim.mul_plain(x, np.ones(8)), 3, "a")
+        w = boot(sim.mul_plain(sim.mul_plain(z, np.ones(8)), np.ones(8)), 8, "b")
+        out = boot(sim.mul_plain(w, np.ones(8)), 7, "c")  # 9 - 1 >= 7: no bootstrap
+        boot.done(out)
+        return x, w, out, boot
+
+    x, w, out, boot = run(None)
+    assert (x.level, w.level, out.level) == (10, 10, 9) and dict(boot.booted) == {"b": 1}
+    assert boot.spare == {"input": 5, "b 1": 1} and boot.planned_drops() == {"input": 5, "b 1": 1}
+    x, w, out, again = run(boot.planned_drops())
+    assert (x.level, w.level, out.level) == (5, 9, 8) and dict(again.booted) == {"b": 1}  # the same bootstrap
+    assert again.planned_drops() == {}  # nothing left to drop
+    np.testing.assert_array_equal(out.slots, np.full(8, 0.5))
+
+
+@pytest.mark.parametrize("approx", [POLY, STEPS], ids=["cgf_poly+gelu_poly+ln_poly", "exact_poly-h2"])
+def test_level_drops_keep_the_values_and_bootstraps_and_run_every_operation_lower(tiny_bert, approx):
+    model = _model(tiny_bert, approx)
+    circuit = E.EncoderCircuit(E.Weights.of(model), approx, E.TokenLayout.for_model(1024, model.bert.config.hidden_size))
+    emb = P.embed(model, *_example(9))
+    bounds, centres = P.calibrate(circuit, [emb], 17, 1)
+    out, log, boot = P.simulate(circuit, emb, 17, 1, bounds=bounds, centres=centres)
+    drops = boot.planned_drops()
+    assert drops and P.level_drops(circuit, emb, 17, 1, bounds, centres) == drops
+    dropped, dlog, dboot = P.simulate(circuit, emb, 17, 1, bounds=bounds, centres=centres, drops=drops)
+    np.testing.assert_array_equal(dropped, out)  # a drop discards moduli, never a value
+    assert dboot.booted == boot.booted and dboot.planned_drops() == {}
+    for op, by_level in log.level_table().items():  # the same operations, none higher, the products lower
+        lower = dlog.level_table()[op]
+        assert sum(lower.values()) == sum(by_level.values())
+        assert A.mean_levels({op: lower})[op] <= A.mean_levels({op: by_level})[op]
+    assert A.mean_levels(dlog.level_table())["mul_plain"] < A.mean_levels(log.level_table())["mul_plain"] - 1
+
+
 def test_a_value_beyond_its_bootstrap_bound_is_counted_and_a_missing_bound_refused(tiny_bert):
     model = _model(tiny_bert, POLY)
     _, _, _, calibrated = _simulate(model, POLY, 9, top=17)
@@ -393,13 +435,18 @@ def _encrypted_matches_the_model(tiny_bert, ops):
     circuit = E.EncoderCircuit(E.Weights.of(model), ONE_LAYER, E.TokenLayout.for_model(ops.slots, 32))
     reserve = getattr(ops, "reserve", 0)
     bounds, centres = P.calibrate(circuit, [emb], ops.top, reserve)
-    _, plan, _ = P.simulate(circuit, emb, ops.top, reserve, bounds=bounds, centres=centres)
+    drops = P.level_drops(circuit, emb, ops.top, reserve, bounds, centres)
+    assert drops  # this layer has levels to spare: the real ciphertexts are dropped
+    _, plan, _ = P.simulate(circuit, emb, ops.top, reserve, bounds=bounds, centres=centres, drops=drops)
     log = A.StageLog()
-    out = P.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds, centres=centres), emb, log)
+    out = P.run(circuit, A.Counted(ops, log), A.Refresher(ops, log, ops.top, bounds=bounds, centres=centres, drops=drops), emb, log)
     ref = P.reference_logits(model, ids, tt)
     np.testing.assert_allclose(out, ref, atol=1e-3 * np.abs(ref).max())
     booted = sum(d.get("bootstraps", 0) for d in log.stages.values())
     assert booted >= 1 and booted == sum(d.get("bootstraps", 0) for d in plan.stages.values())
+    real, planned = log.level_table(), plan.level_table()
+    real.pop("keyswitch"), planned.pop("keyswitch")  # the simulation counts them for the bootstrap keys' rotations
+    assert real == planned  # every operation at the level the simulation planned, drops and all
 
 
 @needs_fhe

@@ -108,11 +108,13 @@ def test_a_state_begun_before_centres_goes_on_only_without_them(tiny_bert, tmp_p
     keys, pieces = GeneralKeys(1024), S.Pieces(tmp_path / "state")
     old = {"checkpoint": repo_relative("checkpoints/x.pt"), "label": "L", "bounds": plain, "rotation_keys": keys.to_json()}
     pieces.agree("model0", old)  # as the state of the run in pieces begun before centres was written
-    assert pinned("checkpoints/x.pt", "L", plain, none, keys) == old
-    pieces.agree("model0", pinned("checkpoints/x.pt", "L", plain, none, keys))
+    assert pinned("checkpoints/x.pt", "L", plain, none, keys, drops=False) == old
+    pieces.agree("model0", pinned("checkpoints/x.pt", "L", plain, none, keys, drops=False))
     with pytest.raises(CgfBertError, match="differ in bounds, centres"):
-        pieces.agree("model0", pinned("checkpoints/x.pt", "L", bounds, centres, keys))
-    assert "centres" not in pieces.agreed("model0")
+        pieces.agree("model0", pinned("checkpoints/x.pt", "L", bounds, centres, keys, drops=False))
+    with pytest.raises(CgfBertError, match="differ in level_drops"):  # nor with level drops, begun without them
+        pieces.agree("model0", pinned("checkpoints/x.pt", "L", plain, none, keys, drops=True))
+    assert "centres" not in pieces.agreed("model0") and "level_drops" not in pieces.agreed("model0")
 
 
 def test_a_run_stopped_between_layers_goes_on_to_the_whole_runs_logits_and_counts(tiny_bert, tmp_path):

@@ -54,6 +54,12 @@ error grows with its input's mean, summary.md finding 88; --no-centre leaves it 
 dev value beyond its bound is counted (it would be wrong under CKKS), as are the inputs that leave a
 polynomial's interval in the reference.
 
+Level drops (``accounting.Refresher``; --no-drop leaves them out): a first simulation of each ciphertext finds,
+for the input and each bootstrap's output, the levels no step before the next bootstrap needs, and the run
+drops them as the ciphertext is made. The values and the bootstraps are the same; the products and rotations
+run lower, so faster (the layer's input, bootstrapped for the attention, reached the exp's input with 9 levels
+to spare). Each example records its drops (``level_drops``).
+
     cd finetuning
     python -m experiments.encrypted_inference ../checkpoints/STUDENT.pt ../checkpoints_teacher/teacher.pt --examples 8
     python -m experiments.encrypted_inference ../checkpoints/STUDENT.pt --backend bootstrap --layers 1 --examples 1 --max-tokens 24
@@ -247,11 +253,11 @@ def truncated(model, layers: int | None):
     return model
 
 
-def pinned(path: str, label: str, bounds: dict, centres: dict, keys) -> dict:
-    """What a run in pieces keeps fixed per checkpoint: the centres only where the circuit has them, so that
-    a state begun before centres existed is an uncentred run's and goes on under --no-centre."""
+def pinned(path: str, label: str, bounds: dict, centres: dict, keys, drops: bool) -> dict:
+    """What a run in pieces keeps fixed per checkpoint: the centres and level drops only where the circuit has
+    them, so that a state begun before they existed goes on under --no-centre or --no-drop."""
     return {"checkpoint": repo_relative(path), "label": label, "bounds": bounds, "rotation_keys": keys.to_json()} | (
-        {"centres": centres} if centres else {})
+        {"centres": centres} if centres else {}) | ({"level_drops": True} if drops else {})
 
 
 def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> dict:
@@ -284,11 +290,13 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
     keys = backend.rotation_keys(steps)
     if backend.pieces:  # a run in pieces goes on only with the circuit it began with
         try:
-            backend.pieces.agree(name, pinned(path, approx.label(), bounds, centres, keys))
+            backend.pieces.agree(name, pinned(path, approx.label(), bounds, centres, keys, args.drop))
         except CgfBertError as e:
             began = backend.pieces.agreed(name)
             if centres and began and "centres" not in began:
                 raise CgfBertError(f"{e}; it was begun without bootstrap centres: go on with --no-centre") from None
+            if args.drop and began and "level_drops" not in began:
+                raise CgfBertError(f"{e}; it was begun without level drops: go on with --no-drop") from None
             raise
     rows, stages = [], {}
     limit = min(fit, args.max_tokens or fit)
@@ -306,7 +314,8 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
         start = time.perf_counter()
         planned: list[dict] = []
         with np.errstate(over="ignore", invalid="ignore"):  # values driven past float64 are reported below, not warned about
-            got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, centres=centres, noise=args.noise, seed=c,
+            drops = P.level_drops(circuit, emb, top, reserve, bounds, centres) if args.drop else {}
+            got, log, boot = P.simulate(circuit, emb, top, reserve, bounds=bounds, centres=centres, noise=args.noise, seed=c, drops=drops,
                                         keys=keys, measure=args.backend != "sim" and bool(args.noise),
                                         probe=P.layer_errors(circuit, B.SimulatedCkks(lay.slots, top), hidden, planned))
         wall = time.perf_counter() - start
@@ -318,7 +327,7 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
         per_layer, wall_seconds = planned, None
         if args.backend != "sim":
             measured = S.encrypted(circuit, backend, bounds, emb, hidden, backend.pieces, f"{name}-pack{c}",
-                                   [ids.tolist() for ids, _ in group], backend.piece, note, centres)
+                                   [ids.tolist() for ids, _ in group], backend.piece, note, centres, drops)
             got, per_layer, table = measured.logits, measured.per_layer, _shared(measured.table, share)
             wall_seconds = round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1)
         got = np.atleast_2d(got)
@@ -328,7 +337,7 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
                    "bootstraps": round(sum(plan.values()), 2), "bootstrap_plan": plan, "bound_overflows": boot.overflows,
                    "bootstrap_input_means": boot.means, "watched_peaks": boot.watched, "poly_inputs_outside": counter.result(), "simulation_seconds": round(wall * share, 1),
                    "projected_seconds": price(table, args.costs), "op_levels": levels,
-                   "rotation_steps": log.steps_by_kind(share), "mean_levels": A.mean_levels(levels)}
+                   "rotation_steps": log.steps_by_kind(share), "mean_levels": A.mean_levels(levels), "level_drops": drops}
             if args.backend != "sim":
                 row.update(simulated_per_layer=planned, encrypted_logits=got[j].tolist(), wall_seconds=wall_seconds, pieces=measured.pieces,
                            bootstrap_errors=measured.bootstrap_errors, bootstrap_offsets=measured.bootstrap_offsets,
@@ -405,6 +414,11 @@ def main():
     p.add_argument("--pack", type=number(int, "pack", min=1), default=1,
                    help="examples per ciphertext: consecutive dev examples share one (their tokens in its rows; attention "
                         "never crosses them) and its cost; calibration is packed the same way (default: %(default)s)")
+    p.add_argument("--no-drop", dest="drop", action="store_false",
+                   help="run every step at the level the last bootstrap left, instead of dropping, as each ciphertext is "
+                        "made, the levels no step before its next bootstrap needs (the same values and bootstraps, the "
+                        "products and rotations lower, so faster). A --state run begun before level drops existed goes on "
+                        "only with this")
     p.add_argument("--no-centre", dest="centre", action="store_false",
                    help="bootstrap each value as it is, instead of less a public centre (its site's mean over the --calibrate "
                         "examples) added back after: a real bootstrap errs by an offset that grows as the cube of its input's "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -143,6 +143,16 @@ class Refresher:
     would be wrong under CKKS), never hidden. ``means`` keeps, per site, the largest |mean over all slots|
     of what the bootstrap gets (the centred value scaled by its bound, numpy ops only).
 
+    Level drops. A bootstrap returns its ciphertext at the top level, and the lazy placement above often
+    bootstraps a value before its levels are spent (the exp's input with levels to spare): every product and
+    rotation on the way then ran higher, so slower, than it had to (a plaintext product costs 3.8 times as much
+    at level 17 as at 3, a rotation 5 times: ``experiments.ckks_costs``). On values that track their origins
+    (``ops.Levelled.paths``) the Refresher keeps, per origin (``"input"``, or ``"{site} {k}"`` for a site's k-th
+    bootstrap), the most levels it could have dropped with every step still finding what it needs and every
+    bootstrap the same (``spare``, ``planned_drops``). Given ``drops`` (a first simulation's ``planned_drops``),
+    each origin is dropped by its own as it is made (``origin``): the same values, the same bootstraps, the
+    products and rotations at lower levels.
+
     With ``measure=True`` each bootstrap's input and output are decrypted (the client's key: a measurement,
     not the protocol) and ``errors`` keeps, per site, the largest change it made, scaled back by the factor its
     bound multiplies the bootstrap's [-1, 1] range by (``backends.scaled_bound``): the error on that range,
@@ -152,10 +162,13 @@ class Refresher:
     """
 
     def __init__(self, ops, log: StageLog, top: int, bounds: dict[str, float] | None = None, record: bool = False,
-                 margin: float = 1.0, measure: bool = False, centres: dict[str, float] | None = None):
+                 margin: float = 1.0, measure: bool = False, centres: dict[str, float] | None = None,
+                 drops: dict[str, int] | None = None):
         self.ops, self.log, self.top = ops, log, top
         self.bounds, self.record, self.margin, self.measure = dict(bounds or {}), record, margin, measure
         self.centres = dict(centres or {})
+        self.drops = dict(drops or {})
+        self.spare: dict[str, int] = {}  # per origin: the most levels it could drop (tracked values only)
         self.errors: dict[str, float] = {}
         self.offsets: dict[str, float] = {}
         self.seen: dict[str, float] = {}
@@ -165,6 +178,25 @@ class Refresher:
         self.overflows: dict[str, float] = {}
         self.watched: dict[str, float] = {}
         self.booted: dict[str, int] = defaultdict(int)  # bootstraps per call site
+
+    def origin(self, x, name: str):
+        """``x``, just made at the top of its levels, dropped by its planned drop and tracked as origin ``name``."""
+        if self.drops.get(name):
+            x = self.ops.level_down(x, self.ops.level(x) - self.drops[name])
+        return replace(x, paths={name: x.level}) if hasattr(x, "paths") else x
+
+    def done(self, x):
+        """``x`` is the circuit's output: it must keep level 0."""
+        self._keep(x, 0)
+
+    def _keep(self, x, levels: int):
+        """Every origin of ``x`` must leave it ``levels`` levels: the most each may drop by."""
+        for o, p in getattr(x, "paths", {}).items():
+            self.spare[o] = min(self.spare.get(o, p), p - levels)
+
+    def planned_drops(self) -> dict[str, int]:
+        """{origin: levels to drop}: what ``spare`` found, where it is positive."""
+        return {o: d for o, d in self.spare.items() if d > 0}
 
     def watch(self, x, site: str, limit: float):
         """Record the largest |value| over every slot of ``x`` (numpy ops only); one beyond ``limit`` is
@@ -187,8 +219,11 @@ class Refresher:
         whenever its sum is inside its bound): no calibration can then miss a larger value."""
         if need > self.usable:
             raise CgfBertError(f"{site} needs {need} levels in one step, more than the {self.usable} a bootstrap leaves")
-        if self.ops.level(x) - getattr(self.ops, "reserve", 0) >= need:
+        reserve = getattr(self.ops, "reserve", 0)
+        if self.ops.level(x) - reserve >= need:
+            self._keep(x, need + reserve)  # a drop must not make this step bootstrap
             return x
+        self._keep(x, reserve)  # a bootstrap's scaling still has its level
         centre = 0.0 if at_most is not None else self.centres.get(site, 0.0)
         slots = self.ops.peek(x) if hasattr(self.ops, "peek") else None  # numpy ops: what calibration sees
         peak = None if slots is None else float(np.abs(slots - centre).max())
@@ -223,7 +258,9 @@ class Refresher:
             offset = float(np.mean(change))
             if abs(offset) >= abs(self.offsets.get(site, 0.0)):
                 self.offsets[site] = offset
-        left = self.ops.level(out) - getattr(self.ops, "reserve", 0)
+        out = self.origin(out, f"{site} {self.booted[site]}")
+        self._keep(out, need + reserve)
+        left = self.ops.level(out) - reserve
         if left < need:  # a bound below 1 is scaled back after the bootstrap, at the cost of a level
             raise CgfBertError(f"{site} needs {need} levels, but a bootstrap by its bound {bound:.3g} leaves {left}")
         return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -93,6 +93,10 @@ class FheOps:
     def mul_plain(self, x, v: np.ndarray):  # one level
         return plain_product(self.e, x, v)
 
+    def level_down(self, x, level: int):
+        """``x`` with its moduli above ``level`` dropped: the same values, cheaper products and rotations."""
+        return x if level >= x.level else self.e.level_down(x, level)
+
     def add_plain(self, x, v: np.ndarray):
         return self.e.add(x, np.ascontiguousarray(v, dtype=np.float64))
 
@@ -137,6 +141,9 @@ class NumpyOps:
     def mul_plain(self, x, v):
         return x * v
 
+    def level_down(self, x, level):
+        return x
+
     def add_plain(self, x, v):
         return x + v
 
@@ -167,10 +174,16 @@ class NumpyOps:
 
 @dataclass(frozen=True)
 class Levelled:
-    """A simulated ciphertext: its slot values and the level CKKS would have left it at."""
+    """A simulated ciphertext: its slot values and the level CKKS would have left it at.
+
+    ``paths``: {origin: level}, where an origin is a ciphertext the circuit made at the top of its levels (the
+    encrypted input, a bootstrap's output) and the level is the one this value would have if only that origin's
+    levels counted. The value's level is the least of them, and dropping an origin by d levels drops its path
+    by d: what ``Refresher`` plans its level drops from (an empty dict: not tracked)."""
 
     slots: np.ndarray  # (slots,) float64
     level: int
+    paths: dict = field(default_factory=dict, compare=False)
 
 
 class LevelledNumpyOps:
@@ -180,6 +193,7 @@ class LevelledNumpyOps:
     operand; additions align to the lower level; constants and rotations are free; the Chebyshev
     basis puts ``T_i`` ``ceil(log2 i)`` levels below its argument. A result below level 0 is an
     error, as it is under CKKS without bootstrapping. So a circuit's depth is measured, not trusted.
+    Each result carries its operands' ``paths`` (merged by the lower, less the levels it used).
     """
 
     def __init__(self):
@@ -197,41 +211,51 @@ class LevelledNumpyOps:
         return x.level
 
     @staticmethod
-    def _at(slots: np.ndarray, level: int) -> Levelled:
+    def _of(slots: np.ndarray, operands: tuple, used: int) -> Levelled:
+        """The result of ``operands`` that used ``used`` levels below the lowest of them."""
+        level = min(x.level for x in operands) - used
         if level < 0:
             raise CgfBertError("the circuit needs more levels than the simulated ciphertext had (no bootstrapping)")
-        return Levelled(slots, level)
+        paths: dict = {}
+        for x in operands:
+            for origin, p in x.paths.items():
+                paths[origin] = min(paths.get(origin, p), p)
+        return Levelled(slots, level, {o: p - used for o, p in paths.items()})
+
+    def level_down(self, x, level: int):
+        drop = max(x.level - level, 0)
+        return Levelled(x.slots, x.level - drop, {o: p - drop for o, p in x.paths.items()})
 
     def mul_plain(self, x, v):
-        return self._at(self.np.mul_plain(x.slots, v), x.level - 1)
+        return self._of(self.np.mul_plain(x.slots, v), (x,), 1)
 
     def add_plain(self, x, v):
-        return self._at(self.np.add_plain(x.slots, v), x.level)
+        return self._of(self.np.add_plain(x.slots, v), (x,), 0)
 
     def add_const(self, x, c):
-        return self._at(self.np.add_const(x.slots, c), x.level)
+        return self._of(self.np.add_const(x.slots, c), (x,), 0)
 
     def mul(self, x, y):
-        return self._at(self.np.mul(x.slots, y.slots), min(x.level, y.level) - 1)
+        return self._of(self.np.mul(x.slots, y.slots), (x, y), 1)
 
     def square(self, x):
-        return self._at(self.np.square(x.slots), x.level - 1)
+        return self._of(self.np.square(x.slots), (x,), 1)
 
     def add(self, x, y):
-        return self._at(self.np.add(x.slots, y.slots), min(x.level, y.level))
+        return self._of(self.np.add(x.slots, y.slots), (x, y), 0)
 
     def sub(self, x, y):
-        return self._at(self.np.sub(x.slots, y.slots), min(x.level, y.level))
+        return self._of(self.np.sub(x.slots, y.slots), (x, y), 0)
 
     def neg(self, x):
-        return self._at(self.np.neg(x.slots), x.level)
+        return self._of(self.np.neg(x.slots), (x,), 0)
 
     def rotate(self, x, k):
-        return self._at(self.np.rotate(x.slots, k), x.level)
+        return self._of(self.np.rotate(x.slots, k), (x,), 0)
 
     def cheb_basis(self, t, degree):
         basis = self.np.cheb_basis(t.slots, degree)  # T_1 .. T_d
-        return [self._at(ti, t.level - (i - 1).bit_length()) for i, ti in enumerate(basis, start=1)]  # ceil(log2 i)
+        return [self._of(ti, (t,), (i - 1).bit_length()) for i, ti in enumerate(basis, start=1)]  # ceil(log2 i)
 
 
 def rotsum(ops, x, width: int):

@@ -44,9 +44,11 @@ def run(circuit: EncoderCircuit, ops, boot: Refresher, emb, log: StageLog, probe
     lengths = [e.shape[0] for e in embs]
     if start is None:
         (x,) = [ops.encrypt(v) for v in circuit.lay.pack(np.concatenate(embs))]
-        start = (0, x)
+        start = (0, boot.origin(x, "input"))
     first, x = start
-    logits = ops.decrypt(circuit.forward(ops, boot, x, lengths, log, probe, first)).reshape(circuit.lay.rows, circuit.lay.width)
+    out = circuit.forward(ops, boot, x, lengths, log, probe, first)
+    boot.done(out)
+    logits = ops.decrypt(out).reshape(circuit.lay.rows, circuit.lay.width)
     out = logits[circuit.starts(lengths), :2]
     return out if isinstance(emb, (list, tuple)) else out[0]
 
@@ -66,16 +68,25 @@ def layer_errors(circuit: EncoderCircuit, ops, hidden: list[np.ndarray], into: l
 
 def simulate(circuit: EncoderCircuit, emb: np.ndarray, top: int, reserve: int = 0, bounds: dict | None = None,
              record: bool = False, probe=None, margin: float = 1.0, noise=None, seed: int = 0,
-             keys=None, measure: bool = False, centres: dict | None = None) -> tuple[np.ndarray, StageLog, Refresher]:
+             keys=None, measure: bool = False, centres: dict | None = None,
+             drops: dict | None = None) -> tuple[np.ndarray, StageLog, Refresher]:
     """``run`` on ``SimulatedCkks`` with ``top`` levels after a bootstrap (``emb``: one example or a list
     packed in one ciphertext): the plan and the logits
     (with ``noise``, each bootstrap's error drawn as ``SimulatedCkks`` says, from ``seed``; rotations
     counted in key switches as ``BootstrapOps`` makes them with ``keys`` (``fhe.keys``; default the small key's set);
-    ``measure``: each site's largest bootstrap error kept, as ``Refresher`` says; ``centres``: its centres)."""
+    ``measure``: each site's largest bootstrap error kept, as ``Refresher`` says; ``centres``, ``drops``: its
+    centres and level drops)."""
     log = StageLog()
     sim = SimulatedCkks(circuit.lay.slots, top, reserve, noise=noise, seed=seed, keys=keys)
-    boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin, measure=measure, centres=centres)
+    boot = Refresher(sim, log, top, bounds=bounds, record=record, margin=margin, measure=measure, centres=centres, drops=drops)
     return run(circuit, Counted(sim, log), boot, emb, log, probe), log, boot
+
+
+def level_drops(circuit: EncoderCircuit, emb, top: int, reserve: int, bounds: dict, centres: dict | None = None) -> dict[str, int]:
+    """The level drops (``Refresher``) of one ciphertext's circuit: a simulation finds, per bootstrap output and
+    for the input, the levels no step needs. They depend on the levels alone (the bounds decide how many a
+    bootstrap returns), not on the values, so the plan holds for the encrypted run of the same packing."""
+    return simulate(circuit, emb, top, reserve, bounds=bounds, centres=centres)[2].planned_drops()
 
 
 def packs(examples: list, per: int, rows: int) -> list[list]:

@@ -186,7 +186,8 @@ class Measured:
 
 
 def encrypted(circuit, make_ops, bounds: dict, emb, hidden: list, pieces: Pieces | None = None, tag: str = "",
-              examples=None, piece=dict, say=lambda text: None, centres: dict | None = None) -> Measured:
+              examples=None, piece=dict, say=lambda text: None, centres: dict | None = None,
+              drops: dict | None = None) -> Measured:
     """One ciphertext (``emb``: one example or a packed list, ``examples`` their tokens) through the ops
     ``make_ops()`` gives.
 
@@ -194,7 +195,7 @@ def encrypted(circuit, make_ops, bounds: dict, emb, hidden: list, pieces: Pieces
     part-way goes on from its last layer, one saved whole returns its result without making any key; past
     ``pieces.stop_after`` it raises ``Stopped`` before a layer, this ciphertext's first included. ``piece()``:
     what to record of this piece, asked once the keys are made; ``say``: where each layer's time is told;
-    ``centres``: the bootstrap centres (``Refresher``)."""
+    ``centres``, ``drops``: the bootstrap centres and level drops (``Refresher``)."""
     saved = pieces.check(tag, examples) if pieces else {}
     if "logits" in saved:
         return Measured(StageLog.from_json(saved["log"]).table(), np.array(saved["logits"]), saved["per_layer"],
@@ -208,7 +209,7 @@ def encrypted(circuit, make_ops, bounds: dict, emb, hidden: list, pieces: Pieces
     this = {**piece(), "first_layer": saved.get("layers_done", 0), "layers": 0, "seconds": 0.0}
     out.pieces.append(this)
     start = pieces.resume(tag, ops) if pieces else None
-    boot = Refresher(ops, log, ops.top, bounds=bounds, measure=True, centres=centres)
+    boot = Refresher(ops, log, ops.top, bounds=bounds, measure=True, centres=centres, drops=drops)
     boot.errors, boot.offsets = out.bootstrap_errors, out.bootstrap_offsets
     layers, measure = len(circuit.w.layers), P.layer_errors(circuit, ops, hidden, out.per_layer)
     began, last = time.perf_counter(), [time.perf_counter()]
