@@ -295,8 +295,9 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
             began = backend.pieces.agreed(name)
             if centres and began and "centres" not in began:
                 raise CgfBertError(f"{e}; it was begun without bootstrap centres: go on with --no-centre") from None
-            if args.drop and began and "level_drops" not in began:
-                raise CgfBertError(f"{e}; it was begun without level drops: go on with --no-drop") from None
+            if began and args.drop != ("level_drops" in began):
+                raise CgfBertError(f"{e}; it was begun " + ("without level drops: go on with --no-drop" if args.drop
+                                                            else "with level drops: go on without --no-drop")) from None
             raise
     rows, stages = [], {}
     limit = min(fit, args.max_tokens or fit)

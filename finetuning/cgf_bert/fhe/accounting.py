@@ -180,7 +180,9 @@ class Refresher:
         self.booted: dict[str, int] = defaultdict(int)  # bootstraps per call site
 
     def origin(self, x, name: str):
-        """``x``, just made at the top of its levels, dropped by its planned drop and tracked as origin ``name``."""
+        """``x``, just made at the top of its levels, dropped by its planned drop and tracked as origin ``name``.
+        The names (a site's k-th bootstrap) hold across a run that goes on from a saved layer because every
+        site inside a layer names its layer, so a fresh Refresher counts its bootstraps from 0 there too."""
         if self.drops.get(name):
             x = self.ops.level_down(x, self.ops.level(x) - self.drops[name])
         return replace(x, paths={name: x.level}) if hasattr(x, "paths") else x

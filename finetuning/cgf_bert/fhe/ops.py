@@ -141,9 +141,6 @@ class NumpyOps:
     def mul_plain(self, x, v):
         return x * v
 
-    def level_down(self, x, level):
-        return x
-
     def add_plain(self, x, v):
         return x + v
 
@@ -223,6 +220,8 @@ class LevelledNumpyOps:
         return Levelled(slots, level, {o: p - used for o, p in paths.items()})
 
     def level_down(self, x, level: int):
+        # every path lowered by the drop: exact for a new origin (``Refresher.origin``), a lower bound on the
+        # level the value keeps under any origin's drop otherwise (so a plan from it never over-drops)
         drop = max(x.level - level, 0)
         return Levelled(x.slots, x.level - drop, {o: p - drop for o, p in x.paths.items()})
 
