@@ -309,6 +309,22 @@ def test_cgf_outputs_are_finite_for_finite_scores(sm, coeff):
     assert torch.isfinite(_cgf(coeff)(s, valid)).all()
 
 
+@pytest.mark.parametrize("row", [
+    [-3.4e38, -2.9e32, -3.4e38],  # the row total overflows to -inf: the mean must not
+    [3.4e38, -3.4e38, -3.4e38],  # the mean is finite, but s - mu overflows to +inf
+])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cgf_rows_near_the_float32_limit_give_zeros_not_nan(row, masked):
+    """Rows hypothesis found: their variance is inf in float32, so every probability is 0; the
+    gradient is finite too (the forward's 0s times anything)."""
+    s = torch.tensor(row, dtype=torch.float32).reshape(1, 1, 1, 3).requires_grad_()
+    valid = torch.ones(1, 1, 1, 3, dtype=torch.bool) if masked else None
+    p = _cgf(0.5)(s, valid)
+    assert torch.equal(p, torch.zeros_like(p))
+    p.sum().backward()
+    assert torch.isfinite(s.grad).all()
+
+
 @FAST
 @given(sm=scores_and_mask(bound=50.0), coeff=st.floats(0.0, 2.0))
 def test_cgf_runs_in_float32_inside_bf16_autocast(sm, coeff):

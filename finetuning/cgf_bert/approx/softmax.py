@@ -9,6 +9,7 @@ Adding a variant is one ``@SOFTMAX.register`` call (and its test).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -113,15 +114,23 @@ class _CgfSoftmax(torch.autograd.Function):
 
 def centred(s: torch.Tensor, mask: torch.Tensor | None):
     """Scores centred on their valid mean (masked entries 0), the valid variance, and n."""
+    # The row total is summed at 2^-k (2^k >= K keys): a power of two scales every rounding exactly,
+    # so the mean is bit for bit total / n, but a row of scores near the float32 limit (-3.4e38)
+    # cannot overflow it to inf and give inf - inf = nan. (Scores below ~1e-36 lose bits to
+    # subnormals there; their share of a mean is below any float32 rounding of it.)
+    scale = 2.0 ** -math.ceil(math.log2(s.shape[-1]))
     if mask is None:
         n = s.new_full((), s.shape[-1])
-        x = s - s.mean(dim=-1, keepdim=True)
+        x = s - (s * scale).sum(dim=-1, keepdim=True) / n / scale
     else:
         n = mask.sum(dim=-1, keepdim=True)  # (B, 1, Q, 1) public lengths
-        # Zero masked scores before any exp: selected, not multiplied by the mask, so that neither a
-        # huge masked score nor a row total that overflows float32 gives inf * 0 = nan (finite
-        # values are the same either way).
-        x = torch.where(mask.bool(), s - (s * mask).sum(dim=-1, keepdim=True) / n, 0.0)
+        # Zero masked scores before any exp: selected, not multiplied by the mask, so that a huge
+        # masked score cannot give inf * 0 = nan (finite values are the same either way).
+        x = torch.where(mask.bool(), s - (s * (mask * scale)).sum(dim=-1, keepdim=True) / n / scale, 0.0)
+    # s - mu itself overflows when scores of both signs are near the limit; held at the largest
+    # float, its square still makes the variance inf, so exp(x - c var) is 0 rather than nan.
+    limit = torch.finfo(s.dtype).max
+    x = x.clamp(-limit, limit)
     var = torch.linalg.vecdot(x, x).unsqueeze(-1) / n  # (B, H, Q, 1)
     return x, var, n
 
