@@ -463,6 +463,17 @@ def test_with_real_bootstraps_the_circuit_gives_the_models_logits(tiny_bert):
     _encrypted_matches_the_model(tiny_bert, B.BootstrapOps("small", thread_count=2))
 
 
+@needs_fhe
+@pytest.mark.real  # the small bootstrap key: about 6 GB and two minutes
+def test_a_plaintext_products_output_bootstraps():
+    """desilofhe's bootstrap refuses a ciphertext in NTT form, which a plaintext product leaves; the
+    exact softmax's reciprocal bootstraps one directly (summary.md, finding 96)."""
+    ops = B.BootstrapOps("small", thread_count=2)
+    v = np.linspace(-0.9, 0.9, ops.slots)
+    x = ops.mul_plain(ops.encrypt(v), np.full(ops.slots, 0.5))
+    np.testing.assert_allclose(ops.decrypt(ops.bootstrap(x, 1.0)), 0.5 * v, atol=1e-3)
+
+
 def _cli(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, *flags) -> dict:
     """encrypted_inference on a tiny CGF student, the record it writes."""
     import json

@@ -225,5 +225,7 @@ class BootstrapOps(FheOps):
     def bootstrap(self, x, bound: float):
         before, after = scaled_bound(bound)  # an int product keeps the level, a float one takes one
         scaled = x if before == 1 else self.e.multiply(x, before)
-        fresh = self.e.bootstrap(scaled, self.rlk, self.conj_key, *self.boot_keys)
+        # A plaintext product leaves the ciphertext in NTT form, which the bootstrap refuses (the exact
+        # softmax's reciprocal bootstraps one directly); intt converts it and leaves any other as it is.
+        fresh = self.e.bootstrap(self.e.intt(scaled), self.rlk, self.conj_key, *self.boot_keys)
         return fresh if after == 1 else self.e.multiply(fresh, after)
