@@ -66,6 +66,13 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
+    def _get_values(self, action, arg_strings):
+        # '--opt=--': argparse drops the '--' as a separator and stores [] without calling the type;
+        # the option's own type judges it instead (a number's refuses it, a path's takes it).
+        if action.nargs is None and arg_strings == ["--"]:
+            return self._get_value(action, "--")
+        return super()._get_values(action, arg_strings)
+
 
 def quiet_libraries() -> None:
     """Hide warnings raised outside this package (pyarrow's FutureWarning at every distillation
