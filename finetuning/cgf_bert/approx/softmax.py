@@ -130,7 +130,7 @@ def centred(s: torch.Tensor, mask: torch.Tensor | None):
     # s - mu itself overflows when scores of both signs are near the limit; held at the largest
     # float, its square still makes the variance inf, so exp(x - c var) is 0 rather than nan.
     limit = torch.finfo(s.dtype).max
-    x = x.clamp_(-limit, limit)  # in place: no second (B, H, Q, K) tensor on this hot path
+    x = x.clamp(-limit, limit)  # out of place: vmap (the kernel view) has no batching rule for clamp_
     var = torch.linalg.vecdot(x, x).unsqueeze(-1) / n  # (B, H, Q, 1)
     return x, var, n
 
