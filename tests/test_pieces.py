@@ -192,8 +192,13 @@ def test_a_run_stopped_after_a_layer_goes_on_from_it_and_ends_with_the_models_lo
     again.unlink()
     assert (state / "secret.key").exists() and [p.name for p in state.glob("*.ct")] == ["model0-pack0-after1.ct"]
 
-    _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags)
+    with monkeypatch.context() as m:  # going on: the calibration it began with, found once
+        m.setattr(encrypted_inference.P, "calibrate", lambda *a, **k: pytest.fail("calibrated again going on"))
+        out = _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags)
+    assert "rotation keys: those the run in" in out
     (record,) = (tmp_path / "fhe").glob("encrypted_inference-*.json")
+    began = json.loads((state / "state.json").read_text())["model0"]
+    assert json.loads(record.read_text())["results"][0]["bounds"] == began["bounds"] and began["centres"]
     (ex,) = json.loads(record.read_text())["results"][0]["examples"]
     assert [e["layer"] for e in ex["per_layer"]] == [0, 1] and [p["first_layer"] for p in ex["pieces"]] == [0, 1]
     assert ex["same_prediction"] and ex["max_abs_error"] < 1e-3 * np.abs(ex["reference_logits"]).max()
@@ -211,6 +216,12 @@ def test_a_run_stopped_after_a_layer_goes_on_from_it_and_ends_with_the_models_lo
 
     with pytest.raises(CgfBertError, match="options differ in calibrate"):
         _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags, "--calibrate", "3")
+    with pytest.raises(CgfBertError, match="differ in centres"):  # begun with centres, it goes on only with them
+        _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags, "--no-centre")
+    (state / "state.json").write_text(json.dumps({**json.loads((state / "state.json").read_text()),
+                                                  "model0": {k: v for k, v in began.items() if k != "centres"}}))
+    with pytest.raises(CgfBertError, match="begun without bootstrap centres: go on with --no-centre"):
+        _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags)
 
 
 def test_a_run_in_pieces_needs_ciphertexts_and_stopping_needs_a_state(tmp_path, monkeypatch, capsys):

@@ -2,11 +2,12 @@
 for a circuit's rotations."""
 
 import itertools
+import json
 
 import pytest
 
 from cgf_bert import CgfBertError
-from cgf_bert.fhe.keys import FixedKeys, GeneralKeys, rotation_keys
+from cgf_bert.fhe.keys import EveryStep, FixedKeys, GeneralKeys, from_json, rotation_keys
 
 
 def _fewest(k: int, steps, slots: int) -> int:
@@ -65,3 +66,13 @@ def test_rotation_keys_by_bootstrap_key():
         rotation_keys("medium", 64)
     with pytest.raises(CgfBertError, match="no rotation keys"):
         rotation_keys("large", 64)
+
+
+def test_keys_read_back_from_json_make_every_rotation_as_the_keys_written():
+    """A run in pieces goes on with the keys its state names: read back, they are equal and cost every step the same."""
+    keys = [FixedKeys.chosen({3: 5.0, -7: 2.0, 200: 1.0}, 1024, tries=50), GeneralKeys(1024, True), GeneralKeys(1024, False), EveryStep(1024)]
+    for k in keys:
+        again = from_json(json.loads(json.dumps(k.to_json())), 1024)
+        assert again == k and [again.switches(s) for s in range(-40, 1024, 7)] == [k.switches(s) for s in range(-40, 1024, 7)]
+    with pytest.raises(CgfBertError, match="not fixed, general or every step"):
+        from_json({"kind": "all"}, 1024)

@@ -175,11 +175,12 @@ class Backend:
         return {"code_version": self.version, "machine": machine(torch.device("cpu")), "threads": self.args.threads,
                 **({"keygen_seconds": round(keygen, 1)} if first else {"keys": "made for an earlier ciphertext of this piece"})}
 
-    def rotation_keys(self, counts: dict):
+    def rotation_keys(self, counts: dict | None, began: dict | None = None):
         """The keys of ``--key`` (``counts``: a circuit's rotations, what the medium key's are chosen for); the
-        interactive backend's, a fixed key for every step."""
+        interactive backend's, a fixed key for every step; ``began``: those a run in pieces began with (their ``to_json``)."""
         if self.keys is None:
-            self.keys = K.rotation_keys("fixed" if self.args.backend == "interactive" else self.args.key, SLOTS, counts)
+            self.keys = (K.from_json(began, SLOTS) if began else
+                         K.rotation_keys("fixed" if self.args.backend == "interactive" else self.args.key, SLOTS, counts))
             note(f"  rotation keys: {self.keys.describe()}")
         return self.keys
 
@@ -282,19 +283,24 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
              + ("" if chosen.narrow else f", wider than {F.FIRST_SUM_RATIO:g}"))
     model.set_approx(approx)
     circuit = E.EncoderCircuit(E.Weights.of(model), approx, lay)
-    # packed and alone: a pack's circuit bootstraps other sites than a lone example's (a dev pack may be one short)
-    groups = P.packs(calibration, args.pack, lay.rows) + ([[ex] for ex in calibration] if args.pack > 1 else [])
-    steps: dict = {}
-    bounds, centres = P.calibrate(circuit, (P.one([P.embed(model, ids, tt) for ids, tt in g]) for g in groups), top, reserve,
-                                  steps=steps, centre=args.centre)
-    keys = backend.rotation_keys(steps)
-    if backend.pieces:  # a run in pieces goes on only with the circuit it began with
+    began = backend.pieces.agreed(name) if backend.pieces else None
+    if began and "bounds" in began:  # going on: the calibration it began with, not minutes of simulation to find it again
+        bounds, centres = began["bounds"], began.get("centres", {}) if args.centre else {}
+        if args.centre and bounds and not centres:
+            raise CgfBertError(f"--state {args.state}: its run was begun without bootstrap centres: go on with --no-centre")
+        keys = backend.rotation_keys(None, began["rotation_keys"])
+        note(f"  bounds, centres and rotation keys: those the run in {state_name(args.state)} began with")
+    else:
+        # packed and alone: a pack's circuit bootstraps other sites than a lone example's (a dev pack may be one short)
+        groups = P.packs(calibration, args.pack, lay.rows) + ([[ex] for ex in calibration] if args.pack > 1 else [])
+        steps: dict = {}
+        bounds, centres = P.calibrate(circuit, (P.one([P.embed(model, ids, tt) for ids, tt in g]) for g in groups), top, reserve,
+                                      steps=steps, centre=args.centre)
+        keys = backend.rotation_keys(steps)
+    if backend.pieces:  # a run in pieces goes on only with the circuit it began with (the form, checked here)
         try:
             backend.pieces.agree(name, pinned(path, approx.label(), bounds, centres, keys, args.drop))
         except CgfBertError as e:
-            began = backend.pieces.agreed(name)
-            if centres and began and "centres" not in began:
-                raise CgfBertError(f"{e}; it was begun without bootstrap centres: go on with --no-centre") from None
             if began and args.drop != ("level_drops" in began):
                 raise CgfBertError(f"{e}; it was begun " + ("without level drops: go on with --no-drop" if args.drop
                                                             else "with level drops: go on without --no-drop")) from None
@@ -431,10 +437,11 @@ def main():
     p.add_argument("--state", metavar="DIR",
                    help="run in pieces (--backend interactive or bootstrap): after each encoder layer the ciphertext and the "
                         "measurements so far go to DIR, and the same command goes on from the last finished layer. DIR holds "
-                        "the client's secret key: keep it out of the repository")
+                        "the client's secret key: keep it out of the repository. Going on, the run keeps the bootstrap bounds, centres "
+                        "and rotation keys it began with (no calibration again); the polynomial form is measured again and must agree")
     p.add_argument("--stop-after", type=number(float, "stop-after", min=0), metavar="MIN",
                    help="with --state: begin no encoder layer that would end (timed as the last) more than MIN minutes after "
-                        "the start; the run stops with its state saved and a partial record. 0: after calibrating, begin none and make "
+                        "the start; the run stops with its state saved and a partial record. 0: after the plan, begin none and make "
                         "no key, only the partial record of what DIR holds (after a run that was killed)")
     add_config_args(p, TrainConfig, only=("data_dir", "max_length"))
     p.add_argument("--results-dir", default=str(RESULTS_DIR), help="the record and plot go to RESULTS_DIR/fhe/ (default: %(default)s)")

@@ -174,3 +174,15 @@ def rotation_keys(key: str, slots: int, counts: Mapping[int, float] | None = Non
             raise CgfBertError("the medium key's fixed rotation keys are chosen for a circuit's rotations: none were given")
         return FixedKeys.chosen(counts, slots)
     raise CgfBertError(f"no rotation keys for {key!r}: one of small, medium, rotation-key, fixed")
+
+
+def from_json(d: Mapping, slots: int) -> GeneralKeys | FixedKeys | EveryStep:
+    """The keys whose ``to_json`` is ``d`` (a run in pieces goes on with the keys its state folder names)."""
+    kind = d.get("kind")
+    if kind == "fixed":
+        return FixedKeys(slots, tuple(int(s) for s in d["steps"]))
+    if kind == "general":
+        return GeneralKeys(slots, bool(d["roll_key"]))
+    if kind == "every step":
+        return EveryStep(slots)
+    raise CgfBertError(f"rotation keys of kind {kind!r}: not fixed, general or every step")
