@@ -880,3 +880,11 @@ def test_bootstrap_inputs_shapes_span_the_bootstrap_range_and_errors_are_measure
     assert row["max_error"] == pytest.approx(np.abs(added).max()) and row["rms_error"] == pytest.approx(np.sqrt(np.mean(added**2)))
     assert row["mean"] == pytest.approx(samples["positive"].mean()) and row["level_after"] == 16
     assert row["mean_error"] == pytest.approx(added.mean())  # signed: the offset's direction
+
+
+def test_the_mean_by_stage_kind_adds_a_tables_layers_then_averages_over_the_examples():
+    """Two examples' stage tables: the first's two softmax layers add up (6 s), the second's one is 6 s, and an
+    operation one example lacks counts as 0 in the other (the mean of 1 and 0 bootstraps)."""
+    first = [{"stage": "layer 0 / softmax", "seconds": 2.0, "bootstraps": 1}, {"stage": "layer 1 / softmax", "seconds": 4.0}]
+    second = [{"stage": "layer 0 / softmax", "seconds": 6.0}, {"stage": "pooler + classifier", "seconds": 1.0}]
+    assert A.mean_by_kind([first, second]) == {"softmax": {"seconds": 6.0, "bootstraps": 0.5}, "pooler + classifier": {"seconds": 0.5}}

@@ -224,6 +224,28 @@ def test_a_run_stopped_after_a_layer_goes_on_from_it_and_ends_with_the_models_lo
         _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags)
 
 
+@needs_fhe
+def test_a_stopped_runs_record_holds_the_examples_it_finished_against_the_model(tiny_bert, tiny_mrpc, tmp_path, monkeypatch, capsys):
+    """Two ciphertexts of a one-layer run, stopped before the second: the partial record keeps the first one's
+    example, its decrypted logits those of the saved progress, and the line says so. Its reference (the torch
+    model) agrees with the slot simulation of the circuit (numpy, written apart from it) to float tolerance, and
+    the encrypted logits with both to CKKS's; its error and prediction are those of its logits."""
+    flags = ("--backend", "interactive", "--threads", "2", "--layers", "1", "--examples", "2", "--state", str(tmp_path / "state"))
+    out = _main(tmp_path, tiny_bert, tiny_mrpc, monkeypatch, capsys, *flags, "--stop-after", "0.0001")
+    (partial,) = (tmp_path / "fhe").glob("encrypted_inference_partial-*.json")
+    rec = json.loads(partial.read_text())
+    assert "model0-pack1 left after 0 of 1 layers" in rec["stopped"] and "model0-pack1" not in rec["progress"]
+    (ex,) = rec["finished"]["model0"]["examples"]
+    assert [ex["encrypted_logits"]] == np.atleast_2d(rec["progress"]["model0-pack0"]["logits"]).tolist() and ex["ciphertext"] == 0
+    ref, enc = np.array(ex["reference_logits"]), np.array(ex["encrypted_logits"])
+    assert np.abs(ref - ex["simulated_logits"]).max() < 1e-9 * max(1.0, np.abs(ref).max())
+    assert ex["max_abs_error"] == np.abs(enc - ref).max() < 1e-3 * np.abs(ref).max()
+    assert ex["same_prediction"] == (enc.argmax() == ref.argmax()) and ex["same_prediction"]
+    assert "predictions equal on 1/1" in out and "(the examples finished so far)" in out
+    (png,) = (tmp_path / "fhe").glob("encrypted_inference_partial-*.png")  # their figure: time by stage, error by layer
+    assert png.stem == partial.stem and rec["finished"]["model0"]["per_example_mean_by_stage"]["feed-forward"]["mul_plain"] > 0
+
+
 def test_a_run_in_pieces_needs_ciphertexts_and_stopping_needs_a_state(tmp_path, monkeypatch, capsys):
     from experiments import encrypted_inference
 

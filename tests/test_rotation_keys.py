@@ -76,3 +76,55 @@ def test_keys_read_back_from_json_make_every_rotation_as_the_keys_written():
         assert again == k and [again.switches(s) for s in range(-40, 1024, 7)] == [k.switches(s) for s in range(-40, 1024, 7)]
     with pytest.raises(CgfBertError, match="not fixed, general or every step"):
         from_json({"kind": "all"}, 1024)
+
+
+def test_the_bootstrap_keys_steps_are_found_by_rotating_and_a_wrong_one_is_kept_apart():
+    """``experiments.bootstrap_key_rotations.probe`` on a stand-in engine whose key holds steps 1 and 5, refuses
+    the others, and rotates by 7 the wrong way: held 1 and 5 (each a left rotation, as ``np.roll`` by -k), 7
+    recorded as wrong, never as held."""
+    import numpy as np
+    from experiments.bootstrap_key_rotations import candidates, probe
+
+    class Engine:
+        def rotate(self, ct, key, step):
+            if step in (1, 5):
+                return np.roll(ct, -step)
+            if step == 7:
+                return np.roll(ct, step)
+            raise RuntimeError("the bootstrap key holds no rotation by this step")
+
+        def decrypt(self, ct, secret):
+            return ct + 0j
+
+    values = np.random.default_rng(0).uniform(-1, 1, 64)
+    found = probe(Engine(), None, values, values, None, [1, 2, 5, 7, 63])
+    assert [h["step"] for h in found["held"]] == [1, 5] and all(h["max_error"] == 0 for h in found["held"])
+    assert found["refused"] == [2, 63] and [w["step"] for w in found["wrong"]] == [7]
+    steps = candidates(2**15)
+    assert {1, 16, 1024, 2**14, 2**15 - 1, 2**15 - 8, 2**15 - 1024} <= set(steps) and 0 not in steps and len(set(steps)) == len(steps)
+
+
+def test_a_circuits_rotations_are_timed_by_the_bootstrap_key_and_through_the_fixed_keys_path(tmp_path):
+    """``compare`` on a stand-in engine: a step of two fixed-key switches is rotated by two keys (the path the run
+    takes), the ciphertext's seconds are its steps' medians times their counts; a file that is no partial record
+    is refused with its name."""
+    import numpy as np
+    from experiments.bootstrap_key_rotations import circuit_steps, compare
+
+    used = []
+
+    class Engine:
+        def rotate(self, ct, key, step=None):
+            used.append("boot" if step is not None else key)
+            return np.roll(ct, -(step if step is not None else key))
+
+    keys = FixedKeys(64, (1, 2))
+    out = compare(Engine(), None, {1: 1, 2: 2}, keys, np.arange(64.0), {3: 2.0, 2: 1.0}, repeat=3)
+    assert [(r["step"], r["rotations"], r["fixed_key_switches"]) for r in out["steps"]] == [(2, 1.0, 1), (3, 2.0, 2)]
+    assert used.count("boot") == 6 and sorted(k for k in used if k != "boot") == [1, 1, 1] + [2] * 6
+    assert out["seconds_fixed_keys"] == pytest.approx(sum(r["rotations"] * r["fixed_keys"] for r in out["steps"]))
+    (tmp_path / "r.json").write_text(json.dumps({"progress": {"m-pack0": {"log": {"steps": {"a": {"3": 2}, "b": {"67": 1}}}}}}))
+    assert circuit_steps(str(tmp_path / "r.json"), 64) == {3: 3.0}
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(CgfBertError, match="bad.json: not a partial encrypted_inference record"):
+        circuit_steps(str(tmp_path / "bad.json"), 64)

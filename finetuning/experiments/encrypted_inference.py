@@ -305,7 +305,7 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
                 raise CgfBertError(f"{e}; it was begun " + ("without level drops: go on with --no-drop" if args.drop
                                                             else "with level drops: go on without --no-drop")) from None
             raise
-    rows, stages = [], {}
+    rows = []
     limit = min(fit, args.max_tokens or fit)
     chosen = F.examples_of(data["validation"], limit, args.examples)
     if not chosen:
@@ -333,8 +333,13 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
         plan = {kind: d.get("bootstraps", 0) for kind, d in A.summed(table).items()}
         per_layer, wall_seconds = planned, None
         if args.backend != "sim":
-            measured = S.encrypted(circuit, backend, bounds, emb, hidden, backend.pieces, f"{name}-pack{c}",
-                                   [ids.tolist() for ids, _ in group], backend.piece, note, centres, drops)
+            try:
+                measured = S.encrypted(circuit, backend, bounds, emb, hidden, backend.pieces, f"{name}-pack{c}",
+                                       [ids.tolist() for ids, _ in group], backend.piece, note, centres, drops)
+            except S.Stopped as stop:  # the stopped run's record keeps the examples finished so far, against the model
+                stop.finished[name] = {"checkpoint": repo_relative(path), "label": approx.label(), "layers": len(model.bert.encoder.layer),
+                                       "examples": rows, "per_example_mean_by_stage": A.mean_by_kind([r["stages"] for r in rows])}
+                raise
             got, per_layer, table = measured.logits, measured.per_layer, _shared(measured.table, share)
             wall_seconds = round(sum(r.get("seconds", 0) + r.get("bootstrap_seconds", 0) for r in table), 1)
         got = np.atleast_2d(got)
@@ -352,10 +357,6 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
             finite = bool(np.isfinite(got[j]).all())  # a NaN's argmax is 0: it must not count as a prediction
             row.update(finite=finite, max_abs_error=float(np.abs(got[j] - ref).max()),
                        same_prediction=finite and bool(got[j].argmax() == ref.argmax()), per_layer=per_layer, stages=table)
-            for kind, d in A.summed(table).items():
-                agg = stages.setdefault(kind, {})
-                for key, v in d.items():
-                    agg[key] = agg.get(key, 0) + v / len(chosen)
             rows.append(row)
             note(f"  example {k}: {len(ids)} tokens" + (f" (one of {len(group)} in ciphertext {c})" if len(group) > 1 else "")
                  + f"; plan: {row['bootstraps']:g} bootstraps ("
@@ -368,7 +369,16 @@ def evaluate(path: str, args, data, backend: Backend, name: str = "model0") -> d
             "approx": approx.to_json(), "label": approx.label(), "layers": len(model.bert.encoder.layer),
             "layout": {"slots": lay.slots, "width": lay.width, "rows": lay.rows},
             "calibration_examples": len(calibration), "form_examples": len(measure), "examples_per_ciphertext": args.pack, "bounds": bounds, "centres": centres, "examples": rows,
-            "per_example_mean_by_stage": {k: {m: round(v, 2) for m, v in d.items()} for k, d in stages.items()}}
+            "per_example_mean_by_stage": A.mean_by_kind([r["stages"] for r in rows])}
+
+
+def finished_line(examples: list[dict]) -> str:
+    """'predictions equal on 7/8, max logit error 1.2e-03', and how many examples' logits are not finite."""
+    ok = sum(r["same_prediction"] for r in examples)
+    lost = sum(not r["finite"] for r in examples)
+    err = max(r["max_abs_error"] for r in examples) if not lost else float("inf")
+    return (f"predictions equal on {ok}/{len(examples)}, max logit error {err:.1e}"
+            + (f" ({lost} examples' logits not finite: a value the circuit cannot hold)" if lost else ""))
 
 
 def replot(record: dict, path: str):
@@ -465,13 +475,21 @@ def main():
             note(f"{path}:")
             results.append(evaluate(path, args, data, backend, f"model{j}"))
     except S.Stopped as stop:  # the state is on disk; what was measured so far is recorded
+        finished = {f"model{j}": res for j, res in enumerate(results)} | stop.finished  # checkpoints done, then the stopped one's examples
+        done = [res for res in finished.values() if res["examples"]]
+        stamp = free_stamp(Path(args.results_dir) / "fhe", "encrypted_inference_partial-{}.json", "encrypted_inference_partial-{}.png", start=started)
+        png = plot(done, f"{args.results_dir}/fhe/encrypted_inference_partial-{stamp}.png", measured=args.backend != "sim",
+                   noise=args.noise.to_json() if args.noise else None, costs=args.costs) if done else None
         out = {"command": command_line(), "code_version": version, "machine": machine(torch.device("cpu")), "backend": args.backend,
-               "state": state_name(args.state), "stopped": str(stop), "progress": backend.pieces.progress()}
+               "state": state_name(args.state), "stopped": str(stop), "finished": finished, "plot": png and repo_relative(png),
+               "progress": backend.pieces.progress()}
         out, out["non_finite"] = strict_json(out, NON_FINITE)
-        stamp = free_stamp(Path(args.results_dir) / "fhe", "encrypted_inference_partial-{}.json", start=started)
         path = write_json(Path(args.results_dir) / "fhe" / f"encrypted_inference_partial-{stamp}.json", out)
         more = "the command without --stop-after 0" if args.stop_after == 0 else "the same command"
-        print(f"{stop}, its state in {args.state}: {more} goes on from there.\nsaved {path} (what was measured so far)")
+        for res in done:
+            print(f"{res['label']}: {finished_line(res['examples'])} (the examples finished so far)")
+        print(f"{stop}, its state in {args.state}: {more} goes on from there.\nsaved {path} (what was measured so far)"
+              + (f"\nplot: {png} (the examples finished so far)" if png else ""))
         return
     ops = backend.ops
     keys = None if ops is None else {"keygen_seconds": round(ops.keygen_s, 1), "key_bytes": getattr(ops, "key_bytes", None),
@@ -484,17 +502,12 @@ def main():
            "keys": keys, "rotation_keys": backend.keys.to_json(), "levels_after_bootstrap": backend.top, "levels_reserved": backend.reserve, "wall_seconds": round(time.time() - started, 1), "costs": args.costs,
            "results": results, "plot": repo_relative(png), "state": state_name(args.state) if args.state else None}
     for res in results:
-        ok = sum(r["same_prediction"] for r in res["examples"])
-        lost = sum(not r["finite"] for r in res["examples"])
-        err = max(r["max_abs_error"] for r in res["examples"]) if not lost else float("inf")
         boots = np.mean([r["bootstraps"] for r in res["examples"]])
         over = sum(bool(r["bound_overflows"]) for r in res["examples"])
         strayed = sum(bool((r["poly_inputs_outside"] or {}).get("outside")) for r in res["examples"])
         what = {"sim": f"slot simulation, bootstrap noise {args.noise.sigma:.1e} rms" + (f", offset {args.noise.bias:g} m^3" if args.noise.bias else "") if args.noise else "slot simulation, no CKKS noise", "interactive": "CKKS, interactive refreshes", "bootstrap": "CKKS, non-interactive"}[args.backend]
-        print(f"{res['label']} [{what}; {res['layers']} encoder layers]: predictions equal on {ok}/{len(res['examples'])}, "
-              f"max logit error {err:.1e}, {boots:.0f} bootstraps per example"
+        print(f"{res['label']} [{what}; {res['layers']} encoder layers]: {finished_line(res['examples'])}, {boots:.0f} bootstraps per example"
               + (f"; {over} examples overflowed a bootstrap bound (under CKKS those values are wrong)" if over else "")
-              + (f"; {lost} examples' logits not finite (a value the circuit cannot hold)" if lost else "")
               + (f"; in {strayed} examples a polynomial's inputs left its interval (the reference itself is off there)" if strayed else ""))
     out, out["non_finite"] = strict_json(out, NON_FINITE)
     print(f"plot: {png}\nsaved {write_json(Path(args.results_dir) / 'fhe' / f'encrypted_inference-{stamp}.json', out)}")

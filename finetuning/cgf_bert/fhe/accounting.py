@@ -30,6 +30,17 @@ def summed(table: list[dict]) -> dict:
     return out
 
 
+def mean_by_kind(tables: list[list[dict]]) -> dict:
+    """{stage kind: {count: its mean over the tables}}: the examples' stage tables (each its share of its ciphertext)."""
+    out: dict = {}
+    for table in tables:
+        for kind, d in summed(table).items():
+            agg = out.setdefault(kind, {})
+            for key, v in d.items():
+                agg[key] = agg.get(key, 0) + v / len(tables)
+    return {k: {m: round(v, 2) for m, v in d.items()} for k, d in out.items()}
+
+
 def mean_levels(levels: dict) -> dict[str, float]:
     """{op: the mean level it ran at} of a ``StageLog.level_table`` (an operation's cost grows with its level)."""
     return {op: round(sum(float(lv) * n for lv, n in d.items()) / sum(d.values()), 2) for op, d in levels.items() if sum(d.values())}

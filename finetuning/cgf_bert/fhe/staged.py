@@ -40,7 +40,12 @@ UNREADABLE = (RuntimeError, ValueError, OSError)  # what desilofhe raises on a f
 
 
 class Stopped(Exception):
-    """Raised between layers once a run's time is up; everything it did is on disk (``Pieces``)."""
+    """Raised between layers once a run's time is up; everything it did is on disk (``Pieces``). ``finished``:
+    per checkpoint, the examples whose logits were in before it, compared with the plaintext model (the caller's)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.finished: dict[str, dict] = {}
 
 
 def _plain(obj):
