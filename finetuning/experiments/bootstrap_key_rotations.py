@@ -30,6 +30,7 @@ from cgf_bert.fhe.context import desilofhe
 from cgf_bert.fhe.keys import FixedKeys, merged
 from cgf_bert.store.provenance import RESULTS_DIR, code_version, command_line, machine
 from cgf_bert.store.records import write_json
+from experiments.ckks_costs import timed
 
 
 def candidates(slots: int) -> list[int]:
@@ -69,15 +70,6 @@ def circuit_steps(record: str, slots: int) -> dict[int, float]:
     return merged(first.values(), slots)
 
 
-def median_seconds(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def compare(engine, boot_key, fixed: dict, keys: FixedKeys, ct, counts: dict[int, float], repeat: int) -> dict:
     """Per step of ``counts``: the median seconds of a rotation by the bootstrap key and through the fixed keys'
     path; and the ciphertext's rotations priced both ways."""
@@ -87,8 +79,8 @@ def compare(engine, boot_key, fixed: dict, keys: FixedKeys, ct, counts: dict[int
             out = engine.rotate(out, fixed[step % keys.slots])
         return out
 
-    rows = [{"step": k, "rotations": n, "bootstrap_key": median_seconds(lambda: engine.rotate(ct, boot_key, k), repeat),
-             "fixed_keys": median_seconds(lambda: by_fixed(k), repeat), "fixed_key_switches": keys.switches(k)}
+    rows = [{"step": k, "rotations": n, "bootstrap_key": timed(lambda: engine.rotate(ct, boot_key, k), repeat),
+             "fixed_keys": timed(lambda: by_fixed(k), repeat), "fixed_key_switches": keys.switches(k)}
             for k, n in sorted(counts.items())]
     return {"steps": rows, "seconds_bootstrap_key": sum(r["rotations"] * r["bootstrap_key"] for r in rows),
             "seconds_fixed_keys": sum(r["rotations"] * r["fixed_keys"] for r in rows)}
